@@ -1,0 +1,1 @@
+"""GLIPv2 model code: configuration, modules, processing, conversion and export."""

@@ -1,0 +1,232 @@
+"""Typed configuration of the GLIPv2 model, with the `glip-t`, `glip-l` and `small` presets.
+
+Every field has a default and a one-line meaning; `Glipv2Config.validate()` checks rules that span
+fields. The `glip-t` / `glip-l` values are those of the reference GLIP configs
+(`configs/pretrain/glip_Swin_T_O365_GoldG.yaml`, `glip_Swin_L.yaml`), so released checkpoints load
+strictly into the matching preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SwinConfig:
+    """Swin Transformer v1 image backbone."""
+
+    embed_dim: int = 96  # channels after patch embedding; stage i has embed_dim * 2**i
+    depths: tuple[int, ...] = (2, 2, 6, 2)  # blocks per stage
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)  # attention heads per stage
+    window_size: int = 7  # side of the (square) attention window, in tokens
+    mlp_ratio: float = 4.0  # MLP hidden width / embed width
+    patch_size: int = 4  # pixels per patch side (stride of the stem)
+    in_channels: int = 3  # image channels
+    out_stages: tuple[int, ...] = (1, 2, 3)  # stages fed to the FPN (0-based): C3, C4, C5
+    drop_path_rate: float = 0.2  # stochastic depth at the last block (training only)
+    layer_norm_eps: float = 1e-5  # epsilon of every LayerNorm in the backbone
+
+    def stage_channels(self) -> tuple[int, ...]:
+        return tuple(self.embed_dim * 2**i for i in range(len(self.depths)))
+
+
+@dataclass
+class FPNConfig:
+    """Feature pyramid P3-P7 on top of the backbone stages."""
+
+    out_channels: int = 256  # channels of every pyramid level
+
+
+@dataclass
+class LanguageConfig:
+    """BERT-style text encoder, built from this config with `transformers` (no hub access)."""
+
+    vocab_size: int = 30522  # WordPiece vocabulary size (bert-base-uncased)
+    hidden_size: int = 768  # token feature width
+    num_layers: int = 12  # transformer layers
+    num_heads: int = 12  # attention heads
+    intermediate_size: int = 3072  # MLP hidden width
+    max_position_embeddings: int = 512  # rows of the position-embedding table
+    type_vocab_size: int = 2  # token-type embeddings
+    layer_norm_eps: float = 1e-12  # LayerNorm epsilon (BERT's)
+    hidden_act: str = "gelu"  # MLP activation
+    max_query_len: int = 256  # most tokens in one prompt, special tokens included
+    tokenizer: str = "bert-base-uncased"  # WordPiece vocabulary the ids refer to
+
+
+@dataclass
+class FusionConfig:
+    """DyHead tower with language-aware deep fusion (GLIP's VLDyHead)."""
+
+    num_layers: int = 6  # fusion layers; each is VLFuse + BERT layer + DyConv
+    channels: int = 256  # visual feature width inside the tower (= FPN width)
+    embed_dim: int = 2048  # width of the bidirectional cross-attention
+    num_heads: int = 8  # heads of the bidirectional cross-attention
+    dropout: float = 0.1  # attention dropout in the cross-attention (training only)
+    group_norm_groups: int = 16  # GroupNorm groups after each deformable conv
+    dyrelu_reduction: int = 4  # DyReLU squeeze ratio (channels -> channels / reduction)
+    attention_clamp: float = 50000.0  # cross-attention and BERT-layer scores clamped to +-this
+
+
+@dataclass
+class HeadConfig:
+    """ATSS head: box regression, centerness and region-token dot-product logits."""
+
+    anchor_sizes: tuple[int, ...] = (64, 128, 256, 512, 1024)  # anchor side per level, pixels
+    anchor_strides: tuple[int, ...] = (8, 16, 32, 64, 128)  # feature stride per level, pixels
+    box_coder_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)  # dx,dy,dw,dh
+    box_delta_clamp: float = math.log(1000.0 / 16)  # upper clamp of dw, dh before exp
+    prior_prob: float = 0.01  # initial foreground probability (sets bias0)
+    log_scale_init: float = 0.0  # initial log temperature of the dot-product logits
+    logit_clamp: float = 50000.0  # dot-product logits clamped to +-this
+
+
+@dataclass
+class PreprocessConfig:
+    """Image pre-processing of the reference evaluation path."""
+
+    min_size: int = 800  # target of the shorter image side, pixels
+    max_size: int = 1333  # cap of the longer image side, pixels
+    size_divisibility: int = 32  # batches are zero-padded to a multiple of this
+    pixel_mean: tuple[float, float, float] = (103.53, 116.28, 123.675)  # BGR, 0-255 scale
+    pixel_std: tuple[float, float, float] = (57.375, 57.12, 58.395)  # BGR, 0-255 scale
+
+
+@dataclass
+class PostprocessConfig:
+    """ATSS post-processing: thresholds and counts of the reference evaluation path."""
+
+    pre_nms_thresh: float = 0.05  # class probability a candidate must exceed
+    pre_nms_top_n: int = 1000  # candidates kept per level and image before NMS
+    nms_thresh: float = 0.6  # class-aware NMS IoU threshold (legacy +1 areas)
+    detections_per_img: int = 100  # detections kept per image after NMS
+    min_size: float = 0.0  # boxes with a side below this (pixels) are dropped
+
+
+@dataclass
+class Glipv2Config:
+    """The whole model: backbone, FPN, language encoder, fusion tower, head and processing."""
+
+    preset: str = "glip-t"  # name of the preset this config started from
+    swin: SwinConfig = field(default_factory=SwinConfig)
+    fpn: FPNConfig = field(default_factory=FPNConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+    def validate(self) -> None:
+        """Raise ValueError when fields disagree with each other."""
+        s = self.swin
+        if len(s.depths) != len(s.num_heads):
+            raise ValueError("swin.depths and swin.num_heads must have one entry per stage")
+        if len(s.out_stages) != 3 or list(s.out_stages) != sorted(s.out_stages):
+            raise ValueError("swin.out_stages must name three increasing stages (C3, C4, C5)")
+        if max(s.out_stages) >= len(s.depths):
+            raise ValueError("swin.out_stages names a stage the backbone does not have")
+        for width, heads in zip(s.stage_channels(), s.num_heads, strict=True):
+            if width % heads:
+                raise ValueError(f"swin stage width {width} is not divisible by {heads} heads")
+        h = self.head
+        if not len(h.anchor_sizes) == len(h.anchor_strides) == 5:
+            raise ValueError("head needs five anchor sizes and strides (P3-P7)")
+        if self.fusion.channels != self.fpn.out_channels:
+            raise ValueError("fusion.channels must equal fpn.out_channels")
+        if self.fusion.embed_dim % self.fusion.num_heads:
+            raise ValueError("fusion.embed_dim must be divisible by fusion.num_heads")
+        if self.fusion.channels % self.fusion.group_norm_groups:
+            raise ValueError("fusion.channels must be divisible by fusion.group_norm_groups")
+        lang = self.language
+        if lang.hidden_size % lang.num_heads:
+            raise ValueError("language.hidden_size must be divisible by language.num_heads")
+        if lang.max_query_len > lang.max_position_embeddings:
+            raise ValueError("language.max_query_len exceeds the position-embedding table")
+        p = self.preprocess
+        if p.min_size > p.max_size or p.size_divisibility <= 0:
+            raise ValueError("preprocess needs min_size <= max_size and size_divisibility > 0")
+        if p.size_divisibility % h.anchor_strides[2]:
+            raise ValueError("preprocess.size_divisibility must be a multiple of the C5 stride")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Glipv2Config:
+        """Inverse of `to_dict`; unknown keys are an error, not silently dropped."""
+        kwargs: dict[str, Any] = {}
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in data.items():
+            if key not in sections:
+                raise ValueError(f"unknown config section {key!r}")
+            if isinstance(value, dict):
+                section_cls = type(getattr(cls(), key))
+                kwargs[key] = _section_from_dict(section_cls, value)
+            else:
+                kwargs[key] = value
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+
+def _section_from_dict(section_cls: type, data: dict[str, Any]) -> Any:
+    names = {f.name: f for f in dataclasses.fields(section_cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ValueError(f"unknown fields in {section_cls.__name__}: {sorted(unknown)}")
+    defaults = section_cls()
+    values = {
+        k: tuple(v) if isinstance(getattr(defaults, k), tuple) else v for k, v in data.items()
+    }
+    return section_cls(**values)
+
+
+def _glip_t() -> Glipv2Config:
+    return Glipv2Config(preset="glip-t")
+
+
+def _glip_l() -> Glipv2Config:
+    return Glipv2Config(
+        preset="glip-l",
+        swin=SwinConfig(
+            embed_dim=192,
+            depths=(2, 2, 18, 2),
+            num_heads=(6, 12, 24, 48),
+            window_size=12,
+            drop_path_rate=0.4,
+        ),
+        fusion=FusionConfig(num_layers=8),
+    )
+
+
+def _small() -> Glipv2Config:
+    """A CPU-trainable GLIPv2 for the grounded shapes world, with a MiniLM-sized text encoder."""
+    return Glipv2Config(
+        preset="small",
+        swin=SwinConfig(
+            embed_dim=48, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.1
+        ),
+        fpn=FPNConfig(out_channels=64),
+        language=LanguageConfig(
+            hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536
+        ),
+        fusion=FusionConfig(num_layers=2, channels=64, embed_dim=256, num_heads=4,
+                            group_norm_groups=8),
+        preprocess=PreprocessConfig(min_size=384, max_size=640),
+    )
+
+
+PRESETS = {"glip-t": _glip_t, "glip-l": _glip_l, "small": _small}
+
+
+def get_preset(name: str) -> Glipv2Config:
+    """Return a fresh, validated config for a preset name."""
+    try:
+        config = PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+    config.validate()
+    return config

@@ -1,0 +1,1 @@
+"""The GLIPv2 inference service (HTTP app, batcher, runtimes)."""
