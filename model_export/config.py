@@ -55,6 +55,7 @@ class LanguageConfig:
     hidden_act: str = "gelu"  # MLP activation
     max_query_len: int = 256  # most tokens in one prompt, special tokens included
     tokenizer: str = "bert-base-uncased"  # WordPiece vocabulary the ids refer to
+    prompt_offset_len: int = 0  # rows of the tuned prompt offset (GLIP's tunable_linear); 0: none
 
 
 @dataclass
@@ -82,6 +83,7 @@ class HeadConfig:
     prior_prob: float = 0.01  # initial foreground probability (sets bias0)
     log_scale_init: float = 0.0  # initial log temperature of the dot-product logits
     logit_clamp: float = 50000.0  # dot-product logits clamped to +-this
+    mlm_head: bool = False  # masked-language-model head on the fused tokens (MLM loss)
 
 
 @dataclass

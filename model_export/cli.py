@@ -1,0 +1,87 @@
+"""`glipv2`: the project's one command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "engines" / "default"
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from model_export.convert import ConversionError, convert_checkpoint
+
+    try:
+        report = convert_checkpoint(args.checkpoint, args.preset, args.out,
+                                    trust_pickle=args.trust_pickle)
+    except ConversionError as exc:
+        print(f"conversion failed: {exc}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _detect(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from model_export.inference import Glipv2Detector
+
+    detector = Glipv2Detector.from_dir(args.model)
+    with Image.open(args.image) as image:
+        run = detector.detect(image, [c.strip() for c in args.classes.split(",")])
+    rows = [d for d in run.as_dicts() if d["score"] >= args.threshold]
+    print(json.dumps({"detections": rows}, indent=2))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        print(
+            f"no model to serve at {model_dir}: the embedded default model is not built yet "
+            "(it is trained by `glipv2 train`, issue 3), and the HTTP service lands with issue 5. "
+            "Convert a released GLIP checkpoint with `glipv2 convert` meanwhile.",
+            file=sys.stderr,
+        )
+        return 2
+    print("the HTTP service is not part of this build yet (issue 5)", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glipv2", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    convert = sub.add_parser("convert", help="convert a released GLIP checkpoint (strict)")
+    convert.add_argument("checkpoint", help="GLIP .pth file ({'model': state_dict})")
+    convert.add_argument("--preset", required=True, choices=["glip-t", "glip-l", "small"])
+    convert.add_argument("--out", required=True, help="output folder")
+    convert.add_argument("--trust-pickle", action="store_true",
+                         help="allow arbitrary pickled objects in the checkpoint (trusted files)")
+    convert.set_defaults(func=_convert)
+
+    detect = sub.add_parser("detect", help="detect classes in one image (PyTorch, local)")
+    detect.add_argument("--model", required=True, help="converted model folder")
+    detect.add_argument("--image", required=True)
+    detect.add_argument("--classes", required=True, help="comma-separated class names")
+    detect.add_argument("--threshold", type=float, default=0.3, help="minimum score to print")
+    detect.set_defaults(func=_detect)
+
+    serve = sub.add_parser("serve", help="serve the model over HTTP")
+    serve.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="model folder")
+    serve.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Enc_VL: the DyHead tower with language-aware deep fusion (GLIP's VLDyHead tower).
+
+Each layer runs, in order: bidirectional cross-attention between all FPN positions and the tokens
+(`vl_fuse`), a BERT encoder layer on the text (`text_layer`), and DyConv on every level (`dyconv`).
+Parameter names inside each part follow the reference so released checkpoints load by renaming
+prefixes only (`rpn.head.dyhead_tower.{3i, 3i+1, 3i+2}` -> `layers.{i}.{vl_fuse, text_layer,
+dyconv}`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model_export.config import FusionConfig, LanguageConfig
+from model_export.dyconv import Glipv2DyConv
+from model_export.language import TextFeatures, extended_attention_mask
+
+# Additive score for padded tokens when regions attend to text (reference value).
+_TEXT_PAD_SCORE = -9e15
+
+
+class Glipv2BiAttention(nn.Module):
+    """Multi-head attention in both directions: regions attend to tokens and tokens to regions.
+
+    One score matrix is shared: softmax over tokens (with the text padding mask) updates regions;
+    softmax over regions (no image mask, max-subtracted) updates tokens.
+    """
+
+    def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, dropout: float,
+                 clamp: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.dropout = dropout
+        self.clamp = clamp
+        self.v_proj = nn.Linear(v_dim, embed_dim)
+        self.l_proj = nn.Linear(l_dim, embed_dim)
+        self.values_v_proj = nn.Linear(v_dim, embed_dim)
+        self.values_l_proj = nn.Linear(l_dim, embed_dim)
+        self.out_v_proj = nn.Linear(embed_dim, v_dim)
+        self.out_l_proj = nn.Linear(embed_dim, l_dim)
+        for linear in (self.v_proj, self.l_proj, self.values_v_proj, self.values_l_proj,
+                       self.out_v_proj, self.out_l_proj):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        # (N, L, E) -> (N * heads, L, E / heads)
+        n, length, _ = x.shape
+        x = x.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+        return x.reshape(n * self.num_heads, length, self.head_dim)
+
+    def _merge(self, x: Tensor, n: int) -> Tensor:
+        # (N * heads, L, E / heads) -> (N, L, E)
+        length = x.shape[1]
+        x = x.view(n, self.num_heads, length, self.head_dim).transpose(1, 2)
+        return x.reshape(n, length, self.num_heads * self.head_dim)
+
+    def forward(self, v: Tensor, lang: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """v: (N, R, Cv) regions, lang: (N, T, Cl) tokens, mask: (N, T) -> (delta_v, delta_l)."""
+        n, regions, _ = v.shape
+        tokens = lang.shape[1]
+        query = self._heads(self.v_proj(v) * self.scale)  # (N*h, R, d)
+        key = self._heads(self.l_proj(lang))  # (N*h, T, d)
+        value_v = self._heads(self.values_v_proj(v))  # (N*h, R, d)
+        value_l = self._heads(self.values_l_proj(lang))  # (N*h, T, d)
+
+        scores = torch.bmm(query, key.transpose(1, 2))  # (N*h, R, T)
+        scores = scores.clamp(min=-self.clamp, max=self.clamp)
+
+        scores_t = scores.transpose(1, 2)  # (N*h, T, R)
+        scores_t = scores_t - scores_t.max(dim=-1, keepdim=True).values
+        scores_t = scores_t.clamp(min=-self.clamp, max=self.clamp)
+        probs_l = scores_t.softmax(dim=-1)
+
+        # Reference quirk kept for bit-faithfulness: real tokens get +1 (a softmax no-op).
+        additive = torch.where(mask == 0, _TEXT_PAD_SCORE, 1.0).to(scores.dtype)
+        scores_v = scores.view(n, self.num_heads, regions, tokens) + additive[:, None, None, :]
+        probs_v = scores_v.view(n * self.num_heads, regions, tokens).softmax(dim=-1)
+
+        probs_v = F.dropout(probs_v, p=self.dropout, training=self.training)
+        probs_l = F.dropout(probs_l, p=self.dropout, training=self.training)
+        delta_v = self.out_v_proj(self._merge(torch.bmm(probs_v, value_l), n))
+        delta_l = self.out_l_proj(self._merge(torch.bmm(probs_l, value_v), n))
+        return delta_v, delta_l
+
+
+class Glipv2VLFuse(nn.Module):
+    """Pre-norm bidirectional fusion with layer scale: x = LN(x) + gamma * delta (both sides)."""
+
+    def __init__(self, v_dim: int, l_dim: int, config: FusionConfig) -> None:
+        super().__init__()
+        self.layer_norm_v = nn.LayerNorm(v_dim)
+        self.layer_norm_l = nn.LayerNorm(l_dim)
+        self.attn = Glipv2BiAttention(v_dim, l_dim, config.embed_dim, config.num_heads,
+                                      config.dropout, config.attention_clamp)
+        self.gamma_v = nn.Parameter(torch.full((v_dim,), 1.0 / config.num_layers))
+        self.gamma_l = nn.Parameter(torch.full((l_dim,), 1.0 / config.num_layers))
+
+    def forward(self, visual: list[Tensor], text: Tensor, mask: Tensor
+                ) -> tuple[list[Tensor], Tensor]:
+        """visual: per level (N, C, H_l, W_l); text: (N, T, D). Levels attend as one sequence."""
+        sizes = [feature.shape[-2:] for feature in visual]
+        # (N, C, H, W) -> (N, HW, C) per level, concatenated over levels -> (N, R, C)
+        flat = torch.cat([feature.flatten(2).transpose(1, 2) for feature in visual], dim=1)
+        v = self.layer_norm_v(flat)
+        lang = self.layer_norm_l(text)
+        delta_v, delta_l = self.attn(v, lang, mask)
+        v = v + self.gamma_v * delta_v
+        lang = lang + self.gamma_l * delta_l
+
+        fused: list[Tensor] = []
+        start = 0
+        for height, width in sizes:
+            count = height * width
+            # (N, HW, C) -> (N, C, H, W)
+            per_level = v[:, start:start + count].transpose(1, 2)
+            fused.append(per_level.reshape(v.shape[0], -1, height, width))
+            start += count
+        return fused, lang
+
+
+class Glipv2TextLayer(nn.Module):
+    """A BERT encoder layer on the tokens, with the reference's +-clamps against fp16 overflow.
+
+    Submodule names follow `transformers`' BertLayer (`attention.self.query`, ...), as the
+    reference does.
+    """
+
+    def __init__(self, config: LanguageConfig, clamp: float) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = hidden // config.num_heads
+        self.clamp = clamp
+        self.attention = nn.Module()
+        self.attention.self = nn.Module()
+        self.attention.self.query = nn.Linear(hidden, hidden)
+        self.attention.self.key = nn.Linear(hidden, hidden)
+        self.attention.self.value = nn.Linear(hidden, hidden)
+        self.attention.output = nn.Module()
+        self.attention.output.dense = nn.Linear(hidden, hidden)
+        self.attention.output.LayerNorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(hidden, config.intermediate_size)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(config.intermediate_size, hidden)
+        self.output.LayerNorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(0.1)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        # (N, T, D) -> (N, heads, T, D / heads)
+        n, length, _ = x.shape
+        return x.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _clamp(self, x: Tensor) -> Tensor:
+        return x.clamp(min=-self.clamp, max=self.clamp)
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """hidden: (N, T, D), mask: (N, T) -> (N, T, D)."""
+        attn = self.attention.self
+        query, key, value = (self._heads(proj(hidden))
+                             for proj in (attn.query, attn.key, attn.value))
+        scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        scores = self._clamp(scores) + extended_attention_mask(mask, scores.dtype)
+        probs = self.dropout(scores.softmax(dim=-1))
+        context = torch.matmul(probs, value).transpose(1, 2)  # (N, T, heads, d)
+        context = context.reshape(hidden.shape)
+        out = self.attention.output
+        attended = out.LayerNorm(self.dropout(out.dense(context)) + hidden)
+
+        inner = self._clamp(F.gelu(self._clamp(self.intermediate.dense(attended))))
+        projected = self._clamp(self.dropout(self.output.dense(inner)))
+        return self._clamp(self.output.LayerNorm(projected + attended))
+
+
+class Glipv2FusionLayer(nn.Module):
+    """One deep-fusion layer: cross-modal attention, text self-attention, DyConv on the image."""
+
+    def __init__(self, fusion: FusionConfig, language: LanguageConfig) -> None:
+        super().__init__()
+        self.vl_fuse = Glipv2VLFuse(fusion.channels, language.hidden_size, fusion)
+        self.text_layer = Glipv2TextLayer(language, fusion.attention_clamp)
+        self.dyconv = Glipv2DyConv(fusion.channels, fusion.group_norm_groups,
+                                   fusion.dyrelu_reduction)
+
+    def forward(self, visual: list[Tensor], text: Tensor, mask: Tensor
+                ) -> tuple[list[Tensor], Tensor]:
+        visual, text = self.vl_fuse(visual, text, mask)
+        text = self.text_layer(text, mask)
+        return self.dyconv(visual), text
+
+
+class Glipv2FusionTower(nn.Module):
+    """Enc_VL: `num_layers` fusion layers; returns fused FPN features and fused token features."""
+
+    def __init__(self, fusion: FusionConfig, language: LanguageConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            Glipv2FusionLayer(fusion, language) for _ in range(fusion.num_layers)
+        )
+
+    def forward(self, visual: list[Tensor], text: TextFeatures) -> tuple[list[Tensor], Tensor]:
+        """visual: 5 levels (N, C, H_l, W_l) -> (5 fused levels, fused tokens (N, T, D))."""
+        hidden = text.hidden
+        for layer in self.layers:
+            visual, hidden = layer(visual, hidden, text.mask)
+        return visual, hidden

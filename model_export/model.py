@@ -1,0 +1,96 @@
+"""The GLIPv2 model: Enc_V (Swin + FPN), Enc_L (BERT), Enc_VL (fusion tower) and the ATSS head.
+
+The three encoders are separate methods because they are separate engines at serving time: the
+image is encoded once for any number of prompt chunks, and text features are cached per prompt.
+`forward` returns raw head tensors, the same in training and evaluation; post-processing is in
+`model_export.postprocess`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.models.bert.modeling_bert import BertLMPredictionHead
+
+from model_export.backbone import Glipv2SwinBackbone
+from model_export.config import Glipv2Config
+from model_export.fpn import Glipv2FPN
+from model_export.fusion import Glipv2FusionTower
+from model_export.head import Glipv2AtssHead
+from model_export.language import Glipv2LanguageBackbone, TextFeatures, bert_config
+
+
+@dataclass
+class Glipv2Output:
+    """Raw outputs of the model, one list entry per FPN level (P3..P7, strides 8..128).
+
+    box_regression: (N, 4, H_l, W_l) box deltas (dx, dy, dw, dh, coder-weighted) per location.
+    centerness: (N, 1, H_l, W_l) centerness logits.
+    token_logits: (N, H_l * W_l, T) region-token logits, locations in row-major (y, x) order.
+    fused_visual: (N, C, H_l, W_l) image features after the fusion tower (for the mask head).
+    fused_text: (N, T, D) token features after the fusion tower.
+    mlm_logits: (N, T, vocab) masked-token logits when the model has an MLM head, else None.
+    """
+
+    box_regression: list[Tensor]
+    centerness: list[Tensor]
+    token_logits: list[Tensor]
+    fused_visual: list[Tensor]
+    fused_text: Tensor
+    mlm_logits: Tensor | None = None
+
+
+class Glipv2Model(nn.Module):
+    """GLIPv2 with GLIP-compatible parameters (presets `glip-t`, `glip-l` load released weights)."""
+
+    def __init__(self, config: Glipv2Config) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        stage_channels = config.swin.stage_channels()
+        self.backbone = Glipv2SwinBackbone(config.swin)
+        self.fpn = Glipv2FPN(
+            tuple(stage_channels[i] for i in config.swin.out_stages), config.fpn.out_channels
+        )
+        self.language = Glipv2LanguageBackbone(config.language)
+        self.fusion = Glipv2FusionTower(config.fusion, config.language)
+        self.head = Glipv2AtssHead(config.head, config.fusion.channels,
+                                   config.language.hidden_size)
+        lang = config.language
+        self.prompt_offset = (
+            nn.Parameter(torch.zeros(lang.prompt_offset_len, lang.hidden_size))
+            if lang.prompt_offset_len else None
+        )
+        self.mlm_head = BertLMPredictionHead(bert_config(lang)) if config.head.mlm_head else None
+
+    def encode_image(self, images: Tensor) -> list[Tensor]:
+        """images: (N, 3, H, W) normalised BGR, H and W multiples of 32 -> P3..P7 (N, C, h, w)."""
+        return self.fpn(self.backbone(images))
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
+        """input_ids, attention_mask: (N, T) -> token features, with the prompt offset if tuned."""
+        text = self.language(input_ids, attention_mask)
+        if self.prompt_offset is None:
+            return text
+        offset = self.prompt_offset[: input_ids.shape[1]].unsqueeze(0)  # (1, T, D)
+        return TextFeatures(hidden=text.hidden + offset, embedded=text.embedded + offset,
+                            mask=text.mask)
+
+    def fuse(self, visual: list[Tensor], text: TextFeatures) -> Glipv2Output:
+        """Deep fusion, then the head: FPN levels + token features -> raw outputs."""
+        fused_visual, fused_text = self.fusion(visual, text)
+        box_regression, centerness, token_logits = self.head(fused_visual, fused_text)
+        mlm_logits = self.mlm_head(fused_text) if self.mlm_head is not None else None
+        return Glipv2Output(
+            box_regression=box_regression,
+            centerness=centerness,
+            token_logits=token_logits,
+            fused_visual=fused_visual,
+            fused_text=fused_text,
+            mlm_logits=mlm_logits,
+        )
+
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Glipv2Output:
+        return self.fuse(self.encode_image(images), self.encode_text(input_ids, attention_mask))

@@ -1,0 +1,71 @@
+"""Fusion tower parts: cross-attention masking, the text layer against transformers' BertLayer."""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.bert.modeling_bert import BertLayer
+
+from model_export.config import FusionConfig, LanguageConfig
+from model_export.fusion import Glipv2BiAttention, Glipv2TextLayer, Glipv2VLFuse
+from model_export.language import bert_config, extended_attention_mask
+
+LANG = LanguageConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+FUSION = FusionConfig(num_layers=2, channels=16, embed_dim=32, num_heads=4, group_norm_groups=4)
+
+
+def _mask(valid: list[int], length: int) -> torch.Tensor:
+    return torch.tensor([[1] * v + [0] * (length - v) for v in valid])
+
+
+def test_bi_attention_matches_per_head_formula() -> None:
+    torch.manual_seed(0)
+    attn = Glipv2BiAttention(16, 32, 32, 4, dropout=0.0, clamp=50000.0).eval()
+    v, lang, mask = torch.randn(2, 7, 16), torch.randn(2, 5, 32), _mask([5, 3], 5)
+    delta_v, delta_l = attn(v, lang, mask)
+
+    heads, d = 4, 8
+    q = (attn.v_proj(v) * d**-0.5).view(2, 7, heads, d)
+    k = attn.l_proj(lang).view(2, 5, heads, d)
+    vv = attn.values_v_proj(v).view(2, 7, heads, d)
+    vl = attn.values_l_proj(lang).view(2, 5, heads, d)
+    scores = torch.einsum("nrhd,nthd->nhrt", q, k)
+    masked = scores.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+    out_v = torch.einsum("nhrt,nthd->nrhd", masked.softmax(-1), vl).reshape(2, 7, 32)
+    out_l = torch.einsum("nhrt,nrhd->nthd", scores.softmax(2), vv).reshape(2, 5, 32)
+    torch.testing.assert_close(delta_v, attn.out_v_proj(out_v), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(delta_l, attn.out_l_proj(out_l), atol=1e-5, rtol=1e-5)
+
+
+def test_vl_fuse_ignores_padding_and_its_amount() -> None:
+    """Valid outputs do not depend on pad features or on how many pad slots a batch adds."""
+    torch.manual_seed(1)
+    fuse = Glipv2VLFuse(16, 32, FUSION).eval()
+    visual = [torch.randn(1, 16, 4, 6), torch.randn(1, 16, 2, 3)]
+    text = torch.randn(1, 4, 32)
+    short_v, short_l = fuse(visual, text, _mask([4], 4))
+    padded = torch.cat([text, 100 * torch.randn(1, 9, 32)], dim=1)
+    long_v, long_l = fuse(visual, padded, _mask([4], 13))
+    for a, b in zip(short_v, long_v, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(short_l, long_l[:, :4], atol=1e-5, rtol=1e-5)
+    assert [tuple(x.shape) for x in long_v] == [(1, 16, 4, 6), (1, 16, 2, 3)]
+
+
+def test_text_layer_equals_transformers_bert_layer() -> None:
+    torch.manual_seed(2)
+    ours = Glipv2TextLayer(LANG, clamp=50000.0).eval()
+    theirs = BertLayer(bert_config(LANG)).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    missing = set(theirs.state_dict()) - set(ours.state_dict())
+    assert not missing, f"text layer lacks BERT parameters {missing}"
+    hidden, mask = torch.randn(2, 6, 32), _mask([6, 2], 6)
+    expected = theirs(hidden, attention_mask=extended_attention_mask(mask, hidden.dtype))[0]
+    torch.testing.assert_close(ours(hidden, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_text_layer_clamps_overflow() -> None:
+    layer = Glipv2TextLayer(LANG, clamp=5.0).eval()
+    with torch.no_grad():
+        layer.output.LayerNorm.weight.fill_(100.0)
+    out = layer(torch.randn(1, 3, 32), _mask([3], 3))
+    assert out.abs().max() <= 5.0
