@@ -61,8 +61,13 @@ class Glipv2BiAttention(nn.Module):
         x = x.view(n, self.num_heads, length, self.head_dim).transpose(1, 2)
         return x.reshape(n, length, self.num_heads * self.head_dim)
 
-    def forward(self, v: Tensor, lang: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """v: (N, R, Cv) regions, lang: (N, T, Cl) tokens, mask: (N, T) -> (delta_v, delta_l)."""
+    def forward(self, v: Tensor, lang: Tensor, mask: Tensor, update_visual: bool = True
+                ) -> tuple[Tensor | None, Tensor]:
+        """v: (N, R, Cv) regions, lang: (N, T, Cl) tokens, mask: (N, T) -> (delta_v, delta_l).
+
+        With `update_visual` False (captioning: the image never attends to text) delta_v is
+        None and only tokens attend to regions.
+        """
         n, regions, _ = v.shape
         tokens = lang.shape[1]
         query = self._heads(self.v_proj(v) * self.scale)  # (N*h, R, d)
@@ -77,6 +82,10 @@ class Glipv2BiAttention(nn.Module):
         scores_t = scores_t - scores_t.max(dim=-1, keepdim=True).values
         scores_t = scores_t.clamp(min=-self.clamp, max=self.clamp)
         probs_l = scores_t.softmax(dim=-1)
+        probs_l = F.dropout(probs_l, p=self.dropout, training=self.training)
+        delta_l = self.out_l_proj(self._merge(torch.bmm(probs_l, value_v), n))
+        if not update_visual:
+            return None, delta_l
 
         # Reference quirk kept for bit-faithfulness: real tokens get +1 (a softmax no-op).
         additive = torch.where(mask == 0, _TEXT_PAD_SCORE, 1.0).to(scores.dtype)
@@ -84,9 +93,7 @@ class Glipv2BiAttention(nn.Module):
         probs_v = scores_v.view(n * self.num_heads, regions, tokens).softmax(dim=-1)
 
         probs_v = F.dropout(probs_v, p=self.dropout, training=self.training)
-        probs_l = F.dropout(probs_l, p=self.dropout, training=self.training)
         delta_v = self.out_v_proj(self._merge(torch.bmm(probs_v, value_l), n))
-        delta_l = self.out_l_proj(self._merge(torch.bmm(probs_l, value_v), n))
         return delta_v, delta_l
 
 
@@ -102,16 +109,21 @@ class Glipv2VLFuse(nn.Module):
         self.gamma_v = nn.Parameter(torch.full((v_dim,), 1.0 / config.num_layers))
         self.gamma_l = nn.Parameter(torch.full((l_dim,), 1.0 / config.num_layers))
 
-    def forward(self, visual: list[Tensor], text: Tensor, mask: Tensor
+    def forward(self, visual: list[Tensor], text: Tensor, mask: Tensor, causal: bool = False
                 ) -> tuple[list[Tensor], Tensor]:
-        """visual: per level (N, C, H_l, W_l); text: (N, T, D). Levels attend as one sequence."""
+        """visual: per level (N, C, H_l, W_l); text: (N, T, D). Levels attend as one sequence.
+
+        `causal` (captioning): regions are not updated from text, so the image side of every
+        layer is the same whatever the caption so far.
+        """
         sizes = [feature.shape[-2:] for feature in visual]
         # (N, C, H, W) -> (N, HW, C) per level, concatenated over levels -> (N, R, C)
         flat = torch.cat([feature.flatten(2).transpose(1, 2) for feature in visual], dim=1)
         v = self.layer_norm_v(flat)
         lang = self.layer_norm_l(text)
-        delta_v, delta_l = self.attn(v, lang, mask)
-        v = v + self.gamma_v * delta_v
+        delta_v, delta_l = self.attn(v, lang, mask, update_visual=not causal)
+        if delta_v is not None:
+            v = v + self.gamma_v * delta_v
         lang = lang + self.gamma_l * delta_l
 
         fused: list[Tensor] = []
@@ -161,13 +173,13 @@ class Glipv2TextLayer(nn.Module):
     def _clamp(self, x: Tensor) -> Tensor:
         return x.clamp(min=-self.clamp, max=self.clamp)
 
-    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        """hidden: (N, T, D), mask: (N, T) -> (N, T, D)."""
+    def forward(self, hidden: Tensor, mask: Tensor, causal: bool = False) -> Tensor:
+        """hidden: (N, T, D), mask: (N, T) -> (N, T, D); `causal` hides later tokens."""
         attn = self.attention.self
         query, key, value = (self._heads(proj(hidden))
                              for proj in (attn.query, attn.key, attn.value))
         scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        scores = self._clamp(scores) + extended_attention_mask(mask, scores.dtype)
+        scores = self._clamp(scores) + extended_attention_mask(mask, scores.dtype, causal)
         probs = self.dropout(scores.softmax(dim=-1))
         context = torch.matmul(probs, value).transpose(1, 2)  # (N, T, heads, d)
         context = context.reshape(hidden.shape)
@@ -189,10 +201,10 @@ class Glipv2FusionLayer(nn.Module):
         self.dyconv = Glipv2DyConv(fusion.channels, fusion.group_norm_groups,
                                    fusion.dyrelu_reduction)
 
-    def forward(self, visual: list[Tensor], text: Tensor, mask: Tensor
+    def forward(self, visual: list[Tensor], text: Tensor, mask: Tensor, causal: bool = False
                 ) -> tuple[list[Tensor], Tensor]:
-        visual, text = self.vl_fuse(visual, text, mask)
-        text = self.text_layer(text, mask)
+        visual, text = self.vl_fuse(visual, text, mask, causal)
+        text = self.text_layer(text, mask, causal)
         return self.dyconv(visual), text
 
 
@@ -205,9 +217,13 @@ class Glipv2FusionTower(nn.Module):
             Glipv2FusionLayer(fusion, language) for _ in range(fusion.num_layers)
         )
 
-    def forward(self, visual: list[Tensor], text: TextFeatures) -> tuple[list[Tensor], Tensor]:
-        """visual: 5 levels (N, C, H_l, W_l) -> (5 fused levels, fused tokens (N, T, D))."""
+    def forward(self, visual: list[Tensor], text: TextFeatures, causal: bool = False
+                ) -> tuple[list[Tensor], Tensor]:
+        """visual: 5 levels (N, C, H_l, W_l) -> (5 fused levels, fused tokens (N, T, D)).
+
+        `causal` runs the captioning mode: unidirectional text, image never attends to text.
+        """
         hidden = text.hidden
         for layer in self.layers:
-            visual, hidden = layer(visual, hidden, text.mask)
+            visual, hidden = layer(visual, hidden, text.mask, causal)
         return visual, hidden

@@ -50,14 +50,33 @@ class Glipv2LanguageBackbone(nn.Module):
         self.config = config
         self.bert = BertModel(bert_config(config), add_pooling_layer=False)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
-        """input_ids, attention_mask: (N, T) int64 -> TextFeatures with (N, T, D) tensors."""
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, causal: bool = False
+                ) -> TextFeatures:
+        """input_ids, attention_mask: (N, T) int64 -> TextFeatures with (N, T, D) tensors.
+
+        `causal` makes every token see only itself and earlier tokens (captioning's
+        unidirectional language model).
+        """
+        mask = causal_attention_mask(attention_mask) if causal else attention_mask
+        hidden = self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state
         embedded = hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)
         return TextFeatures(hidden=hidden, embedded=embedded, mask=attention_mask)
 
 
-def extended_attention_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """(N, T) 0/1 mask -> (N, 1, 1, T) additive mask: 0 where attended, dtype-min where padded."""
-    mask = mask[:, None, None, :].to(dtype)
-    return (1.0 - mask) * torch.finfo(dtype).min
+def causal_attention_mask(mask: Tensor) -> Tensor:
+    """(N, T) 0/1 padding mask -> (N, T, T): query i may attend key j when j <= i and j is real."""
+    length = mask.shape[1]
+    lower = torch.ones(length, length, dtype=mask.dtype, device=mask.device).tril()
+    return lower[None, :, :] * mask[:, None, :]
+
+
+def extended_attention_mask(mask: Tensor, dtype: torch.dtype, causal: bool = False) -> Tensor:
+    """(N, T) 0/1 mask -> additive mask, 0 where attended and dtype-min elsewhere.
+
+    (N, 1, 1, T) normally; (N, 1, T, T) with `causal`.
+    """
+    if causal:
+        allowed = causal_attention_mask(mask)[:, None, :, :].to(dtype)
+    else:
+        allowed = mask[:, None, None, :].to(dtype)
+    return (1.0 - allowed) * torch.finfo(dtype).min

@@ -69,18 +69,27 @@ class Glipv2Model(nn.Module):
         """images: (N, 3, H, W) normalised BGR, H and W multiples of 32 -> P3..P7 (N, C, h, w)."""
         return self.fpn(self.backbone(images))
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
-        """input_ids, attention_mask: (N, T) -> token features, with the prompt offset if tuned."""
-        text = self.language(input_ids, attention_mask)
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor, causal: bool = False
+                    ) -> TextFeatures:
+        """input_ids, attention_mask: (N, T) -> token features, with the prompt offset if tuned.
+
+        `causal`: unidirectional features for captioning (token i sees tokens <= i only).
+        """
+        text = self.language(input_ids, attention_mask, causal=causal)
         if self.prompt_offset is None:
             return text
         offset = self.prompt_offset[: input_ids.shape[1]].unsqueeze(0)  # (1, T, D)
         return TextFeatures(hidden=text.hidden + offset, embedded=text.embedded + offset,
                             mask=text.mask)
 
-    def fuse(self, visual: list[Tensor], text: TextFeatures) -> Glipv2Output:
-        """Deep fusion, then the head: FPN levels + token features -> raw outputs."""
-        fused_visual, fused_text = self.fusion(visual, text)
+    def fuse(self, visual: list[Tensor], text: TextFeatures, causal: bool = False
+             ) -> Glipv2Output:
+        """Deep fusion, then the head: FPN levels + token features -> raw outputs.
+
+        `causal` is the captioning mode (see `Glipv2FusionTower`); `mlm_logits` then predict
+        the next token at every position.
+        """
+        fused_visual, fused_text = self.fusion(visual, text, causal=causal)
         box_regression, centerness, token_logits = self.head(fused_visual, fused_text)
         mlm_logits = self.mlm_head(fused_text) if self.mlm_head is not None else None
         return Glipv2Output(
@@ -92,5 +101,7 @@ class Glipv2Model(nn.Module):
             mlm_logits=mlm_logits,
         )
 
-    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Glipv2Output:
-        return self.fuse(self.encode_image(images), self.encode_text(input_ids, attention_mask))
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                causal: bool = False) -> Glipv2Output:
+        text = self.encode_text(input_ids, attention_mask, causal=causal)
+        return self.fuse(self.encode_image(images), text, causal=causal)

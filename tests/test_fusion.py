@@ -69,3 +69,27 @@ def test_text_layer_clamps_overflow() -> None:
         layer.output.LayerNorm.weight.fill_(100.0)
     out = layer(torch.randn(1, 3, 32), _mask([3], 3))
     assert out.abs().max() <= 5.0
+
+
+def test_causal_mode_is_unidirectional_and_image_ignores_text() -> None:
+    """Captioning mode: token i sees only tokens <= i; the image side never depends on text."""
+    from model_export.fusion import Glipv2FusionTower
+    from model_export.language import TextFeatures
+
+    torch.manual_seed(3)
+    tower = Glipv2FusionTower(FUSION, LANG).eval()
+    visual = [torch.randn(1, 16, 8, 8), torch.randn(1, 16, 4, 4), torch.randn(1, 16, 2, 2),
+              torch.randn(1, 16, 1, 1), torch.randn(1, 16, 1, 1)]
+    mask = _mask([6], 6)
+    text = torch.randn(1, 6, 32)
+    changed = text.clone()
+    changed[:, 4:] = torch.randn(1, 2, 32)
+    with torch.no_grad():
+        v_a, l_a = tower(visual, TextFeatures(text, text, mask), causal=True)
+        v_b, l_b = tower(visual, TextFeatures(changed, changed, mask), causal=True)
+        v_c, _ = tower(visual, TextFeatures(changed, changed, mask), causal=False)
+    torch.testing.assert_close(l_a[:, :4], l_b[:, :4], atol=1e-5, rtol=1e-5)
+    assert (l_a[:, 4:] - l_b[:, 4:]).abs().max() > 1e-3
+    for a, b in zip(v_a, v_b, strict=True):
+        torch.testing.assert_close(a, b)
+    assert max((a - c).abs().max() for a, c in zip(v_a, v_c, strict=True)) > 1e-4
