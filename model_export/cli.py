@@ -38,6 +38,24 @@ def _detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _world(args: argparse.Namespace) -> int:
+    from model_export.world import generate_world, parse_pairs
+
+    exclude = parse_pairs(args.exclude) if args.exclude else frozenset()
+    path = generate_world(args.out, args.n, args.seed, exclude_pairs=exclude)
+    print(f"wrote {args.n} images and {path}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from model_export.train import TrainConfig, train
+
+    config = TrainConfig.load(args.config, args.set or [])
+    train(config, args.out, resume=args.resume)
+    print(f"checkpoint in {args.out}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
@@ -70,6 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--classes", required=True, help="comma-separated class names")
     detect.add_argument("--threshold", type=float, default=0.3, help="minimum score to print")
     detect.set_defaults(func=_detect)
+
+    world = sub.add_parser("world", help="render grounded-shapes world images + annotations")
+    world.add_argument("--out", required=True, help="output folder")
+    world.add_argument("--n", type=int, required=True, help="number of images")
+    world.add_argument("--seed", type=int, default=0, help="world seed (deterministic)")
+    world.add_argument("--exclude", default="",
+                       help='held-out pairs, e.g. "purple star,orange hexagon"')
+    world.set_defaults(func=_world)
+
+    train = sub.add_parser("train", help="train GLIPv2 on the shapes world (all heads, all losses)")
+    train.add_argument("--config", help="TOML file of TrainConfig settings")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override one setting (repeatable), e.g. --set steps=100")
+    train.add_argument("--out", required=True, help="checkpoint folder")
+    train.add_argument("--resume", help="checkpoint folder to continue from")
+    train.set_defaults(func=_train)
 
     serve = sub.add_parser("serve", help="serve the model over HTTP")
     serve.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="model folder")

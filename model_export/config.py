@@ -92,6 +92,18 @@ class HeadConfig:
 
 
 @dataclass
+class TaskHeadsConfig:
+    """GLIPv2's task heads beyond detection; off for the GLIP presets (GLIP has none)."""
+
+    mask_head: bool = False  # referring segmentation head (per-pixel features x tokens)
+    mask_embed_dim: int = 64  # width of the per-pixel mask embedding
+    vqa_head: bool = False  # grounded VQA head (attention pooling + 2-layer GELU MLP)
+    vqa_hidden_dim: int = 512  # hidden width of the VQA MLP
+    vqa_answers: tuple[str, ...] = ()  # the closed answer vocabulary, index = logit
+    contrastive_dim: int = 0  # projection width of L_inter's region/token features; 0: none
+
+
+@dataclass
 class PreprocessConfig:
     """Image pre-processing of the reference evaluation path."""
 
@@ -123,6 +135,7 @@ class Glipv2Config:
     language: LanguageConfig = field(default_factory=LanguageConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    tasks: TaskHeadsConfig = field(default_factory=TaskHeadsConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
 
@@ -155,6 +168,9 @@ class Glipv2Config:
                              f"choose one of {sorted(PRETRAINED_LANGUAGE)}")
         if lang.max_query_len > lang.max_position_embeddings:
             raise ValueError("language.max_query_len exceeds the position-embedding table")
+        t = self.tasks
+        if t.vqa_head and not t.vqa_answers:
+            raise ValueError("tasks.vqa_head needs tasks.vqa_answers")
         p = self.preprocess
         if p.min_size > p.max_size or p.size_divisibility <= 0:
             raise ValueError("preprocess needs min_size <= max_size and size_divisibility > 0")
@@ -227,9 +243,19 @@ def _small() -> Glipv2Config:
         fusion=FusionConfig(num_layers=2, channels=64, embed_dim=256, num_heads=4,
                             group_norm_groups=8),
         head=HeadConfig(mlm_head=True, tie_mlm_decoder=True),
-        preprocess=PreprocessConfig(min_size=384, max_size=640),
+        tasks=TaskHeadsConfig(mask_head=True, vqa_head=True, vqa_answers=WORLD_ANSWERS,
+                              contrastive_dim=64),
+        preprocess=PreprocessConfig(min_size=320, max_size=640),
     )
 
+
+# The grounded shapes world's closed VQA answer set (WORLD.md): 7 colours, 6 shapes, yes, no,
+# 0 to 6, small, large. Kept here so a config does not depend on the world generator.
+WORLD_ANSWERS: tuple[str, ...] = (
+    "red", "green", "blue", "yellow", "purple", "orange", "gray",
+    "circle", "square", "triangle", "diamond", "star", "hexagon",
+    "yes", "no", "0", "1", "2", "3", "4", "5", "6", "small", "large",
+)
 
 PRESETS = {"glip-t": _glip_t, "glip-l": _glip_l, "small": _small}
 

@@ -20,6 +20,8 @@ from model_export.fusion import Glipv2FusionTower
 from model_export.head import Glipv2AtssHead
 from model_export.language import Glipv2LanguageBackbone, TextFeatures
 from model_export.lm_head import Glipv2LMHead
+from model_export.mask_head import Glipv2MaskHead
+from model_export.vqa_head import Glipv2VqaHead
 
 
 @dataclass
@@ -40,6 +42,20 @@ class Glipv2Output:
     fused_visual: list[Tensor]
     fused_text: Tensor
     mlm_logits: Tensor | None = None
+
+
+class Glipv2ContrastiveProjection(nn.Module):
+    """Linear maps of pre-fusion region and token features into one space, for L_inter."""
+
+    def __init__(self, visual_dim: int, text_dim: int, dim: int) -> None:
+        super().__init__()
+        self.region = nn.Linear(visual_dim, dim)
+        self.token = nn.Linear(text_dim, dim)
+
+    def forward(self, regions: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(R, C) regions, (M, D) tokens -> L2-normalised (R, d) and (M, d)."""
+        return (nn.functional.normalize(self.region(regions), dim=-1),
+                nn.functional.normalize(self.token(tokens), dim=-1))
 
 
 class Glipv2Model(nn.Module):
@@ -65,6 +81,22 @@ class Glipv2Model(nn.Module):
         )
         self.mlm_head = (Glipv2LMHead(lang, tied=config.head.tie_mlm_decoder)
                          if config.head.mlm_head else None)
+        tasks = config.tasks
+        channels = config.fusion.channels
+        self.mask_head = (
+            Glipv2MaskHead(channels, lang.hidden_size, embed_dim=tasks.mask_embed_dim,
+                           group_norm_groups=config.fusion.group_norm_groups)
+            if tasks.mask_head else None
+        )
+        self.vqa_head = (
+            Glipv2VqaHead(lang.hidden_size, tasks.vqa_hidden_dim, len(tasks.vqa_answers))
+            if tasks.vqa_head else None
+        )
+        # L_inter compares pre-fusion region and token features in a shared space (training).
+        self.contrastive = (
+            Glipv2ContrastiveProjection(channels, lang.hidden_size, tasks.contrastive_dim)
+            if tasks.contrastive_dim else None
+        )
 
     def encode_image(self, images: Tensor) -> list[Tensor]:
         """images: (N, 3, H, W) normalised BGR, H and W multiples of 32 -> P3..P7 (N, C, h, w)."""

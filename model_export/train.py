@@ -1,0 +1,343 @@
+"""`glipv2 train`: train GLIPv2 on the shapes world (rendered on the fly) with all heads and losses.
+
+One step: a batch of examples of mixed tasks; captioning examples run in the causal mode, the
+others bidirectionally (two forward passes when both are present). Losses: L_loc (GIoU +
+centerness), L_intra (token focal), L_inter (batch-wide region-token contrast on pre-fusion
+features, label propagation to class-name prompts only), L_mlm, and the mask, VQA and caption
+losses. Checkpoints are safetensors model files plus the optimiser state; `--resume` continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from model_export.anchors import AnchorGenerator
+from model_export.box_coding import BoxCoder
+from model_export.config import get_preset
+from model_export.data.types import GroundingSample
+from model_export.losses import (
+    ImageTargets,
+    PromptInfo,
+    SpecialTokenIds,
+    contrastive_region_inputs,
+    detection_losses,
+    inter_image_contrastive_loss,
+    inter_image_contrastive_targets,
+    mask_tokens,
+    mlm_loss,
+)
+from model_export.mask_head import downsample_masks, mask_loss
+from model_export.model import Glipv2Model
+from model_export.prompt import load_tokenizer
+from model_export.train_data import Batch, Example, build_example, collate, pad_tokens
+from model_export.vqa_head import vqa_loss
+from model_export.weights import load_model, load_pretrained_language, save_model
+from model_export.world import COLOR_NAMES, SHAPES, parse_pairs, render_index
+
+
+@dataclass
+class TrainConfig:
+    """Knobs of a training run; a TOML file sets any of them, `--set key=value` overrides."""
+
+    preset: str = "small"  # model preset to train
+    steps: int = 20000  # optimiser steps
+    batch_size: int = 8  # examples per step
+    lr: float = 5e-4  # peak learning rate (AdamW), after a linear warm-up
+    warmup_steps: int = 300  # linear warm-up length
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # max gradient norm
+    freeze_language: bool = True  # keep the packaged text encoder frozen
+    min_sizes: tuple[int, ...] = (288, 320, 352)  # shorter-side sizes drawn per example
+    task_weights: dict[str, float] = field(default_factory=lambda: {
+        "detection": 0.25, "grounding": 0.25, "referring": 0.2, "vqa": 0.15, "caption": 0.15})
+    loss_weights: dict[str, float] = field(default_factory=lambda: {
+        "inter": 0.5, "mask": 1.0, "vqa": 1.0, "caption": 1.0, "mlm": 0.1})
+    mlm_probability: float = 0.15  # chance each grounding/referring token is masked for L_mlm
+    inter_regions_per_image: int = 48  # anchors sampled per image for L_inter (half positives)
+    inter_temperature: float = 0.1  # softmax temperature of L_inter
+    held_out_pairs: str = "purple star,orange hexagon,green triangle"  # never rendered in training
+    world_seed: int = 1  # seed of the training world (evaluation uses other seeds)
+    seed: int = 0  # seed of sampling and initialisation
+    checkpoint_every: int = 500  # steps between checkpoints
+    threads: int = 0  # torch threads; 0 keeps torch's default
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str]) -> TrainConfig:
+        values = tomllib.loads(Path(path).read_text()) if path else {}
+        for item in overrides:
+            key, _, raw = item.partition("=")
+            if not _:
+                raise ValueError(f"override {item!r} is not key=value")
+            values[key] = json.loads(raw) if raw[:1] in "[{0123456789-tf" else raw
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"unknown training settings {sorted(unknown)}")
+        if "min_sizes" in values:
+            values["min_sizes"] = tuple(values["min_sizes"])
+        return cls(**values)
+
+
+class WorldStream:
+    """Endless training examples from the shapes world, rendered on the fly."""
+
+    def __init__(self, config: TrainConfig, model_config, tokenizer, start_index: int = 0) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.rng = random.Random(config.seed * 1000003 + start_index)
+        self.index = start_index
+        self.exclude = parse_pairs(config.held_out_pairs) if config.held_out_pairs else frozenset()
+        self.tasks = list(config.task_weights)
+        self.weights = [config.task_weights[t] for t in self.tasks]
+
+    def __iter__(self) -> Iterator[Example]:
+        from model_export.train_data import world_samples
+
+        while True:
+            scene = render_index(self.config.world_seed, self.index, self.exclude)
+            self.index += 1
+            samples = world_samples(scene, self.rng, COLOR_NAMES, SHAPES)
+            task = self.rng.choices(self.tasks, self.weights)[0]
+            candidates = [s for s in samples if s.task == task] or samples
+            sample: GroundingSample = self.rng.choice(candidates)
+            yield build_example(
+                sample, scene.image, self.tokenizer, self.model_config.preprocess,
+                self.model_config.tasks.vqa_answers, self.model_config.language.max_query_len,
+                self.rng, min_size=self.rng.choice(self.config.min_sizes))
+
+
+class Glipv2Trainer:
+    """Owns the model, optimiser and loss assembly; `step(examples)` runs one update."""
+
+    def __init__(self, config: TrainConfig, model: Glipv2Model | None = None) -> None:
+        self.config = config
+        torch.manual_seed(config.seed)
+        if model is None:
+            model = Glipv2Model(get_preset(config.preset))
+            if model.config.language.pretrained:
+                load_pretrained_language(model)
+        self.model = model
+        if config.freeze_language:
+            self.model.language.requires_grad_(False)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.tokenizer = load_tokenizer(self.model.config.language.tokenizer)
+        self.specials = SpecialTokenIds.from_tokenizer(self.tokenizer)
+        self.anchor_generator = AnchorGenerator.from_config(self.model.config.head)
+        self.box_coder = BoxCoder.from_config(self.model.config.head)
+        self.step_index = 0
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def learning_rate(self, step: int) -> float:
+        warmup = max(1, self.config.warmup_steps)
+        if step < warmup:
+            return self.config.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.config.steps - warmup)
+        return self.config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def step(self, examples: list[Example]) -> dict[str, float]:
+        """One optimiser step on a list of examples; returns the loss terms."""
+        self.model.train()
+        if self.config.freeze_language:
+            self.model.language.eval()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.step_index)
+        divisibility = self.model.config.preprocess.size_divisibility
+        losses: dict[str, Tensor] = {}
+        for causal in (False, True):
+            members = [e for e in examples if e.causal == causal]
+            if members:
+                part = self.losses(collate(members, divisibility))
+                weight = len(members) / len(examples)
+                for name, value in part.items():
+                    losses[name] = losses.get(name, 0.0) + weight * value
+        total = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], self.config.grad_clip)
+        self.optimizer.step()
+        self.step_index += 1
+        report = {name: float(value.detach()) for name, value in losses.items()}
+        report["total"] = float(total.detach())
+        return report
+
+    def losses(self, batch: Batch) -> dict[str, Tensor]:
+        """Weighted loss terms of one batch (all examples in the same mode)."""
+        model, weights = self.model, self.config.loss_weights
+        input_ids, mask = batch.input_ids, batch.attention_mask
+        mlm_labels = None
+        if not batch.causal and model.mlm_head is not None and weights.get("mlm", 0) > 0:
+            input_ids, mlm_labels = self._mask_for_mlm(batch)
+        visual = model.encode_image(batch.images)
+        text = model.encode_text(input_ids, mask, causal=batch.causal)
+        out = model.fuse(visual, text, causal=batch.causal)
+        num_tokens = input_ids.shape[1]
+        result: dict[str, Tensor] = {}
+
+        grounded = [i for i, e in enumerate(batch.examples) if e.task != "vqa"]
+        if grounded:
+            sizes = [tuple(level.shape[-2:]) for level in out.box_regression]
+            anchors = self.anchor_generator.grid_anchors(sizes)
+            targets = [ImageTargets(boxes=batch.examples[i].boxes,
+                                    positive_map=pad_tokens(batch.examples[i].positive_map,
+                                                            num_tokens),
+                                    box_labels=batch.examples[i].box_labels) for i in grounded]
+            det = detection_losses(
+                [b[grounded] for b in out.box_regression], [c[grounded] for c in out.centerness],
+                [t[grounded] for t in out.token_logits], anchors, targets, mask[grounded],
+                self.box_coder)
+            result["box"] = det.loss_box_giou
+            result["centerness"] = det.loss_centerness
+            result["token"] = det.loss_token
+            if model.contrastive is not None and weights.get("inter", 0) > 0:
+                result["inter"] = weights["inter"] * self._inter_loss(
+                    visual, text.hidden, mask, grounded, det.matched_gt, targets, batch)
+            if model.mask_head is not None and weights.get("mask", 0) > 0:
+                masked = self._mask_loss(out, batch, grounded)
+                if masked is not None:
+                    result["mask"] = weights["mask"] * masked
+        vqa_rows = [i for i, e in enumerate(batch.examples) if e.vqa_scores is not None]
+        if vqa_rows and model.vqa_head is not None:
+            logits = model.vqa_head(out.fused_text[vqa_rows], mask[vqa_rows])
+            scores = torch.stack([batch.examples[i].vqa_scores for i in vqa_rows])
+            result["vqa"] = weights.get("vqa", 1.0) * vqa_loss(logits, scores)
+        if batch.causal and model.mlm_head is not None:
+            labels = torch.stack([pad_tokens(e.lm_labels, num_tokens, -100)
+                                  for e in batch.examples])
+            logits = model.lm_logits(out.fused_text)
+            result["caption"] = weights.get("caption", 1.0) * F.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        if mlm_labels is not None and out.mlm_logits is not None:
+            result["mlm"] = weights["mlm"] * mlm_loss(out.mlm_logits, mlm_labels)
+        return result
+
+    def _mask_for_mlm(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Mask tokens of the grounding/referring texts only (class-name prompts stay intact)."""
+        input_ids = batch.input_ids.clone()
+        labels = torch.full_like(input_ids, -100)
+        rows = [i for i, e in enumerate(batch.examples) if e.task in ("grounding", "referring")]
+        if rows:
+            masked, row_labels = mask_tokens(
+                input_ids[rows], batch.attention_mask[rows], self.specials,
+                self.model.config.language.vocab_size, self.config.mlm_probability,
+                self.generator)
+            input_ids[rows] = masked
+            labels[rows] = row_labels
+        return input_ids, labels
+
+    def _inter_loss(self, visual: list[Tensor], hidden: Tensor, mask: Tensor, rows: list[int],
+                    matched: list[Tensor], targets: list[ImageTargets], batch: Batch) -> Tensor:
+        n = len(rows)
+        # (N, C, H, W) per level -> (N, A, C), levels concatenated in anchor order
+        regions = torch.cat([level[rows].flatten(2).transpose(1, 2) for level in visual], dim=1)
+        picks = []
+        half = self.config.inter_regions_per_image // 2
+        for match in matched:
+            positive = torch.nonzero(match >= 0).flatten()
+            negative = torch.nonzero(match < 0).flatten()
+            positive = positive[torch.randperm(len(positive), generator=self.generator)[:half]]
+            negative = negative[torch.randperm(len(negative), generator=self.generator)[:half]]
+            picks.append(torch.cat([positive, negative]))
+        labels, positives = contrastive_region_inputs(matched, targets, picks)
+        prompts = [PromptInfo(token_labels=batch.examples[i].token_labels
+                              + [None] * (mask.shape[1] - len(batch.examples[i].token_labels)),
+                              detection_prompt=batch.examples[i].detection_prompt) for i in rows]
+        target = inter_image_contrastive_targets(labels, positives, prompts)
+        region_features = torch.cat([regions[i, pick] for i, pick in enumerate(picks)])
+        token_features = hidden[rows].reshape(n * mask.shape[1], -1)
+        region_proj, token_proj = self.model.contrastive(region_features, token_features)
+        return inter_image_contrastive_loss(region_proj, token_proj, target,
+                                            mask[rows].flatten().bool(),
+                                            self.config.inter_temperature)
+
+    def _mask_loss(self, out, batch: Batch, rows: list[int]) -> Tensor | None:
+        padded_hw = tuple(batch.images.shape[-2:])
+        logits_all, targets_all = [], []
+        for i in rows:
+            example = batch.examples[i]
+            if example.masks is None or example.phrases is None or not example.phrase_objects:
+                continue
+            count = max(len(m) for m in example.phrase_objects)
+            if count == 0:
+                continue
+            num_phrases = len(example.phrase_objects)
+            boxes = torch.zeros(1, num_phrases, count, 4)
+            valid = torch.zeros(1, num_phrases, count, dtype=torch.bool)
+            exclusive = example.boxes.clone()
+            exclusive[:, 2:] += 1.0
+            for p, members in enumerate(example.phrase_objects):
+                for k, obj in enumerate(members):
+                    boxes[0, p, k] = exclusive[obj]
+                    valid[0, p, k] = True
+            phrases = pad_tokens(example.phrases, batch.input_ids.shape[1])[None]
+            logits = self.model.mask_head([level[i:i + 1] for level in out.fused_visual],
+                                          out.fused_text[i:i + 1], phrases, boxes, valid)
+            gt = downsample_masks(example.masks, padded_hw)  # (K, h4, w4)
+            for p, members in enumerate(example.phrase_objects):
+                for k, obj in enumerate(members):
+                    logits_all.append(logits[0, p, k])
+                    targets_all.append(gt[obj])
+        if not logits_all:
+            return None
+        return mask_loss(torch.stack(logits_all), torch.stack(targets_all))
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Model (without the packaged text encoder when frozen) + optimiser + step."""
+        out = Path(out_dir)
+        external = self.config.freeze_language and self.model.config.language.pretrained
+        save_model(self.model, out, external_language=bool(external))
+        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step_index,
+                    "generator": self.generator.get_state()}, out / "trainer_state.pt")
+        (out / "train_config.json").write_text(
+            json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+        return out
+
+    @classmethod
+    def resume(cls, checkpoint_dir: str | Path, config: TrainConfig) -> Glipv2Trainer:
+        trainer = cls(config, model=load_model(checkpoint_dir))
+        state = torch.load(Path(checkpoint_dir) / "trainer_state.pt", weights_only=False)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.step_index = int(state["step"])
+        trainer.generator.set_state(state["generator"])
+        return trainer
+
+
+def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
+          progress: bool = True) -> Glipv2Trainer:
+    """Run `config.steps` steps (continuing a checkpoint when `resume` is given)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    trainer = (Glipv2Trainer.resume(resume, config) if resume else Glipv2Trainer(config))
+    stream = iter(WorldStream(config, trainer.model.config, trainer.tokenizer,
+                              start_index=trainer.step_index * config.batch_size))
+    out = Path(out_dir)
+    bar = tqdm(total=config.steps, initial=trainer.step_index, disable=not progress,
+               dynamic_ncols=True)
+    started, done = time.monotonic(), 0
+    while trainer.step_index < config.steps:
+        report = trainer.step([next(stream) for _ in range(config.batch_size)])
+        done += 1
+        rate = done * config.batch_size / (time.monotonic() - started)
+        bar.set_postfix(loss=f"{report['total']:.3f}", img_s=f"{rate:.2f}")
+        bar.update(1)
+        if trainer.step_index % config.checkpoint_every == 0 or trainer.step_index == config.steps:
+            trainer.save(out)
+            with (out / "train_log.jsonl").open("a") as log:
+                log.write(json.dumps({"step": trainer.step_index, **report}) + "\n")
+    bar.close()
+    return trainer

@@ -1,0 +1,272 @@
+"""From dataset samples to training tensors: one `Example` per sample, `collate` into a `Batch`.
+
+Every dataset (the shapes world, COCO, MDETR grounding, RefCOCO, VQA v2, COCO captions) arrives as
+`data.GroundingSample`; this module is the one place that turns a sample into model inputs and
+targets, so all tasks and datasets share one path. The world additionally gets `world_samples`,
+which renders scenes on the fly and builds multi-phrase attribute prompts.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from model_export.config import PreprocessConfig
+from model_export.data.types import GroundedObject, GroundingSample
+from model_export.preprocess import batch_images, preprocess_image
+from model_export.prompt import build_detection_prompt, positive_map, tokenize
+from model_export.vqa_head import vqa_target_scores
+from model_export.world import WorldImage
+
+# Legacy box convention of the head: x1 is the last pixel, not one past it.
+_TO_REMOVE = 1.0
+
+
+@dataclass
+class Example:
+    """One image + one text, as tensors in the model-input frame (resized, unpadded).
+
+    pixels: (3, h, w) normalised BGR. boxes: (K, 4) legacy xyxy (x1 = last pixel).
+    input_ids: (T,) token ids of the text with [CLS]/[SEP]. positive_map: (K, T) 0/1.
+    token_labels: length T, category a token names (class-name prompts only) or None.
+    masks: (K, h, w) bool or None. phrases: (P, T) token weights (rows sum to 1) and
+    phrase_objects: per phrase, the indices of the objects it names (mask head supervision).
+    vqa_scores: (A,) soft answer targets or None. lm_labels: (T,) next-token targets (-100
+    elsewhere) for captioning, which runs the model in causal mode.
+    """
+
+    task: str
+    pixels: Tensor
+    resized_hw: tuple[int, int]
+    input_ids: Tensor
+    boxes: Tensor
+    positive_map: Tensor
+    box_labels: list[str]
+    token_labels: list[str | None]
+    detection_prompt: bool
+    masks: Tensor | None = None
+    phrases: Tensor | None = None
+    phrase_objects: list[list[int]] = field(default_factory=list)
+    vqa_scores: Tensor | None = None
+    lm_labels: Tensor | None = None
+
+    @property
+    def causal(self) -> bool:
+        return self.task == "caption"
+
+
+@dataclass
+class Batch:
+    """Examples padded together: images to a multiple of 32, texts to the longest."""
+
+    examples: list[Example]
+    images: Tensor  # (N, 3, H, W)
+    image_sizes: list[tuple[int, int]]
+    input_ids: Tensor  # (N, T)
+    attention_mask: Tensor  # (N, T)
+
+    @property
+    def causal(self) -> bool:
+        return self.examples[0].causal
+
+
+def _resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    image = Image.fromarray(mask.astype(np.uint8) * 255)
+    resized = image.resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
+    return np.asarray(resized) >= 128
+
+
+def _object_boxes(objects: Sequence[GroundedObject], scale_xy: tuple[float, float]) -> Tensor:
+    """End-exclusive original-pixel boxes -> legacy boxes in the resized frame."""
+    if not objects:
+        return torch.zeros(0, 4)
+    boxes = torch.tensor([obj.box for obj in objects], dtype=torch.float32)
+    boxes[:, 2:] -= _TO_REMOVE
+    sx, sy = scale_xy
+    return boxes * torch.tensor([sx, sy, sx, sy])
+
+
+def _phrases(spans: list[list[tuple[int, int]]], encoding, num_tokens: int
+             ) -> tuple[Tensor, list[list[int]]]:
+    """Each distinct span is a phrase; its objects are those grounded to it."""
+    distinct = sorted({span for spans_per_object in spans for span in spans_per_object})
+    if not distinct:
+        return torch.zeros(0, num_tokens), []
+    rows = positive_map(encoding, [[span] for span in distinct], num_tokens)
+    rows = rows / rows.sum(dim=1, keepdim=True).clamp(min=1.0)
+    members = [[k for k, s in enumerate(spans) if span in s] for span in distinct]
+    return rows, members
+
+
+def build_example(sample: GroundingSample, image: Image.Image, tokenizer,
+                  preprocess: PreprocessConfig, answers: Sequence[str],
+                  max_tokens: int, rng: random.Random, min_size: int | None = None) -> Example:
+    """Turn one sample and its image into model-input tensors and targets.
+
+    Detection samples get a class-name prompt in a random order (the model must not learn
+    positions); `min_size` overrides the preset's resize target (scale augmentation).
+    """
+    config = preprocess if min_size is None else PreprocessConfig(
+        min_size=min_size, max_size=preprocess.max_size,
+        size_divisibility=preprocess.size_divisibility, pixel_mean=preprocess.pixel_mean,
+        pixel_std=preprocess.pixel_std)
+    pixels, resized_hw = preprocess_image(image, config)
+    scale = (resized_hw[1] / image.width, resized_hw[0] / image.height)
+
+    objects = list(sample.objects)
+    spans = [list(s) for s in sample.spans]
+    text = sample.caption
+    class_of_token: dict[tuple[int, int], str] = {}
+    if sample.task == "detection":
+        names = list(sample.class_names or [])
+        rng.shuffle(names)
+        prompt = build_detection_prompt(names)
+        text = prompt.caption
+        span_of = {name: prompt.spans[i] for i, name in enumerate(names)}
+        spans = [list(span_of[obj.label]) for obj in objects]
+        class_of_token = {span_of[name][0]: name for name in names}
+    elif sample.task == "caption":
+        text = sample.caption_target or sample.caption
+
+    input_ids, _, encodings = tokenize(tokenizer, [text], max_length=max_tokens)
+    ids = input_ids[0]
+    num_tokens = ids.shape[0]
+    pmap = (positive_map(encodings[0], spans, num_tokens) if spans
+            else torch.zeros(len(objects), num_tokens))
+
+    token_labels: list[str | None] = [None] * num_tokens
+    for span, name in class_of_token.items():
+        tokens = positive_map(encodings[0], [[span]], num_tokens)[0]
+        for t in torch.nonzero(tokens).flatten().tolist():
+            token_labels[t] = name
+
+    masks = None
+    if objects and all(obj.rle is not None for obj in objects):
+        masks = torch.from_numpy(np.stack([_resize_mask(obj.mask, resized_hw) for obj in objects]))
+    phrases, members = _phrases(spans, encodings[0], num_tokens) if spans else (None, [])
+
+    vqa_scores = None
+    if sample.task == "vqa":
+        answers_given = sample.answers or ([sample.answer] if sample.answer else [])
+        vqa_scores = vqa_target_scores([answers_given], answers)[0]
+    lm_labels = None
+    if sample.task == "caption":
+        lm_labels = torch.full_like(ids, -100)
+        lm_labels[:-1] = ids[1:]
+
+    return Example(
+        task=sample.task, pixels=pixels, resized_hw=resized_hw, input_ids=ids,
+        boxes=_object_boxes(objects, scale), positive_map=pmap,
+        box_labels=[obj.label or "" for obj in objects], token_labels=token_labels,
+        detection_prompt=sample.detection_prompt or sample.task == "detection",
+        masks=masks, phrases=phrases, phrase_objects=members, vqa_scores=vqa_scores,
+        lm_labels=lm_labels,
+    )
+
+
+def collate(examples: Sequence[Example], size_divisibility: int) -> Batch:
+    """Pad images (bottom/right, to a multiple of `size_divisibility`) and texts (right)."""
+    images, sizes = batch_images([e.pixels for e in examples], size_divisibility)
+    num_tokens = max(e.input_ids.shape[0] for e in examples)
+    input_ids = torch.zeros(len(examples), num_tokens, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, example in enumerate(examples):
+        length = example.input_ids.shape[0]
+        input_ids[row, :length] = example.input_ids
+        attention_mask[row, :length] = 1
+    return Batch(examples=list(examples), images=images, image_sizes=sizes,
+                 input_ids=input_ids, attention_mask=attention_mask)
+
+
+def pad_tokens(tensor: Tensor, num_tokens: int, value: float = 0.0) -> Tensor:
+    """Right-pad the last dimension of a (..., T) tensor to `num_tokens`."""
+    pad = num_tokens - tensor.shape[-1]
+    return torch.nn.functional.pad(tensor, (0, pad), value=value) if pad else tensor
+
+
+# ------------------------------------------------------------------------------------------------
+# The shapes world, rendered on the fly
+# ------------------------------------------------------------------------------------------------
+
+
+def _world_object(world_object, width: int, height: int) -> GroundedObject:
+    return GroundedObject(box=tuple(world_object.box), label=world_object.shape,
+                          mask=world_object.mask)
+
+
+def _attribute_phrase(obj, rng: random.Random) -> str:
+    form = rng.randrange(4)
+    if form == 0:
+        return f"{obj.color} {obj.shape}"
+    if form == 1:
+        return f"{obj.size} {obj.shape}"
+    if form == 2:
+        return f"{obj.size} {obj.color} {obj.shape}"
+    return f"{obj.color} shapes"
+
+
+def _phrase_matches(phrase: str, obj) -> bool:
+    words = phrase.split()
+    if words[-1] == "shapes":
+        return obj.color == words[0]
+    attributes = {obj.shape, obj.color, obj.size}
+    return all(word in attributes for word in words)
+
+
+def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
+                  shapes: Sequence[str]) -> list[GroundingSample]:
+    """Every training sample one rendered scene offers (the trainer picks among them).
+
+    Besides the record's own tasks, builds an attribute-grounding prompt: several attribute
+    phrases joined by ". ", about half naming present objects and half absent ones, each object
+    grounded to every phrase it matches.
+    """
+    objects = [_world_object(o, scene.width, scene.height) for o in scene.objects]
+    base = {"image_path": None, "width": scene.width, "height": scene.height}
+    samples = [GroundingSample(task="detection", class_names=list(shapes), objects=objects,
+                               detection_prompt=True, **base)]
+
+    phrases: list[str] = []
+    for _ in range(rng.randint(1, 4)):
+        if rng.random() < 0.6:
+            phrase = _attribute_phrase(rng.choice(scene.objects), rng)
+        else:
+            phrase = f"{rng.choice(colors)} {rng.choice(shapes)}"
+        if phrase not in phrases:
+            phrases.append(phrase)
+    caption = ". ".join(phrases)
+    starts = [caption.index(p) for p in phrases]
+    grounded, spans = [], []
+    for obj, world_obj in zip(objects, scene.objects, strict=True):
+        own = [(s, s + len(p)) for p, s in zip(phrases, starts, strict=True)
+               if _phrase_matches(p, world_obj)]
+        if own:
+            grounded.append(obj)
+            spans.append(own)
+    samples.append(GroundingSample(task="grounding", caption=caption, objects=grounded,
+                                   spans=spans, detection_prompt=True, **base))
+
+    for expression in scene.expressions:
+        text = expression["text"]
+        targets = [objects[i] for i in expression["targets"]]
+        samples.append(GroundingSample(
+            task="referring", caption=text, objects=targets,
+            spans=[[(0, len(text))] for _ in targets],
+            detection_prompt=not any(r in text for r in (" of ", " above ", " below ")),
+            **base))
+    for question in scene.questions:
+        samples.append(GroundingSample(task="vqa", caption=question["question"],
+                                       answer=question["answer"], answers=[question["answer"]],
+                                       **base))
+    phrase_objects = [objects[p["object"]] for p in scene.caption_phrases]
+    samples.append(GroundingSample(
+        task="caption", caption=scene.caption, caption_target=scene.caption,
+        objects=phrase_objects, spans=[[tuple(p["span"])] for p in scene.caption_phrases],
+        **base))
+    return samples
