@@ -56,6 +56,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from model_export.evaluate import TASKS, evaluate, format_table, write_report
+
+    tasks = args.tasks.split(",") if args.tasks else list(TASKS)
+    metrics = evaluate(args.model, args.n, args.seed, tasks, held_out=args.held_out)
+    print(format_table(metrics))
+    if args.out:
+        write_report(metrics, args.out)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
@@ -104,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="checkpoint folder")
     train.add_argument("--resume", help="checkpoint folder to continue from")
     train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser("eval", help="metrics of a model on fresh shapes-world images")
+    evaluate.add_argument("--model", required=True, help="model folder")
+    evaluate.add_argument("--n", type=int, default=500, help="images to render and score")
+    evaluate.add_argument("--seed", type=int, default=1000, help="world seed (not a training one)")
+    evaluate.add_argument("--tasks", default="", help="comma-separated subset of the tasks")
+    evaluate.add_argument("--held-out", default="purple star,orange hexagon,green triangle",
+                          help="colour-shape pairs held out of training, scored separately")
+    evaluate.add_argument("--out", help="write the metrics as JSON here")
+    evaluate.set_defaults(func=_eval)
 
     serve = sub.add_parser("serve", help="serve the model over HTTP")
     serve.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="model folder")

@@ -117,24 +117,30 @@ class Glipv2VLFuse(nn.Module):
         layer is the same whatever the caption so far.
         """
         sizes = [feature.shape[-2:] for feature in visual]
-        # (N, C, H, W) -> (N, HW, C) per level, concatenated over levels -> (N, R, C)
-        flat = torch.cat([feature.flatten(2).transpose(1, 2) for feature in visual], dim=1)
-        v = self.layer_norm_v(flat)
+        v = self.layer_norm_v(flatten_levels(visual))
         lang = self.layer_norm_l(text)
         delta_v, delta_l = self.attn(v, lang, mask, update_visual=not causal)
         if delta_v is not None:
             v = v + self.gamma_v * delta_v
         lang = lang + self.gamma_l * delta_l
+        return unflatten_levels(v, sizes), lang
 
-        fused: list[Tensor] = []
-        start = 0
-        for height, width in sizes:
-            count = height * width
-            # (N, HW, C) -> (N, C, H, W)
-            per_level = v[:, start:start + count].transpose(1, 2)
-            fused.append(per_level.reshape(v.shape[0], -1, height, width))
-            start += count
-        return fused, lang
+
+def flatten_levels(visual: list[Tensor]) -> Tensor:
+    """Per level (N, C, H, W) -> (N, R, C): every location of every level, one sequence."""
+    return torch.cat([feature.flatten(2).transpose(1, 2) for feature in visual], dim=1)
+
+
+def unflatten_levels(v: Tensor, sizes: list[torch.Size]) -> list[Tensor]:
+    """Inverse of `flatten_levels`: (N, R, C) -> per level (N, C, H, W)."""
+    fused: list[Tensor] = []
+    start = 0
+    for height, width in sizes:
+        count = height * width
+        per_level = v[:, start:start + count].transpose(1, 2)  # (N, HW, C) -> (N, C, HW)
+        fused.append(per_level.reshape(v.shape[0], -1, height, width))
+        start += count
+    return fused
 
 
 class Glipv2TextLayer(nn.Module):
@@ -227,3 +233,27 @@ class Glipv2FusionTower(nn.Module):
         for layer in self.layers:
             visual, hidden = layer(visual, hidden, text.mask, causal)
         return visual, hidden
+
+    def caption_image_states(self, visual: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The causal mode's image side, computed once per image for a whole caption.
+
+        Returns the normalised region sequence (N, R, C) each layer's text attends to, and the
+        final fused levels; `caption_text` then runs only the text side per decoding step.
+        """
+        states = []
+        for layer in self.layers:
+            sizes = [feature.shape[-2:] for feature in visual]
+            v = layer.vl_fuse.layer_norm_v(flatten_levels(visual))
+            states.append(v)
+            visual = layer.dyconv(unflatten_levels(v, sizes))
+        return states, visual
+
+    def caption_text(self, states: list[Tensor], text: TextFeatures) -> Tensor:
+        """Causal text side against cached image states -> fused tokens (N, T, D)."""
+        hidden = text.hidden
+        for layer, v in zip(self.layers, states, strict=True):
+            fuse = layer.vl_fuse
+            lang = fuse.layer_norm_l(hidden)
+            _, delta_l = fuse.attn(v, lang, text.mask, update_visual=False)
+            hidden = layer.text_layer(lang + fuse.gamma_l * delta_l, text.mask, causal=True)
+        return hidden

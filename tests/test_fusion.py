@@ -93,3 +93,22 @@ def test_causal_mode_is_unidirectional_and_image_ignores_text() -> None:
     for a, b in zip(v_a, v_b, strict=True):
         torch.testing.assert_close(a, b)
     assert max((a - c).abs().max() for a, c in zip(v_a, v_c, strict=True)) > 1e-4
+
+
+def test_caption_cache_equals_full_causal_pass() -> None:
+    """Decoding with the image side computed once gives the full causal pass's outputs."""
+    from model_export.fusion import Glipv2FusionTower
+    from model_export.language import TextFeatures
+
+    torch.manual_seed(4)
+    tower = Glipv2FusionTower(FUSION, LANG).eval()
+    visual = [torch.randn(2, 16, 6, 6), torch.randn(2, 16, 3, 3), torch.randn(2, 16, 2, 2),
+              torch.randn(2, 16, 1, 1), torch.randn(2, 16, 1, 1)]
+    text = TextFeatures(torch.randn(2, 5, 32), torch.randn(2, 5, 32), _mask([5, 3], 5))
+    with torch.no_grad():
+        full_visual, full_text = tower(visual, text, causal=True)
+        states, cached_visual = tower.caption_image_states(visual)
+        cached_text = tower.caption_text(states, text)
+    torch.testing.assert_close(cached_text, full_text)
+    for a, b in zip(cached_visual, full_visual, strict=True):
+        torch.testing.assert_close(a, b)

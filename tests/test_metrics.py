@@ -1,0 +1,316 @@
+"""Metric functions on hand-computed cases: every expected number is derived in a comment."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from model_export.metrics import (
+    BoxPrediction,
+    BoxTruth,
+    box_ap,
+    box_iou,
+    caption_metrics,
+    corpus_bleu,
+    format_table,
+    mask_iou,
+    phrase_grounding_accuracy,
+    referring_metrics,
+    tokenize_caption,
+    vqa_exact_accuracy,
+)
+
+SIZES = {1: (100, 100), 2: (100, 100), 3: (100, 100)}
+
+
+# --- box AP ------------------------------------------------------------------------------------
+
+
+def test_box_ap_perfect_predictions_score_one() -> None:
+    truths = [
+        BoxTruth(1, "circle", [10, 10, 30, 30]),
+        BoxTruth(1, "square", [50, 50, 80, 90]),
+        BoxTruth(2, "circle", [0, 0, 40, 20]),
+    ]
+    predictions = [BoxPrediction(t.image_id, t.category, t.box, 0.9) for t in truths]
+    result = box_ap(truths, predictions, SIZES)
+    assert result["map"] == pytest.approx(1.0)
+    assert result["map50"] == pytest.approx(1.0)
+    assert result["map75"] == pytest.approx(1.0)
+    assert result["per_category_ap50"] == pytest.approx({"circle": 1.0, "square": 1.0})
+
+
+def test_box_ap_shifted_box_counts_at_50_not_75() -> None:
+    # Circle: [0, 0, 10, 6.2] against [0, 0, 10, 10], end exclusive: IoU = 62 / 100 = 0.62
+    # (0.62, not 0.6, keeps clear of the 0.60 threshold's float rounding). It matches at
+    # IoU .50, .55, .60: AP@[.5:.95] = 3/10. A +1 width convention would give IoU 0.65 and 4/10.
+    # Square is perfect. Means over the two categories.
+    truths = [BoxTruth(1, "circle", [0, 0, 10, 10]), BoxTruth(1, "square", [50, 50, 70, 70])]
+    predictions = [
+        BoxPrediction(1, "circle", [0, 0, 10, 6.2], 0.8),
+        BoxPrediction(1, "square", [50, 50, 70, 70], 0.8),
+    ]
+    result = box_ap(truths, predictions, SIZES)
+    assert result["map50"] == pytest.approx(1.0)
+    assert result["map75"] == pytest.approx((0.0 + 1.0) / 2)
+    assert result["map"] == pytest.approx((0.3 + 1.0) / 2)
+    assert result["per_category_ap50"] == pytest.approx({"circle": 1.0, "square": 1.0})
+
+
+def test_box_ap_higher_scored_false_positive_on_image_without_truths() -> None:
+    # Two truths; detections by score: TP (0.9), FP on image 3, which has no truths (0.85),
+    # TP (0.8). Recall/precision: (0.5, 1), (0.5, 1/2), (1, 2/3); the precision envelope is
+    # 1 up to recall 0.5 and 2/3 above it. Over COCO's 101 recall points 0, .01, ..., 1:
+    # 51 points at 1 and 50 at 2/3. All boxes are exact, so every IoU threshold agrees.
+    truths = [BoxTruth(1, "star", [10, 10, 30, 30]), BoxTruth(2, "star", [40, 40, 60, 60])]
+    predictions = [
+        BoxPrediction(1, "star", [10, 10, 30, 30], 0.9),
+        BoxPrediction(3, "star", [10, 10, 30, 30], 0.85),
+        BoxPrediction(2, "star", [40, 40, 60, 60], 0.8),
+    ]
+    expected = (51 * 1.0 + 50 * 2 / 3) / 101
+    result = box_ap(truths, predictions, SIZES)
+    assert result["map50"] == pytest.approx(expected)
+    assert result["map"] == pytest.approx(expected)
+    assert result["per_category_ap50"]["star"] == pytest.approx(expected)
+
+
+def test_box_ap_false_positive_ranked_first_halves_single_truth_ap() -> None:
+    # One truth; FP (0.9) then TP (0.8): precision 1/2 at recall 1, so every recall point is 1/2.
+    truths = [BoxTruth(1, "hexagon", [10, 10, 30, 30])]
+    predictions = [
+        BoxPrediction(1, "hexagon", [60, 60, 90, 90], 0.9),
+        BoxPrediction(1, "hexagon", [10, 10, 30, 30], 0.8),
+    ]
+    assert box_ap(truths, predictions, SIZES)["map50"] == pytest.approx(0.5)
+
+
+def test_box_ap_no_predictions_is_zero() -> None:
+    truths = [BoxTruth(1, "circle", [10, 10, 30, 30]), BoxTruth(2, "square", [0, 0, 5, 5])]
+    result = box_ap(truths, [], SIZES)
+    assert result == {
+        "map": 0.0,
+        "map50": 0.0,
+        "map75": 0.0,
+        "per_category_ap50": {"circle": 0.0, "square": 0.0},
+    }
+
+
+def test_box_ap_category_without_truths_is_excluded_from_mean() -> None:
+    # "star" is predicted but absent everywhere: pycocotools leaves its AP undefined (-1) and
+    # out of the mean, so the perfect circle alone sets the score.
+    truths = [BoxTruth(1, "circle", [10, 10, 30, 30])]
+    predictions = [
+        BoxPrediction(1, "circle", [10, 10, 30, 30], 0.9),
+        BoxPrediction(2, "star", [10, 10, 30, 30], 0.95),
+    ]
+    result = box_ap(truths, predictions, SIZES, categories=["circle", "star"])
+    assert result["map"] == pytest.approx(1.0)
+    assert result["per_category_ap50"] == pytest.approx({"circle": 1.0})
+
+
+def test_box_ap_phrase_categories_and_unlisted_predictions_dropped() -> None:
+    # Phrase grounding: categories are phrase texts. A prediction for an unlisted phrase is
+    # dropped, not counted as a false positive.
+    truths = [
+        BoxTruth(1, "red circle", [10, 10, 30, 30]),
+        BoxTruth(2, "small purple star", [40, 40, 50, 50]),
+    ]
+    predictions = [
+        BoxPrediction(1, "red circle", [10, 10, 30, 30], 0.7),
+        BoxPrediction(2, "small purple star", [40, 40, 50, 50], 0.6),
+        BoxPrediction(2, "blue square", [0, 0, 20, 20], 0.99),
+    ]
+    result = box_ap(truths, predictions, SIZES, categories=["red circle", "small purple star"])
+    assert result["map"] == pytest.approx(1.0)
+    assert set(result["per_category_ap50"]) == {"red circle", "small purple star"}
+
+
+def test_box_ap_keeps_stdout_clean(capsys: pytest.CaptureFixture[str]) -> None:
+    truths = [BoxTruth(1, "circle", [10, 10, 30, 30])]
+    box_ap(truths, [BoxPrediction(1, "circle", [10, 10, 30, 30], 0.5)], SIZES)
+    assert capsys.readouterr().out == ""
+
+
+def test_box_ap_rejects_undefined_inputs() -> None:
+    with pytest.raises(ValueError, match="no ground-truth"):
+        box_ap([], [BoxPrediction(1, "circle", [0, 0, 1, 1], 0.5)], SIZES)
+    with pytest.raises(ValueError, match="image 9"):
+        box_ap([BoxTruth(9, "circle", [0, 0, 1, 1])], [], SIZES)
+
+
+# --- masks and referring segmentation ----------------------------------------------------------
+
+
+def _mask(*pixels: tuple[int, int], shape: tuple[int, int] = (4, 4)) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    for y, x in pixels:
+        mask[y, x] = True
+    return mask
+
+
+def test_mask_iou_cases() -> None:
+    empty = _mask()
+    assert mask_iou(empty, empty) == 1.0
+    assert mask_iou(_mask((0, 0)), empty) == 0.0
+    assert mask_iou(_mask((0, 0)), _mask((3, 3))) == 0.0
+    assert mask_iou(_mask((0, 0), (0, 1)), _mask((0, 0), (0, 1))) == 1.0
+    # 1 shared pixel, 3 in the union.
+    assert mask_iou(_mask((0, 0), (0, 1)), _mask((0, 1), (0, 2))) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="shapes differ"):
+        mask_iou(empty, np.zeros((3, 4), dtype=bool))
+
+
+def test_referring_metrics_hand_built() -> None:
+    a = _mask((0, 0), (0, 1))  # 2 pixels
+    b = _mask((3, 3))  # 1 pixel
+    results = [
+        ([a], [a, b]),  # union of gt = 3 pixels, prediction covers 2: IoU 2/3
+        ([], [a]),  # referent missed entirely: IoU 0
+        ([b, a], [a, b]),  # set denoted, order irrelevant: IoU 1
+        ([], []),  # no referent, no segment: correct
+        ([b], []),  # no referent, a segment: wrong
+        ([_mask()], []),  # a mask with no pixel is no segment: correct
+    ]
+    result = referring_metrics(results)
+    assert result["miou"] == pytest.approx((2 / 3 + 0 + 1) / 3)
+    assert result["n_with_referent"] == 3
+    assert result["empty_accuracy"] == pytest.approx(2 / 3)
+    assert result["n_empty"] == 3
+
+
+def test_referring_metrics_empty_groups_are_none() -> None:
+    assert referring_metrics([]) == {
+        "miou": None,
+        "n_with_referent": 0,
+        "empty_accuracy": None,
+        "n_empty": 0,
+    }
+    only_referents = referring_metrics([([_mask((1, 1))], [_mask((1, 1))])])
+    assert only_referents["miou"] == 1.0
+    assert only_referents["empty_accuracy"] is None
+
+
+# --- VQA ---------------------------------------------------------------------------------------
+
+
+def test_vqa_exact_accuracy() -> None:
+    assert vqa_exact_accuracy(["Red", " yes ", "3"], ["red", "yes", "2"]) == pytest.approx(2 / 3)
+    assert vqa_exact_accuracy([], []) is None
+    with pytest.raises(ValueError):
+        vqa_exact_accuracy(["red"], [])
+
+
+# --- captions ----------------------------------------------------------------------------------
+
+CAPTION = "a small red circle, a large blue square and a small green star."
+
+
+def test_tokenize_caption_splits_punctuation() -> None:
+    assert tokenize_caption("A large gray hexagon, a small red star.") == [
+        "a", "large", "gray", "hexagon", ",", "a", "small", "red", "star", ".",
+    ]  # fmt: skip
+
+
+def test_caption_identical_scores_one() -> None:
+    result = caption_metrics([CAPTION, "a large gray hexagon."], [CAPTION, "a large gray hexagon."])
+    assert result["exact_match"] == 1.0
+    assert result["bleu4"] == pytest.approx(1.0)
+
+
+def test_caption_exact_match_ignores_case_and_whitespace() -> None:
+    hyps = ["A  Small red circle.", "a small red circle", "a large red circle."]
+    refs = ["a small red circle."] * 3
+    # The final "." is part of the caption, so the second is not an exact match.
+    assert caption_metrics(hyps, refs)["exact_match"] == pytest.approx(1 / 3)
+
+
+def test_caption_bleu_one_word_change() -> None:
+    # 15 tokens: a small red circle , a large blue square and a small green star .
+    # "green" -> "gray" (token 13 of 15, "gray" nowhere in the reference) spoils the n-grams
+    # that contain it: 1 of 15 unigrams, 2 of 14 bigrams, 3 of 13 trigrams and 3 of 12 four-grams
+    # (only three 4-grams reach token 13 this close to the end). Same length: no brevity penalty.
+    hyp = CAPTION.replace("green", "gray")
+    precisions = [14 / 15, 12 / 14, 10 / 13, 9 / 12]
+    expected = math.prod(precisions) ** 0.25  # (15120 / 32760) ** 0.25 = 0.82424
+    result = caption_metrics([hyp], [CAPTION])
+    assert result["exact_match"] == 0.0
+    assert result["bleu4"] == pytest.approx(expected)
+    assert result["bleu4"] == pytest.approx(0.82424, abs=1e-5)
+
+
+def test_caption_bleu_brevity_penalty() -> None:
+    # hyp: a large gray hexagon . (c = 5)
+    # ref: a large gray hexagon and a small red star . (r = 10)
+    # precisions 5/5, 3/4, 2/3, 1/2 (only n-grams ending in "." miss); BP = exp(1 - 10/5).
+    hyp = "a large gray hexagon."
+    ref = "a large gray hexagon and a small red star."
+    expected = math.exp(-1.0) * (1.0 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
+    assert caption_metrics([hyp], [ref])["bleu4"] == pytest.approx(expected)
+
+
+def test_caption_bleu_is_corpus_level() -> None:
+    # Pair 2 ("a red star ." vs "a blue star .") has no 4-gram match, so its sentence BLEU is 0;
+    # the corpus sums counts first. Pair 1 is identical (5 tokens).
+    # unigrams (5+3)/(5+4), bigrams (4+1)/(4+3), trigrams (3+0)/(3+2), 4-grams (2+0)/(2+1).
+    hyps = ["a small red circle.", "a red star."]
+    refs = ["a small red circle.", "a blue star."]
+    expected = (8 / 9 * 5 / 7 * 3 / 5 * 2 / 3) ** 0.25
+    assert caption_metrics(hyps, refs)["bleu4"] == pytest.approx(expected)
+    assert corpus_bleu([tokenize_caption(hyps[1])], [tokenize_caption(refs[1])]) == 0.0
+
+
+def test_caption_bleu_clips_repeated_ngrams() -> None:
+    # "a a a a ." against "a star .": unigram "a" is clipped to 1 match; no bigram "a a" in ref.
+    assert corpus_bleu([["a", "a", "a", "a", "."]], [["a", "star", "."]]) == 0.0
+
+
+def test_caption_metrics_empty_is_none() -> None:
+    assert caption_metrics([], []) == {"exact_match": None, "bleu4": None}
+
+
+# --- phrase grounding --------------------------------------------------------------------------
+
+
+def test_box_iou_cases() -> None:
+    assert box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    # End exclusive: boxes that share the edge x = 10 share no pixel.
+    assert box_iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0
+    assert box_iou([0, 0, 10, 10], [30, 30, 40, 40]) == 0.0
+    assert box_iou([5, 5, 5, 5], [5, 5, 5, 5]) == 0.0
+
+
+def test_phrase_grounding_accuracy() -> None:
+    gt = [0, 0, 10, 10]
+    pairs = [
+        ([0, 0, 10, 10], gt),  # IoU 1
+        ([0, 0, 10, 5], gt),  # IoU exactly 0.5: counts
+        ([0, 0, 10, 4.9], gt),  # IoU 0.49: wrong
+        (None, gt),  # not grounded: wrong
+    ]
+    assert phrase_grounding_accuracy(pairs) == pytest.approx(0.5)
+    assert phrase_grounding_accuracy([]) is None
+
+
+# --- table -------------------------------------------------------------------------------------
+
+
+def test_format_table() -> None:
+    table = format_table(
+        {
+            "detection": {"map": 0.91234, "map50": 1.0, "per_category_ap50": {"circle": 0.5}},
+            "referring": {"miou": None, "n_empty": 3},
+        }
+    )
+    assert table == (
+        "| task | metric | value |\n"
+        "| --- | --- | --- |\n"
+        "| detection | map | 0.9123 |\n"
+        "| detection | map50 | 1.0000 |\n"
+        "| detection | per_category_ap50[circle] | 0.5000 |\n"
+        "| referring | miou | n/a |\n"
+        "| referring | n_empty | 3 |\n"
+    )

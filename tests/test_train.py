@@ -1,0 +1,110 @@
+"""Training: examples built from samples, and a short run whose loss falls (CI smoke test)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from model_export.config import WORLD_ANSWERS, PreprocessConfig, get_preset
+from model_export.data.types import GroundedObject, GroundingSample
+from model_export.prompt import load_tokenizer
+from model_export.train import Glipv2Trainer, TrainConfig, WorldStream
+from model_export.train_data import build_example, world_samples
+from model_export.world import ANSWERS, COLOR_NAMES, SHAPES, render_index
+
+PRE = PreprocessConfig(min_size=64, max_size=128)
+
+
+def _sample(task: str, **fields) -> GroundingSample:
+    return GroundingSample(image_path=None, width=100, height=50, task=task, **fields)
+
+
+def _image():
+    from PIL import Image
+
+    return Image.new("RGB", (100, 50), (230, 230, 230))
+
+
+def test_world_answers_match_the_world() -> None:
+    assert WORLD_ANSWERS == ANSWERS
+
+
+def test_detection_example_targets_follow_the_shuffled_prompt() -> None:
+    tokenizer = load_tokenizer()
+    objects = [GroundedObject(box=(10, 10, 30, 20), label="hexagon"),
+               GroundedObject(box=(50, 5, 60, 45), label="star")]
+    sample = _sample("detection", class_names=["circle", "star", "hexagon"], objects=objects,
+                     detection_prompt=True)
+    example = build_example(sample, _image(), tokenizer, PRE, WORLD_ANSWERS, 256,
+                            random.Random(3))
+    tokens = tokenizer.convert_ids_to_tokens(example.input_ids.tolist())
+    hexagon = [tokens[t] for t in torch.nonzero(example.positive_map[0]).flatten()]
+    star = [tokens[t] for t in torch.nonzero(example.positive_map[1]).flatten()]
+    assert "".join(hexagon).replace("##", "") == "hexagon" and star == ["star"]
+    for t, label in enumerate(example.token_labels):
+        assert (label is not None) == any(example.positive_map[:, t]) or label == "circle"
+    # 100x50 resized to min side 64: scale 1.28; legacy box = exclusive end - 1, then scaled
+    torch.testing.assert_close(example.boxes[0], torch.tensor([10, 10, 29, 19]) * 1.28)
+    assert example.detection_prompt and not example.causal
+
+
+def test_caption_example_predicts_the_next_token() -> None:
+    tokenizer = load_tokenizer()
+    caption = "a small red circle."
+    sample = _sample("caption", caption=caption, caption_target=caption,
+                     objects=[GroundedObject(box=(10, 10, 30, 30), label="circle")],
+                     spans=[[(0, 18)]])
+    example = build_example(sample, _image(), tokenizer, PRE, WORLD_ANSWERS, 256,
+                            random.Random(0))
+    ids = example.input_ids
+    assert example.causal
+    assert example.lm_labels[:-1].tolist() == ids[1:].tolist() and example.lm_labels[-1] == -100
+    assert example.positive_map[0, 1:5].tolist() == [1, 1, 1, 1]  # a small red circle
+
+
+def test_vqa_example_scores_its_answer() -> None:
+    sample = _sample("vqa", caption="what color is the circle?", answer="red", answers=["red"])
+    example = build_example(sample, _image(), load_tokenizer(), PRE, WORLD_ANSWERS, 256,
+                            random.Random(0))
+    assert example.vqa_scores[WORLD_ANSWERS.index("red")] == 1 and example.vqa_scores.sum() == 1
+
+
+def test_world_scene_offers_every_task() -> None:
+    scene = render_index(7, 3)
+    samples = world_samples(scene, random.Random(0), COLOR_NAMES, SHAPES)
+    assert {s.task for s in samples} == {"detection", "grounding", "referring", "vqa", "caption"}
+    grounding = next(s for s in samples if s.task == "grounding")
+    for obj, spans in zip(grounding.objects, grounding.spans, strict=True):
+        for start, end in spans:
+            words = grounding.caption[start:end].split()
+            assert words[-1] in (obj.label, "shapes")
+
+
+def test_short_training_run_lowers_the_loss() -> None:
+    """A few steps on fixed examples: the total loss must fall (all heads, all losses)."""
+    torch.manual_seed(0)
+    config = TrainConfig(batch_size=4, steps=100, lr=2e-3, warmup_steps=1, min_sizes=(128,),
+                         held_out_pairs="purple star")
+    trainer = Glipv2Trainer(config)
+    model_config = trainer.model.config
+    model_config.preprocess = PreprocessConfig(min_size=128, max_size=192)
+    stream = iter(WorldStream(config, model_config, trainer.tokenizer))
+    examples = [next(stream) for _ in range(4)]
+    totals = [trainer.step(examples)["total"] for _ in range(10)]
+    assert all(torch.isfinite(torch.tensor(totals)))
+    assert sum(totals[-3:]) / 3 < 0.8 * sum(totals[:3]) / 3, totals
+
+
+def test_checkpoint_round_trip_and_resume(tmp_path) -> None:
+    config = TrainConfig(batch_size=2, steps=5, min_sizes=(96,), warmup_steps=1)
+    trainer = Glipv2Trainer(config)
+    trainer.model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
+    stream = iter(WorldStream(config, trainer.model.config, trainer.tokenizer))
+    trainer.step([next(stream), next(stream)])
+    trainer.save(tmp_path)
+    resumed = Glipv2Trainer.resume(tmp_path, config)
+    assert resumed.step_index == 1
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    assert get_preset("small").language.pretrained == "minilm-l6"
