@@ -27,16 +27,15 @@ from model_export.metrics import (
     referring_metrics,
     vqa_exact_accuracy,
 )
-from model_export.world import COLOR_NAMES, SHAPES, parse_pairs, render_index
+from model_export.world import (
+    COLOR_NAMES,
+    SHAPES,
+    expression_targets,
+    parse_pairs,
+    render_index,
+)
 
 TASKS = ("detection", "grounding", "referring", "vqa", "caption")
-
-
-def _phrase_matches(phrase: str, obj) -> bool:
-    words = phrase.split()
-    if words[-1] == "shapes":
-        return obj.color == words[0]
-    return all(word in {obj.shape, obj.color, obj.size} for word in words)
 
 
 def _grounding_phrases(scene, rng: random.Random, held_out: Sequence[tuple[str, str]]
@@ -69,8 +68,8 @@ def evaluate(model_dir: str | Path, n: int, seed: int, tasks: Sequence[str] = TA
         if "grounding" in tasks:
             phrases = _grounding_phrases(scene, rng, pairs)
             run = predictor.detect(scene.image, phrases)
-            grd_truth += [BoxTruth(index, p, o.box) for p in phrases for o in scene.objects
-                          if _phrase_matches(p, o)]
+            grd_truth += [BoxTruth(index, p, scene.objects[i].box) for p in phrases
+                          for i in expression_targets(p, scene.objects)]
             grd_pred += _predictions(index, run, phrases)
         if "referring" in tasks and scene.expressions:
             texts = [e["text"] for e in scene.expressions]

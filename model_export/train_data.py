@@ -22,7 +22,7 @@ from model_export.data.types import GroundedObject, GroundingSample
 from model_export.preprocess import batch_images, preprocess_image
 from model_export.prompt import build_detection_prompt, positive_map, tokenize
 from model_export.vqa_head import vqa_target_scores
-from model_export.world import WorldImage
+from model_export.world import WorldImage, expression_targets
 
 # Legacy box convention of the head: x1 is the last pixel, not one past it.
 _TO_REMOVE = 1.0
@@ -211,14 +211,6 @@ def _attribute_phrase(obj, rng: random.Random) -> str:
     return f"{obj.color} shapes"
 
 
-def _phrase_matches(phrase: str, obj) -> bool:
-    words = phrase.split()
-    if words[-1] == "shapes":
-        return obj.color == words[0]
-    attributes = {obj.shape, obj.color, obj.size}
-    return all(word in attributes for word in words)
-
-
 def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
                   shapes: Sequence[str]) -> list[GroundingSample]:
     """Every training sample one rendered scene offers (the trainer picks among them).
@@ -242,10 +234,11 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
             phrases.append(phrase)
     caption = ". ".join(phrases)
     starts = [caption.index(p) for p in phrases]
+    members = [set(expression_targets(p, scene.objects)) for p in phrases]
     grounded, spans = [], []
     for obj, world_obj in zip(objects, scene.objects, strict=True):
-        own = [(s, s + len(p)) for p, s in zip(phrases, starts, strict=True)
-               if _phrase_matches(p, world_obj)]
+        own = [(s, s + len(p)) for p, s, ids in zip(phrases, starts, members, strict=True)
+               if world_obj.id in ids]
         if own:
             grounded.append(obj)
             spans.append(own)
