@@ -245,7 +245,7 @@ def _small() -> Glipv2Config:
         head=HeadConfig(mlm_head=True, tie_mlm_decoder=True),
         tasks=TaskHeadsConfig(mask_head=True, vqa_head=True, vqa_answers=WORLD_ANSWERS,
                               contrastive_dim=64),
-        preprocess=PreprocessConfig(min_size=320, max_size=640),
+        preprocess=PreprocessConfig(min_size=288, max_size=576),
     )
 
 

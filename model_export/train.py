@@ -60,7 +60,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm
     freeze_language: bool = True  # keep the packaged text encoder frozen
-    min_sizes: tuple[int, ...] = (288, 320, 352)  # shorter-side sizes drawn per example
+    min_sizes: tuple[int, ...] = (256, 288, 320)  # shorter-side sizes drawn per example
     task_weights: dict[str, float] = field(default_factory=lambda: {
         "detection": 0.25, "grounding": 0.25, "referring": 0.2, "vqa": 0.15, "caption": 0.15})
     loss_weights: dict[str, float] = field(default_factory=lambda: {
