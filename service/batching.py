@@ -1,0 +1,510 @@
+"""Dynamic batching with Triton's semantics, one batcher per engine, independent of any model.
+
+Requests wait in a bounded queue, grouped by a `bucket` key (e.g. the padded image shape): only
+requests of the same bucket can be stacked into one tensor, so only they batch together. A batch
+goes when it is full, or when its oldest request has waited `max_queue_delay_ms`; an arrival that
+completes a batch sends it at once. The decision crosses into the engine as a `BatchPlan`; the
+engine's `run_batch` never sees a queue (vLLM's split between scheduler and model runner).
+
+Compute runs in one dedicated worker thread, so the event loop keeps accepting, rejecting and
+expiring requests while an engine runs. One thread, because an engine instance runs one batch at a
+time; the next batch is formed when it is free, which is when the most requests have gathered.
+
+Errors callers can see, and what the HTTP layer makes of them:
+`QueueFullError` (429/503 with Retry-After), `DeadlineExceededError` (504),
+`BatcherStoppedError` (503: not started, or shutting down), `BatchExecutionError` (500: the engine
+raised for the whole batch), or the exception `run_batch` returned for that one request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+__all__ = [
+    "BatchExecutionError",
+    "BatchPlan",
+    "BatcherConfig",
+    "BatcherStoppedError",
+    "DeadlineExceededError",
+    "DynamicBatcher",
+    "QueueFullError",
+    "WorkItem",
+]
+
+log = logging.getLogger(__name__)
+
+PayloadT = TypeVar("PayloadT")
+ResultT = TypeVar("ResultT")
+
+# Share of the newest batch in the running compute-time estimate behind `retry_after_s`.
+_COMPUTE_EMA_WEIGHT = 0.2
+
+
+@dataclass
+class BatcherConfig:
+    """The batcher's knobs; units are in the names.
+
+    Defaults: `max_batch_size=8`, `max_queue_delay_ms=5.0`, `max_queue_size=64`,
+    `default_deadline_ms=None` (no deadline unless a request brings one).
+
+    - `max_batch_size`: most requests in one `run_batch` call.
+    - `max_queue_delay_ms`: how long the oldest request of a partial batch may wait for company.
+      It applies only when a full batch cannot be formed: a full batch goes at once, and so does
+      the batch an arrival completes. 0 sends whatever is queued as soon as the engine is free.
+    - `max_queue_size`: most requests waiting (not counting the batch being computed); a request
+      arriving at a full queue is rejected at once (`QueueFullError`), so the queue never grows
+      without bound and clients hear "retry later" instead of timing out.
+    - `default_deadline_ms`: deadline for requests that bring none, counted from submission. A
+      request whose deadline passes before its batch starts is dropped, never computed.
+
+    Tuning order for operators (as Triton's guide):
+    1. `max_batch_size`: the largest batch the engine runs within memory (for TensorRT, the
+       optimisation profile's maximum); with `glipv2 bench`, stop where throughput flattens.
+    2. `max_queue_delay_ms`: raise it from small values under the target concurrency until
+       throughput stops improving or p99 latency leaves the budget; it is the most extra latency a
+       lone request pays.
+    3. `max_queue_size`: about latency budget / per-batch compute time x `max_batch_size`;
+       requests beyond that would miss their deadline anyway, so reject them early.
+    4. `default_deadline_ms`: the age past which an answer is useless to the caller.
+    """
+
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 5.0
+    max_queue_size: int = 64
+    default_deadline_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_batch_size) or self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
+        if not _is_number(self.max_queue_delay_ms) or self.max_queue_delay_ms < 0:
+            raise ValueError(
+                f"max_queue_delay_ms must be a finite number >= 0, got {self.max_queue_delay_ms!r}"
+            )
+        if not _is_int(self.max_queue_size) or self.max_queue_size < self.max_batch_size:
+            raise ValueError(
+                f"max_queue_size must be an integer >= max_batch_size ({self.max_batch_size}), "
+                f"got {self.max_queue_size!r}: a smaller queue could never form a full batch"
+            )
+        if self.default_deadline_ms is not None and (
+            not _is_number(self.default_deadline_ms) or self.default_deadline_ms <= 0
+        ):
+            raise ValueError(
+                "default_deadline_ms must be None (no deadline) or a finite number > 0, "
+                f"got {self.default_deadline_ms!r}"
+            )
+
+    @property
+    def max_queue_delay_s(self) -> float:
+        return self.max_queue_delay_ms / 1000.0
+
+
+class QueueFullError(Exception):
+    """The queue holds `max_queue_size` requests; nothing was queued.
+
+    `retry_after_s` estimates when the backlog will have drained (for a `Retry-After` header).
+    """
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(Exception):
+    """The request's deadline passed before it was answered (its result, if any, was dropped)."""
+
+
+class BatcherStoppedError(RuntimeError):
+    """The batcher is not running (not started yet, or stopping): the request was not served."""
+
+
+class BatchExecutionError(RuntimeError):
+    """`run_batch` raised (or broke its contract) for a whole batch; `__cause__` is the reason.
+
+    Each caller of the batch gets its own instance, so tracebacks of concurrent callers do not
+    pile onto one shared exception object.
+    """
+
+
+@dataclass(eq=False)  # identity equality: payloads may be tensors, which do not compare to bool
+class WorkItem(Generic[PayloadT, ResultT]):
+    """One queued request: what the scheduler knows about it, and where its answer goes.
+
+    Times are in seconds of the batcher's clock. `seq` orders arrivals (the clock may tie).
+    """
+
+    payload: PayloadT
+    bucket: Hashable
+    enqueued_s: float
+    deadline_s: float | None
+    future: asyncio.Future[ResultT]
+    seq: int
+
+    def expired(self, now_s: float) -> bool:
+        return self.deadline_s is not None and now_s >= self.deadline_s
+
+
+@dataclass
+class BatchPlan(Generic[PayloadT]):
+    """The batching decision handed to the engine's `run_batch`, the only thing it receives.
+
+    - `payloads`: the requests' payloads, oldest first; `run_batch` returns one result per payload,
+      in the same order (an `Exception` instance in a slot fails only that request).
+    - `bucket`: the key every payload shares (e.g. padded image shape), so they stack into one
+      tensor.
+    - `queue_waits_s`: per payload, seconds from submission to the start of this batch.
+    """
+
+    payloads: list[PayloadT]
+    bucket: Hashable
+    queue_waits_s: list[float] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.payloads)
+
+
+RunBatch = Callable[[BatchPlan[PayloadT]], Sequence[ResultT | Exception]]
+OnBatch = Callable[[int, list[float], float], None]  # (size, queue_waits_s, compute_s)
+OnQueueDepth = Callable[[int], None]
+
+
+class DynamicBatcher(Generic[PayloadT, ResultT]):
+    """Queues requests per bucket, forms batches, runs them off the event loop, routes results.
+
+    `run_batch` is synchronous compute; it runs in a single dedicated worker thread. `clock`
+    returns seconds (default `time.monotonic`); tests inject a fake one and call `wake()` after
+    moving it. Metric callbacks run on the event loop, so Prometheus wiring stays outside:
+    `on_batch(size, queue_waits_s, compute_s)` for every executed batch (failed ones too) and
+    `on_queue_depth(depth)` whenever the number of waiting requests changes.
+    """
+
+    def __init__(
+        self,
+        config: BatcherConfig,
+        run_batch: RunBatch[PayloadT, ResultT],
+        *,
+        clock: Callable[[], float] | None = None,
+        on_batch: OnBatch | None = None,
+        on_queue_depth: OnQueueDepth | None = None,
+        name: str = "batcher",
+    ) -> None:
+        self.config = config
+        self.name = name
+        self._run_batch = run_batch
+        self._clock = time.monotonic if clock is None else clock
+        self._on_batch = on_batch
+        self._on_queue_depth = on_queue_depth
+        # A bucket is deleted when it empties, so shapes seen once do not pile up.
+        self._buckets: dict[Hashable, deque[WorkItem[PayloadT, ResultT]]] = {}
+        self._seq = itertools.count()
+        self._in_flight: asyncio.Task[None] | None = None
+        self._in_flight_items: list[WorkItem[PayloadT, ResultT]] = []
+        self._compute_ema_s: float | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._stopping = False
+
+    # --- public API ---------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch (the batch being computed is not counted)."""
+        return sum(len(queue) for queue in self._buckets.values())
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._stopping
+
+    async def start(self) -> None:
+        """Start the scheduling loop on the running event loop (e.g. in the app's lifespan)."""
+        if self._task is not None or self._stopping:
+            raise RuntimeError(f"{self.name}: start() after start() or stop()")
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+        self._task = asyncio.create_task(self._run(), name=f"{self.name}-scheduler")
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop accepting requests, then shut down.
+
+        `drain=True` (SIGTERM): queued requests are sent without waiting for the delay (nothing
+        new can join them), in-flight work finishes, then the loop exits. Bound it with
+        `asyncio.wait_for` if needed; a cancelled drain leaves the batcher running its backlog, and
+        `stop(drain=False)` then ends it. `drain=False`: every pending caller gets
+        `BatcherStoppedError` now; a batch already in the worker thread finishes there, unseen.
+        """
+        self._stopping = True
+        if self._task is None:
+            return
+        self._wake()
+        if drain:
+            await asyncio.shield(self._task)  # a cancelled stop() must not kill the drain
+        else:
+            self._task.cancel()
+            if self._in_flight is not None:
+                self._in_flight.cancel()
+            for item in [*self._in_flight_items, *self._take_all_queued()]:
+                _fail(item, BatcherStoppedError(f"{self.name} stopped before answering"))
+            with suppress(asyncio.CancelledError):
+                await self._task
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def wake(self) -> None:
+        """Re-evaluate the schedule now (call from the event loop's thread).
+
+        The loop already wakes itself at each due time measured with `clock`; this is for when the
+        clock jumps (a fake clock in tests) so the jump is seen at once.
+        """
+        self._wake()
+
+    async def submit(
+        self, payload: PayloadT, bucket: Hashable, deadline_ms: float | None = None
+    ) -> ResultT:
+        """Queue one request and wait for its result.
+
+        `deadline_ms` (default: `config.default_deadline_ms`) counts from now. Raises
+        `QueueFullError` at once when the queue is full, `DeadlineExceededError` when the deadline
+        passes before the result is ready (if before its batch started, it is never computed),
+        `BatcherStoppedError` when not running, `BatchExecutionError` when `run_batch` raised, or
+        the exception `run_batch` put in this request's slot. A cancelled caller's request is
+        taken out of the queue.
+        """
+        if self._task is None or self._stopping:
+            raise BatcherStoppedError(f"{self.name} is not accepting requests")
+        if deadline_ms is None:
+            deadline_ms = self.config.default_deadline_ms
+        if deadline_ms is not None and (not _is_number(deadline_ms) or deadline_ms <= 0):
+            raise ValueError(f"deadline_ms must be a finite number > 0, got {deadline_ms!r}")
+        depth = self.queue_depth
+        if depth >= self.config.max_queue_size:
+            raise QueueFullError(
+                f"{self.name} queue is full ({depth} requests waiting)",
+                retry_after_s=self._retry_after_s(depth),
+            )
+        now = self._clock()
+        item: WorkItem[PayloadT, ResultT] = WorkItem(
+            payload=payload,
+            bucket=bucket,
+            enqueued_s=now,
+            deadline_s=None if deadline_ms is None else now + deadline_ms / 1000.0,
+            future=asyncio.get_running_loop().create_future(),
+            seq=next(self._seq),
+        )
+        self._buckets.setdefault(bucket, deque()).append(item)
+        self._emit_queue_depth()
+        self._wake()
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            self._forget(item)  # the caller left: do not compute for nobody
+            raise
+
+    # --- scheduling loop: schedule, execute, update -------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                now = self._clock()
+                self._expire(now)
+                if self._in_flight is None:
+                    batch = self._schedule(now)
+                    if batch:
+                        self._in_flight_items = batch
+                        self._in_flight = asyncio.create_task(self._execute(batch))
+                if self._stopping and self._in_flight is None and not self._buckets:
+                    return
+                await self._sleep_until(self._next_due_s())
+        except Exception as exc:  # a bug here must not leave callers waiting forever
+            log.exception("%s: scheduling loop failed", self.name)
+            self._stopping = True
+            for item in [*self._in_flight_items, *self._take_all_queued()]:
+                _fail(item, BatchExecutionError(f"{self.name} scheduling loop failed: {exc!r}"))
+
+    def _schedule(self, now_s: float) -> list[WorkItem[PayloadT, ResultT]]:
+        """Take the next batch: among ready buckets, the one whose oldest request is oldest."""
+        max_size = self.config.max_batch_size
+        delay_s = self.config.max_queue_delay_s
+        ready = [
+            queue
+            for queue in self._buckets.values()
+            if len(queue) >= max_size or now_s - queue[0].enqueued_s >= delay_s or self._stopping
+        ]
+        if not ready:
+            return []
+        queue = min(ready, key=lambda q: q[0].seq)
+        batch = [queue.popleft() for _ in range(min(len(queue), max_size))]
+        if not queue:
+            del self._buckets[batch[0].bucket]
+        self._emit_queue_depth()
+        return batch
+
+    async def _execute(self, batch: list[WorkItem[PayloadT, ResultT]]) -> None:
+        started_s = self._clock()
+        plan = BatchPlan(
+            payloads=[item.payload for item in batch],
+            bucket=batch[0].bucket,
+            queue_waits_s=[started_s - item.enqueued_s for item in batch],
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_batch, plan)
+                if len(results) != len(batch):
+                    raise BatchExecutionError(
+                        f"run_batch returned {len(results)} results for {len(batch)} payloads"
+                    )
+            except Exception as exc:
+                compute_s = self._clock() - started_s
+                for item in batch:
+                    error = BatchExecutionError(f"{self.name}: batch failed: {exc!r}")
+                    error.__cause__ = exc
+                    _fail(item, error)
+            else:
+                compute_s = self._clock() - started_s
+                self._deliver(batch, results, self._clock())
+            self._record_compute(compute_s)
+            self._call_metric(self._on_batch, len(batch), plan.queue_waits_s, compute_s)
+        finally:
+            self._in_flight = None
+            self._in_flight_items = []
+            self._wake()
+
+    def _deliver(
+        self,
+        batch: list[WorkItem[PayloadT, ResultT]],
+        results: Sequence[ResultT | Exception],
+        now_s: float,
+    ) -> None:
+        for item, result in zip(batch, results, strict=True):
+            if item.future.done():  # cancelled by its caller, or already told its deadline passed
+                continue
+            if item.expired(now_s):
+                item.future.set_exception(_deadline_error(item, now_s, "while computing"))
+            elif isinstance(result, Exception):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+    def _expire(self, now_s: float) -> None:
+        """Drop queued requests whose deadline passed or whose caller left; tell in-flight ones.
+
+        An in-flight request past its deadline hears so now rather than after the batch; its
+        result is then discarded.
+        """
+        for item in self._in_flight_items:
+            if not item.future.done() and item.expired(now_s):
+                item.future.set_exception(_deadline_error(item, now_s, "while computing"))
+        changed = False
+        for bucket, queue in list(self._buckets.items()):
+            live: deque[WorkItem[PayloadT, ResultT]] = deque()
+            for item in queue:
+                if item.future.done():
+                    continue
+                if item.expired(now_s):
+                    item.future.set_exception(_deadline_error(item, now_s, "in the queue"))
+                    continue
+                live.append(item)
+            if len(live) != len(queue):
+                changed = True
+                if live:
+                    self._buckets[bucket] = live
+                else:
+                    del self._buckets[bucket]
+        if changed:
+            self._emit_queue_depth()
+
+    def _next_due_s(self) -> float | None:
+        """When the loop must look again: the earliest deadline, and (engine free) batch delay."""
+        due = [
+            item.deadline_s
+            for item in itertools.chain(self._in_flight_items, *self._buckets.values())
+            if item.deadline_s is not None and not item.future.done()
+        ]
+        if self._in_flight is None:  # a ready bucket would have been scheduled already
+            delay_s = self.config.max_queue_delay_s
+            due.extend(queue[0].enqueued_s + delay_s for queue in self._buckets.values())
+        return min(due, default=None)
+
+    async def _sleep_until(self, due_s: float | None) -> None:
+        assert self._wakeup is not None
+        timeout = None if due_s is None else max(0.0, due_s - self._clock())
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        self._wakeup.clear()
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _forget(self, item: WorkItem[PayloadT, ResultT]) -> None:
+        queue = self._buckets.get(item.bucket)
+        if queue is None or item not in queue:
+            return  # already batched (its result will be discarded) or already dropped
+        queue.remove(item)
+        if not queue:
+            del self._buckets[item.bucket]
+        self._emit_queue_depth()
+
+    def _take_all_queued(self) -> list[WorkItem[PayloadT, ResultT]]:
+        items = [item for queue in self._buckets.values() for item in queue]
+        self._buckets.clear()
+        self._emit_queue_depth()
+        return items
+
+    def _retry_after_s(self, depth: int) -> float:
+        """Seconds until the work ahead has likely drained: batches ahead x compute per batch."""
+        batches_ahead = math.ceil(depth / self.config.max_batch_size)
+        if self._in_flight is not None:
+            batches_ahead += 1
+        per_batch_s = self._compute_ema_s or self.config.max_queue_delay_s
+        return max(batches_ahead * per_batch_s, self.config.max_queue_delay_s, 0.001)
+
+    def _record_compute(self, compute_s: float) -> None:
+        if self._compute_ema_s is None:
+            self._compute_ema_s = compute_s
+        else:
+            w = _COMPUTE_EMA_WEIGHT
+            self._compute_ema_s = (1.0 - w) * self._compute_ema_s + w * compute_s
+
+    def _emit_queue_depth(self) -> None:
+        self._call_metric(self._on_queue_depth, self.queue_depth)
+
+    def _call_metric(self, callback: Callable[..., None] | None, *args: Any) -> None:
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:  # metrics are best effort; they must never fail a request
+            log.exception("%s: metric callback %r failed", self.name, callback)
+
+
+def _fail(item: WorkItem[Any, Any], error: BaseException) -> None:
+    if not item.future.done():
+        item.future.set_exception(error)
+
+
+def _deadline_error(item: WorkItem[Any, Any], now_s: float, where: str) -> DeadlineExceededError:
+    return DeadlineExceededError(
+        f"deadline passed {where} after {(now_s - item.enqueued_s) * 1000.0:.1f} ms"
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
