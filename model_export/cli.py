@@ -67,6 +67,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from model_export.export import export_model
+
+    manifest = export_model(args.model, args.out, opset=args.opset)
+    print(f"wrote {manifest}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
@@ -125,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="colour-shape pairs held out of training, scored separately")
     evaluate.add_argument("--out", help="write the metrics as JSON here")
     evaluate.set_defaults(func=_eval)
+
+    export = sub.add_parser("export", help="export the engine graphs as ONNX + manifest")
+    export.add_argument("--model", required=True, help="model folder")
+    export.add_argument("--out", required=True, help="output folder, e.g. engines/NAME")
+    export.add_argument("--opset", type=int, default=19, help="ONNX opset (DeformConv needs 19)")
+    export.set_defaults(func=_export)
 
     serve = sub.add_parser("serve", help="serve the model over HTTP")
     serve.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="model folder")

@@ -187,6 +187,10 @@ class ModulatedDeformConv2d(nn.Module):
     the reference's size quirk is applied (see `offset_mask_for_output`).
     """
 
+    # Export hook: the op `forward` runs, class-wide. `model_export.export.export_mode()` swaps in
+    # one whose ONNX symbolic is `DeformConv` while exporting; nothing else should change it.
+    op = staticmethod(modulated_deform_conv2d)
+
     def __init__(
         self,
         in_channels: int,
@@ -224,7 +228,7 @@ class ModulatedDeformConv2d(nn.Module):
         """
         out_hw = self.output_size((input.shape[-2], input.shape[-1]))
         offset, mask = offset_mask_for_output(offset, mask, out_hw)
-        return modulated_deform_conv2d(
+        return self.op(
             input, offset, mask, self.weight, self.bias, self.stride, self.padding, self.dilation
         )
 

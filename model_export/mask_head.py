@@ -171,9 +171,9 @@ class Glipv2MaskHead(nn.Module):
         ys = _pixel_centres(pixels[:, 0, :, 0], MASK_STRIDE, boxes.dtype)  # (N, h4)
         xs = _pixel_centres(pixels[:, 0, 0, :], MASK_STRIDE, boxes.dtype)  # (N, w4)
         inside = _inside(boxes, box_valid.bool(), ys[:, None, None, :], xs[:, None, None, :])
-        # (N, P, 1, h4, w4) broadcast against (N, P, K, h4, w4)
-        outside = torch.full_like(logits[:, :, None], OUTSIDE_BOX_LOGIT)
-        return torch.where(inside, logits[:, :, None], outside)
+        # (N, P, 1, h4, w4) broadcast against (N, P, K, h4, w4); a scalar branch, because a
+        # full_like tensor would be frozen to the traced size in the exported graph.
+        return torch.where(inside, logits[:, :, None], OUTSIDE_BOX_LOGIT)
 
 
 def masks_for_image(mask_logits_per_box: Tensor, resized_hw: tuple[int, int],
