@@ -225,7 +225,7 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
                                detection_prompt=True, **base)]
 
     phrases: list[str] = []
-    for _ in range(rng.randint(1, 4)):
+    for _ in range(rng.randint(1, 8)):
         if rng.random() < 0.6:
             phrase = _attribute_phrase(rng.choice(scene.objects), rng)
         else:
