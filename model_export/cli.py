@@ -51,7 +51,7 @@ def _train(args: argparse.Namespace) -> int:
     from model_export.train import TrainConfig, train
 
     config = TrainConfig.load(args.config, args.set or [])
-    train(config, args.out, resume=args.resume)
+    train(config, args.out, resume=args.resume, init_from=args.init_from)
     print(f"checkpoint in {args.out}")
     return 0
 
@@ -76,17 +76,63 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    model_dir = Path(args.model)
+    import signal
+
+    from pydantic import ValidationError
+
+    from service.settings import ServiceSettings
+
+    # Flags override environment variables (GLIPV2_*), which override the defaults.
+    overrides: dict[str, object] = {
+        key: value for key, value in {
+            "host": args.host, "port": args.port, "model_dir": args.model,
+            "runtime": args.runtime, "request_timeout_ms": args.request_timeout_ms,
+        }.items() if value is not None
+    }
+    batcher = {
+        key: value for key, value in {
+            "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
+            "max_queue_size": args.max_queue_size,
+        }.items() if value is not None
+    }
+    if batcher:
+        overrides["batcher"] = batcher
+    try:
+        settings = ServiceSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        print(f"invalid serve settings:\n{exc}", file=sys.stderr)
+        return 2
+    model_dir = settings.model_dir
     if not (model_dir / "config.json").is_file():
         print(
-            f"no model to serve at {model_dir}: the embedded default model is not built yet "
-            "(it is trained by `glipv2 train`, issue 3), and the HTTP service lands with issue 5. "
-            "Convert a released GLIP checkpoint with `glipv2 convert` meanwhile.",
+            f"no model to serve at {model_dir} (no config.json there). The embedded default "
+            "model is still being trained (`glipv2 train`, issue 3) and is not in this checkout "
+            "yet. Serve another model folder with --model DIR or GLIPV2_MODEL_DIR=DIR: a "
+            "`glipv2 train` checkpoint folder, or a released GLIP checkpoint converted with "
+            "`glipv2 convert`.",
             file=sys.stderr,
         )
         return 2
-    print("the HTTP service is not part of this build yet (issue 5)", file=sys.stderr)
-    return 2
+
+    import uvicorn
+
+    from service.app import create_app
+
+    def _terminated(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    # uvicorn handles SIGTERM while it runs: it stops accepting, lets in-flight requests finish
+    # (bounded by the graceful-shutdown timeout), then runs the lifespan shutdown, which drains
+    # the batchers. Afterwards it re-raises the signal under the handler it found at start; this
+    # one turns that (and a SIGTERM before uvicorn starts) into a clean exit 0 instead of death
+    # by signal, so supervisors see a completed drain.
+    signal.signal(signal.SIGTERM, _terminated)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override one setting (repeatable), e.g. --set steps=100")
     train.add_argument("--out", required=True, help="checkpoint folder")
-    train.add_argument("--resume", help="checkpoint folder to continue from")
+    train.add_argument("--resume", help="checkpoint folder to continue from (with optimiser)")
+    train.add_argument("--init-from", help="model folder whose weights to start from")
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser("eval", help="metrics of a model on fresh shapes-world images")
@@ -140,8 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=int, default=19, help="ONNX opset (DeformConv needs 19)")
     export.set_defaults(func=_export)
 
-    serve = sub.add_parser("serve", help="serve the model over HTTP")
-    serve.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="model folder")
+    serve = sub.add_parser(
+        "serve", help="serve the model over HTTP",
+        description="Serve a model over HTTP. Every flag overrides its GLIPV2_* environment "
+                    "variable (service/settings.py documents all settings and defaults).")
+    serve.add_argument("--model", help="model folder (default: GLIPV2_MODEL_DIR, else "
+                                       "models/default of the repository)")
+    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port (default 8000)")
+    serve.add_argument("--runtime", choices=["pytorch"], help="inference runtime")
+    serve.add_argument("--max-batch-size", type=int, help="most requests per engine batch (8)")
+    serve.add_argument("--max-queue-delay-ms", type=float,
+                       help="how long a partial batch waits for company (5)")
+    serve.add_argument("--max-queue-size", type=int,
+                       help="most waiting requests per engine before 429 (64)")
+    serve.add_argument("--request-timeout-ms", type=float,
+                       help="per-request deadline before 504 (30000)")
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=_serve)
     return parser
 

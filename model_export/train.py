@@ -303,9 +303,20 @@ class Glipv2Trainer:
         save_model(self.model, out, external_language=bool(external))
         torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step_index,
                     "generator": self.generator.get_state()}, out / "trainer_state.pt")
+        (out / "progress.json").write_text(json.dumps({"step": self.step_index}) + "\n")
         (out / "train_config.json").write_text(
             json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
         return out
+
+    @classmethod
+    def from_weights(cls, model_dir: str | Path, config: TrainConfig) -> Glipv2Trainer:
+        """Continue from a model folder without optimiser state (e.g. the committed default
+        model): fresh AdamW moments, the step count (schedule, world index) from progress.json."""
+        trainer = cls(config, model=load_model(model_dir))
+        progress = Path(model_dir) / "progress.json"
+        if progress.is_file():
+            trainer.step_index = int(json.loads(progress.read_text())["step"])
+        return trainer
 
     @classmethod
     def resume(cls, checkpoint_dir: str | Path, config: TrainConfig) -> Glipv2Trainer:
@@ -318,11 +329,19 @@ class Glipv2Trainer:
 
 
 def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
-          progress: bool = True) -> Glipv2Trainer:
-    """Run `config.steps` steps (continuing a checkpoint when `resume` is given)."""
+          init_from: str | Path | None = None, progress: bool = True) -> Glipv2Trainer:
+    """Run `config.steps` steps: from scratch, continuing a checkpoint with its optimiser state
+    (`resume`), or from a model folder's weights only (`init_from`)."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    trainer = (Glipv2Trainer.resume(resume, config) if resume else Glipv2Trainer(config))
+    if resume and init_from:
+        raise ValueError("give either resume or init_from, not both")
+    if resume:
+        trainer = Glipv2Trainer.resume(resume, config)
+    elif init_from:
+        trainer = Glipv2Trainer.from_weights(init_from, config)
+    else:
+        trainer = Glipv2Trainer(config)
     stream = iter(WorldStream(config, trainer.model.config, trainer.tokenizer,
                               start_index=trainer.step_index * config.batch_size))
     out = Path(out_dir)

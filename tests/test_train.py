@@ -107,4 +107,6 @@ def test_checkpoint_round_trip_and_resume(tmp_path) -> None:
     assert resumed.step_index == 1
     for key, value in trainer.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
+    warm = Glipv2Trainer.from_weights(tmp_path, config)
+    assert warm.step_index == 1 and not warm.optimizer.state
     assert get_preset("small").language.pretrained == "minilm-l6"
