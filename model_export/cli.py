@@ -6,9 +6,6 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
-
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "engines" / "default"
 
 
 def _convert(args: argparse.Namespace) -> int:

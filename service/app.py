@@ -1,0 +1,69 @@
+"""The FastAPI app: composes the routers, the error handlers, the limits and the lifespan.
+
+Nothing is built at import: `create_app` makes an app from settings, and its lifespan starts the
+model (or an injected predictor, for tests) and drains the engines at shutdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+
+from model_export.inference import Glipv2Predictor
+from service.dependencies import require_api_key
+from service.errors import install_error_handlers
+from service.images import configure_pillow
+from service.limits import BodySizeLimitMiddleware
+from service.metrics import HttpMetricsMiddleware, ServiceMetrics
+from service.routers import caption, detect, health, metrics, models, segment, vqa
+from service.settings import ServiceSettings
+from service.state import PredictorLoader, ServiceState
+
+API_TITLE = "GLIPv2 serving"
+API_VERSION = "0.1.0"
+API_DESCRIPTION = (
+    "Grounded detection, phrase grounding, referring segmentation, grounded VQA and grounded "
+    "captioning with one GLIPv2 model. Images are JSON base64 (`image`) or multipart uploads "
+    "(an `image` file part). Boxes are [x0, y0, x1, y1] in pixels of the image as sent; masks are "
+    "COCO RLE. Errors are `{\"error\": {\"code\", \"message\"}}`."
+)
+
+
+def create_app(settings: ServiceSettings | None = None,
+               predictor: Glipv2Predictor | None = None,
+               *, loader: PredictorLoader | None = None) -> FastAPI:
+    """Build the app.
+
+    settings: default `ServiceSettings()` (environment variables, then defaults).
+    predictor: serve this predictor instead of loading `settings.model_dir` (tests).
+    loader: how to load the predictor in the background (default: from `settings.model_dir`).
+    """
+    settings = ServiceSettings() if settings is None else settings
+    metrics_ = ServiceMetrics()
+    state = ServiceState(settings, metrics_, predictor=predictor, loader=loader)
+    configure_pillow(settings.max_image_pixels)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await state.startup()
+        try:
+            yield
+        finally:
+            await state.shutdown()
+
+    app = FastAPI(title=API_TITLE, version=API_VERSION, description=API_DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.service = state
+    install_error_handlers(app)
+    # Added last = outermost: metrics see every response, the 413 of the body limit included.
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics_)
+
+    authenticated = [Depends(require_api_key)]
+    for router in (detect.router, segment.router, vqa.router, caption.router, models.router):
+        app.include_router(router, dependencies=authenticated)
+    for router in (health.router, metrics.router):
+        app.include_router(router)
+    return app

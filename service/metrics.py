@@ -1,0 +1,116 @@
+"""Prometheus metrics of DESIGN.md: per endpoint and per engine, in one registry per app.
+
+A registry per app (not the process-global default) so that several apps in one process (tests)
+never collide, and `/metrics` shows exactly this service. Names:
+
+- `glipv2_requests_total{endpoint, status}`: HTTP requests answered, by route template and status.
+- `glipv2_request_duration_seconds{endpoint}`: end-to-end latency histogram.
+- `glipv2_engine_queue_wait_seconds{engine}`: submission to batch start, per request.
+- `glipv2_engine_compute_seconds{engine}`: one `run_batch`, per batch.
+- `glipv2_engine_batch_size{engine}`: requests per batch.
+- `glipv2_engine_queue_depth{engine}`: requests waiting now.
+- `glipv2_model_ready`: 1 once the model is loaded and the engines run.
+
+Engines are, for now, one batcher per task (`detect`, `segment`, `vqa`, `caption`); with exported
+graphs they become `vision`, `language`, `fusion` and the heads, under the same names.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.batching import OnBatch, OnQueueDepth
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Seconds: from a cached small detect (~10 ms) to a long caption on a busy CPU.
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+UNMATCHED = "unmatched"  # endpoint label of paths no route serves (bounded label values)
+
+
+class ServiceMetrics:
+    """The service's collectors, and the callbacks that feed them."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = CollectorRegistry() if registry is None else registry
+        r = self.registry
+        self.requests = Counter("glipv2_requests", "HTTP requests answered, by endpoint and "
+                                "status.", ["endpoint", "status"], registry=r)
+        self.latency = Histogram("glipv2_request_duration_seconds", "End-to-end HTTP latency.",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.queue_wait = Histogram("glipv2_engine_queue_wait_seconds", "Time from submission "
+                                    "to batch start.", ["engine"], buckets=LATENCY_BUCKETS_S,
+                                    registry=r)
+        self.compute = Histogram("glipv2_engine_compute_seconds", "Time of one engine batch.",
+                                 ["engine"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.batch_size = Histogram("glipv2_engine_batch_size", "Requests per engine batch.",
+                                    ["engine"], buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.queue_depth = Gauge("glipv2_engine_queue_depth", "Requests waiting per engine.",
+                                 ["engine"], registry=r)
+        self.model_ready = Gauge("glipv2_model_ready", "1 when the model is loaded and serving.",
+                                 registry=r)
+
+    def engine_callbacks(self, engine: str) -> tuple[OnBatch, OnQueueDepth]:
+        """`(on_batch, on_queue_depth)` for the `DynamicBatcher` of `engine`."""
+        wait = self.queue_wait.labels(engine)
+        compute = self.compute.labels(engine)
+        size = self.batch_size.labels(engine)
+        depth = self.queue_depth.labels(engine)
+
+        def on_batch(batch_size: int, queue_waits_s: list[float], compute_s: float) -> None:
+            size.observe(batch_size)
+            compute.observe(compute_s)
+            for waited_s in queue_waits_s:
+                wait.observe(waited_s)
+
+        def on_queue_depth(value: int) -> None:
+            depth.set(value)
+
+        depth.set(0)  # the series exists (at 0) before the first request
+        return on_batch, on_queue_depth
+
+    def observe_request(self, endpoint: str, status: int, duration_s: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(duration_s)
+
+
+class HttpMetricsMiddleware:
+    """Counts every HTTP response by route template and status, and times it (pure ASGI).
+
+    The endpoint label is the matched route's path template (`/v1/detect`), never the raw path,
+    so random URLs cannot blow up label cardinality. A request that fails without a response
+    counts as 500 (the error middleware outside answers it so).
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or UNMATCHED
+            self.metrics.observe_request(endpoint, status, time.perf_counter() - started)

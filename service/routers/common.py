@@ -1,0 +1,122 @@
+"""Reading a task request from either content type, and documenting both in OpenAPI.
+
+Every task endpoint takes `application/json` (the image as base64 in `image`) or
+`multipart/form-data` (an `image` file part; the other fields as form fields, a list field as one
+field per item, e.g. `classes=circle&classes=star`). Both end in the same `...Params` model, so
+validation and its messages are identical; the image stays encoded until the route decodes it
+off the event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from service.errors import InvalidJsonError, UnsupportedMediaTypeError
+
+ParamsT = TypeVar("ParamsT", bound=BaseModel)
+
+MAX_FORM_FIELDS = 10_000  # room for a long class list, one field per name
+MAX_FORM_TEXT_BYTES = 64 * 1024  # one text field (a class name, a prompt)
+
+
+@dataclass
+class TaskInput(Generic[ParamsT]):
+    """A task request with its fields validated and its image still encoded.
+
+    image: base64 text (JSON) or the uploaded file's bytes (multipart).
+    """
+
+    params: ParamsT
+    image: str | bytes
+
+
+async def read_task_input(request: Request, json_model: type[ParamsT],
+                          params_model: type[ParamsT]) -> TaskInput[ParamsT]:
+    """Parse the body as JSON (`json_model`, which has `image: str`) or multipart.
+
+    Raises `RequestValidationError` (422) for invalid fields, `InvalidJsonError` (400) for a body
+    that is not JSON, `UnsupportedMediaTypeError` (415) for other content types.
+    """
+    content_type = request.headers.get("content-type", "application/json")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        return await _read_json(request, json_model)
+    if media_type == "multipart/form-data":
+        return await _read_multipart(request, params_model)
+    raise UnsupportedMediaTypeError(
+        f"unsupported content type {media_type!r}: send application/json (image as base64) or "
+        "multipart/form-data (image as a file)")
+
+
+async def _read_json(request: Request, model: type[ParamsT]) -> TaskInput[ParamsT]:
+    body = await request.body()
+    try:
+        parsed = model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        if any(error["type"] == "json_invalid" for error in errors):
+            raise InvalidJsonError(f"body is not valid JSON: {errors[0]['msg']}") from None
+        raise RequestValidationError(_in_body(errors)) from None
+    # Every *Request is its *Params plus `image: str`, so it serves as the params itself.
+    image: str = parsed.image  # type: ignore[attr-defined]
+    return TaskInput(params=parsed, image=image)
+
+
+async def _read_multipart(request: Request, model: type[ParamsT]) -> TaskInput[ParamsT]:
+    form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS,
+                              max_part_size=MAX_FORM_TEXT_BYTES)
+    try:
+        errors: list[Any] = []
+        upload = form.get("image")
+        image: bytes | None = None
+        if upload is None:
+            errors.append({"type": "missing", "loc": ("body", "image"), "msg": "Field required"})
+        elif not isinstance(upload, UploadFile):
+            errors.append({"type": "value_error", "loc": ("body", "image"),
+                           "msg": "image must be a file part (multipart), not a text field"})
+        else:
+            image = await upload.read()
+        fields: dict[str, Any] = {}
+        list_fields: tuple[str, ...] = getattr(model, "list_fields", ())
+        for key in form:
+            if key == "image":
+                continue
+            values = form.getlist(key)
+            if any(isinstance(value, UploadFile) for value in values):
+                errors.append({"type": "value_error", "loc": ("body", key),
+                               "msg": f"{key} must be a text field, not a file"})
+                continue
+            fields[key] = values if key in list_fields or len(values) > 1 else values[0]
+        try:
+            params = model.model_validate(fields)
+        except ValidationError as exc:
+            errors.extend(_in_body(exc.errors(include_url=False, include_input=False)))
+        if errors:
+            raise RequestValidationError(errors)
+        assert image is not None
+        return TaskInput(params=params, image=image)
+    finally:
+        await form.close()
+
+
+def _in_body(errors: list[Any]) -> list[Any]:
+    return [{**error, "loc": ("body", *error.get("loc", ()))} for error in errors]
+
+
+def task_request_body(json_model: type[BaseModel], form_model: type[BaseModel]
+                      ) -> dict[str, Any]:
+    """`openapi_extra` documenting both request bodies of a task route.
+
+    The routes read the body themselves (one path, two content types), so FastAPI cannot infer
+    it; the schemas are inlined (they have no nested models).
+    """
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": json_model.model_json_schema()},
+        "multipart/form-data": {"schema": form_model.model_json_schema()},
+    }}}

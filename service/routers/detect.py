@@ -1,0 +1,24 @@
+"""`POST /v1/detect`: language-guided detection (class names) and phrase grounding (a prompt)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from service.dependencies import ServingDep, StateDep
+from service.routers.common import read_task_input, task_request_body
+from service.schemas import DetectForm, DetectParams, DetectRequest, DetectResponse, error_responses
+
+router = APIRouter(tags=["tasks"])
+
+
+@router.post(
+    "/v1/detect", response_model=DetectResponse, response_model_exclude_none=True,
+    summary="Detect classes, or ground the phrases of a prompt",
+    responses=error_responses(400, 401, 413, 415, 422, 429, 503, 504),
+    openapi_extra=task_request_body(DetectRequest, DetectForm),
+)
+async def detect(request: Request, state: StateDep, serving: ServingDep) -> DetectResponse:
+    task = await read_task_input(request, DetectRequest, DetectParams)
+    query = serving.prepare_detect(task.params)  # token limits before decoding the image
+    image = await state.decode_image(task.image)
+    return await serving.detect(query, image)

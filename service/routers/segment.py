@@ -1,0 +1,30 @@
+"""`POST /v1/segment`: referring segmentation, one list of RLE-masked segments per expression."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from service.dependencies import ServingDep, StateDep
+from service.routers.common import read_task_input, task_request_body
+from service.schemas import (
+    SegmentForm,
+    SegmentParams,
+    SegmentRequest,
+    SegmentResponse,
+    error_responses,
+)
+
+router = APIRouter(tags=["tasks"])
+
+
+@router.post(
+    "/v1/segment", response_model=SegmentResponse,
+    summary="Segment what each referring expression names",
+    responses=error_responses(400, 401, 413, 415, 422, 429, 501, 503, 504),
+    openapi_extra=task_request_body(SegmentRequest, SegmentForm),
+)
+async def segment(request: Request, state: StateDep, serving: ServingDep) -> SegmentResponse:
+    task = await read_task_input(request, SegmentRequest, SegmentParams)
+    serving.prepare_segment(task.params)
+    image = await state.decode_image(task.image)
+    return await serving.segment(task.params, image)

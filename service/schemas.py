@@ -1,0 +1,371 @@
+"""Request and response bodies of the HTTP API (the contract of DESIGN.md, as pydantic v2 models).
+
+Each task has a `...Params` model (every field but the image), a `...Request` (JSON: the params
+plus a base64 `image`) and a `...Form` (multipart: the params as form fields plus an `image` file;
+it exists for the OpenAPI document, the route validates the form fields with `...Params`).
+
+Field rules that need no model live here and fail with a message naming the field and the rule
+("threshold must be between 0 and 1"). Rules that need the model's tokenizer (a prompt over 256
+tokens) are checked by the serving layer. Boxes are `[x0, y0, x1, y1]` in pixels of the image as
+sent (end exclusive); masks are COCO RLE.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from model_export.prompt import clean_name
+
+# Bounds on request sizes that keep one request's cost bounded before any model work.
+MAX_CLASSES = 5000  # class names in one detect request (LVIS has 1203)
+MAX_CLASS_CHARS = 256  # characters of one class name
+MAX_PROMPT_CHARS = 4096  # characters of a free-text prompt (the 256-token limit comes first)
+MAX_EXPRESSIONS = 32  # referring expressions in one segment request
+MAX_TEXT_CHARS = 1024  # characters of one expression or question
+MAX_DETECTIONS = 1000
+DEFAULT_THRESHOLD = 0.3  # score a detection or segment needs to be returned
+DEFAULT_MAX_DETECTIONS = 100
+
+Box = Annotated[list[float], Field(min_length=4, max_length=4,
+                                   description="[x0, y0, x1, y1], pixels, end exclusive")]
+Span = Annotated[list[int], Field(min_length=2, max_length=2,
+                                  description="[start, end): character offsets, end exclusive")]
+
+
+class _Body(BaseModel):
+    """Requests refuse unknown fields: a misspelt `threshhold` must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_threshold(value: float) -> float:
+    if not (0.0 <= value <= 1.0):  # NaN fails too
+        raise ValueError(f"threshold must be between 0 and 1, got {value}")
+    return value
+
+
+def _check_text(value: str, name: str, max_chars: int) -> str:
+    if not value.strip():
+        raise ValueError(f"{name} must not be empty")
+    if len(value) > max_chars:
+        raise ValueError(f"{name} must be at most {max_chars} characters, got {len(value)}")
+    return value
+
+
+_THRESHOLD = Field(DEFAULT_THRESHOLD, json_schema_extra={"minimum": 0, "maximum": 1},
+                   description="Minimum score of a returned result, 0..1.")
+_IMAGE_B64 = Field(description="Base64 of the PNG, JPEG or WebP file (a data: URL prefix is "
+                               "accepted).")
+_IMAGE_FILE = Field(description="The PNG, JPEG or WebP file.")
+
+
+# --- detect -----------------------------------------------------------------------------------
+
+
+class DetectParams(_Body):
+    """Exactly one of `classes`, `prompt`, `prompt_id`."""
+
+    list_fields: ClassVar[tuple[str, ...]] = ("classes",)
+
+    classes: list[str] | None = Field(
+        None, json_schema_extra={"minItems": 1, "maxItems": MAX_CLASSES},
+        description="Class names to detect; each detection's label is one of them.")
+    prompt: str | None = Field(
+        None, json_schema_extra={"maxLength": MAX_PROMPT_CHARS},
+        description="Free-text phrase grounding: phrases separated by '.', ',', ';' or new "
+                    "lines (at most 256 tokens); detections carry the phrase's span.")
+    prompt_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.\-]{1,128}$",
+        description="A tuned prompt registered on the server (see /v1/models).")
+    threshold: float = _THRESHOLD
+    max_detections: int = Field(
+        DEFAULT_MAX_DETECTIONS, json_schema_extra={"minimum": 1, "maximum": MAX_DETECTIONS},
+        description="Most detections returned, best first.")
+    chunk_size: int | None = Field(
+        None, json_schema_extra={"minimum": 1},
+        description="Most classes per prompt chunk (chunks are also bounded by 256 tokens).")
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("classes must not be empty")
+        if len(value) > MAX_CLASSES:
+            raise ValueError(f"classes must have at most {MAX_CLASSES} names, got {len(value)}")
+        for index, name in enumerate(value):
+            if not name.strip():
+                raise ValueError(f"classes[{index}] is empty")
+            if len(name) > MAX_CLASS_CHARS:
+                raise ValueError(f"classes[{index}] is longer than {MAX_CLASS_CHARS} characters")
+            if not clean_name(name).strip():
+                # The reference cleaning drops "(...)" and "_": nothing would be left to match.
+                raise ValueError(f"classes[{index}] ({name!r}) is empty once cleaned "
+                                 "(parenthesised text and underscores are removed)")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str | None) -> str | None:
+        return None if value is None else _check_text(value, "prompt", MAX_PROMPT_CHARS)
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, value: float) -> float:
+        return _check_threshold(value)
+
+    @field_validator("max_detections")
+    @classmethod
+    def _max_detections(cls, value: int) -> int:
+        if not 1 <= value <= MAX_DETECTIONS:
+            raise ValueError(f"max_detections must be between 1 and {MAX_DETECTIONS}, got {value}")
+        return value
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _chunk_size(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_query(self) -> DetectParams:
+        given = [name for name in ("classes", "prompt", "prompt_id")
+                 if getattr(self, name) is not None]
+        if not given:
+            raise ValueError("give one of classes, prompt or prompt_id")
+        if len(given) > 1:
+            raise ValueError(f"give only one of classes, prompt or prompt_id (got "
+                             f"{' and '.join(given)})")
+        return self
+
+
+class DetectRequest(DetectParams):
+    """JSON body: exactly one of `classes`, `prompt`, `prompt_id`, and the image as base64."""
+
+    image: str = _IMAGE_B64
+
+
+class DetectForm(DetectParams):
+    """Multipart body: exactly one of `classes` (one field per name), `prompt`, `prompt_id`."""
+
+    image: bytes = _IMAGE_FILE
+
+
+class ImageInfo(BaseModel):
+    width: int = Field(description="Width of the image as sent, pixels.")
+    height: int = Field(description="Height of the image as sent, pixels.")
+
+
+class Detection(BaseModel):
+    label: str = Field(description="The class name, or the phrase of the prompt.")
+    score: float = Field(description="Confidence 0..1.")
+    box: Box
+    span: Span | None = Field(None, description="Phrase grounding: the phrase's [start, end) "
+                                                "in `prompt`; absent for classes.")
+
+
+class DetectResponse(BaseModel):
+    model: str
+    image: ImageInfo
+    detections: list[Detection] = Field(description="Best first.")
+
+
+# --- segment ----------------------------------------------------------------------------------
+
+
+class SegmentParams(_Body):
+    list_fields: ClassVar[tuple[str, ...]] = ("expressions",)
+
+    expressions: list[str] = Field(
+        json_schema_extra={"minItems": 1, "maxItems": MAX_EXPRESSIONS},
+        description="Referring expressions; each gets its own list of segments.")
+    threshold: float = _THRESHOLD
+
+    @field_validator("expressions")
+    @classmethod
+    def _expressions(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("expressions must not be empty")
+        if len(value) > MAX_EXPRESSIONS:
+            raise ValueError(f"expressions must have at most {MAX_EXPRESSIONS} entries, "
+                             f"got {len(value)}")
+        for index, text in enumerate(value):
+            _check_text(text, f"expressions[{index}]", MAX_TEXT_CHARS)
+        return value
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, value: float) -> float:
+        return _check_threshold(value)
+
+
+class SegmentRequest(SegmentParams):
+    """JSON body: the expressions and the image as base64."""
+
+    image: str = _IMAGE_B64
+
+
+class SegmentForm(SegmentParams):
+    """Multipart body: `expressions` as one field per expression, and the image file."""
+
+    image: bytes = _IMAGE_FILE
+
+
+class RleMask(BaseModel):
+    size: list[int] = Field(min_length=2, max_length=2, description="[height, width]")
+    counts: str = Field(description="COCO compressed RLE counts")
+
+
+class Segment(BaseModel):
+    score: float
+    box: Box
+    mask: RleMask
+
+
+class SegmentResult(BaseModel):
+    expression: str
+    segments: list[Segment] = Field(description="Best first; empty when nothing is referred to.")
+
+
+class SegmentResponse(BaseModel):
+    model: str
+    image: ImageInfo
+    results: list[SegmentResult] = Field(description="One per expression, in request order.")
+
+
+# --- vqa --------------------------------------------------------------------------------------
+
+
+class VqaParams(_Body):
+    list_fields: ClassVar[tuple[str, ...]] = ()
+
+    question: str = Field(json_schema_extra={"maxLength": MAX_TEXT_CHARS})
+
+    @field_validator("question")
+    @classmethod
+    def _question(cls, value: str) -> str:
+        return _check_text(value, "question", MAX_TEXT_CHARS)
+
+
+class VqaRequest(VqaParams):
+    """JSON body: the question and the image as base64."""
+
+    image: str = _IMAGE_B64
+
+
+class VqaForm(VqaParams):
+    """Multipart body: the question field and the image file."""
+
+    image: bytes = _IMAGE_FILE
+
+
+class AnswerScore(BaseModel):
+    answer: str
+    score: float
+
+
+class GroundedPhrase(BaseModel):
+    phrase: str
+    span: Span
+    box: Box
+    score: float
+
+
+class VqaResponse(BaseModel):
+    model: str
+    image: ImageInfo
+    answer: str
+    score: float
+    answers: list[AnswerScore] = Field(description="Top answers, best first.")
+    grounding: list[GroundedPhrase] = Field(
+        description="Phrases of the question grounded to boxes (spans into `question`).")
+
+
+# --- caption ----------------------------------------------------------------------------------
+
+
+class CaptionParams(_Body):
+    list_fields: ClassVar[tuple[str, ...]] = ()
+
+
+class CaptionRequest(CaptionParams):
+    """JSON body: the image as base64."""
+
+    image: str = _IMAGE_B64
+
+
+class CaptionForm(CaptionParams):
+    """Multipart body: the image file."""
+
+    image: bytes = _IMAGE_FILE
+
+
+class CaptionResponse(BaseModel):
+    model: str
+    image: ImageInfo
+    caption: str
+    phrases: list[GroundedPhrase] = Field(description="Phrases of the caption with their boxes.")
+
+
+# --- models, health, errors -------------------------------------------------------------------
+
+
+class ModelInfo(BaseModel):
+    id: str
+    preset: str
+    runtime: str
+    tasks: list[Literal["detect", "segment", "vqa", "caption"]]
+    max_prompt_tokens: int = Field(description="Token limit of one prompt, special tokens "
+                                               "included.")
+    image_min_size: int = Field(description="Shorter side the model resizes images to.")
+    image_max_size: int = Field(description="Cap of the longer side after resizing.")
+    vqa_answers: list[str] = Field(description="The closed VQA answer vocabulary.")
+    prompt_ids: list[str] = Field(description="Registered tuned prompts for `prompt_id`.")
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"]
+    model: str
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. invalid_request.")
+    message: str = Field(description="What was wrong, for people.")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def rounded(value: float, digits: int) -> float:
+    """Round for JSON; non-finite values (never expected) become 0 rather than invalid JSON."""
+    return round(value, digits) if math.isfinite(value) else 0.0
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries documenting the error body for each status."""
+    descriptions = {
+        400: "Bad image (not base64, corrupt) or body not valid JSON",
+        401: "Missing or invalid API key",
+        413: "Body or image over the size limits",
+        415: "Image type (or body content type) not supported",
+        422: "Invalid fields",
+        429: "Queue full; see Retry-After",
+        501: "The loaded model has no head for this task",
+        503: "Model not loaded yet, or shutting down; see Retry-After",
+        504: "Deadline passed",
+    }
+    return {s: {"model": ErrorBody, "description": descriptions[s]} for s in statuses}

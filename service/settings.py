@@ -1,0 +1,120 @@
+"""Every knob of the HTTP service, with its default, in one place.
+
+Values come from (highest priority first) keyword arguments (what `glipv2 serve` flags set),
+environment variables with the `GLIPV2_` prefix, then the defaults below. Nested sections use `__`:
+`GLIPV2_BATCHER__MAX_BATCH_SIZE=16`. Lists take JSON or commas: `GLIPV2_API_KEYS=key1,key2`.
+
+Units are in the names (`_ms`, `_bytes`, `_pixels`, `_s`), as in the batcher's config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.batching import BatcherConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "default"
+
+
+class BatcherSettings(BaseModel):
+    """Dynamic-batcher knobs, applied to every engine's batcher (see `BatcherConfig` for the
+    semantics and the tuning order)."""
+
+    max_batch_size: int = Field(8, ge=1, description="Most requests in one engine batch.")
+    max_queue_delay_ms: float = Field(
+        5.0, ge=0, allow_inf_nan=False,
+        description="How long the oldest request of a partial batch waits for company.")
+    max_queue_size: int = Field(
+        64, ge=1,
+        description="Most requests waiting per engine; beyond it requests get 429 + Retry-After.")
+
+    @model_validator(mode="after")
+    def _queue_holds_a_batch(self) -> BatcherSettings:
+        self.to_config()  # BatcherConfig states the cross-field rule and its message
+        return self
+
+    def to_config(self, default_deadline_ms: float | None = None) -> BatcherConfig:
+        return BatcherConfig(
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_ms=self.max_queue_delay_ms,
+            max_queue_size=self.max_queue_size,
+            default_deadline_ms=default_deadline_ms,
+        )
+
+
+class ServiceSettings(BaseSettings):
+    """Settings of one service process. Tests build one directly with keyword arguments."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GLIPV2_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in containers).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    model_dir: Path = Field(
+        DEFAULT_MODEL_DIR,
+        description="Model folder (config.json + model.safetensors) served by the app.")
+    model_name: str | None = Field(
+        None, description="Model id in responses and /v1/models; default: the folder's name.")
+    runtime: Literal["pytorch"] = Field(
+        "pytorch", description="Inference runtime; ONNX Runtime and TensorRT come with engines.")
+    max_body_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024,
+        description="Largest request body (JSON with base64, or multipart); larger is 413.")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1,
+        description="Largest decoded image (width x height), checked from the header before "
+                    "decoding; larger is 413.")
+    max_concurrent_decodes: int = Field(
+        4, ge=1,
+        description="Images decoded at once; bounds the memory that concurrent large uploads "
+                    "can take before they reach the batcher.")
+    request_timeout_ms: float = Field(
+        30_000.0, gt=0, allow_inf_nan=False,
+        description="Per-request deadline in the batcher, from submission; past it, 504.")
+    caption_max_tokens: int = Field(
+        64, ge=1, le=256, description="Most tokens a generated caption may have.")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted API keys for /v1/* (Authorization: Bearer or X-API-Key); "
+                    "empty: no authentication.")
+    allow_image_urls: bool = Field(
+        False, description="Accept image URLs (not implemented yet: must stay False).")
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="Graceful-shutdown bound: in-flight requests get this long.")
+    batcher: BatcherSettings = Field(default_factory=BatcherSettings)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        """Environment values are strings: JSON lists and comma-separated keys both work."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("allow_image_urls")
+    @classmethod
+    def _urls_not_yet(cls, value: bool) -> bool:
+        # Fetching URLs safely (allowlist, no private addresses after DNS and on every redirect,
+        # byte and time limits) is its own piece of work; until it lands, refusing to start is
+        # more honest than accepting a setting that does nothing.
+        if value:
+            raise ValueError("allow_image_urls is not supported yet; leave it False")
+        return value
+
+    @property
+    def model_id(self) -> str:
+        return self.model_name or self.model_dir.name
+
+    def api_key_values(self) -> list[str]:
+        return [key.get_secret_value() for key in self.api_keys]

@@ -1,0 +1,122 @@
+"""What the app holds between requests: settings, metrics, and the serving layer once loaded.
+
+The model loads in the background after startup, so the process answers `/healthz` at once and
+`/readyz` says 503 until the engines run (an orchestrator then routes traffic only to ready
+replicas). A load failure is logged and reported by both probes rather than crashing the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from PIL import Image
+
+from model_export.inference import Glipv2Predictor
+from service.errors import NotReadyError
+from service.images import decode_base64, decode_image_bytes
+from service.metrics import ServiceMetrics
+from service.serving import Glipv2Serving
+from service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+PredictorLoader = Callable[[], Glipv2Predictor]
+
+
+def load_predictor(settings: ServiceSettings) -> Glipv2Predictor:
+    """The PyTorch predictor of `settings.model_dir` (the only runtime so far)."""
+    from model_export.weights import load_model
+
+    return Glipv2Predictor(load_model(settings.model_dir))
+
+
+class ServiceState:
+    """Lifecycle of the serving layer, and the image-decoding gate shared by all requests."""
+
+    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics,
+                 predictor: Glipv2Predictor | None = None,
+                 loader: PredictorLoader | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._predictor = predictor
+        self._loader = loader if loader is not None else (lambda: load_predictor(settings))
+        self.serving: Glipv2Serving | None = None
+        self.load_error: str | None = None
+        self._load_task: asyncio.Task[None] | None = None
+        self._decode_gate: asyncio.Semaphore | None = None
+
+    # --- lifecycle (the app's lifespan) -------------------------------------------------------
+
+    async def startup(self) -> None:
+        self._decode_gate = asyncio.Semaphore(self.settings.max_concurrent_decodes)
+        if self._predictor is not None:
+            await self._start_serving(self._predictor)
+        else:
+            self._load_task = asyncio.create_task(self._load(), name="glipv2-model-load")
+
+    async def shutdown(self) -> None:
+        """Drain the engines (bounded by `shutdown_timeout_s`), then stop them."""
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()  # the loading thread finishes unseen; nothing serves it
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._load_task
+        serving, self.serving = self.serving, None
+        self.metrics.model_ready.set(0)
+        if serving is None:
+            return
+        try:
+            await asyncio.wait_for(serving.stop(drain=True), self.settings.shutdown_timeout_s)
+        except TimeoutError:
+            log.warning("drain took longer than %.0f s; stopping the engines",
+                        self.settings.shutdown_timeout_s)
+            await serving.stop(drain=False)
+
+    async def _load(self) -> None:
+        log.info("loading the model from %s", self.settings.model_dir)
+        try:
+            predictor = await asyncio.to_thread(self._loader)
+            await self._start_serving(predictor)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("loading the model from %s failed", self.settings.model_dir)
+            return
+        log.info("model %s ready", self.settings.model_id)
+
+    async def _start_serving(self, predictor: Glipv2Predictor) -> None:
+        settings = self.settings
+        serving = Glipv2Serving(
+            predictor, model_id=settings.model_id, runtime=settings.runtime,
+            batcher_config=settings.batcher.to_config(settings.request_timeout_ms),
+            metrics=self.metrics, caption_max_tokens=settings.caption_max_tokens)
+        await serving.start()
+        self.serving = serving
+        self.metrics.model_ready.set(1)
+
+    # --- per request --------------------------------------------------------------------------
+
+    def require_serving(self) -> Glipv2Serving:
+        """The serving layer, or 503 + Retry-After while loading (or after a failed load)."""
+        if self.serving is not None:
+            return self.serving
+        if self.load_error is not None:
+            raise NotReadyError(f"the model failed to load: {self.load_error}")
+        raise NotReadyError(f"model {self.settings.model_id!r} is loading; retry shortly")
+
+    async def decode_image(self, source: bytes | str) -> Image.Image:
+        """Base64 text or raw bytes -> RGB image, off the event loop, a bounded number at once."""
+        settings = self.settings
+        if self._decode_gate is None:  # no lifespan (a bare TestClient): still bounded
+            self._decode_gate = asyncio.Semaphore(settings.max_concurrent_decodes)
+
+        def decode() -> Image.Image:
+            data = (decode_base64(source, settings.max_body_bytes) if isinstance(source, str)
+                    else source)
+            return decode_image_bytes(data, settings.max_image_pixels, settings.max_body_bytes)
+
+        async with self._decode_gate:
+            return await asyncio.to_thread(decode)

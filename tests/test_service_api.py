@@ -1,0 +1,654 @@
+"""The HTTP service against a tiny random small-preset model: shapes, every bad input, limits,
+auth, probes, metrics, the batcher's error mapping, the OpenAPI contract, and `glipv2 serve`.
+
+The model is random, so answers are meaningless; what is checked is the contract: status codes,
+error bodies, response shapes, spans into the prompt, RLE masks of the image's size, and that
+JSON and multipart give the same answer. Pre-processing is shrunk (96/128) and the candidate
+threshold opened (0.0, at most 5 detections) so every task returns something to look at, fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from model_export.config import PreprocessConfig, get_preset
+from model_export.inference import Glipv2Predictor
+from model_export.model import Glipv2Model
+from model_export.weights import load_pretrained_language, save_model
+from service.app import create_app
+from service.errors import PayloadTooLargeError, UnsupportedMediaTypeError
+from service.images import decode_base64, decode_image_bytes, sniff_format
+from service.openapi import OPENAPI_PATH, app_schema, load_openapi
+from service.serving import split_phrases
+from service.settings import ServiceSettings
+
+REPO = Path(__file__).resolve().parent.parent
+WORLD_PNG = Path(__file__).parent / "fixtures" / "world" / "000000.png"
+CLASSES = ["circle", "square", "triangle", "diamond", "star", "hexagon"]
+
+# Images between 1x and 2x the pixel limit make Pillow warn before our check refuses them.
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> Glipv2Model:
+    torch.manual_seed(0)
+    model = Glipv2Model(get_preset("small"))
+    load_pretrained_language(model)
+    model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
+    model.config.postprocess.pre_nms_thresh = 0.0
+    model.config.postprocess.detections_per_img = 5
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_model: Glipv2Model) -> Glipv2Predictor:
+    return Glipv2Predictor(tiny_model)
+
+
+def make_settings(**overrides: Any) -> ServiceSettings:
+    """Defaults for tests, independent of GLIPV2_* variables of the environment."""
+    values: dict[str, Any] = {"model_name": "tiny", "caption_max_tokens": 4, "api_keys": []}
+    return ServiceSettings(**(values | overrides))
+
+
+@pytest.fixture(scope="module")
+def client(predictor: Glipv2Predictor) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings(), predictor)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def png_bytes() -> bytes:
+    return WORLD_PNG.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def png_b64(png_bytes: bytes) -> str:
+    return base64.b64encode(png_bytes).decode()
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` RGB pixels, with one tiny IDAT: a bomb's
+    header (a real bomb's IDAT would inflate to width*height*3 bytes)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def assert_error(response: httpx.Response, status: int, code: str, *fragments: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["code"] == code, body
+    for fragment in fragments:
+        assert fragment in body["error"]["message"], body
+
+
+# --- every endpoint: 200 with the contract's shape --------------------------------------------
+
+
+def test_detect_classes(client: TestClient, png_b64: str) -> None:
+    response = client.post("/v1/detect", json={"image": png_b64, "classes": CLASSES,
+                                               "threshold": 0.0, "max_detections": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "tiny"
+    with Image.open(WORLD_PNG) as image:
+        assert body["image"] == {"width": image.width, "height": image.height}
+    detections = body["detections"]
+    assert 1 <= len(detections) <= 3
+    scores = [d["score"] for d in detections]
+    assert scores == sorted(scores, reverse=True)
+    for detection in detections:
+        assert set(detection) == {"label", "score", "box"}  # no span for classes
+        assert detection["label"] in CLASSES and 0.0 <= detection["score"] <= 1.0
+        x0, y0, x1, y1 = detection["box"]
+        assert 0 <= x0 <= x1 <= body["image"]["width"] and 0 <= y0 <= y1 <= body["image"]["height"]
+
+
+def test_detect_threshold_filters(client: TestClient, png_b64: str) -> None:
+    response = client.post("/v1/detect", json={"image": png_b64, "classes": CLASSES,
+                                               "threshold": 1.0})
+    assert response.status_code == 200 and response.json()["detections"] == []
+
+
+def test_phrase_grounding_spans_point_into_the_prompt(client: TestClient, png_b64: str) -> None:
+    prompt = "a red circle,  large blue star ;green square."
+    response = client.post("/v1/detect", json={"image": png_b64, "prompt": prompt,
+                                               "threshold": 0.0})
+    assert response.status_code == 200, response.text
+    detections = response.json()["detections"]
+    assert detections
+    for detection in detections:
+        start, end = detection["span"]
+        assert prompt[start:end] == detection["label"]
+        assert detection["label"] in {"a red circle", "large blue star", "green square"}
+
+
+def test_split_phrases() -> None:
+    text = " red circle. blue star,\nsmall (x) square ;"
+    assert [text[s:e] for s, e in split_phrases(text)] == ["red circle", "blue star",
+                                                          "small (x) square"]
+
+
+def test_segment_returns_rle_masks_of_the_image_size(client: TestClient, png_b64: str) -> None:
+    response = client.post("/v1/segment", json={
+        "image": png_b64, "expressions": ["the red circle", "a star"], "threshold": 0.0})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [r["expression"] for r in body["results"]] == ["the red circle", "a star"]
+    height, width = body["image"]["height"], body["image"]["width"]
+    segments = [s for r in body["results"] for s in r["segments"]]
+    assert segments
+    for segment in segments:
+        assert set(segment) == {"score", "box", "mask"} and len(segment["box"]) == 4
+        assert segment["mask"]["size"] == [height, width]
+        assert isinstance(segment["mask"]["counts"], str)
+        rle = {"size": segment["mask"]["size"], "counts": segment["mask"]["counts"].encode()}
+        assert mask_utils.decode(rle).shape == (height, width)
+
+
+def test_vqa(client: TestClient, png_b64: str) -> None:
+    response = client.post("/v1/vqa", json={"image": png_b64,
+                                            "question": "what color is the circle?"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    vocabulary = client.get("/v1/models").json()["models"][0]["vqa_answers"]
+    assert body["answer"] in vocabulary and body["answer"] == body["answers"][0]["answer"]
+    assert body["score"] == body["answers"][0]["score"] and len(body["answers"]) == 5
+    assert body["grounding"] == []
+    assert set(body) == {"model", "image", "answer", "score", "answers", "grounding"}
+
+
+def test_caption(client: TestClient, png_b64: str) -> None:
+    response = client.post("/v1/caption", json={"image": png_b64})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"model", "image", "caption", "phrases"}
+    assert isinstance(body["caption"], str) and isinstance(body["phrases"], list)
+
+
+def test_models(client: TestClient) -> None:
+    (model,) = client.get("/v1/models").json()["models"]
+    assert model["id"] == "tiny" and model["preset"] == "small" and model["runtime"] == "pytorch"
+    assert model["tasks"] == ["detect", "segment", "vqa", "caption"]
+    assert model["max_prompt_tokens"] == 256 and model["prompt_ids"] == []
+
+
+def test_multipart_equals_json(client: TestClient, png_bytes: bytes, png_b64: str) -> None:
+    as_json = client.post("/v1/detect", json={"image": png_b64, "classes": ["circle", "star"],
+                                              "threshold": 0.0})
+    as_form = client.post("/v1/detect", files={"image": ("x.png", png_bytes, "image/png")},
+                          data={"classes": ["circle", "star"], "threshold": "0"})
+    assert as_form.status_code == 200, as_form.text
+    assert as_form.json() == as_json.json()
+    segment = client.post("/v1/segment", files={"image": ("x.png", png_bytes, "image/png")},
+                          data={"expressions": ["red circle"]})
+    assert segment.status_code == 200, segment.text
+    assert [r["expression"] for r in segment.json()["results"]] == ["red circle"]
+
+
+def test_other_image_formats_decode(client: TestClient) -> None:
+    with Image.open(WORLD_PNG) as image:
+        rgba = image.convert("RGBA")
+        for fmt in ("JPEG", "WEBP"):
+            data = encode(image.convert("RGB"), fmt)
+            response = client.post("/v1/caption", json={"image": b64(data)})
+            assert response.status_code == 200, (fmt, response.text)
+        data_url = "data:image/png;base64," + b64(encode(rgba, "PNG"))
+        assert client.post("/v1/caption", json={"image": data_url}).status_code == 200
+
+
+# --- every bad input: status and error body ---------------------------------------------------
+
+LONG_PROMPT = "x " * 300  # 302 tokens in 600 characters: over the token limit only
+
+
+@pytest.mark.parametrize(("path", "fields", "status", "code", "fragment"), [
+    ("/v1/detect", {"classes": []}, 422, "invalid_request", "classes must not be empty"),
+    ("/v1/detect", {"classes": ["circle", "  "]}, 422, "invalid_request", "classes[1] is empty"),
+    ("/v1/detect", {"classes": ["(x)"]}, 422, "invalid_request", "empty once cleaned"),
+    ("/v1/detect", {"classes": ["a"], "threshold": 1.5}, 422, "invalid_request",
+     "threshold must be between 0 and 1"),
+    ("/v1/detect", {"classes": ["a"], "threshold": -0.1}, 422, "invalid_request",
+     "threshold must be between 0 and 1"),
+    ("/v1/detect", {"classes": ["a"], "threshold": "high"}, 422, "invalid_request",
+     "threshold: Input should be a valid number"),
+    ("/v1/detect", {"classes": ["a"], "max_detections": 0}, 422, "invalid_request",
+     "max_detections must be between 1 and 1000"),
+    ("/v1/detect", {"classes": ["a"], "chunk_size": 0}, 422, "invalid_request",
+     "chunk_size must be at least 1"),
+    ("/v1/detect", {}, 422, "invalid_request", "give one of classes, prompt or prompt_id"),
+    ("/v1/detect", {"classes": ["a"], "prompt": "a"}, 422, "invalid_request",
+     "give only one of classes, prompt or prompt_id (got classes and prompt)"),
+    ("/v1/detect", {"classes": ["a"], "threshhold": 0.5}, 422, "invalid_request",
+     "threshhold: Extra inputs are not permitted"),
+    ("/v1/detect", {"prompt": "  "}, 422, "invalid_request", "prompt must not be empty"),
+    ("/v1/detect", {"prompt": " . , ;"}, 422, "invalid_request", "prompt has no phrases"),
+    ("/v1/detect", {"prompt": LONG_PROMPT}, 422, "invalid_request",
+     "more than the model's limit of 256"),
+    ("/v1/detect", {"classes": [f"class {i}" for i in range(200)]}, 422, "invalid_request",
+     "more than the model's limit of 256"),
+    ("/v1/detect", {"prompt_id": "lvis"}, 422, "invalid_request", "unknown prompt_id 'lvis'"),
+    ("/v1/segment", {"expressions": []}, 422, "invalid_request",
+     "expressions must not be empty"),
+    ("/v1/segment", {"expressions": ["a", ""]}, 422, "invalid_request",
+     "expressions[1] must not be empty"),
+    ("/v1/segment", {"expressions": [LONG_PROMPT]}, 422, "invalid_request",
+     "expressions[0] is"),
+    ("/v1/vqa", {"question": ""}, 422, "invalid_request", "question must not be empty"),
+    ("/v1/vqa", {}, 422, "invalid_request", "question: Field required"),
+    ("/v1/vqa", {"question": LONG_PROMPT}, 422, "invalid_request",
+     "more than the model's limit of 256"),
+])
+def test_invalid_fields(client: TestClient, png_b64: str, path: str, fields: dict[str, Any],
+                        status: int, code: str, fragment: str) -> None:
+    assert_error(client.post(path, json={"image": png_b64} | fields), status, code, fragment)
+
+
+@pytest.mark.parametrize("path", ["/v1/detect", "/v1/segment", "/v1/vqa", "/v1/caption"])
+def test_missing_image(client: TestClient, path: str) -> None:
+    fields = {"/v1/detect": {"classes": ["a"]}, "/v1/segment": {"expressions": ["a"]},
+              "/v1/vqa": {"question": "what?"}, "/v1/caption": {}}[path]
+    assert_error(client.post(path, json=fields), 422, "invalid_request", "image: Field required")
+
+
+def test_bad_images(client: TestClient, png_bytes: bytes) -> None:
+    def post(image: str) -> httpx.Response:
+        return client.post("/v1/detect", json={"image": image, "classes": ["a"]})
+
+    corrupt = png_bytes[:8] + b"\x00" * 200
+    assert_error(post(b64(corrupt)), 400, "bad_image", "PNG")
+    assert_error(post(b64(png_bytes[: len(png_bytes) // 2])), 400, "bad_image",
+                 "corrupt or truncated")
+    assert_error(post("not base64 !!"), 400, "bad_image", "not valid base64")
+    assert_error(post(""), 400, "bad_image", "empty")
+    gif = encode(Image.new("RGB", (8, 8)), "GIF")
+    assert_error(post(b64(gif)), 415, "unsupported_media_type", "GIF", "PNG, JPEG or WebP")
+    assert_error(post(b64(b"hello world, not an image")), 415, "unsupported_media_type")
+
+
+def test_bomb_is_rejected_from_its_header(client: TestClient) -> None:
+    for width, height in [(100_000, 100_000), (8_000, 6_000)]:  # Pillow's check, then ours
+        response = client.post("/v1/detect", json={"image": b64(png_claiming(width, height)),
+                                                   "classes": ["a"]})
+        assert_error(response, 413, "payload_too_large", "40000000 pixels", "before decoding")
+
+
+def test_body_and_content_type_errors(client: TestClient, png_bytes: bytes) -> None:
+    assert_error(client.post("/v1/detect", content=b"{not json",
+                             headers={"content-type": "application/json"}),
+                 400, "invalid_json", "not valid JSON")
+    assert_error(client.post("/v1/detect", content=b"x", headers={"content-type": "text/plain"}),
+                 415, "unsupported_media_type", "text/plain")
+    assert_error(client.post("/v1/detect", data={"classes": ["a"]},
+                             files={"other": ("x.txt", b"x", "text/plain")}),
+                 422, "invalid_request", "image: Field required")
+    assert_error(client.post("/v1/detect", files={"image": ("x.png", png_bytes, "image/png")},
+                             data={"classes": ["a"], "threshold": "2"}),
+                 422, "invalid_request", "threshold must be between 0 and 1")
+    assert_error(client.get("/v1/nothing-here"), 404, "not_found")
+    assert_error(client.get("/v1/detect"), 405, "method_not_allowed")
+
+
+@pytest.fixture(scope="module")
+def small_limits_client(predictor: Glipv2Predictor) -> Iterator[TestClient]:
+    settings = make_settings(max_body_bytes=50_000, max_image_pixels=10_000)
+    with TestClient(create_app(settings, predictor)) as test_client:
+        yield test_client
+
+
+def test_body_over_the_limit_is_413(small_limits_client: TestClient) -> None:
+    big = {"image": "A" * 60_000, "classes": ["a"]}
+    assert_error(small_limits_client.post("/v1/detect", json=big), 413, "payload_too_large",
+                 "more than the limit of 50000")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while streaming
+        yield json.dumps(big).encode()
+
+    response = small_limits_client.post("/v1/detect", content=chunks(),
+                                        headers={"content-type": "application/json"})
+    assert_error(response, 413, "payload_too_large", "more than the limit of 50000")
+
+
+def test_image_over_the_pixel_limit_is_413(small_limits_client: TestClient) -> None:
+    for size in [(120, 100), (300, 300)]:  # 1.2x the limit (our check), 9x (Pillow's)
+        image = encode(Image.new("RGB", size, (200, 30, 30)), "PNG")
+        response = small_limits_client.post("/v1/detect", json={"image": b64(image),
+                                                                 "classes": ["a"]})
+        assert_error(response, 413, "payload_too_large", "limit of 10000 pixels")
+
+
+# --- images module ----------------------------------------------------------------------------
+
+
+def test_sniff_and_decode_helpers(png_bytes: bytes) -> None:
+    assert sniff_format(png_bytes) == "PNG"
+    assert sniff_format(b"\xff\xd8\xff\xe0rest") == "JPEG"
+    assert sniff_format(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "WEBP"
+    with pytest.raises(UnsupportedMediaTypeError, match="TIFF"):
+        sniff_format(b"II*\x00rest")
+    wrapped = "\n".join(b64(png_bytes)[i:i + 76] for i in range(0, len(b64(png_bytes)), 76))
+    assert decode_base64(wrapped, 10**7) == png_bytes
+    with pytest.raises(PayloadTooLargeError):
+        decode_base64(b64(png_bytes), 100)
+    gray = decode_image_bytes(encode(Image.new("L", (5, 4), 7), "PNG"), 10**6, 10**6)
+    assert gray.mode == "RGB" and gray.size == (5, 4)
+
+
+# --- probes, auth, metrics --------------------------------------------------------------------
+
+
+def test_readyz_is_503_before_the_model_is_loaded(predictor: Glipv2Predictor) -> None:
+    app = create_app(make_settings(), predictor)
+    bare = TestClient(app)  # no `with`: the lifespan (which starts the model) has not run
+    assert bare.get("/healthz").json() == {"status": "ok"}
+    response = bare.get("/readyz")
+    assert_error(response, 503, "not_ready", "loading")
+    assert response.headers["retry-after"] == "1"
+    assert_error(bare.post("/v1/caption", json={"image": "x"}), 503, "not_ready")
+
+
+def test_background_load_then_ready(predictor: Glipv2Predictor) -> None:
+    release = threading.Event()
+
+    def slow_loader() -> Glipv2Predictor:
+        release.wait(10)
+        return predictor
+
+    with TestClient(create_app(make_settings(), loader=slow_loader)) as loading:
+        assert_error(loading.get("/readyz"), 503, "not_ready")
+        release.set()
+        deadline = time.monotonic() + 10
+        while loading.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert loading.get("/readyz").json() == {"status": "ready", "model": "tiny"}
+
+
+def test_failed_load_is_reported_by_both_probes() -> None:
+    def broken_loader() -> Glipv2Predictor:
+        raise FileNotFoundError("no model.safetensors")
+
+    with TestClient(create_app(make_settings(), loader=broken_loader)) as failed:
+        deadline = time.monotonic() + 10
+        while failed.get("/healthz").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert_error(failed.get("/healthz"), 503, "not_ready", "no model.safetensors")
+        assert_error(failed.get("/readyz"), 503, "not_ready", "failed to load")
+
+
+def test_api_keys(predictor: Glipv2Predictor, png_b64: str) -> None:
+    app = create_app(make_settings(api_keys=["k1", "s3cret"]), predictor)
+    body = {"image": png_b64, "question": "what shape?"}
+    with TestClient(app) as keyed:
+        response = keyed.post("/v1/vqa", json=body)
+        assert_error(response, 401, "unauthorized", "missing API key")
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert_error(keyed.post("/v1/vqa", json=body, headers={"X-API-Key": "wrong"}),
+                     401, "unauthorized", "invalid API key")
+        assert_error(keyed.get("/v1/models", headers={"Authorization": "Bearer nope"}),
+                     401, "unauthorized")
+        assert keyed.post("/v1/vqa", json=body,
+                          headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert keyed.post("/v1/vqa", json=body, headers={"X-API-Key": "k1"}).status_code == 200
+        for open_path in ("/healthz", "/readyz", "/metrics"):
+            assert keyed.get(open_path).status_code == 200
+
+
+def test_metrics_count_requests_by_endpoint_and_status(client: TestClient, png_b64: str) -> None:
+    client.post("/v1/vqa", json={"image": png_b64, "question": "how many stars?"})
+    client.post("/v1/vqa", json={"image": png_b64, "question": ""})
+    client.get("/does/not/exist")
+    text = client.get("/metrics").text
+    assert 'glipv2_requests_total{endpoint="/v1/vqa",status="200"}' in text
+    assert 'glipv2_requests_total{endpoint="/v1/vqa",status="422"}' in text
+    assert 'glipv2_requests_total{endpoint="unmatched",status="404"}' in text
+    assert 'glipv2_request_duration_seconds_bucket{endpoint="/v1/vqa",le="+Inf"}' in text
+    assert 'glipv2_engine_batch_size_count{engine="vqa"}' in text
+    assert 'glipv2_engine_queue_wait_seconds_count{engine="vqa"}' in text
+    assert 'glipv2_engine_compute_seconds_count{engine="vqa"}' in text
+    assert 'glipv2_engine_queue_depth{engine="vqa"} 0.0' in text
+    assert "glipv2_model_ready 1.0" in text
+
+
+# --- concurrency and the batcher's errors -----------------------------------------------------
+
+
+async def _with_app(app: FastAPI, scenario: Any) -> Any:
+    """Run `scenario(client)` against `app` on one event loop, lifespan included."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     timeout=60) as http:
+            return await scenario(http)
+
+
+def test_bad_requests_among_good_ones(predictor: Glipv2Predictor, png_bytes: bytes,
+                                      png_b64: str) -> None:
+    app = create_app(make_settings(max_body_bytes=2_000_000), predictor)
+    good = {"image": png_b64, "classes": CLASSES, "threshold": 0.0}
+    bad = [
+        ({"image": b64(png_bytes[:8] + b"\x01" * 64), "classes": ["a"]}, 400),  # corrupt
+        ({"image": b64(png_claiming(100_000, 100_000)), "classes": ["a"]}, 413),  # bomb
+        ({"image": "A" * 2_100_000, "classes": ["a"]}, 413),  # oversized body
+        ({"image": png_b64, "classes": []}, 422),
+    ]
+
+    async def scenario(http: httpx.AsyncClient) -> list[httpx.Response]:
+        bodies = [good, bad[0][0], good, bad[1][0], good, bad[2][0], good, bad[3][0], good]
+        return list(await asyncio.gather(*(http.post("/v1/detect", json=b) for b in bodies)))
+
+    responses = asyncio.run(_with_app(app, scenario))
+    goods = responses[0::2]
+    assert all(r.status_code == 200 for r in goods), [r.text for r in goods]
+    assert all(r.json() == goods[0].json() for r in goods) and goods[0].json()["detections"]
+    assert [r.status_code for r in responses[1::2]] == [status for _, status in bad]
+
+
+class GatedPredictor(Glipv2Predictor):
+    """Detection waits for `gate`, to hold a request in flight."""
+
+    def __init__(self, model: Glipv2Model) -> None:
+        super().__init__(model)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def detect(self, image, class_names):  # type: ignore[no-untyped-def]
+        self.entered.set()
+        self.gate.wait(20)
+        return super().detect(image, class_names)
+
+
+async def _until(condition: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def test_queue_full_is_429_with_retry_after(tiny_model: Glipv2Model, png_b64: str) -> None:
+    gated = GatedPredictor(tiny_model)
+    app = create_app(make_settings(batcher={"max_batch_size": 1, "max_queue_size": 1,
+                                            "max_queue_delay_ms": 0}), gated)
+    body = {"image": png_b64, "classes": ["circle"]}
+
+    async def scenario(http: httpx.AsyncClient) -> None:
+        first = asyncio.create_task(http.post("/v1/detect", json=body))
+        await _until(gated.entered.is_set)
+        second = asyncio.create_task(http.post("/v1/detect", json=body))
+        batcher = app.state.service.serving.batchers["detect"]
+        await _until(lambda: batcher.queue_depth == 1)
+        rejected = await http.post("/v1/detect", json=body)
+        assert_error(rejected, 429, "queue_full", "queue is full")
+        assert int(rejected.headers["retry-after"]) >= 1
+        gated.gate.set()
+        assert (await first).status_code == 200 and (await second).status_code == 200
+        assert (await http.get("/readyz")).status_code == 200
+
+    asyncio.run(_with_app(app, scenario))
+
+
+def test_deadline_is_504_and_the_service_recovers(tiny_model: Glipv2Model,
+                                                  png_b64: str) -> None:
+    gated = GatedPredictor(tiny_model)
+    app = create_app(make_settings(request_timeout_ms=8000), gated)
+    body = {"image": png_b64, "classes": ["circle"]}
+
+    async def scenario(http: httpx.AsyncClient) -> None:
+        assert_error(await http.post("/v1/detect", json=body), 504, "deadline_exceeded",
+                     "deadline passed")
+        gated.gate.set()
+        await _until(lambda: app.state.service.serving.batchers["detect"]._in_flight is None)
+        assert (await http.post("/v1/detect", json=body)).status_code == 200
+
+    asyncio.run(_with_app(app, scenario))
+
+
+def test_stopped_engine_is_503(predictor: Glipv2Predictor, png_b64: str) -> None:
+    app = create_app(make_settings(), predictor)
+
+    async def scenario(http: httpx.AsyncClient) -> None:
+        await app.state.service.serving.batchers["vqa"].stop()
+        response = await http.post("/v1/vqa", json={"image": png_b64, "question": "what?"})
+        assert_error(response, 503, "unavailable")
+        assert response.headers["retry-after"] == "1"
+
+    asyncio.run(_with_app(app, scenario))
+
+
+# --- settings, OpenAPI, CLI -------------------------------------------------------------------
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLIPV2_PORT", "9001")
+    monkeypatch.setenv("GLIPV2_BATCHER__MAX_QUEUE_SIZE", "32")
+    monkeypatch.setenv("GLIPV2_API_KEYS", "a, b")
+    settings = ServiceSettings(batcher={"max_batch_size": 4})  # as `serve` flags pass them
+    assert settings.port == 9001 and settings.api_key_values() == ["a", "b"]
+    assert (settings.batcher.max_batch_size, settings.batcher.max_queue_size) == (4, 32)
+    monkeypatch.setenv("GLIPV2_API_KEYS", '["x"]')
+    assert ServiceSettings().api_key_values() == ["x"]
+    with pytest.raises(ValueError, match="max_queue_size"):
+        ServiceSettings(batcher={"max_batch_size": 8, "max_queue_size": 4})
+    with pytest.raises(ValueError, match="allow_image_urls"):
+        ServiceSettings(allow_image_urls=True)
+
+
+def test_openapi_yaml_matches_the_app() -> None:
+    assert load_openapi(OPENAPI_PATH) == app_schema(), (
+        "openapi.yaml is stale: run `python -m service.openapi`")
+
+
+def test_serve_without_a_model_exits_2(tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from model_export.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "absent")]) == 2
+    message = capsys.readouterr().err
+    assert "no model to serve" in message and "still being trained" in message
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow  # ~15-30 s: a fresh interpreter imports torch and loads the model
+def test_serve_end_to_end(tiny_model: Glipv2Model, tmp_path: Path, png_b64: str) -> None:
+    """The real server in a subprocess: ready, one detection, SIGTERM drains and exits 0."""
+    model_dir = save_model(tiny_model, tmp_path / "model", external_language=True)
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GLIPV2_")}
+    env["HF_HUB_OFFLINE"] = "1"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "model_export.cli", "serve", "--model", str(model_dir),
+         "--port", str(port), "--log-level", "warning"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.communicate()[0]
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server not ready in time"
+            time.sleep(0.25)
+        response = httpx.post(f"{base}/v1/detect", timeout=60, json={
+            "image": png_b64, "classes": ["circle", "star"], "threshold": 0.0})
+        assert response.status_code == 200, response.text
+        assert response.json()["model"] == "model" and response.json()["detections"]
+
+        # SIGTERM while a caption (64 random tokens: the longest task) is being computed: the
+        # request still gets its answer, then the process exits 0.
+        in_flight: list[httpx.Response] = []
+        caller = threading.Thread(target=lambda: in_flight.append(httpx.post(
+            f"{base}/v1/caption", json={"image": png_b64}, timeout=60)))
+        caller.start()
+        time.sleep(1.0)  # the request is in the server (a random 64-token caption takes longer)
+        server.send_signal(signal.SIGTERM)
+        caller.join(60)
+        output, _ = server.communicate(timeout=60)
+        assert server.returncode == 0, output
+        assert in_flight and in_flight[0].status_code == 200, output
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+
+
+def test_rle_round_trip_helper_agrees_with_numpy() -> None:
+    """The service's RLE is pycocotools' own (counts as str) and decodes to the same mask."""
+    from service.serving import _encode_segment
+
+    mask = torch.zeros(7, 9, dtype=torch.bool)
+    mask[2:5, 3:8] = True
+    encoded = _encode_segment([3.0, 2.0, 8.0, 5.0], 0.5, mask)
+    decoded = mask_utils.decode({"size": encoded.size, "counts": encoded.counts.encode()})
+    assert np.array_equal(decoded.astype(bool), mask.numpy())
