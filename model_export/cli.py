@@ -83,7 +83,9 @@ def _serve(args: argparse.Namespace) -> int:
     overrides: dict[str, object] = {
         key: value for key, value in {
             "host": args.host, "port": args.port, "model_dir": args.model,
-            "runtime": args.runtime, "request_timeout_ms": args.request_timeout_ms,
+            "runtime": args.runtime, "engine_dir": args.engines,
+            "ort_provider": args.provider, "precision": args.precision, "threads": args.threads,
+            "request_timeout_ms": args.request_timeout_ms,
         }.items() if value is not None
     }
     batcher = {
@@ -192,7 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "models/default of the repository)")
     serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="TCP port (default 8000)")
-    serve.add_argument("--runtime", choices=["pytorch"], help="inference runtime")
+    serve.add_argument("--runtime", choices=["pytorch", "onnxruntime", "tensorrt"],
+                       help="inference runtime (default pytorch)")
+    serve.add_argument("--engines", help="engine folder for onnxruntime / tensorrt "
+                                         "(glipv2 export)")
+    serve.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"],
+                       help="ONNX Runtime execution provider (default cpu)")
+    serve.add_argument("--precision", choices=["fp32", "bf16", "int8"],
+                       help="ONNX Runtime variant of vision and fusion (default fp32)")
+    serve.add_argument("--threads", type=int, help="intra-op threads (default: one per core)")
     serve.add_argument("--max-batch-size", type=int, help="most requests per engine batch (8)")
     serve.add_argument("--max-queue-delay-ms", type=float,
                        help="how long a partial batch waits for company (5)")

@@ -54,6 +54,7 @@ __all__ = [
     "export_model",
     "graph_specs",
     "onnx_deform_conv2d",
+    "sha256_file",
 ]
 
 DEFAULT_OPSET = 19  # the first opset with DeformConv
@@ -396,7 +397,8 @@ def export_graph(spec: GraphSpec, path: Path, opset: int = DEFAULT_OPSET) -> Non
     onnx.checker.check_model(str(path))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (graphs can be hundreds of MB)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -423,7 +425,7 @@ def _graph_entry(spec: GraphSpec, path: Path, opset: int) -> dict[str, Any]:
     inputs, outputs = _tensor_entries(graph.input), _tensor_entries(graph.output)
     return {
         "file": spec.file,
-        "sha256": _sha256(path),
+        "sha256": sha256_file(path),
         "opset": opset,
         "inputs": inputs,
         "outputs": outputs,
@@ -464,7 +466,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAUL
         "preprocess": dataclasses.asdict(config.preprocess),
         "opset": opset,
         "config": CONFIG_FILE,
-        "config_sha256": _sha256(out / CONFIG_FILE),
+        "config_sha256": sha256_file(out / CONFIG_FILE),
         "exporter": f"torch {torch.__version__} (TorchScript-based torch.onnx.export)",
         "graphs": graphs,
     }

@@ -16,10 +16,10 @@ from PIL import Image
 from torch import Tensor
 
 from model_export.anchors import AnchorGenerator
-from model_export.box_coding import BoxCoder, clip_boxes_to_image, rescale_boxes
+from model_export.box_coding import BoxCoder, rescale_boxes
 from model_export.mask_head import masks_for_image
 from model_export.model import Glipv2Model, Glipv2Output
-from model_export.postprocess import Detections, postprocess_detections
+from model_export.postprocess import Detections, ground_phrases, postprocess_detections
 from model_export.preprocess import batch_images, preprocess_image
 from model_export.prompt import DetectionPrompt, build_detection_prompt, load_tokenizer, tokenize
 from model_export.prompt import positive_map as build_positive_map
@@ -137,6 +137,11 @@ class CaptionResult:
 _CAPTION_PHRASE = re.compile(r"\ba (?:small|large) \w+ \w+")
 
 
+def caption_phrase_spans(caption: str) -> list[tuple[int, int]]:
+    """Character spans of a caption's object phrases ("a small red circle"), to ground."""
+    return [(m.start(), m.end()) for m in _CAPTION_PHRASE.finditer(caption)]
+
+
 class Glipv2Predictor(Glipv2Detector):
     """All GLIPv2 tasks on one image with the PyTorch model: the reference path for evaluation
     and for parity checks of the exported engines."""
@@ -225,8 +230,8 @@ class Glipv2Predictor(Glipv2Detector):
 
     def _ground_caption(self, caption: str, states: list[Tensor], fused_visual: list[Tensor],
                         resized_hw: tuple[int, int], image: Image.Image) -> list[CaptionPhrase]:
-        """Each phrase goes to the region with the highest mean token-region probability."""
-        spans = [(m.start(), m.end()) for m in _CAPTION_PHRASE.finditer(caption)]
+        """Each phrase goes to its best region (`postprocess.ground_phrases`)."""
+        spans = caption_phrase_spans(caption)
         if not spans:
             return []
         ids, mask, encodings = tokenize(self.tokenizer, [caption],
@@ -235,20 +240,13 @@ class Glipv2Predictor(Glipv2Detector):
         fused_text = self.model.fusion.caption_text(states, text)
         box_regression, centerness, token_logits = self.model.head(fused_visual, fused_text)
         sizes = [tuple(level.shape[-2:]) for level in box_regression]
-        anchors = torch.cat(self.anchor_generator.grid_anchors(sizes))
-        # per level (1, 4, H, W) -> (A, 4); (1, 1, H, W) -> (A,); (1, HW, T) -> (A, T)
-        deltas = torch.cat([b[0].flatten(1).T for b in box_regression])
-        ctr = torch.cat([c[0].flatten() for c in centerness]).sigmoid()
-        probs = torch.cat([t[0] for t in token_logits]).sigmoid()
+        anchors = self.anchor_generator.grid_anchors(sizes)
         pmap = build_positive_map(encodings[0], [[s] for s in spans], ids.shape[1])
-        phrase_probs = probs @ pmap.T / pmap.sum(dim=1).clamp(min=1.0)  # (A, P)
-        phrases = []
-        for p, (start, end) in enumerate(spans):
-            best = int(phrase_probs[:, p].argmax())
-            box = self.box_coder.decode(deltas[best:best + 1], anchors[best:best + 1])
-            box = clip_boxes_to_image(box, *resized_hw)
-            box = to_exclusive(rescale_boxes(box, resized_hw, (image.height, image.width)))[0]
-            score = float((phrase_probs[best, p] * ctr[best]).sqrt())
-            phrases.append(CaptionPhrase(phrase=caption[start:end], span=(start, end),
-                                         box=box.tolist(), score=score))
+        grounded = ground_phrases(box_regression, centerness, token_logits, anchors, pmap,
+                                  resized_hw, self.box_coder)
+        boxes = to_exclusive(rescale_boxes(grounded.boxes, resized_hw,
+                                           (image.height, image.width)))
+        phrases = [CaptionPhrase(phrase=caption[start:end], span=(start, end), box=box.tolist(),
+                                 score=float(score))
+                   for (start, end), box, score in zip(spans, boxes, grounded.scores, strict=True)]
         return phrases

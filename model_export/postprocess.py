@@ -259,19 +259,57 @@ def postprocess_detections(
             scores_per_image[i].append(torch.sqrt(products_per_image[keep]))
             labels_per_image[i].append(classes[keep])
 
-    results = []
-    for boxes_list, scores_list, labels_list in zip(
-        boxes_per_image, scores_per_image, labels_per_image, strict=True
-    ):
-        boxes = torch.cat(boxes_list)  # (K, 4), levels in order
-        scores = torch.cat(scores_list)
-        labels = torch.cat(labels_list)
-        # boxlist_ml_nms returns its input unchanged for a threshold <= 0.
-        if config.nms_thresh > 0:
-            keep = batched_nms(boxes, scores, labels, config.nms_thresh)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = _select_top_detections(scores, config.detections_per_img)
+    return [
+        merge_detections(
+            [Detections(b, s, lab) for b, s, lab in zip(boxes_list, scores_list, labels_list,
+                                                        strict=True)], config)
+        for boxes_list, scores_list, labels_list in zip(
+            boxes_per_image, scores_per_image, labels_per_image, strict=True)
+    ]
+
+
+def merge_detections(parts: Sequence[Detections], config: PostprocessConfig) -> Detections:
+    """One image's detections from several parts (FPN levels, or prompt chunks whose labels
+    already index one class list): class-aware NMS, the `detections_per_img` best, by score."""
+    boxes = torch.cat([part.boxes for part in parts])  # (K, 4), parts in order
+    scores = torch.cat([part.scores for part in parts])
+    labels = torch.cat([part.labels for part in parts])
+    # boxlist_ml_nms returns its input unchanged for a threshold <= 0.
+    if config.nms_thresh > 0:
+        keep = batched_nms(boxes, scores, labels, config.nms_thresh)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        order = torch.sort(scores, descending=True, stable=True).indices
-        results.append(Detections(boxes=boxes[order], scores=scores[order], labels=labels[order]))
-    return results
+    keep = _select_top_detections(scores, config.detections_per_img)
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return Detections(boxes=boxes[order], scores=scores[order], labels=labels[order])
+
+
+def ground_phrases(
+    box_regression: Sequence[Tensor],
+    centerness: Sequence[Tensor],
+    token_logits: Sequence[Tensor],
+    anchors: Sequence[Tensor],
+    positive_map: Tensor,
+    image_size: tuple[int, int],
+    box_coder: BoxCoder,
+) -> Detections:
+    """Each phrase's one best region, for grounded captions and VQA (GLIPv2's grounding of
+    generated tokens: the region with the highest token-region score).
+
+    Inputs as `postprocess_detections`, for ONE image (N = 1); `positive_map` (P, T) has a row
+    per phrase. A phrase's probability at a region is the mean of its tokens' sigmoid logits;
+    the region maximising it wins, and its score is sqrt(probability * sigmoid(centerness)), as
+    a detection's. Returns one row per phrase, in phrase order (label p = phrase p); boxes in the
+    model-input frame, clipped.
+    """
+    # per level (1, 4, H, W) -> (HW, 4); (1, 1, H, W) -> (HW,); (1, HW, T) -> (HW, T)
+    deltas = torch.cat([b[0].flatten(1).T for b in box_regression])
+    center_probs = torch.cat([c[0].flatten() for c in centerness]).sigmoid()
+    token_probs = torch.cat([t[0] for t in token_logits]).sigmoid()
+    phrase_probs = class_scores_from_token_logits(token_probs[None], positive_map)[0]  # (A, P)
+    best = phrase_probs.argmax(dim=0)  # (P,)
+    boxes = box_coder.decode(deltas[best], torch.cat(list(anchors))[best])
+    boxes = clip_boxes_to_image(boxes, float(image_size[0]), float(image_size[1]))
+    phrases = torch.arange(positive_map.shape[0])
+    scores = (phrase_probs[best, phrases] * center_probs[best]).sqrt()
+    return Detections(boxes=boxes, scores=scores, labels=phrases)

@@ -1,7 +1,7 @@
 """The FastAPI app: composes the routers, the error handlers, the limits and the lifespan.
 
 Nothing is built at import: `create_app` makes an app from settings, and its lifespan starts the
-model (or an injected predictor, for tests) and drains the engines at shutdown.
+runtime (or an injected one, for tests) and drains the engines at shutdown.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from model_export.inference import Glipv2Predictor
 from service.dependencies import require_api_key
 from service.errors import install_error_handlers
 from service.images import configure_pillow
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import HttpMetricsMiddleware, ServiceMetrics
 from service.routers import caption, detect, health, metrics, models, segment, vqa
+from service.runtimes import Runtime
 from service.settings import ServiceSettings
-from service.state import PredictorLoader, ServiceState
+from service.state import RuntimeLoader, ServiceState
 
 API_TITLE = "GLIPv2 serving"
 API_VERSION = "0.1.0"
@@ -32,17 +32,17 @@ API_DESCRIPTION = (
 
 
 def create_app(settings: ServiceSettings | None = None,
-               predictor: Glipv2Predictor | None = None,
-               *, loader: PredictorLoader | None = None) -> FastAPI:
+               runtime: Runtime | None = None,
+               *, loader: RuntimeLoader | None = None) -> FastAPI:
     """Build the app.
 
     settings: default `ServiceSettings()` (environment variables, then defaults).
-    predictor: serve this predictor instead of loading `settings.model_dir` (tests).
-    loader: how to load the predictor in the background (default: from `settings.model_dir`).
+    runtime: serve this runtime instead of opening the configured one (tests).
+    loader: how to open the runtime in the background (default: from the settings).
     """
     settings = ServiceSettings() if settings is None else settings
     metrics_ = ServiceMetrics()
-    state = ServiceState(settings, metrics_, predictor=predictor, loader=loader)
+    state = ServiceState(settings, metrics_, runtime=runtime, loader=loader)
     configure_pillow(settings.max_image_pixels)
 
     @asynccontextmanager

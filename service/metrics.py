@@ -9,10 +9,13 @@ never collide, and `/metrics` shows exactly this service. Names:
 - `glipv2_engine_compute_seconds{engine}`: one `run_batch`, per batch.
 - `glipv2_engine_batch_size{engine}`: requests per batch.
 - `glipv2_engine_queue_depth{engine}`: requests waiting now.
+- `glipv2_prompt_chunks{}`: prompt chunks per detection request (histogram).
+- `glipv2_text_cache_lookups_total{result}`: text-feature cache lookups, `hit` or `miss`.
 - `glipv2_model_ready`: 1 once the model is loaded and the engines run.
 
-Engines are, for now, one batcher per task (`detect`, `segment`, `vqa`, `caption`); with exported
-graphs they become `vision`, `language`, `fusion` and the heads, under the same names.
+Engines are the exported graphs' batchers: `vision`, `language`, `fusion`, `mask`, `vqa` and
+`caption` (the decoding loop over the caption graphs). A batch counts its items: images for
+`vision`, (image, prompt) rows for `fusion`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # Seconds: from a cached small detect (~10 ms) to a long caption on a busy CPU.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+CHUNK_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 UNMATCHED = "unmatched"  # endpoint label of paths no route serves (bounded label values)
 
 
@@ -56,6 +60,12 @@ class ServiceMetrics:
                                     ["engine"], buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.queue_depth = Gauge("glipv2_engine_queue_depth", "Requests waiting per engine.",
                                  ["engine"], registry=r)
+        self.prompt_chunks = Histogram("glipv2_prompt_chunks", "Prompt chunks per detection "
+                                       "request.", buckets=CHUNK_BUCKETS, registry=r)
+        self.text_cache = Counter("glipv2_text_cache_lookups", "Text-feature cache lookups, "
+                                  "by result.", ["result"], registry=r)
+        for result in ("hit", "miss"):
+            self.text_cache.labels(result)  # both series exist (at 0) from the start
         self.model_ready = Gauge("glipv2_model_ready", "1 when the model is loaded and serving.",
                                  registry=r)
 
@@ -77,6 +87,10 @@ class ServiceMetrics:
 
         depth.set(0)  # the series exists (at 0) before the first request
         return on_batch, on_queue_depth
+
+    def on_text_cache_lookup(self, hits: int, misses: int) -> None:
+        self.text_cache.labels("hit").inc(hits)
+        self.text_cache.labels("miss").inc(misses)
 
     def observe_request(self, endpoint: str, status: int, duration_s: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()

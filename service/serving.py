@@ -1,29 +1,28 @@
 """Serving logic: validated requests + decoded images -> engine work -> response models.
 
 One hop per layer (vLLM's split): routers parse HTTP and call `Glipv2Serving`; it checks what needs
-the model (token limits, available heads), turns a request into a work item and submits it to the
-task's `DynamicBatcher`; the batcher hands a `BatchPlan` to the `PredictorRunner`, which computes
-and never sees a queue; results come back here and become response models.
+the model (token limits, available heads), turns a request into work for the engines and awaits
+it; each engine's `DynamicBatcher` hands a `BatchPlan` to the `ModelRunner`, which computes and
+never sees a queue; results come back here and become response models.
 
-Seams for the next increments, kept explicit:
-- `PredictorRunner` runs each plan item by item on the PyTorch `Glipv2Predictor`. Batching the
-  model itself (vision once per image, chunks through fusion as a batch, padded token batches)
-  replaces this class, under the same `BatchPlan -> results` contract.
-- There is one batcher per *task* now; with exported graphs there is one per *engine* (vision,
-  language, fusion, heads). Buckets are already the padded image shape.
-- `DetectQuery` is one prompt; prompt chunking makes it a list of chunks packed by token budget
-  (`chunk_size` is accepted and validated, and honoured once chunking lands).
-- `split_phrases` is how a free-text prompt becomes phrases; a noun-phrase chunker can replace it.
-- VQA `grounding` is empty until the predictor grounds the question's phrases.
+A request flows through the engines of DESIGN.md, each batching across requests and tasks:
+`vision` once per image; `language` once per distinct prompt text (the text-feature cache);
+`fusion` once per (image, prompt chunk) row, rows of any prompts and tasks batched together; then
+`mask`, `vqa` or the `caption` decoder. Pre- and post-processing run in worker threads, never on
+the event loop. A request's deadline spans all its stages; when a stage fails (deadline, queue
+full), the request's other queued work is withdrawn, not computed for nobody.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, TypeVar
 
 import numpy as np
@@ -31,18 +30,32 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from model_export.inference import (
-    CaptionResult,
-    Glipv2Predictor,
-    VqaAnswer,
-    to_exclusive,
+from model_export.anchors import AnchorGenerator
+from model_export.box_coding import BoxCoder, rescale_boxes
+from model_export.inference import caption_phrase_spans, to_exclusive
+from model_export.mask_head import masks_for_image
+from model_export.postprocess import (
+    Detections,
+    ground_phrases,
+    merge_detections,
+    postprocess_detections,
 )
-from model_export.postprocess import Detections
-from model_export.preprocess import resized_size
-from model_export.prompt import build_detection_prompt, clean_name
-from service.batching import BatcherConfig, BatchPlan, DynamicBatcher
-from service.errors import InvalidRequestError, ServiceError, TaskUnavailableError
+from model_export.preprocess import batch_images, preprocess_image, resized_size
+from model_export.prompt import build_detection_prompt, clean_name, positive_map
+from service.batching import BatcherConfig, DeadlineExceededError, DynamicBatcher
+from service.chunking import ChunkingError, name_token_counts, pack_chunks
+from service.errors import InvalidRequestError, TaskUnavailableError
 from service.metrics import ServiceMetrics
+from service.model_runner import (
+    CaptionDecoded,
+    CaptionWork,
+    FusionResult,
+    FusionWork,
+    HeadOutputs,
+    MaskWork,
+    ModelRunner,
+)
+from service.runtimes import Runtime
 from service.schemas import (
     AnswerScore,
     CaptionResponse,
@@ -61,62 +74,58 @@ from service.schemas import (
     VqaResponse,
     rounded,
 )
+from service.text_cache import TextFeatureCache, TextFeatures
 
 log = logging.getLogger(__name__)
 
 TASKS = ("detect", "segment", "vqa", "caption")
+ENGINES = ("vision", "language", "fusion", "mask", "vqa", "caption")
+# Graphs each task needs beyond vision, language and fusion.
+TASK_GRAPHS = {"detect": (), "segment": ("mask",), "vqa": ("vqa",),
+               "caption": ("caption_image", "caption_step", "caption_ground")}
 VQA_TOP_K = 5
+VQA_GROUNDING_THRESHOLD = 0.4  # detection score a question phrase's box needs to be returned
 SCORE_DIGITS = 6
 BOX_DIGITS = 2
+# A request fans out into several items of the engines after `vision` (chunks, expressions), so
+# their queues hold this many times the admission queue; admission is bounded at `vision`.
+FAN_OUT_QUEUE_FACTOR = 16
 
-PayloadT = TypeVar("PayloadT")
+T = TypeVar("T")
 
 
-# --- work items: what crosses from serving into the engine -----------------------------------
+# --- prepared requests: what is known before the image is decoded -----------------------------
+
+
+@dataclass(frozen=True)
+class PreparedChunk:
+    """One prompt chunk: its caption, the request's class index of each of its labels, and its
+    (C_chunk, T) class-to-token map."""
+
+    caption: str
+    class_indices: tuple[int, ...]
+    positive_map: torch.Tensor
 
 
 @dataclass(frozen=True)
 class DetectQuery:
-    """A detection request the model can take, built before the image is decoded.
+    """A detection request the model can take.
 
-    names: the class names the model is prompted with (the classes, or the prompt's phrases);
-        a detection's label is `names[label]`.
+    names: the class names (the classes, or the prompt's phrases); a label indexes it.
     spans: phrase grounding only: per name, its [start, end) in the client's prompt.
+    chunks: the prompts the names are packed into (one, unless the vocabulary is large).
     """
 
     names: list[str]
     spans: list[tuple[int, int]] | None
+    chunks: tuple[PreparedChunk, ...]
     threshold: float
     max_detections: int
 
 
 @dataclass
-class DetectWork:
-    image: Image.Image
-    names: list[str]
-
-
-@dataclass
-class SegmentWork:
-    image: Image.Image
-    expressions: list[str]
-    threshold: float
-
-
-@dataclass
-class VqaWork:
-    image: Image.Image
-    question: str
-
-
-@dataclass
-class CaptionWork:
-    image: Image.Image
-
-
-@dataclass
 class EncodedSegment:
-    """A segment with its mask already COCO-RLE encoded (in the worker thread, not the loop)."""
+    """A segment with its mask already COCO-RLE encoded (in a worker thread, not the loop)."""
 
     box: list[float]
     score: float
@@ -124,71 +133,43 @@ class EncodedSegment:
     counts: str
 
 
-class InferenceError(ServiceError):
-    """The model raised for one request; the cause is logged, the client gets a 500."""
+@dataclass(frozen=True)
+class _SegmentCandidates:
+    """An expression's boxes (model-input frame, legacy +1 convention), scores, and the
+    mask-head work for them."""
 
-    status_code = 500
-    code = "inference_failed"
-
-
-# --- the runner: computes a plan, never sees a queue -----------------------------------------
-
-
-class PredictorRunner:
-    """Runs each task's `BatchPlan` on the PyTorch predictor, one item at a time.
-
-    A failure of one item fills only that item's slot (an `InferenceError`), so one bad request
-    never fails its batch-mates. Runs in the batchers' worker threads.
-    """
-
-    def __init__(self, predictor: Glipv2Predictor, caption_max_tokens: int) -> None:
-        self.predictor = predictor
-        self.caption_max_tokens = caption_max_tokens
-
-    def detect(self, plan: BatchPlan[DetectWork]) -> list[Detections | Exception]:
-        return _each(plan, lambda w: self.predictor.detect(w.image, w.names).detections)
-
-    def segment(self, plan: BatchPlan[SegmentWork]) -> list[list[list[EncodedSegment]]
-                                                            | Exception]:
-        def one(work: SegmentWork) -> list[list[EncodedSegment]]:
-            per_expression = self.predictor.segment(work.image, work.expressions, work.threshold)
-            return [[_encode_segment(s.box, s.score, s.mask) for s in segments]
-                    for segments in per_expression]
-
-        return _each(plan, one)
-
-    def vqa(self, plan: BatchPlan[VqaWork]) -> list[VqaAnswer | Exception]:
-        return _each(plan, lambda w: self.predictor.vqa(w.image, w.question, top_k=VQA_TOP_K))
-
-    def caption(self, plan: BatchPlan[CaptionWork]) -> list[CaptionResult | Exception]:
-        return _each(plan, lambda w: self.predictor.caption(w.image, self.caption_max_tokens))
+    work: MaskWork
+    boxes: torch.Tensor
+    scores: torch.Tensor
 
 
-def _each(plan: BatchPlan[PayloadT], fn: Callable[[PayloadT], Any]) -> list[Any]:
-    results: list[Any] = []
-    for payload in plan.payloads:
-        try:
-            results.append(fn(payload))
-        except Exception as exc:
-            log.exception("inference failed for one request")
-            error = InferenceError("inference failed; see the server log")
-            error.__cause__ = exc
-            results.append(error)
-    return results
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image as the engines take it: (3, H, W) padded pixels and the sizes to map back."""
+
+    pixels: torch.Tensor
+    resized_hw: tuple[int, int]
+    original_hw: tuple[int, int]
+
+    @property
+    def padded_hw(self) -> tuple[int, int]:
+        return int(self.pixels.shape[1]), int(self.pixels.shape[2])
 
 
-def _encode_segment(box: Sequence[float], score: float, mask: torch.Tensor) -> EncodedSegment:
-    """(H, W) bool mask -> COCO RLE with `counts` as str (pycocotools wants Fortran uint8)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
-    return EncodedSegment(box=[rounded(float(v), BOX_DIGITS) for v in box],
-                          score=rounded(float(score), SCORE_DIGITS),
-                          size=[int(v) for v in rle["size"]],
-                          counts=rle["counts"].decode("ascii"))
-
-
-# --- phrases of a free-text prompt ------------------------------------------------------------
+# --- phrases of free text ---------------------------------------------------------------------
 
 _PHRASE = re.compile(r"[^.,;\n]+")
+_WORD = re.compile(r"[A-Za-z0-9_-]+")
+# Words that never start or end a grounded phrase of a question: question words, auxiliaries,
+# determiners, relations and the attribute names a question asks about.
+_QUESTION_STOPWORDS = frozenset({
+    "what", "which", "who", "whom", "whose", "where", "when", "why", "how", "many", "much", "is",
+    "are", "was", "were", "be", "been", "do", "does", "did", "there", "here", "the", "a", "an",
+    "of", "to", "in", "on", "at", "by", "for", "with", "from", "into", "and", "or", "this",
+    "that", "these", "those", "it", "its", "left", "right", "above", "below", "under", "over",
+    "next", "near", "color", "colour", "shape", "size", "object", "objects", "thing", "things",
+    "one", "ones", "any", "some", "kind", "type",
+})
 
 
 def split_phrases(prompt: str) -> list[tuple[int, int]]:
@@ -207,69 +188,109 @@ def split_phrases(prompt: str) -> list[tuple[int, int]]:
     return spans
 
 
+def question_phrases(question: str) -> list[tuple[int, int]]:
+    """Spans of the noun phrases a question names: maximal runs of words that are not question
+    words, relations or attribute names ("what shape is left of the red square?" -> "red
+    square"). The phrases grounded VQA returns boxes for."""
+    spans: list[tuple[int, int]] = []
+    start = end = None
+    for match in _WORD.finditer(question):
+        if match.group().lower() in _QUESTION_STOPWORDS:
+            if start is not None:
+                spans.append((start, end))
+                start = None
+            continue
+        if start is None:
+            start = match.start()
+        end = match.end()
+    if start is not None:
+        spans.append((start, end))
+    return spans
+
+
 # --- the serving layer ------------------------------------------------------------------------
 
 
 class Glipv2Serving:
-    """The four tasks over one predictor: checks, submission to the batchers, responses.
+    """The four tasks over one runtime: checks, the engines' batchers, responses.
 
     `start()`/`stop()` run on the event loop (the app's lifespan). Every request method is a
-    coroutine that waits for its batch without blocking the loop.
+    coroutine that awaits its engines without blocking the loop.
     """
 
     def __init__(
         self,
-        predictor: Glipv2Predictor,
+        runtime: Runtime,
         *,
         model_id: str,
         batcher_config: BatcherConfig,
         metrics: ServiceMetrics | None = None,
-        runtime: str = "pytorch",
         caption_max_tokens: int = 64,
+        text_cache_bytes: int = 256 * 1024 * 1024,
+        max_segments: int = 20,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self.predictor = predictor
-        self.model_id = model_id
         self.runtime = runtime
-        self.config = predictor.config
+        self.model_id = model_id
+        self.config = runtime.config
         self.max_prompt_tokens = self.config.language.max_query_len
-        self.runner = PredictorRunner(predictor, caption_max_tokens)
-        # The Rust tokenizer directly: counting tokens then never touches the Python wrapper's
-        # truncation/padding state, which the worker threads' `tokenize` calls also use.
-        self._count_tokenizer = predictor.tokenizer.backend_tokenizer
-        runs: dict[str, Callable[[BatchPlan[Any]], Sequence[Any]]] = {
-            "detect": self.runner.detect, "segment": self.runner.segment,
-            "vqa": self.runner.vqa, "caption": self.runner.caption,
+        self.caption_max_tokens = caption_max_tokens
+        self.max_segments = max_segments
+        self.metrics = metrics
+        self.runner = ModelRunner(runtime)
+        # The Rust tokenizer directly: counting and char-to-token maps never touch the Python
+        # wrapper's truncation/padding state, which the runner's `tokenize` calls set.
+        self._tokenizer = self.runner.tokenizer.backend_tokenizer
+        self.anchor_generator = AnchorGenerator.from_config(self.config.head)
+        self.box_coder = BoxCoder.from_config(self.config.head)
+        self.text_cache = TextFeatureCache(
+            text_cache_bytes, on_lookup=metrics.on_text_cache_lookup if metrics else None)
+        self._clock = time.monotonic if clock is None else clock
+        runs: dict[str, Callable[..., Any]] = {
+            "vision": self.runner.vision, "language": self.runner.language,
+            "fusion": self.runner.fusion, "mask": self.runner.mask, "vqa": self.runner.vqa,
+            "caption": self.runner.caption,
         }
+        engines = ["vision", "language", "fusion"]
+        engines += [e for e, task in (("mask", "segment"), ("vqa", "vqa"),
+                                      ("caption", "caption")) if task in self.tasks]
         self.batchers: dict[str, DynamicBatcher[Any, Any]] = {}
-        for task in self.tasks:
-            on_batch, on_depth = (metrics.engine_callbacks(task) if metrics is not None
+        for engine in engines:
+            config = batcher_config
+            if engine != "vision":
+                config = BatcherConfig(
+                    max_batch_size=batcher_config.max_batch_size,
+                    max_queue_delay_ms=batcher_config.max_queue_delay_ms,
+                    max_queue_size=batcher_config.max_queue_size * FAN_OUT_QUEUE_FACTOR,
+                    default_deadline_ms=batcher_config.default_deadline_ms)
+            on_batch, on_depth = (metrics.engine_callbacks(engine) if metrics is not None
                                   else (None, None))
-            self.batchers[task] = DynamicBatcher(
-                batcher_config, runs[task], clock=clock, on_batch=on_batch,
-                on_queue_depth=on_depth, name=task)
+            self.batchers[engine] = DynamicBatcher(
+                config, runs[engine], clock=clock, on_batch=on_batch, on_queue_depth=on_depth,
+                name=engine)
+        self._default_deadline_ms = batcher_config.default_deadline_ms
+        self._chunk_plan = lru_cache(maxsize=256)(self._plan_chunks)
 
     @property
     def tasks(self) -> list[str]:
-        """Tasks the loaded model has heads for (detection always)."""
-        model = self.predictor.model
-        heads = {"detect": True, "segment": model.mask_head is not None,
-                 "vqa": model.vqa_head is not None, "caption": model.mlm_head is not None}
-        return [task for task in TASKS if heads[task]]
+        """Tasks the runtime has graphs for (detection always)."""
+        graphs = self.runtime.graphs
+        return [t for t in TASKS if all(g in graphs for g in TASK_GRAPHS[t])]
 
     async def start(self) -> None:
         for batcher in self.batchers.values():
             await batcher.start()
 
     async def stop(self, drain: bool = True) -> None:
-        """`drain=True` finishes queued and in-flight work first (SIGTERM)."""
+        """`drain=True` finishes queued and in-flight work first (SIGTERM). Engines stop in
+        flow order, so a request between two stages still finds the next one running."""
         for batcher in self.batchers.values():
             await batcher.stop(drain=drain)
 
     def info(self) -> ModelInfo:
         pre = self.config.preprocess
         return ModelInfo(
-            id=self.model_id, preset=self.config.preset, runtime=self.runtime,
+            id=self.model_id, preset=self.config.preset, runtime=self.runtime.name,
             tasks=self.tasks,  # type: ignore[arg-type]  # names checked by TASKS
             max_prompt_tokens=self.max_prompt_tokens, image_min_size=pre.min_size,
             image_max_size=pre.max_size, vqa_answers=list(self.config.tasks.vqa_answers),
@@ -279,7 +300,7 @@ class Glipv2Serving:
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` as the model gets it, [CLS] and [SEP] included."""
-        return len(self._count_tokenizer.encode(text).ids)
+        return len(self._tokenizer.encode(text).ids)
 
     def prepare_detect(self, params: DetectParams) -> DetectQuery:
         """Raises `InvalidRequestError` (422) for what only the model can tell is invalid."""
@@ -298,23 +319,36 @@ class Glipv2Serving:
                 if not clean_name(name).strip():
                     raise InvalidRequestError(f"prompt phrase {name!r} is empty once cleaned "
                                               "(parenthesised text and underscores are removed)")
-            tokens = max(self.count_tokens(prompt),
-                         self.count_tokens(build_detection_prompt(names).caption))
+            caption = build_detection_prompt(names).caption
+            tokens = max(self.count_tokens(prompt), self.count_tokens(caption))
             if tokens > self.max_prompt_tokens:
                 raise InvalidRequestError(
                     f"prompt is {tokens} tokens long, more than the model's limit of "
                     f"{self.max_prompt_tokens} (special tokens included)")
+            chunks = self._chunk_plan(tuple(names), None)
         else:
             assert params.classes is not None  # the schema guarantees exactly one query
             names = list(params.classes)
-            tokens = self.count_tokens(build_detection_prompt(names).caption)
-            if tokens > self.max_prompt_tokens:
-                raise InvalidRequestError(
-                    f"the {len(names)} classes make a prompt of {tokens} tokens, more than the "
-                    f"model's limit of {self.max_prompt_tokens}; splitting large vocabularies "
-                    "into prompt chunks is not available yet: send fewer classes per request")
-        return DetectQuery(names=names, spans=spans, threshold=params.threshold,
+            try:
+                chunks = self._chunk_plan(tuple(names), params.chunk_size)
+            except ChunkingError as exc:
+                raise InvalidRequestError(str(exc)) from None
+        return DetectQuery(names=names, spans=spans, chunks=chunks, threshold=params.threshold,
                            max_detections=params.max_detections)
+
+    def _plan_chunks(self, names: tuple[str, ...], chunk_size: int | None
+                     ) -> tuple[PreparedChunk, ...]:
+        """Names -> prompt chunks with their positive maps (cached: class lists repeat)."""
+        counts = name_token_counts(self._tokenizer, names)
+        prepared = []
+        for chunk in pack_chunks(names, counts, self.max_prompt_tokens, chunk_size):
+            encoding = self._tokenizer.encode(chunk.prompt.caption)
+            if len(encoding.ids) != chunk.num_tokens:  # the packing's additivity, checked
+                raise ChunkingError(f"chunk {chunk.prompt.caption[:60]!r} is "
+                                    f"{len(encoding.ids)} tokens, packed as {chunk.num_tokens}")
+            pmap = positive_map(encoding, chunk.prompt.spans, len(encoding.ids))
+            prepared.append(PreparedChunk(chunk.prompt.caption, chunk.class_indices, pmap))
+        return tuple(prepared)
 
     def prepare_segment(self, params: SegmentParams) -> None:
         self._require("segment")
@@ -342,54 +376,179 @@ class Glipv2Serving:
     # --- requests -----------------------------------------------------------------------------
 
     async def detect(self, query: DetectQuery, image: Image.Image) -> DetectResponse:
-        found: Detections = await self._submit("detect", DetectWork(image, query.names), image)
+        request = _Request(self, image)
+        prepared, visual = await request.encode_image()
+        texts = await request.encode_texts([c.caption for c in query.chunks])
+        rows = await request.fuse(visual, texts)
+        if self.metrics is not None:
+            self.metrics.prompt_chunks.observe(len(query.chunks))
+        found = await asyncio.to_thread(self._merge_chunks, query, rows, prepared)
         detections: list[Detection] = []
-        boxes = to_exclusive(found.boxes)
-        for box, score, label in zip(boxes.tolist(), found.scores.tolist(),
+        for box, score, label in zip(to_exclusive(found.boxes).tolist(), found.scores.tolist(),
                                      found.labels.tolist(), strict=True):
             if score < query.threshold:
                 continue
-            index = int(label)
-            span = query.spans[index] if query.spans is not None else None
+            span = query.spans[label] if query.spans is not None else None
             detections.append(Detection(
-                label=query.names[index], score=rounded(score, SCORE_DIGITS),
+                label=query.names[label], score=rounded(score, SCORE_DIGITS),
                 box=[rounded(v, BOX_DIGITS) for v in box],
                 span=list(span) if span is not None else None))
-        detections.sort(key=lambda d: d.score, reverse=True)
         return DetectResponse(model=self.model_id, image=_info(image),
                               detections=detections[: query.max_detections])
 
+    def _merge_chunks(self, query: DetectQuery, rows: Sequence[FusionResult],
+                      image: PreparedImage) -> Detections:
+        """Per chunk post-processing, labels mapped to the request's classes, one NMS."""
+        anchors = self._anchors(rows[0].head)
+        parts = []
+        for chunk, row in zip(query.chunks, rows, strict=True):
+            (found,) = postprocess_detections(
+                row.head.box_regression, row.head.centerness, row.head.token_logits, anchors,
+                chunk.positive_map, [image.resized_hw], self.config.postprocess, self.box_coder)
+            labels = torch.tensor(chunk.class_indices, dtype=torch.long)[found.labels]
+            parts.append(Detections(found.boxes, found.scores, labels))
+        merged = merge_detections(parts, self.config.postprocess)
+        return Detections(rescale_boxes(merged.boxes, image.resized_hw, image.original_hw),
+                          merged.scores, merged.labels)
+
     async def segment(self, params: SegmentParams, image: Image.Image) -> SegmentResponse:
-        work = SegmentWork(image, list(params.expressions), params.threshold)
-        per_expression: list[list[EncodedSegment]] = await self._submit("segment", work, image)
+        request = _Request(self, image)
+        prepared, visual = await request.encode_image()
+        expressions = list(params.expressions)
+        rows = await request.fuse(visual, await request.encode_texts(expressions))
+        candidates = await asyncio.to_thread(self._segment_candidates, expressions, rows,
+                                             prepared, params.threshold)
+        logits = await request.all(request.submit("mask", c.work)
+                                   for c in candidates if c is not None)
+        encoded = await asyncio.to_thread(self._encode_segments, candidates, logits, prepared)
         results = [
             SegmentResult(expression=expression, segments=[
                 Segment(score=s.score, box=s.box, mask=RleMask(size=s.size, counts=s.counts))
-                for s in sorted(segments, key=lambda s: s.score, reverse=True)])
-            for expression, segments in zip(params.expressions, per_expression, strict=True)
+                for s in segments])
+            for expression, segments in zip(expressions, encoded, strict=True)
         ]
         return SegmentResponse(model=self.model_id, image=_info(image), results=results)
 
+    def _segment_candidates(self, expressions: list[str], rows: Sequence[FusionResult],
+                            image: PreparedImage, threshold: float
+                            ) -> list[_SegmentCandidates | None]:
+        """Per expression, its boxes over `threshold` (the best `max_segments`) with the
+        mask-head work for them, or None when it names nothing."""
+        anchors = self._anchors(rows[0].head)
+        out: list[_SegmentCandidates | None] = []
+        for expression, row in zip(expressions, rows, strict=True):
+            pmap = positive_map(self._tokenizer.encode(expression), [[(0, len(expression))]],
+                                row.fused_text.shape[1])
+            (found,) = postprocess_detections(
+                row.head.box_regression, row.head.centerness, row.head.token_logits, anchors,
+                pmap, [image.resized_hw], self.config.postprocess, self.box_coder)
+            keep = (found.scores >= threshold).nonzero().flatten()[: self.max_segments]
+            if not len(keep):
+                out.append(None)
+                continue
+            boxes = found.boxes[keep]
+            work = MaskWork(
+                fused_visual=row.fused_visual[:3], fused_text=row.fused_text,
+                phrase_map=pmap / pmap.sum(dim=1, keepdim=True).clamp(min=1.0),  # (1, T)
+                boxes=to_exclusive(boxes)[None],  # (1, K, 4)
+                box_valid=torch.ones(1, len(keep), dtype=torch.bool))
+            out.append(_SegmentCandidates(work, boxes, found.scores[keep]))
+        return out
+
+    def _encode_segments(self, candidates: Sequence[_SegmentCandidates | None],
+                         logits: Sequence[torch.Tensor], image: PreparedImage
+                         ) -> list[list[EncodedSegment]]:
+        """Mask logits -> binary masks in original pixels -> COCO RLE, per expression."""
+        per_image = iter(logits)
+        out: list[list[EncodedSegment]] = []
+        for candidate in candidates:
+            if candidate is None:
+                out.append([])
+                continue
+            masks = masks_for_image(next(per_image)[0], image.resized_hw, image.padded_hw,
+                                    image.original_hw)
+            boxes = to_exclusive(rescale_boxes(candidate.boxes, image.resized_hw,
+                                               image.original_hw))
+            out.append([_encode_segment(b, float(s), m)
+                        for b, s, m in zip(boxes, candidate.scores, masks, strict=True)])
+        return out
+
     async def vqa(self, params: VqaParams, image: Image.Image) -> VqaResponse:
-        answer: VqaAnswer = await self._submit("vqa", VqaWork(image, params.question), image)
-        return VqaResponse(
-            model=self.model_id, image=_info(image), answer=answer.answer,
-            score=rounded(answer.score, SCORE_DIGITS),
-            answers=[AnswerScore(answer=a, score=rounded(s, SCORE_DIGITS))
-                     for a, s in answer.answers],
-            grounding=[])
+        request = _Request(self, image)
+        prepared, visual = await request.encode_image()
+        (row,) = await request.fuse(visual, await request.encode_texts([params.question]))
+        logits = await request.submit("vqa", row.fused_text)
+        probs = logits.sigmoid()
+        vocab = self.config.tasks.vqa_answers
+        order = torch.argsort(probs, descending=True)[:VQA_TOP_K].tolist()
+        answers = [AnswerScore(answer=vocab[i], score=rounded(float(probs[i]), SCORE_DIGITS))
+                   for i in order]
+        grounding = await asyncio.to_thread(self._ground_question, params.question, row,
+                                            prepared)
+        return VqaResponse(model=self.model_id, image=_info(image), answer=answers[0].answer,
+                           score=answers[0].score, answers=answers, grounding=grounding)
+
+    def _ground_question(self, question: str, row: FusionResult, image: PreparedImage
+                         ) -> list[GroundedPhrase]:
+        """Boxes of the objects the question's noun phrases name (score over the threshold)."""
+        spans = question_phrases(question)
+        if not spans:
+            return []
+        pmap = positive_map(self._tokenizer.encode(question), [[s] for s in spans],
+                            row.fused_text.shape[1])
+        (found,) = postprocess_detections(
+            row.head.box_regression, row.head.centerness, row.head.token_logits,
+            self._anchors(row.head), pmap, [image.resized_hw], self.config.postprocess,
+            self.box_coder)
+        boxes = to_exclusive(rescale_boxes(found.boxes, image.resized_hw, image.original_hw))
+        return [GroundedPhrase(phrase=question[spans[label][0]:spans[label][1]],
+                               span=list(spans[label]),
+                               box=[rounded(v, BOX_DIGITS) for v in box],
+                               score=rounded(score, SCORE_DIGITS))
+                for box, score, label in zip(boxes.tolist(), found.scores.tolist(),
+                                             found.labels.tolist(), strict=True)
+                if score >= VQA_GROUNDING_THRESHOLD]
 
     async def caption(self, image: Image.Image) -> CaptionResponse:
-        result: CaptionResult = await self._submit("caption", CaptionWork(image), image)
-        return CaptionResponse(
-            model=self.model_id, image=_info(image), caption=result.caption,
-            phrases=[GroundedPhrase(phrase=p.phrase, span=list(p.span),
-                                    box=[rounded(v, BOX_DIGITS) for v in p.box],
-                                    score=rounded(p.score, SCORE_DIGITS))
-                     for p in result.phrases])
+        request = _Request(self, image)
+        prepared, visual = await request.encode_image()
+        decoded: CaptionDecoded = await request.submit(
+            "caption", CaptionWork(visual, self.caption_max_tokens))
+        phrases = await asyncio.to_thread(self._ground_caption, decoded, prepared)
+        return CaptionResponse(model=self.model_id, image=_info(image), caption=decoded.caption,
+                               phrases=phrases)
 
-    async def _submit(self, task: str, work: object, image: Image.Image) -> Any:
-        return await self.batchers[task].submit(work, bucket=self.bucket(image))
+    def _ground_caption(self, decoded: CaptionDecoded, image: PreparedImage
+                        ) -> list[GroundedPhrase]:
+        caption = decoded.caption
+        spans = caption_phrase_spans(caption)
+        if not spans:
+            return []
+        head = decoded.head
+        pmap = positive_map(decoded.encoding, [[s] for s in spans],
+                            head.token_logits[0].shape[2])
+        grounded = ground_phrases(head.box_regression, head.centerness, head.token_logits,
+                                  self._anchors(head), pmap, image.resized_hw, self.box_coder)
+        boxes = to_exclusive(rescale_boxes(grounded.boxes, image.resized_hw, image.original_hw))
+        return [GroundedPhrase(phrase=caption[start:end], span=[start, end],
+                               box=[rounded(v, BOX_DIGITS) for v in box],
+                               score=rounded(float(score), SCORE_DIGITS))
+                for (start, end), box, score in zip(spans, boxes.tolist(), grounded.scores,
+                                                    strict=True)]
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _anchors(self, head: HeadOutputs) -> list[torch.Tensor]:
+        sizes = [tuple(level.shape[-2:]) for level in head.box_regression]
+        return self.anchor_generator.grid_anchors(sizes)
+
+    def prepare_image(self, image: Image.Image) -> PreparedImage:
+        """Resize, normalise and pad to the image's bucket (a multiple of 32), as the reference."""
+        pre = self.config.preprocess
+        pixels, resized_hw = preprocess_image(image, pre)
+        batch, _ = batch_images([pixels], pre.size_divisibility)
+        return PreparedImage(pixels=batch[0], resized_hw=resized_hw,
+                             original_hw=(image.height, image.width))
 
     def bucket(self, image: Image.Image) -> tuple[int, int]:
         """The padded (H, W) the image runs at: only same-shape images stack into one tensor."""
@@ -397,6 +556,68 @@ class Glipv2Serving:
         height, width = resized_size(image.width, image.height, pre.min_size, pre.max_size)
         step = pre.size_divisibility
         return math.ceil(height / step) * step, math.ceil(width / step) * step
+
+
+class _Request:
+    """One request's trip through the engines: its deadline, and its work withdrawn from every
+    queue when any part of it fails."""
+
+    def __init__(self, serving: Glipv2Serving, image: Image.Image) -> None:
+        self.serving = serving
+        self.image = image
+        deadline_ms = serving._default_deadline_ms
+        self.deadline_s = (None if deadline_ms is None
+                           else serving._clock() + deadline_ms / 1000.0)
+        self.bucket = serving.bucket(image)
+
+    def remaining_ms(self) -> float | None:
+        if self.deadline_s is None:
+            return None
+        left = (self.deadline_s - self.serving._clock()) * 1000.0
+        if left <= 0:
+            raise DeadlineExceededError("request deadline passed between engines")
+        return left
+
+    async def submit(self, engine: str, payload: object, bucket: object = None) -> Any:
+        batcher = self.serving.batchers[engine]
+        return await batcher.submit(payload, bucket=bucket if bucket is not None else self.bucket,
+                                    deadline_ms=self.remaining_ms())
+
+    async def all(self, awaitables: Iterable[Awaitable[T]]) -> list[T]:
+        """Await all; on the first failure, cancel the rest (leaving their queues) and raise."""
+        tasks = [asyncio.ensure_future(a) for a in awaitables]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def encode_image(self) -> tuple[PreparedImage, list[torch.Tensor]]:
+        prepared = await asyncio.to_thread(self.serving.prepare_image, self.image)
+        return prepared, await self.submit("vision", prepared.pixels)
+
+    async def encode_texts(self, texts: list[str]) -> list[TextFeatures]:
+        async def compute(missing: list[str]) -> list[TextFeatures]:
+            return await self.all(self.submit("language", text, bucket="text")
+                                  for text in missing)
+
+        return await self.serving.text_cache.get(texts, compute)
+
+    async def fuse(self, visual: list[torch.Tensor], texts: Sequence[TextFeatures]
+                   ) -> list[FusionResult]:
+        return await self.all(self.submit("fusion", FusionWork(visual, text)) for text in texts)
+
+
+def _encode_segment(box: Sequence[float] | torch.Tensor, score: float, mask: torch.Tensor
+                    ) -> EncodedSegment:
+    """(H, W) bool mask -> COCO RLE with `counts` as str (pycocotools wants Fortran uint8)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
+    return EncodedSegment(box=[rounded(float(v), BOX_DIGITS) for v in box],
+                          score=rounded(score, SCORE_DIGITS),
+                          size=[int(v) for v in rle["size"]],
+                          counts=rle["counts"].decode("ascii"))
 
 
 def _info(image: Image.Image) -> ImageInfo:

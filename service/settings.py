@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.batching import BatcherConfig
+from service.runtimes.base import RuntimeOptions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "default"
@@ -61,8 +62,24 @@ class ServiceSettings(BaseSettings):
         description="Model folder (config.json + model.safetensors) served by the app.")
     model_name: str | None = Field(
         None, description="Model id in responses and /v1/models; default: the folder's name.")
-    runtime: Literal["pytorch"] = Field(
-        "pytorch", description="Inference runtime; ONNX Runtime and TensorRT come with engines.")
+    runtime: Literal["pytorch", "onnxruntime", "tensorrt"] = Field(
+        "pytorch",
+        description="Inference runtime: PyTorch eager on model_dir, or the exported graphs in "
+                    "engine_dir on ONNX Runtime or TensorRT.")
+    engine_dir: Path | None = Field(
+        None, description="Engine folder (`glipv2 export`, `glipv2 build-engines`) for the "
+                          "onnxruntime and tensorrt runtimes.")
+    ort_provider: Literal["cpu", "cuda", "tensorrt"] = Field(
+        "cpu", description="ONNX Runtime execution provider.")
+    precision: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32", description="ONNX Runtime variant of the vision and fusion graphs.")
+    threads: int = Field(0, ge=0, description="Intra-op compute threads; 0: one per core.")
+    text_cache_bytes: int = Field(
+        256 * 1024 * 1024, ge=0,
+        description="Bound of the text-feature cache (LRU per prompt text); 0 disables it.")
+    max_segments: int = Field(
+        20, ge=1, le=100,
+        description="Most segments per referring expression (bounds mask memory per request).")
     max_body_bytes: int = Field(
         20 * 1024 * 1024, ge=1024,
         description="Largest request body (JSON with base64, or multipart); larger is 413.")
@@ -112,9 +129,25 @@ class ServiceSettings(BaseSettings):
             raise ValueError("allow_image_urls is not supported yet; leave it False")
         return value
 
+    @model_validator(mode="after")
+    def _engines_for_exported_runtimes(self) -> ServiceSettings:
+        if self.runtime != "pytorch" and self.engine_dir is None:
+            raise ValueError(f"runtime {self.runtime!r} needs engine_dir (an exported engine "
+                             "folder: glipv2 export --model MODEL --out ENGINE_DIR)")
+        return self
+
     @property
     def model_id(self) -> str:
-        return self.model_name or self.model_dir.name
+        if self.model_name:
+            return self.model_name
+        if self.runtime != "pytorch" and self.engine_dir is not None:
+            return self.engine_dir.name
+        return self.model_dir.name
+
+    def runtime_options(self) -> RuntimeOptions:
+        return RuntimeOptions(kind=self.runtime, model_dir=self.model_dir,
+                              engine_dir=self.engine_dir, provider=self.ort_provider,
+                              precision=self.precision, threads=self.threads)
 
     def api_key_values(self) -> list[str]:
         return [key.get_secret_value() for key in self.api_keys]

@@ -14,35 +14,29 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from model_export.inference import Glipv2Predictor
 from service.errors import NotReadyError
 from service.images import decode_base64, decode_image_bytes
 from service.metrics import ServiceMetrics
+from service.runtimes import Runtime, open_runtime
 from service.serving import Glipv2Serving
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
-PredictorLoader = Callable[[], Glipv2Predictor]
-
-
-def load_predictor(settings: ServiceSettings) -> Glipv2Predictor:
-    """The PyTorch predictor of `settings.model_dir` (the only runtime so far)."""
-    from model_export.weights import load_model
-
-    return Glipv2Predictor(load_model(settings.model_dir))
+RuntimeLoader = Callable[[], Runtime]
 
 
 class ServiceState:
     """Lifecycle of the serving layer, and the image-decoding gate shared by all requests."""
 
     def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics,
-                 predictor: Glipv2Predictor | None = None,
-                 loader: PredictorLoader | None = None) -> None:
+                 runtime: Runtime | None = None,
+                 loader: RuntimeLoader | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._predictor = predictor
-        self._loader = loader if loader is not None else (lambda: load_predictor(settings))
+        self._runtime = runtime
+        self._loader = loader if loader is not None else (
+            lambda: open_runtime(settings.runtime_options()))
         self.serving: Glipv2Serving | None = None
         self.load_error: str | None = None
         self._load_task: asyncio.Task[None] | None = None
@@ -52,8 +46,8 @@ class ServiceState:
 
     async def startup(self) -> None:
         self._decode_gate = asyncio.Semaphore(self.settings.max_concurrent_decodes)
-        if self._predictor is not None:
-            await self._start_serving(self._predictor)
+        if self._runtime is not None:
+            await self._start_serving(self._runtime)
         else:
             self._load_task = asyncio.create_task(self._load(), name="glipv2-model-load")
 
@@ -75,24 +69,25 @@ class ServiceState:
             await serving.stop(drain=False)
 
     async def _load(self) -> None:
-        log.info("loading the model from %s", self.settings.model_dir)
+        log.info("loading the %s runtime", self.settings.runtime)
         try:
-            predictor = await asyncio.to_thread(self._loader)
-            await self._start_serving(predictor)
+            runtime = await asyncio.to_thread(self._loader)
+            await self._start_serving(runtime)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
-            log.exception("loading the model from %s failed", self.settings.model_dir)
+            log.exception("loading the %s runtime failed", self.settings.runtime)
             return
         log.info("model %s ready", self.settings.model_id)
 
-    async def _start_serving(self, predictor: Glipv2Predictor) -> None:
+    async def _start_serving(self, runtime: Runtime) -> None:
         settings = self.settings
         serving = Glipv2Serving(
-            predictor, model_id=settings.model_id, runtime=settings.runtime,
+            runtime, model_id=settings.model_id,
             batcher_config=settings.batcher.to_config(settings.request_timeout_ms),
-            metrics=self.metrics, caption_max_tokens=settings.caption_max_tokens)
+            metrics=self.metrics, caption_max_tokens=settings.caption_max_tokens,
+            text_cache_bytes=settings.text_cache_bytes, max_segments=settings.max_segments)
         await serving.start()
         self.serving = serving
         self.metrics.model_ready.set(1)

@@ -36,13 +36,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from model_export.config import PreprocessConfig, get_preset
-from model_export.inference import Glipv2Predictor
 from model_export.model import Glipv2Model
 from model_export.weights import load_pretrained_language, save_model
 from service.app import create_app
 from service.errors import PayloadTooLargeError, UnsupportedMediaTypeError
 from service.images import decode_base64, decode_image_bytes, sniff_format
 from service.openapi import OPENAPI_PATH, app_schema, load_openapi
+from service.runtimes.torch_eager import TorchRuntime
 from service.serving import split_phrases
 from service.settings import ServiceSettings
 
@@ -69,8 +69,8 @@ def tiny_model() -> Glipv2Model:
 
 
 @pytest.fixture(scope="module")
-def predictor(tiny_model: Glipv2Model) -> Glipv2Predictor:
-    return Glipv2Predictor(tiny_model)
+def runtime(tiny_model: Glipv2Model) -> TorchRuntime:
+    return TorchRuntime(tiny_model)
 
 
 def make_settings(**overrides: Any) -> ServiceSettings:
@@ -80,8 +80,8 @@ def make_settings(**overrides: Any) -> ServiceSettings:
 
 
 @pytest.fixture(scope="module")
-def client(predictor: Glipv2Predictor) -> Iterator[TestClient]:
-    with TestClient(create_app(make_settings(), predictor)) as test_client:
+def client(runtime: TorchRuntime) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings(), runtime)) as test_client:
         yield test_client
 
 
@@ -199,7 +199,10 @@ def test_vqa(client: TestClient, png_b64: str) -> None:
     vocabulary = client.get("/v1/models").json()["models"][0]["vqa_answers"]
     assert body["answer"] in vocabulary and body["answer"] == body["answers"][0]["answer"]
     assert body["score"] == body["answers"][0]["score"] and len(body["answers"]) == 5
-    assert body["grounding"] == []
+    question = "what color is the circle?"
+    for grounded in body["grounding"]:  # random weights: maybe none over the threshold
+        start, end = grounded["span"]
+        assert question[start:end] == grounded["phrase"] == "circle"
     assert set(body) == {"model", "image", "answer", "score", "answers", "grounding"}
 
 
@@ -270,8 +273,8 @@ LONG_PROMPT = "x " * 300  # 302 tokens in 600 characters: over the token limit o
     ("/v1/detect", {"prompt": " . , ;"}, 422, "invalid_request", "prompt has no phrases"),
     ("/v1/detect", {"prompt": LONG_PROMPT}, 422, "invalid_request",
      "more than the model's limit of 256"),
-    ("/v1/detect", {"classes": [f"class {i}" for i in range(200)]}, 422, "invalid_request",
-     "more than the model's limit of 256"),
+    ("/v1/detect", {"classes": ["circle", "!" * 255]}, 422, "invalid_request",
+     "257 tokens long on its own, more than the model's limit of 256"),
     ("/v1/detect", {"prompt_id": "lvis"}, 422, "invalid_request", "unknown prompt_id 'lvis'"),
     ("/v1/segment", {"expressions": []}, 422, "invalid_request",
      "expressions must not be empty"),
@@ -335,9 +338,9 @@ def test_body_and_content_type_errors(client: TestClient, png_bytes: bytes) -> N
 
 
 @pytest.fixture(scope="module")
-def small_limits_client(predictor: Glipv2Predictor) -> Iterator[TestClient]:
+def small_limits_client(runtime: TorchRuntime) -> Iterator[TestClient]:
     settings = make_settings(max_body_bytes=50_000, max_image_pixels=10_000)
-    with TestClient(create_app(settings, predictor)) as test_client:
+    with TestClient(create_app(settings, runtime)) as test_client:
         yield test_client
 
 
@@ -382,8 +385,8 @@ def test_sniff_and_decode_helpers(png_bytes: bytes) -> None:
 # --- probes, auth, metrics --------------------------------------------------------------------
 
 
-def test_readyz_is_503_before_the_model_is_loaded(predictor: Glipv2Predictor) -> None:
-    app = create_app(make_settings(), predictor)
+def test_readyz_is_503_before_the_model_is_loaded(runtime: TorchRuntime) -> None:
+    app = create_app(make_settings(), runtime)
     bare = TestClient(app)  # no `with`: the lifespan (which starts the model) has not run
     assert bare.get("/healthz").json() == {"status": "ok"}
     response = bare.get("/readyz")
@@ -392,12 +395,12 @@ def test_readyz_is_503_before_the_model_is_loaded(predictor: Glipv2Predictor) ->
     assert_error(bare.post("/v1/caption", json={"image": "x"}), 503, "not_ready")
 
 
-def test_background_load_then_ready(predictor: Glipv2Predictor) -> None:
+def test_background_load_then_ready(runtime: TorchRuntime) -> None:
     release = threading.Event()
 
-    def slow_loader() -> Glipv2Predictor:
+    def slow_loader() -> TorchRuntime:
         release.wait(10)
-        return predictor
+        return runtime
 
     with TestClient(create_app(make_settings(), loader=slow_loader)) as loading:
         assert_error(loading.get("/readyz"), 503, "not_ready")
@@ -409,7 +412,7 @@ def test_background_load_then_ready(predictor: Glipv2Predictor) -> None:
 
 
 def test_failed_load_is_reported_by_both_probes() -> None:
-    def broken_loader() -> Glipv2Predictor:
+    def broken_loader() -> TorchRuntime:
         raise FileNotFoundError("no model.safetensors")
 
     with TestClient(create_app(make_settings(), loader=broken_loader)) as failed:
@@ -420,8 +423,8 @@ def test_failed_load_is_reported_by_both_probes() -> None:
         assert_error(failed.get("/readyz"), 503, "not_ready", "failed to load")
 
 
-def test_api_keys(predictor: Glipv2Predictor, png_b64: str) -> None:
-    app = create_app(make_settings(api_keys=["k1", "s3cret"]), predictor)
+def test_api_keys(runtime: TorchRuntime, png_b64: str) -> None:
+    app = create_app(make_settings(api_keys=["k1", "s3cret"]), runtime)
     body = {"image": png_b64, "question": "what shape?"}
     with TestClient(app) as keyed:
         response = keyed.post("/v1/vqa", json=body)
@@ -466,9 +469,9 @@ async def _with_app(app: FastAPI, scenario: Any) -> Any:
             return await scenario(http)
 
 
-def test_bad_requests_among_good_ones(predictor: Glipv2Predictor, png_bytes: bytes,
+def test_bad_requests_among_good_ones(runtime: TorchRuntime, png_bytes: bytes,
                                       png_b64: str) -> None:
-    app = create_app(make_settings(max_body_bytes=2_000_000), predictor)
+    app = create_app(make_settings(max_body_bytes=2_000_000), runtime)
     good = {"image": png_b64, "classes": CLASSES, "threshold": 0.0}
     bad = [
         ({"image": b64(png_bytes[:8] + b"\x01" * 64), "classes": ["a"]}, 400),  # corrupt
@@ -488,18 +491,19 @@ def test_bad_requests_among_good_ones(predictor: Glipv2Predictor, png_bytes: byt
     assert [r.status_code for r in responses[1::2]] == [status for _, status in bad]
 
 
-class GatedPredictor(Glipv2Predictor):
-    """Detection waits for `gate`, to hold a request in flight."""
+class GatedRuntime(TorchRuntime):
+    """The vision engine waits for `gate`, to hold a request in flight."""
 
     def __init__(self, model: Glipv2Model) -> None:
         super().__init__(model)
         self.gate = threading.Event()
         self.entered = threading.Event()
 
-    def detect(self, image, class_names):  # type: ignore[no-untyped-def]
-        self.entered.set()
-        self.gate.wait(20)
-        return super().detect(image, class_names)
+    def run(self, graph: str, inputs: Any) -> dict[str, torch.Tensor]:
+        if graph == "vision":
+            self.entered.set()
+            self.gate.wait(20)
+        return super().run(graph, inputs)
 
 
 async def _until(condition: Any, timeout_s: float = 10.0) -> None:
@@ -510,7 +514,7 @@ async def _until(condition: Any, timeout_s: float = 10.0) -> None:
 
 
 def test_queue_full_is_429_with_retry_after(tiny_model: Glipv2Model, png_b64: str) -> None:
-    gated = GatedPredictor(tiny_model)
+    gated = GatedRuntime(tiny_model)
     app = create_app(make_settings(batcher={"max_batch_size": 1, "max_queue_size": 1,
                                             "max_queue_delay_ms": 0}), gated)
     body = {"image": png_b64, "classes": ["circle"]}
@@ -519,7 +523,7 @@ def test_queue_full_is_429_with_retry_after(tiny_model: Glipv2Model, png_b64: st
         first = asyncio.create_task(http.post("/v1/detect", json=body))
         await _until(gated.entered.is_set)
         second = asyncio.create_task(http.post("/v1/detect", json=body))
-        batcher = app.state.service.serving.batchers["detect"]
+        batcher = app.state.service.serving.batchers["vision"]
         await _until(lambda: batcher.queue_depth == 1)
         rejected = await http.post("/v1/detect", json=body)
         assert_error(rejected, 429, "queue_full", "queue is full")
@@ -533,7 +537,7 @@ def test_queue_full_is_429_with_retry_after(tiny_model: Glipv2Model, png_b64: st
 
 def test_deadline_is_504_and_the_service_recovers(tiny_model: Glipv2Model,
                                                   png_b64: str) -> None:
-    gated = GatedPredictor(tiny_model)
+    gated = GatedRuntime(tiny_model)
     app = create_app(make_settings(request_timeout_ms=8000), gated)
     body = {"image": png_b64, "classes": ["circle"]}
 
@@ -541,14 +545,14 @@ def test_deadline_is_504_and_the_service_recovers(tiny_model: Glipv2Model,
         assert_error(await http.post("/v1/detect", json=body), 504, "deadline_exceeded",
                      "deadline passed")
         gated.gate.set()
-        await _until(lambda: app.state.service.serving.batchers["detect"]._in_flight is None)
+        await _until(lambda: app.state.service.serving.batchers["vision"]._in_flight is None)
         assert (await http.post("/v1/detect", json=body)).status_code == 200
 
     asyncio.run(_with_app(app, scenario))
 
 
-def test_stopped_engine_is_503(predictor: Glipv2Predictor, png_b64: str) -> None:
-    app = create_app(make_settings(), predictor)
+def test_stopped_engine_is_503(runtime: TorchRuntime, png_b64: str) -> None:
+    app = create_app(make_settings(), runtime)
 
     async def scenario(http: httpx.AsyncClient) -> None:
         await app.state.service.serving.batchers["vqa"].stop()

@@ -1,0 +1,236 @@
+"""The model runner: one engine's batch of work in, one result per item out.
+
+Each method takes the `BatchPlan` a `DynamicBatcher` formed for one engine and returns one result
+per payload, in order; it stacks the items into tensors (padding tokens, boxes and phrases, with
+masks), runs the graph on the `Runtime`, and splits the outputs back per item. It never sees a
+queue, a request or a deadline (vLLM's model runner). Items of one plan share a bucket: images
+of one padded shape, so their features stack without padding.
+
+Per-item results keep a batch dimension of 1 (`(1, C, h, w)`, `(1, T, D)`), the shape the
+post-processing functions of `model_export` take for one image.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from model_export.export import LEVELS
+from model_export.prompt import load_tokenizer, tokenize
+from service.batching import BatchPlan
+from service.runtimes import Runtime
+from service.text_cache import TextFeatures
+
+Levels = list[Tensor]  # per FPN level P3..P7, (1, C, h, w)
+
+
+@dataclass(frozen=True)
+class FusionWork:
+    """One row of the fusion engine: an image's features with one prompt's text features."""
+
+    visual: Levels
+    text: TextFeatures
+
+
+@dataclass(frozen=True)
+class HeadOutputs:
+    """The ATSS head of one row, per level: (1, 4, h, w), (1, 1, h, w), (1, h*w, T)."""
+
+    box_regression: list[Tensor]
+    centerness: list[Tensor]
+    token_logits: list[Tensor]
+
+
+@dataclass(frozen=True)
+class FusionResult:
+    """One fusion row: head outputs and fused features, T = the row's real token count."""
+
+    head: HeadOutputs
+    fused_visual: Levels  # (1, C, h, w) per level
+    fused_text: Tensor  # (1, T, D)
+
+
+@dataclass(frozen=True)
+class MaskWork:
+    """Mask-head input of one image: P phrases with K boxes each (model-input frame, exclusive).
+
+    fused_visual: the row's fused P3..P5; fused_text (1, T, D); phrase_map (P, T) weights
+    summing to 1 per phrase; boxes (P, K, 4); box_valid (P, K).
+    """
+
+    fused_visual: Levels
+    fused_text: Tensor
+    phrase_map: Tensor
+    boxes: Tensor
+    box_valid: Tensor
+
+
+@dataclass(frozen=True)
+class CaptionWork:
+    visual: Levels
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class CaptionDecoded:
+    """A greedy caption and what grounding its phrases needs.
+
+    caption: decoded text; encoding: its tokenisation ([CLS] caption [SEP]) for character to
+    token maps; head: the ATSS head on the fused caption tokens.
+    """
+
+    caption: str
+    encoding: object
+    head: HeadOutputs
+
+
+class ModelRunner:
+    """Batches of engine work on one `Runtime`. Thread-safe: each engine calls from its own
+    worker thread; tokenisation is serialised (the fast tokenizer's settings are shared)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.config = runtime.config
+        self.tokenizer = load_tokenizer(self.config.language.tokenizer)
+        self.max_tokens = self.config.language.max_query_len
+        self._tokenizer_lock = threading.Lock()
+
+    def _tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor, list[object]]:
+        with self._tokenizer_lock:
+            return tokenize(self.tokenizer, list(texts), self.max_tokens)
+
+    # --- engines ------------------------------------------------------------------------------
+
+    def vision(self, plan: BatchPlan[Tensor]) -> list[Levels]:
+        """(3, H, W) padded images of one shape -> per image, P3..P7."""
+        out = self.runtime.run("vision", {"images": torch.stack(plan.payloads)})
+        return [[out[level][i:i + 1] for level in LEVELS] for i in range(plan.size)]
+
+    def language(self, plan: BatchPlan[str]) -> list[TextFeatures]:
+        """Texts -> token ids and bidirectional encoder features (unpadded, owned copies)."""
+        ids, mask, _ = self._tokenize(plan.payloads)
+        hidden = self.runtime.run("language", {"input_ids": ids, "attention_mask": mask})["hidden"]
+        lengths = mask.sum(dim=1).tolist()
+        return [TextFeatures(input_ids=ids[i, :n].clone(), hidden=hidden[i, :n].clone())
+                for i, n in enumerate(lengths)]
+
+    def fusion(self, plan: BatchPlan[FusionWork]) -> list[FusionResult]:
+        """Rows of (image features, prompt features), prompts of any lengths, one batch."""
+        works = plan.payloads
+        hidden, mask = _pad_tokens([w.text.hidden for w in works])
+        inputs = {level: torch.cat([w.visual[i] for w in works]) for i, level in enumerate(LEVELS)}
+        out = self.runtime.run("fusion", {**inputs, "hidden": hidden, "attention_mask": mask})
+        results = []
+        for row, work in enumerate(works):
+            tokens = work.text.hidden.shape[0]
+            results.append(FusionResult(
+                head=_head_row(out, row, tokens),
+                fused_visual=[out[f"fused_{level}"][row:row + 1] for level in LEVELS],
+                fused_text=out["fused_text"][row:row + 1, :tokens]))
+        return results
+
+    def mask(self, plan: BatchPlan[MaskWork]) -> list[Tensor]:
+        """Per image, (P, K, h4, w4) mask logits (padding of phrases, boxes, tokens removed)."""
+        works = plan.payloads
+        fused_text, _ = _pad_tokens([w.fused_text[0] for w in works])
+        tokens, phrases = fused_text.shape[1], max(w.phrase_map.shape[0] for w in works)
+        boxes_max = max(w.boxes.shape[1] for w in works)
+        phrase_map = torch.zeros(len(works), phrases, tokens)
+        boxes = torch.zeros(len(works), phrases, boxes_max, 4)
+        valid = torch.zeros(len(works), phrases, boxes_max, dtype=torch.bool)
+        for i, w in enumerate(works):
+            p, t = w.phrase_map.shape
+            k = w.boxes.shape[1]
+            phrase_map[i, :p, :t] = w.phrase_map
+            boxes[i, :p, :k] = w.boxes
+            valid[i, :p, :k] = w.box_valid
+        inputs = {f"fused_{level}": torch.cat([w.fused_visual[j] for w in works])
+                  for j, level in enumerate(LEVELS[:3])}
+        logits = self.runtime.run("mask", {**inputs, "fused_text": fused_text,
+                                           "phrase_map": phrase_map, "boxes": boxes,
+                                           "box_valid": valid})["mask_logits"]
+        return [logits[i, :w.phrase_map.shape[0], :w.boxes.shape[1]]
+                for i, w in enumerate(works)]
+
+    def vqa(self, plan: BatchPlan[Tensor]) -> list[Tensor]:
+        """(1, T, D) fused question tokens -> (A,) answer logits."""
+        fused_text, mask = _pad_tokens([t[0] for t in plan.payloads])
+        logits = self.runtime.run("vqa", {"fused_text": fused_text,
+                                          "attention_mask": mask})["answer_logits"]
+        return list(logits)
+
+    def caption(self, plan: BatchPlan[CaptionWork]) -> list[CaptionDecoded]:
+        """Greedy decoding of every image of the batch together, the image side computed once;
+        a row stops at [SEP] or its `max_tokens`, the others go on."""
+        works = plan.payloads
+        visual = {level: torch.cat([w.visual[i] for w in works]) for i, level in enumerate(LEVELS)}
+        image_out = self.runtime.run("caption_image", visual)
+        state_names = sorted((n for n in image_out if n.startswith("state_")),
+                             key=lambda n: int(n.split("_")[1]))
+        states = [image_out[n] for n in state_names]
+        cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+        sequences = [[cls_id] for _ in works]
+        active = [i for i, w in enumerate(works) if w.max_tokens > 0]
+        while active:
+            ids, mask = _pad_ids([sequences[i] for i in active])
+            index = torch.tensor(active)
+            logits = self.runtime.run("caption_step", {
+                "input_ids": ids, "attention_mask": mask,
+                **{n: s[index] for n, s in zip(state_names, states, strict=True)},
+            })["next_token_logits"]
+            still = []
+            for row, i in enumerate(active):
+                next_id = int(logits[row].argmax())
+                if next_id == sep_id:
+                    continue
+                sequences[i].append(next_id)
+                if len(sequences[i]) - 1 < works[i].max_tokens:
+                    still.append(i)
+            active = still
+        with self._tokenizer_lock:
+            captions = [self.tokenizer.decode(s[1:], skip_special_tokens=True).strip()
+                        for s in sequences]
+        ids, mask, encodings = self._tokenize(captions)
+        fused_text = self.runtime.run("caption_step", {
+            "input_ids": ids, "attention_mask": mask,
+            **dict(zip(state_names, states, strict=True))})["fused_text"]
+        head = self.runtime.run("caption_ground", {
+            **{f"fused_{level}": image_out[f"fused_{level}"] for level in LEVELS},
+            "fused_text": fused_text})
+        lengths = mask.sum(dim=1).tolist()
+        return [CaptionDecoded(caption=captions[i], encoding=encodings[i],
+                               head=_head_row(head, i, lengths[i]))
+                for i in range(len(works))]
+
+
+def _head_row(out: dict[str, Tensor], row: int, tokens: int) -> HeadOutputs:
+    return HeadOutputs(
+        box_regression=[out[f"box_regression_{level}"][row:row + 1] for level in LEVELS],
+        centerness=[out[f"centerness_{level}"][row:row + 1] for level in LEVELS],
+        token_logits=[out[f"token_logits_{level}"][row:row + 1, :, :tokens] for level in LEVELS])
+
+
+def _pad_tokens(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """(T_i, D) per row -> (N, T, D) zero-padded and the (N, T) int64 attention mask."""
+    longest = max(f.shape[0] for f in features)
+    padded = features[0].new_zeros(len(features), longest, features[0].shape[1])
+    mask = torch.zeros(len(features), longest, dtype=torch.long)
+    for i, f in enumerate(features):
+        padded[i, :f.shape[0]] = f
+        mask[i, :f.shape[0]] = 1
+    return padded, mask
+
+
+def _pad_ids(sequences: Sequence[list[int]]) -> tuple[Tensor, Tensor]:
+    """Token id lists -> right-padded (N, T) ids (pad 0) and attention mask, int64."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
