@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -57,7 +58,22 @@ def _eval(args: argparse.Namespace) -> int:
     from model_export.evaluate import TASKS, evaluate, format_table, write_report
 
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)
-    metrics = evaluate(args.model, args.n, args.seed, tasks, held_out=args.held_out)
+    predictor = None
+    if args.runtime != "pytorch":
+        from service.offline import ServingPredictor
+        from service.runtimes import RuntimeOptions, open_runtime
+
+        if not args.engines:
+            print(f"--runtime {args.runtime} needs --engines (glipv2 export)", file=sys.stderr)
+            return 2
+        predictor = ServingPredictor(open_runtime(RuntimeOptions(
+            kind=args.runtime, engine_dir=Path(args.engines), provider=args.provider,
+            precision=args.precision)))
+    elif not args.model:
+        print("--model is required with the pytorch runtime", file=sys.stderr)
+        return 2
+    metrics = evaluate(args.model, args.n, args.seed, tasks, held_out=args.held_out,
+                       predictor=predictor)
     print(format_table(metrics))
     if args.out:
         write_report(metrics, args.out)
@@ -67,8 +83,19 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from model_export.export import export_model
 
-    manifest = export_model(args.model, args.out, opset=args.opset)
+    manifest = export_model(args.model, args.out, opset=args.opset,
+                            progress=lambda name: print(f"exporting {name}", flush=True),
+                            variants=args.variants.split(",") if args.variants else ())
     print(f"wrote {manifest}")
+    return 0
+
+
+def _bench_runtimes(args: argparse.Namespace) -> int:
+    from service.bench_runtimes import bench_runtimes, format_result
+
+    result = bench_runtimes(Path(args.model), Path(args.engines) if args.engines else None,
+                            args.height, args.width, repeats=args.repeats, threads=args.threads)
+    print(format_result(result))
     return 0
 
 
@@ -171,7 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser("eval", help="metrics of a model on fresh shapes-world images")
-    evaluate.add_argument("--model", required=True, help="model folder")
+    evaluate.add_argument("--model", help="model folder (the pytorch runtime)")
+    evaluate.add_argument("--runtime", choices=["pytorch", "onnxruntime", "tensorrt"],
+                          default="pytorch",
+                          help="pytorch: the reference predictor on --model; otherwise the "
+                               "service's path on the exported graphs in --engines")
+    evaluate.add_argument("--engines", help="engine folder (glipv2 export)")
+    evaluate.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
+                          help="ONNX Runtime execution provider")
+    evaluate.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                          help="ONNX Runtime variant of vision and fusion")
     evaluate.add_argument("--n", type=int, default=500, help="images to render and score")
     evaluate.add_argument("--seed", type=int, default=1000, help="world seed (not a training one)")
     evaluate.add_argument("--tasks", default="", help="comma-separated subset of the tasks")
@@ -184,7 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True, help="model folder")
     export.add_argument("--out", required=True, help="output folder, e.g. engines/NAME")
     export.add_argument("--opset", type=int, default=19, help="ONNX opset (DeformConv needs 19)")
+    export.add_argument("--variants", default="",
+                        help="reduced-precision variants of vision and fusion to add: int8")
     export.set_defaults(func=_export)
+
+    bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    runtimes = bench_sub.add_parser(
+        "runtimes", help="each graph's latency on PyTorch fp32/bf16 and ONNX Runtime fp32/int8")
+    runtimes.add_argument("--model", default="models/default", help="model folder (PyTorch)")
+    runtimes.add_argument("--engines", help="exported engine folder (ONNX Runtime); export "
+                                            "with --variants int8 to include int8")
+    runtimes.add_argument("--height", type=int, default=288, help="padded image height")
+    runtimes.add_argument("--width", type=int, default=448, help="padded image width")
+    runtimes.add_argument("--repeats", type=int, default=5, help="timed runs per graph")
+    runtimes.add_argument("--threads", type=int, default=0, help="compute threads (0: all)")
+    runtimes.set_defaults(func=_bench_runtimes)
 
     serve = sub.add_parser(
         "serve", help="serve the model over HTTP",

@@ -13,6 +13,7 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -48,11 +49,19 @@ def _grounding_phrases(scene, rng: random.Random, held_out: Sequence[tuple[str, 
     return sorted(phrases)
 
 
-def evaluate(model_dir: str | Path, n: int, seed: int, tasks: Sequence[str] = TASKS,
+def evaluate(model_dir: str | Path | None, n: int, seed: int, tasks: Sequence[str] = TASKS,
              held_out: str = "purple star,orange hexagon,green triangle",
-             progress: bool = True) -> dict[str, dict]:
-    """Render `n` images with `seed` (never a training seed) and score every task."""
-    predictor = Glipv2Predictor.from_dir(model_dir)
+             progress: bool = True, predictor: Any = None) -> dict[str, dict]:
+    """Render `n` images with `seed` (never a training seed) and score every task.
+
+    `predictor` defaults to the PyTorch `Glipv2Predictor` of `model_dir`; anything with its
+    `detect`/`segment`/`vqa`/`caption` methods is scored the same way (the service's
+    `ServingPredictor` runs an exported runtime).
+    """
+    if predictor is None:
+        if model_dir is None:
+            raise ValueError("evaluate needs a model folder or a predictor")
+        predictor = Glipv2Predictor.from_dir(model_dir)
     pairs = sorted(parse_pairs(held_out)) if held_out else []
     held_out_phrases = {f"{c} {s}" for c, s in pairs}
     rng = random.Random(seed)

@@ -437,12 +437,37 @@ def _graph_entry(spec: GraphSpec, path: Path, opset: int) -> dict[str, Any]:
     }
 
 
+def quantize_int8(source: Path, target: Path) -> None:
+    """Dynamic int8 quantisation of a graph's weight MatMuls (ONNX Runtime): weights int8 per
+    output channel, activations uint8 quantised at run time, so the CPU's VNNI u8 x s8 dot
+    products run them. No calibration data is needed. Products of two activations (attention,
+    region-token logits) stay fp32, as do convolutions and DeformConv."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(source), load_external_data=False).graph
+    # 2-D weights only: a MatMul by a vector (the head's bias projection) has no output
+    # channels to quantise per channel.
+    weights = {i.name for i in graph.initializer if len(i.dims) == 2}
+    weight_matmuls = [node.name for node in graph.node
+                      if node.op_type == "MatMul" and node.input[1] in weights]
+    quantize_dynamic(source, target, per_channel=True, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul"], nodes_to_quantize=weight_matmuls)
+
+
+# Reduced-precision variants `export_model` can add, and the graphs that get them (the heavy
+# ones, issue 4); a runtime picks one by configuration.
+VARIANT_GRAPHS = ("vision", "fusion")
+VARIANTS: dict[str, Callable[[Path, Path], None]] = {"int8": quantize_int8}
+
+
 def export_model(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET,
-                 progress: Callable[[str], None] | None = None) -> Path:
+                 progress: Callable[[str], None] | None = None,
+                 variants: Sequence[str] = ()) -> Path:
     """Export every graph of the model in `model_dir` into `out_dir`; returns the manifest path.
 
     `out_dir` gets `<graph>.onnx` per graph (`mask`, `vqa` and the caption graphs only when the
-    model has those heads), `config.json` (copied) and `manifest.json`. `progress` is called with
+    model has those heads), `<graph>.<variant>.onnx` for each of `variants` ("int8") of the
+    `VARIANT_GRAPHS`, `config.json` (copied) and `manifest.json`. `progress` is called with
     each graph's name before it is exported.
     """
     model_dir, out = Path(model_dir), Path(out_dir)
@@ -456,6 +481,16 @@ def export_model(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAUL
         path = out / spec.file
         export_graph(spec, path, opset)
         graphs[spec.name] = _graph_entry(spec, path, opset)
+        if spec.name in VARIANT_GRAPHS:
+            for variant in variants:
+                if variant not in VARIANTS:
+                    raise ValueError(f"unknown variant {variant!r}; available: {sorted(VARIANTS)}")
+                if progress is not None:
+                    progress(f"{spec.name} ({variant})")
+                target = out / f"{spec.name}.{variant}.onnx"
+                VARIANTS[variant](path, target)
+                graphs[spec.name].setdefault("variants", {})[variant] = {
+                    "file": target.name, "sha256": sha256_file(target)}
     shutil.copyfile(model_dir / CONFIG_FILE, out / CONFIG_FILE)
     manifest = {
         "format": MANIFEST_FORMAT,

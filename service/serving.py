@@ -375,14 +375,19 @@ class Glipv2Serving:
 
     # --- requests -----------------------------------------------------------------------------
 
-    async def detect(self, query: DetectQuery, image: Image.Image) -> DetectResponse:
+    async def detections(self, query: DetectQuery, image: Image.Image) -> Detections:
+        """All detections after NMS, unthresholded: original-image pixels (legacy +1 boxes),
+        labels indexing `query.names`, scores descending."""
         request = _Request(self, image)
         prepared, visual = await request.encode_image()
         texts = await request.encode_texts([c.caption for c in query.chunks])
         rows = await request.fuse(visual, texts)
         if self.metrics is not None:
             self.metrics.prompt_chunks.observe(len(query.chunks))
-        found = await asyncio.to_thread(self._merge_chunks, query, rows, prepared)
+        return await asyncio.to_thread(self._merge_chunks, query, rows, prepared)
+
+    async def detect(self, query: DetectQuery, image: Image.Image) -> DetectResponse:
+        found = await self.detections(query, image)
         detections: list[Detection] = []
         for box, score, label in zip(to_exclusive(found.boxes).tolist(), found.scores.tolist(),
                                      found.labels.tolist(), strict=True):

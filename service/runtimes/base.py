@@ -37,7 +37,8 @@ class RuntimeOptions:
     kind: "pytorch" runs `model_dir` eagerly; "onnxruntime" and "tensorrt" run the exported
         graphs in `engine_dir` (`glipv2 export`, then `glipv2 build-engines` for TensorRT).
     provider: ONNX Runtime execution provider.
-    precision: ONNX Runtime graph variant of `vision` and `fusion` (`glipv2 export --precision`).
+    precision: reduced precision of `vision` and `fusion`: "bf16" (PyTorch autocast) or "int8"
+        (the ONNX Runtime variant `glipv2 export --variants int8` writes).
     threads: intra-op threads (0: the library's default).
     device: PyTorch device ("cpu", "cuda").
     """
@@ -82,7 +83,7 @@ def open_runtime(options: RuntimeOptions) -> Runtime:
         if options.model_dir is None:
             raise ValueError("the pytorch runtime needs a model folder")
         return TorchRuntime.from_dir(options.model_dir, device=options.device,
-                                     threads=options.threads)
+                                     threads=options.threads, precision=options.precision)
     if options.engine_dir is None:
         raise ValueError(f"the {options.kind} runtime needs an engine folder (glipv2 export)")
     if options.kind == "onnxruntime":

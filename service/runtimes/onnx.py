@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model_export.export import VARIANT_GRAPHS
 from service.runtimes.base import OrtProvider, Precision, Runtime, RuntimeUnavailableError
 from service.runtimes.manifest import load_manifest
 
@@ -20,14 +21,15 @@ PROVIDERS: dict[str, list[str]] = {
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 # Graphs that have reduced-precision variants (the compute-heavy ones, issue 4).
-REDUCED_PRECISION_GRAPHS = ("vision", "fusion")
+REDUCED_PRECISION_GRAPHS = VARIANT_GRAPHS
 
 
 class OnnxRuntime(Runtime):
     """One `InferenceSession` per graph of a validated engine folder.
 
-    precision: "fp32", or "bf16" / "int8" to run the `vision` and `fusion` variants the export
-        wrote (the other graphs stay fp32). A variant the folder lacks is an error, not a fallback.
+    precision: "fp32", or "int8" to run the `vision` and `fusion` variants the export wrote
+        (the other graphs stay fp32). A variant the folder lacks is an error, not a fallback
+        (bf16 is the PyTorch runtime's: ONNX Runtime's x86 CPU provider has no bf16 kernels).
     threads: intra-op threads per session (0: ONNX Runtime's default, one per core).
     """
 
@@ -48,11 +50,14 @@ class OnnxRuntime(Runtime):
             if not self.manifest.has_variant(graph, precision):
                 raise RuntimeUnavailableError(
                     f"{engine_dir} has no {precision} variant of {graph!r}; export one with "
-                    f"`glipv2 export --precision {precision}`")
+                    f"`glipv2 export --variants {precision}`")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        # One session per graph, each with its own thread pool: spinning idle workers would
+        # steal the cores the running graph needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [(name, _provider_options(name, self.manifest.directory))
                      for name in wanted if name in available]
         self._sessions: dict[str, Any] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from torch import Tensor, nn
 from model_export.export import graph_specs
 from model_export.model import Glipv2Model
 from model_export.weights import load_model
-from service.runtimes.base import Runtime
+from service.runtimes.base import Runtime, RuntimeUnavailableError
+from service.runtimes.onnx import REDUCED_PRECISION_GRAPHS
 
 
 class TorchRuntime(Runtime):
@@ -19,25 +21,39 @@ class TorchRuntime(Runtime):
 
     The wrappers are exactly what ONNX export traces, so this runtime's outputs are the
     reference the others are compared with, tensor name by tensor name.
+
+    precision "bf16" runs `vision` and `fusion` under autocast to bfloat16 (CPU: AVX-512 bf16
+    matrix products; CUDA: tensor cores), outputs returned as float32; "fp32" runs everything
+    in float32.
     """
 
-    def __init__(self, model: Glipv2Model, device: str = "cpu", threads: int = 0) -> None:
+    def __init__(self, model: Glipv2Model, device: str = "cpu", threads: int = 0,
+                 precision: str = "fp32") -> None:
+        if precision not in ("fp32", "bf16"):
+            raise RuntimeUnavailableError(
+                f"the pytorch runtime runs fp32 or bf16, not {precision!r} (int8 is an ONNX "
+                "Runtime variant: glipv2 export --variants int8)")
         if threads:
             torch.set_num_threads(threads)
-        self.model = model.eval().to(device)
-        self.config = model.config
-        self.device = torch.device(device)
-        self.name = "pytorch" if self.device.type == "cpu" else f"pytorch-{self.device.type}"
+        model = model.eval()
+        # The specs' example inputs are CPU tensors: build them before the model moves.
         self._graphs: dict[str, tuple[nn.Module, list[str], list[str]]] = {
             spec.name: (spec.module, spec.input_names, spec.output_names)
-            for spec in graph_specs(self.model)
+            for spec in graph_specs(model)
         }
+        self.model = model.to(device)
+        self.config = model.config
+        self.device = torch.device(device)
+        self.precision = precision
+        self.name = "pytorch" if self.device.type == "cpu" else f"pytorch-{self.device.type}"
+        if precision != "fp32":
+            self.name += f"-{precision}"
         self.graphs = frozenset(self._graphs)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str = "cpu", threads: int = 0
-                 ) -> TorchRuntime:
-        return cls(load_model(model_dir), device=device, threads=threads)
+    def from_dir(cls, model_dir: str | Path, device: str = "cpu", threads: int = 0,
+                 precision: str = "fp32") -> TorchRuntime:
+        return cls(load_model(model_dir), device=device, threads=threads, precision=precision)
 
     @torch.no_grad()
     def run(self, graph: str, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -46,7 +62,16 @@ class TorchRuntime(Runtime):
         missing = [name for name in input_names if name not in inputs]
         if missing:
             raise KeyError(f"graph {graph!r} needs inputs {missing}")
-        outputs = module(*(inputs[name].to(self.device) for name in input_names))
+        reduced = self.precision == "bf16" and graph in REDUCED_PRECISION_GRAPHS
+        context = (torch.autocast(self.device.type, dtype=torch.bfloat16) if reduced
+                   else contextlib.nullcontext())
+        with context:
+            outputs = module(*(inputs[name].to(self.device) for name in input_names))
         if isinstance(outputs, Tensor):
             outputs = (outputs,)
-        return {name: value.cpu() for name, value in zip(output_names, outputs, strict=True)}
+        return {name: _float32(value.cpu())
+                for name, value in zip(output_names, outputs, strict=True)}
+
+
+def _float32(tensor: Tensor) -> Tensor:
+    return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor

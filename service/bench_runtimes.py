@@ -1,0 +1,139 @@
+"""`glipv2 bench runtimes`: each graph's latency on every runtime, side by side in one run.
+
+Same inputs for every runtime (an image at the preset's serving size, a detection prompt), the
+median of `repeats` timed runs after a warm-up, so the ratios compare like with like on a noisy
+machine. Also prints the achieved GFLOP/s of `vision` and `fusion` (matrix-product and
+convolution FLOPs counted by PyTorch's FLOP counter on the eager graph) beside the machine's own
+measured matrix-product rate in fp32 and bf16.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+from model_export.export import LEVELS
+from model_export.prompt import build_detection_prompt, load_tokenizer, tokenize
+from service.runtimes import Runtime, RuntimeOptions, RuntimeUnavailableError, open_runtime
+
+PROMPT = ["circle", "square", "triangle", "diamond", "star", "hexagon"]
+GRAPHS = ("vision", "language", "fusion", "mask", "vqa", "caption_step")
+
+
+@dataclass
+class BenchResult:
+    runtimes: list[str]
+    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # graph -> runtime
+    gflop: dict[str, float] = field(default_factory=dict)  # graph -> GFLOP per call
+    matmul_gflops: dict[str, float] = field(default_factory=dict)  # dtype -> GFLOP/s
+
+
+def graph_inputs(runtime: Runtime, height: int, width: int) -> dict[str, dict[str, Tensor]]:
+    """Consistent inputs for every graph, computed once with `runtime` (the fp32 reference)."""
+    config = runtime.config
+    tokenizer = load_tokenizer(config.language.tokenizer)
+    ids, mask, _ = tokenize(tokenizer, [build_detection_prompt(PROMPT).caption])
+    images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    visual = runtime.run("vision", {"images": images})
+    hidden = runtime.run("language", {"input_ids": ids, "attention_mask": mask})["hidden"]
+    fused = runtime.run("fusion", {**visual, "hidden": hidden, "attention_mask": mask})
+    tokens = ids.shape[1]
+    inputs = {
+        "vision": {"images": images},
+        "language": {"input_ids": ids, "attention_mask": mask},
+        "fusion": {**visual, "hidden": hidden, "attention_mask": mask},
+        "vqa": {"fused_text": fused["fused_text"], "attention_mask": mask},
+    }
+    phrase_map = torch.zeros(1, 1, tokens)
+    phrase_map[0, 0, 1] = 1.0
+    inputs["mask"] = {**{f"fused_{lv}": fused[f"fused_{lv}"] for lv in LEVELS[:3]},
+                      "fused_text": fused["fused_text"], "phrase_map": phrase_map,
+                      "boxes": torch.tensor([[[[10.0, 10.0, 90.0, 90.0]] * 5]]),
+                      "box_valid": torch.ones(1, 1, 5, dtype=torch.bool)}
+    if "caption_image" in runtime.graphs:
+        states = runtime.run("caption_image", visual)
+        inputs["caption_step"] = {"input_ids": ids[:, :8], "attention_mask": mask[:, :8],
+                                  **{k: v for k, v in states.items() if k.startswith("state_")}}
+    return inputs
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: allocations, ONNX Runtime's first-run optimisations
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    ms = median_ms(lambda: a @ b, repeats)
+    return 2 * size**3 / (ms / 1000.0) / 1e9
+
+
+def bench_runtimes(model_dir: Path, engine_dir: Path | None, height: int, width: int,
+                   repeats: int = 5, threads: int = 0) -> BenchResult:
+    """Latency of every graph on PyTorch fp32/bf16 and ONNX Runtime fp32/int8 (when exported)."""
+    if threads:
+        torch.set_num_threads(threads)
+    candidates = [RuntimeOptions(kind="pytorch", model_dir=model_dir, threads=threads),
+                  RuntimeOptions(kind="pytorch", model_dir=model_dir, precision="bf16",
+                                 threads=threads)]
+    if engine_dir is not None:
+        candidates += [RuntimeOptions(kind="onnxruntime", engine_dir=engine_dir, threads=threads),
+                       RuntimeOptions(kind="onnxruntime", engine_dir=engine_dir,
+                                      precision="int8", threads=threads)]
+    runtimes: list[Runtime] = []
+    for options in candidates:
+        try:
+            runtimes.append(open_runtime(options))
+        except RuntimeUnavailableError as exc:
+            print(f"skipped: {exc}")
+    reference = runtimes[0]
+    inputs = graph_inputs(reference, height, width)
+    result = BenchResult(runtimes=[r.name for r in runtimes])
+    for graph in GRAPHS:
+        if graph not in inputs:
+            continue
+        result.latency_ms[graph] = {
+            runtime.name: median_ms(lambda r=runtime, g=graph: r.run(g, inputs[g]), repeats)
+            for runtime in runtimes if graph in runtime.graphs}
+    for graph in ("vision", "fusion"):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            reference.run(graph, inputs[graph])
+        result.gflop[graph] = counter.get_total_flops() / 1e9
+    result.matmul_gflops = {"fp32": matmul_gflops(torch.float32),
+                            "bf16": matmul_gflops(torch.bfloat16)}
+    return result
+
+
+def format_result(result: BenchResult) -> str:
+    """A Markdown table: ms per graph and runtime, each as a ratio of PyTorch fp32."""
+    names = result.runtimes
+    lines = ["| graph | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for graph, per_runtime in result.latency_ms.items():
+        base = per_runtime[names[0]]
+        cells = []
+        for name in names:
+            ms = per_runtime.get(name)
+            cells.append("n/a" if ms is None else f"{ms:.1f} ms ({ms / base:.2f}x)")
+        lines.append(f"| {graph} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for graph, gflop in result.gflop.items():
+        rates = ", ".join(f"{name} {gflop / (ms / 1000.0):.0f}"
+                          for name, ms in result.latency_ms[graph].items())
+        lines.append(f"{graph}: {gflop:.1f} GFLOP per call; achieved GFLOP/s: {rates}")
+    lines.append("machine matrix product (2048^3): " + ", ".join(
+        f"{dtype} {rate:.0f} GFLOP/s" for dtype, rate in result.matmul_gflops.items()))
+    return "\n".join(lines)

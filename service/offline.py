@@ -1,0 +1,82 @@
+"""The serving path without HTTP, one image at a time: what `glipv2 eval --runtime` scores.
+
+`ServingPredictor` offers the four tasks with the call shapes of the PyTorch reference
+predictor (`model_export.inference.Glipv2Predictor`), so `model_export.evaluate` measures an
+exported runtime (ONNX Runtime, a reduced-precision variant, TensorRT) through exactly the code
+the service runs: chunking, the engines' batchers, post-processing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from model_export.inference import CaptionPhrase, CaptionResult, Segment, VqaAnswer
+from model_export.postprocess import Detections
+from service.batching import BatcherConfig
+from service.runtimes import Runtime
+from service.schemas import DetectParams, SegmentParams, VqaParams
+from service.serving import Glipv2Serving
+
+T = TypeVar("T")
+
+
+@dataclass
+class OfflineDetection:
+    """What evaluation reads of a detection run: boxes in original pixels (legacy +1)."""
+
+    detections: Detections
+
+
+class ServingPredictor:
+    """`Glipv2Serving` on its own event loop thread, called synchronously."""
+
+    def __init__(self, runtime: Runtime, caption_max_tokens: int = 64) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="serving-loop")
+        self._thread.start()
+        self.serving = Glipv2Serving(
+            runtime, model_id="offline", caption_max_tokens=caption_max_tokens,
+            batcher_config=BatcherConfig(max_batch_size=8, max_queue_delay_ms=0.0,
+                                         max_queue_size=64))
+        self._call(self.serving.start())
+
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def close(self) -> None:
+        self._call(self.serving.stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+
+    def detect(self, image: Image.Image, class_names: Sequence[str]) -> OfflineDetection:
+        query = self.serving.prepare_detect(DetectParams(classes=list(class_names)))
+        return OfflineDetection(self._call(self.serving.detections(query, image)))
+
+    def segment(self, image: Image.Image, expressions: Sequence[str], threshold: float = 0.3
+                ) -> list[list[Segment]]:
+        response = self._call(self.serving.segment(
+            SegmentParams(expressions=list(expressions), threshold=threshold), image))
+        return [[Segment(box=s.box, score=s.score, mask=torch.from_numpy(mask_utils.decode(
+                    {"size": s.mask.size, "counts": s.mask.counts.encode()}).astype(bool)))
+                 for s in result.segments]
+                for result in response.results]
+
+    def vqa(self, image: Image.Image, question: str, top_k: int = 5) -> VqaAnswer:
+        response = self._call(self.serving.vqa(VqaParams(question=question), image))
+        return VqaAnswer(answer=response.answer, score=response.score,
+                         answers=[(a.answer, a.score) for a in response.answers[:top_k]])
+
+    def caption(self, image: Image.Image) -> CaptionResult:
+        response = self._call(self.serving.caption(image))
+        return CaptionResult(caption=response.caption, phrases=[
+            CaptionPhrase(phrase=p.phrase, span=(p.span[0], p.span[1]), box=p.box,
+                          score=p.score) for p in response.phrases])
