@@ -90,6 +90,22 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_engines(args: argparse.Namespace) -> int:
+    from model_export.tensorrt_build import build_engines
+    from service.runtimes import ManifestError, RuntimeUnavailableError
+
+    try:
+        manifest = build_engines(args.engines, graphs=args.graphs.split(","),
+                                 fp16=not args.fp32, max_batch=args.max_batch,
+                                 workspace_bytes=args.workspace_mb * 1024 * 1024,
+                                 progress=lambda name: print(f"building {name}", flush=True))
+    except (RuntimeUnavailableError, ManifestError) as exc:
+        print(f"cannot build engines: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote engines into {manifest}")
+    return 0
+
+
 def _bench_runtimes(args: argparse.Namespace) -> int:
     from service.bench_runtimes import bench_runtimes, format_result
 
@@ -223,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--variants", default="",
                         help="reduced-precision variants of vision and fusion to add: int8")
     export.set_defaults(func=_export)
+
+    engines = sub.add_parser(
+        "build-engines", help="build TensorRT engines from an exported folder (GPU host)")
+    engines.add_argument("--engines", required=True, help="engine folder (glipv2 export)")
+    engines.add_argument("--graphs", default="vision,fusion",
+                         help="graphs to build engines for; the rest run on ONNX Runtime")
+    engines.add_argument("--fp32", action="store_true", help="no FP16 layers")
+    engines.add_argument("--max-batch", type=int, default=8,
+                         help="largest batch of the optimisation profiles")
+    engines.add_argument("--workspace-mb", type=int, default=4096,
+                         help="scratch GPU memory one layer may use")
+    engines.set_defaults(func=_build_engines)
 
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -68,6 +68,7 @@ class TrainConfig:
     mlm_probability: float = 0.15  # chance each grounding/referring token is masked for L_mlm
     inter_regions_per_image: int = 48  # anchors sampled per image for L_inter (half positives)
     inter_temperature: float = 0.1  # softmax temperature of L_inter
+    max_distractors: int = 0  # up to this many non-world class names in detection prompts
     held_out_pairs: str = "purple star,orange hexagon,green triangle"  # never rendered in training
     world_seed: int = 1  # seed of the training world (evaluation uses other seeds)
     seed: int = 0  # seed of sampling and initialisation
@@ -98,6 +99,12 @@ class WorldStream:
         self.config = config
         self.model_config = model_config
         self.tokenizer = tokenizer
+        self.distractors: list[str] = []
+        if config.max_distractors:
+            from model_export.train_data import distractor_words
+
+            words = [*COLOR_NAMES, *SHAPES, "small", "large", "shape", "object"]
+            self.distractors = distractor_words(tokenizer, words)
         self.rng = random.Random(config.seed * 1000003 + start_index)
         self.index = start_index
         self.exclude = parse_pairs(config.held_out_pairs) if config.held_out_pairs else frozenset()
@@ -110,7 +117,8 @@ class WorldStream:
         while True:
             scene = render_index(self.config.world_seed, self.index, self.exclude)
             self.index += 1
-            samples = world_samples(scene, self.rng, COLOR_NAMES, SHAPES)
+            samples = world_samples(scene, self.rng, COLOR_NAMES, SHAPES, self.distractors,
+                                    self.config.max_distractors)
             task = self.rng.choices(self.tasks, self.weights)[0]
             candidates = [s for s in samples if s.task == task] or samples
             sample: GroundingSample = self.rng.choice(candidates)

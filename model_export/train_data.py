@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -211,18 +212,35 @@ def _attribute_phrase(obj, rng: random.Random) -> str:
     return f"{obj.color} shapes"
 
 
+def distractor_words(tokenizer: Any, exclude: Sequence[str]) -> list[str]:
+    """Whole words of the tokenizer's vocabulary that name nothing in the world: negative class
+    names for detection prompts (GLIP samples negative categories into its prompts), so the
+    model learns that a name it was not trained on is not a shape (large vocabularies, chunks).
+    """
+    banned = {w for word in exclude for w in (word, word + "s", word + "es")}
+    return sorted(word for word in tokenizer.get_vocab()
+                  if word.isalpha() and len(word) >= 3 and word not in banned)
+
+
 def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
-                  shapes: Sequence[str]) -> list[GroundingSample]:
+                  shapes: Sequence[str], distractors: Sequence[str] = (),
+                  max_distractors: int = 0) -> list[GroundingSample]:
     """Every training sample one rendered scene offers (the trainer picks among them).
 
-    Besides the record's own tasks, builds an attribute-grounding prompt: several attribute
-    phrases joined by ". ", about half naming present objects and half absent ones, each object
-    grounded to every phrase it matches.
+    The detection prompt names the shapes plus 0 to `max_distractors` names drawn from
+    `distractors` (sometimes numbered, as in "gadget 17"), which no object matches. Besides the
+    record's own tasks, builds an attribute-grounding prompt: several attribute phrases joined
+    by ". ", about half naming present objects and half absent ones, each object grounded to
+    every phrase it matches.
     """
     objects = [_world_object(o, scene.width, scene.height) for o in scene.objects]
     base = {"image_path": None, "width": scene.width, "height": scene.height}
-    samples = [GroundingSample(task="detection", class_names=list(shapes), objects=objects,
-                               detection_prompt=True, **base)]
+    negatives = []
+    if distractors and max_distractors:
+        for word in rng.sample(list(distractors), rng.randint(0, max_distractors)):
+            negatives.append(f"{word} {rng.randint(0, 1500)}" if rng.random() < 0.3 else word)
+    samples = [GroundingSample(task="detection", class_names=list(shapes) + negatives,
+                               objects=objects, detection_prompt=True, **base)]
 
     phrases: list[str] = []
     for _ in range(rng.randint(1, 8)):

@@ -10,7 +10,7 @@ from model_export.config import WORLD_ANSWERS, PreprocessConfig, get_preset
 from model_export.data.types import GroundedObject, GroundingSample
 from model_export.prompt import load_tokenizer
 from model_export.train import Glipv2Trainer, TrainConfig, WorldStream
-from model_export.train_data import build_example, world_samples
+from model_export.train_data import build_example, distractor_words, world_samples
 from model_export.world import ANSWERS, COLOR_NAMES, SHAPES, render_index
 
 PRE = PreprocessConfig(min_size=64, max_size=128)
@@ -79,6 +79,27 @@ def test_world_scene_offers_every_task() -> None:
         for start, end in spans:
             words = grounding.caption[start:end].split()
             assert words[-1] in (obj.label, "shapes")
+
+
+def test_detection_prompts_carry_distractor_names_no_object_matches() -> None:
+    words = distractor_words(load_tokenizer(), [*COLOR_NAMES, *SHAPES])
+    assert "circle" not in words and "stars" not in words and "red" not in words
+    assert {"ferry", "audience"} <= set(words)
+    counts = set()
+    rng = random.Random(0)
+    for index in range(20):
+        scene = render_index(7, index)
+        (detection,) = [s for s in world_samples(scene, rng, COLOR_NAMES, SHAPES, words, 5)
+                        if s.task == "detection"]
+        assert detection.class_names[:6] == list(SHAPES)
+        negatives = detection.class_names[6:]
+        counts.add(len(negatives))
+        assert all(name.split()[0] in words for name in negatives)
+        assert {o.label for o in detection.objects} <= set(SHAPES)
+        example = build_example(detection, scene.image, load_tokenizer(), PRE, WORLD_ANSWERS,
+                                256, rng)
+        assert example.positive_map.shape[0] == len(scene.objects)
+    assert min(counts) == 0 and max(counts) == 5
 
 
 def test_short_training_run_lowers_the_loss() -> None:

@@ -1,0 +1,204 @@
+"""End to end on the shipped default model: the real server in a subprocess, world images posted.
+
+- detection finds every object of the world samples with its label (box IoU >= 0.5);
+- 1,203 class names (the 6 shapes among 1,197 distractors) still find them; the metrics show the
+  vision engine ran once for that image and as many prompt chunks as token packing gives;
+- 64 concurrent requests mixing the four tasks and different prompts all answer exactly what the
+  same request answers alone, and the engines' batch-size histograms show batches larger than 1.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pycocotools import mask as mask_utils
+
+from model_export.metrics import box_iou
+from model_export.prompt import load_tokenizer
+from service.chunking import name_token_counts, pack_chunks
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = Path(__file__).parent / "fixtures" / "world"
+SHAPES = ["circle", "square", "triangle", "diamond", "star", "hexagon"]
+THRESHOLD = 0.3
+
+
+def records() -> list[dict[str, Any]]:
+    lines = (SAMPLES / "annotations.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def image_b64(record: dict[str, Any]) -> str:
+    return base64.b64encode((SAMPLES / record["file"]).read_bytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GLIPV2_")}
+    env |= {"HF_HUB_OFFLINE": "1", "GLIPV2_CAPTION_MAX_TOKENS": "40",
+            "GLIPV2_BATCHER__MAX_QUEUE_DELAY_MS": "20"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "model_export.cli", "serve", "--port", str(port),
+         "--log-level", "warning"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server not ready in time"
+            time.sleep(0.25)
+        yield base
+    finally:
+        process.terminate()
+        process.communicate(timeout=60)
+
+
+def metric(base: str, name: str, labels: str = "") -> float:
+    pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)"
+    match = re.search(pattern, httpx.get(f"{base}/metrics").text)
+    return float(match.group(1)) if match else 0.0
+
+
+def assert_finds_every_object(record: dict[str, Any], detections: list[dict[str, Any]]) -> None:
+    for obj in record["objects"]:
+        assert any(d["label"] == obj["shape"] and box_iou(d["box"], obj["box"]) >= 0.5
+                   for d in detections), (record["file"], obj, detections[:10])
+
+
+def test_detection_finds_the_shapes(server: str) -> None:
+    for record in records():
+        response = httpx.post(f"{server}/v1/detect", timeout=120, json={
+            "image": image_b64(record), "classes": SHAPES, "threshold": THRESHOLD})
+        assert response.status_code == 200, response.text
+        assert_finds_every_object(record, response.json()["detections"])
+
+
+def test_phrase_grounding_and_segmentation_shapes(server: str) -> None:
+    record = records()[0]
+    prompt = ". ".join(f"{o['color']} {o['shape']}" for o in record["objects"])
+    response = httpx.post(f"{server}/v1/detect", timeout=120, json={
+        "image": image_b64(record), "prompt": prompt, "threshold": THRESHOLD})
+    assert response.status_code == 200, response.text
+    for detection in response.json()["detections"]:
+        start, end = detection["span"]
+        assert prompt[start:end] == detection["label"]
+    expressions = [e["text"] for e in record["expressions"]]
+    response = httpx.post(f"{server}/v1/segment", timeout=120, json={
+        "image": image_b64(record), "expressions": expressions})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    for result in body["results"]:
+        for segment in result["segments"]:
+            mask = mask_utils.decode({"size": segment["mask"]["size"],
+                                      "counts": segment["mask"]["counts"].encode()})
+            assert mask.shape == (record["height"], record["width"])
+
+
+def test_1203_classes_find_the_shapes_with_one_vision_run(server: str) -> None:
+    distractors = [f"{word} {i}" for i, word in zip(range(1197), ["thing", "gadget", "animal",
+                   "vehicle", "plant", "tool", "fruit"] * 200, strict=False)]
+    classes = distractors[:600] + SHAPES + distractors[600:]
+    assert len(classes) == 1203
+    expected_chunks = len(pack_chunks(classes, name_token_counts(
+        load_tokenizer().backend_tokenizer, classes), 256))
+    record = records()[1]
+    vision_before = metric(server, "glipv2_engine_batch_size_sum", 'engine="vision"')
+    chunks_before = metric(server, "glipv2_prompt_chunks_sum")
+    response = httpx.post(f"{server}/v1/detect", timeout=300, json={
+        "image": image_b64(record), "classes": classes, "threshold": THRESHOLD,
+        "max_detections": 1000})
+    assert response.status_code == 200, response.text
+    assert_finds_every_object(record, response.json()["detections"])
+    assert metric(server, "glipv2_engine_batch_size_sum", 'engine="vision"') - vision_before == 1
+    assert metric(server, "glipv2_prompt_chunks_sum") - chunks_before == expected_chunks
+    assert expected_chunks > 1
+
+
+def test_64_concurrent_mixed_requests_answer_as_alone(server: str) -> None:
+    requests: list[tuple[str, dict[str, Any]]] = []
+    for i in range(64):
+        record = records()[i % len(records())]
+        image = image_b64(record)
+        kind = i % 4
+        if kind == 0:
+            requests.append(("/v1/detect", {"image": image, "classes": SHAPES[i % 3:],
+                                            "threshold": THRESHOLD}))
+        elif kind == 1:
+            requests.append(("/v1/segment", {"image": image, "expressions": [
+                e["text"] for e in record["expressions"]][: 1 + i % 3]}))
+        elif kind == 2:
+            question = record["questions"][i % len(record["questions"])]["question"]
+            requests.append(("/v1/vqa", {"image": image, "question": question}))
+        else:
+            requests.append(("/v1/caption", {"image": image}))
+    sizes_before = {engine: (metric(server, "glipv2_engine_batch_size_sum", f'engine="{engine}"'),
+                             metric(server, "glipv2_engine_batch_size_count",
+                                    f'engine="{engine}"'))
+                    for engine in ("vision", "fusion")}
+
+    def post(item: tuple[str, dict[str, Any]]) -> httpx.Response:
+        return httpx.post(f"{server}{item[0]}", json=item[1], timeout=600)
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        together = list(pool.map(post, requests))
+    assert [r.status_code for r in together] == [200] * 64, [r.text for r in together
+                                                             if r.status_code != 200][:3]
+    batched = {engine: (metric(server, "glipv2_engine_batch_size_sum", f'engine="{engine}"')
+                        - before[0],
+                        metric(server, "glipv2_engine_batch_size_count", f'engine="{engine}"')
+                        - before[1])
+               for engine, before in sizes_before.items()}
+    for engine, (items, batches) in batched.items():
+        assert items > batches, f"{engine} never ran a batch larger than 1: {batched}"
+    # Each distinct request alone, compared with its concurrent answer (same prompt, same image).
+    alone: dict[str, Any] = {}
+    for item, response in zip(requests, together, strict=True):
+        key = json.dumps(item, sort_keys=True)
+        if key not in alone:
+            alone[key] = post(item).json()
+        assert_same_answer(alone[key], response.json())
+
+
+def assert_same_answer(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Equal up to float noise of different batch compositions (boxes 0.5 px, scores 1e-3)."""
+    if "detections" in a:
+        assert [d["label"] for d in a["detections"]] == [d["label"] for d in b["detections"]]
+        pairs = zip(a["detections"], b["detections"], strict=True)
+    elif "results" in a:
+        assert [len(r["segments"]) for r in a["results"]] == [
+            len(r["segments"]) for r in b["results"]]
+        pairs = zip([s for r in a["results"] for s in r["segments"]],
+                    [s for r in b["results"] for s in r["segments"]], strict=True)
+    elif "answer" in a:
+        assert a["answer"] == b["answer"]
+        pairs = zip(a["grounding"], b["grounding"], strict=True)
+    else:
+        assert a["caption"] == b["caption"]
+        pairs = zip(a["phrases"], b["phrases"], strict=True)
+    for x, y in pairs:
+        assert max(abs(p - q) for p, q in zip(x["box"], y["box"], strict=True)) <= 0.5
+        assert abs(x["score"] - y["score"]) <= 1e-3
