@@ -58,7 +58,7 @@ def _check_text(value: str, name: str, max_chars: int) -> str:
 _THRESHOLD = Field(DEFAULT_THRESHOLD, json_schema_extra={"minimum": 0, "maximum": 1},
                    description="Minimum score of a returned result, 0..1.")
 _IMAGE_B64 = Field(description="Base64 of the PNG, JPEG or WebP file (a data: URL prefix is "
-                               "accepted).")
+                               "accepted), or an http(s) URL where the server allows them.")
 _IMAGE_FILE = Field(description="The PNG, JPEG or WebP file.")
 
 

@@ -101,15 +101,22 @@ class ServiceSettings(BaseSettings):
         description="Accepted API keys for /v1/* (Authorization: Bearer or X-API-Key); "
                     "empty: no authentication.")
     allow_image_urls: bool = Field(
-        False, description="Accept image URLs (not implemented yet: must stay False).")
+        False, description="Accept http(s) image URLs in `image` (needs image_url_hosts).")
+    image_url_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts image URLs may name (exact, or *.domain); their addresses must be "
+                    "public (no private, loopback or link-local), checked on every redirect.")
+    image_url_timeout_s: float = Field(
+        10.0, gt=0, description="Whole-fetch time limit of an image URL, redirects included.")
+    image_url_max_redirects: int = Field(3, ge=0, description="Redirects an image URL may take.")
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="Graceful-shutdown bound: in-flight requests get this long.")
     batcher: BatcherSettings = Field(default_factory=BatcherSettings)
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "image_url_hosts", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
-        """Environment values are strings: JSON lists and comma-separated keys both work."""
+    def _split_list(cls, value: object) -> object:
+        """Environment values are strings: JSON lists and comma-separated items both work."""
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
@@ -119,21 +126,11 @@ class ServiceSettings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
-    @field_validator("allow_image_urls")
-    @classmethod
-    def _urls_not_yet(cls, value: bool) -> bool:
-        # Fetching URLs safely (allowlist, no private addresses after DNS and on every redirect,
-        # byte and time limits) is its own piece of work; until it lands, refusing to start is
-        # more honest than accepting a setting that does nothing.
-        if value:
-            raise ValueError("allow_image_urls is not supported yet; leave it False")
-        return value
-
     @model_validator(mode="after")
-    def _engines_for_exported_runtimes(self) -> ServiceSettings:
-        if self.runtime != "pytorch" and self.engine_dir is None:
-            raise ValueError(f"runtime {self.runtime!r} needs engine_dir (an exported engine "
-                             "folder: glipv2 export --model MODEL --out ENGINE_DIR)")
+    def _urls_need_an_allowlist(self) -> ServiceSettings:
+        if self.allow_image_urls and not self.image_url_hosts:
+            raise ValueError("allow_image_urls needs image_url_hosts (the hosts images may "
+                             "come from)")
         return self
 
     @property

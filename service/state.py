@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from service.errors import NotReadyError
+from service.errors import InvalidRequestError, NotReadyError
+from service.image_urls import ImageUrlFetcher
 from service.images import decode_base64, decode_image_bytes
 from service.metrics import ServiceMetrics
 from service.runtimes import Runtime, open_runtime
@@ -41,6 +42,7 @@ class ServiceState:
         self.load_error: str | None = None
         self._load_task: asyncio.Task[None] | None = None
         self._decode_gate: asyncio.Semaphore | None = None
+        self._url_fetcher: ImageUrlFetcher | None = None
 
     # --- lifecycle (the app's lifespan) -------------------------------------------------------
 
@@ -103,7 +105,8 @@ class ServiceState:
         raise NotReadyError(f"model {self.settings.model_id!r} is loading; retry shortly")
 
     async def decode_image(self, source: bytes | str) -> Image.Image:
-        """Base64 text or raw bytes -> RGB image, off the event loop, a bounded number at once."""
+        """Base64 text, an image URL (when enabled) or raw bytes -> RGB image, off the event
+        loop, a bounded number at once."""
         settings = self.settings
         if self._decode_gate is None:  # no lifespan (a bare TestClient): still bounded
             self._decode_gate = asyncio.Semaphore(settings.max_concurrent_decodes)
@@ -113,5 +116,19 @@ class ServiceState:
                     else source)
             return decode_image_bytes(data, settings.max_image_pixels, settings.max_body_bytes)
 
+        if isinstance(source, str) and source.startswith(("http://", "https://")):
+            source = await self._fetch_url(source)
         async with self._decode_gate:
             return await asyncio.to_thread(decode)
+
+    async def _fetch_url(self, url: str) -> bytes:
+        settings = self.settings
+        if not settings.allow_image_urls:
+            raise InvalidRequestError("image URLs are not enabled on this server; send the "
+                                      "image as base64 or as a file")
+        if self._url_fetcher is None:
+            self._url_fetcher = ImageUrlFetcher(
+                settings.image_url_hosts, max_bytes=settings.max_body_bytes,
+                timeout_s=settings.image_url_timeout_s,
+                max_redirects=settings.image_url_max_redirects)
+        return await self._url_fetcher.fetch(url)

@@ -276,6 +276,8 @@ LONG_PROMPT = "x " * 300  # 302 tokens in 600 characters: over the token limit o
     ("/v1/detect", {"classes": ["circle", "!" * 255]}, 422, "invalid_request",
      "257 tokens long on its own, more than the model's limit of 256"),
     ("/v1/detect", {"prompt_id": "lvis"}, 422, "invalid_request", "unknown prompt_id 'lvis'"),
+    ("/v1/detect", {"image": "https://example.com/a.png", "classes": ["a"]}, 422,
+     "invalid_request", "image URLs are not enabled on this server"),
     ("/v1/segment", {"expressions": []}, 422, "invalid_request",
      "expressions must not be empty"),
     ("/v1/segment", {"expressions": ["a", ""]}, 422, "invalid_request",
@@ -577,8 +579,11 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ServiceSettings().api_key_values() == ["x"]
     with pytest.raises(ValueError, match="max_queue_size"):
         ServiceSettings(batcher={"max_batch_size": 8, "max_queue_size": 4})
-    with pytest.raises(ValueError, match="allow_image_urls"):
+    with pytest.raises(ValueError, match="allow_image_urls needs image_url_hosts"):
         ServiceSettings(allow_image_urls=True)
+    monkeypatch.setenv("GLIPV2_IMAGE_URL_HOSTS", "images.example.com, *.cdn.example")
+    assert ServiceSettings(allow_image_urls=True).image_url_hosts == [
+        "images.example.com", "*.cdn.example"]
 
 
 def test_openapi_yaml_matches_the_app() -> None:
