@@ -100,13 +100,14 @@ def load_manifest(directory: str | Path, *, expected_preset: str | None = None,
         for variant in (entry, *entry.get("variants", {}).values()):
             _check_file(directory / variant["file"], variant["sha256"], verify_checksums)
     for entry in data.get("tensorrt", {}).get("engines", {}).values():
-        _check_file(directory / entry["file"], entry["sha256"], verify_checksums)
+        _check_file(directory / entry["file"], entry["sha256"], verify_checksums,
+                    fix="rebuild the engines with `glipv2 build-engines`")
     return EngineManifest(directory=directory, data=data, config=config)
 
 
-def _check_file(path: Path, sha256: str, verify: bool) -> None:
+def _check_file(path: Path, sha256: str, verify: bool, fix: str = "re-export the model") -> None:
     if not path.is_file():
-        raise ManifestError(f"{path} is listed in the manifest but missing; re-export the model")
+        raise ManifestError(f"{path} is listed in the manifest but missing; {fix}")
     if verify and sha256_file(path) != sha256:
         raise ManifestError(f"{path} does not match its manifest checksum (altered or "
-                            "truncated); re-export the model")
+                            f"truncated); {fix}")

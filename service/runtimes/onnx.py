@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,13 @@ class OnnxRuntime(Runtime):
         (the other graphs stay fp32). A variant the folder lacks is an error, not a fallback
         (bf16 is the PyTorch runtime's: ONNX Runtime's x86 CPU provider has no bf16 kernels).
     threads: intra-op threads per session (0: ONNX Runtime's default, one per core).
+    graphs: load only these graphs (default: all the manifest has), e.g. the ones another
+        runtime does not cover.
     """
 
     def __init__(self, engine_dir: str | Path, provider: OrtProvider = "cpu",
-                 precision: Precision = "fp32", threads: int = 0) -> None:
+                 precision: Precision = "fp32", threads: int = 0,
+                 graphs: Sequence[str] | None = None) -> None:
         import onnxruntime as ort
 
         self.manifest = load_manifest(engine_dir)
@@ -47,7 +50,8 @@ class OnnxRuntime(Runtime):
                 f"onnxruntime build has {available} (CUDA and TensorRT need onnxruntime-gpu and "
                 "an NVIDIA GPU)")
         for graph in REDUCED_PRECISION_GRAPHS:
-            if not self.manifest.has_variant(graph, precision):
+            if (graphs is None or graph in graphs) and not self.manifest.has_variant(
+                    graph, precision):
                 raise RuntimeUnavailableError(
                     f"{engine_dir} has no {precision} variant of {graph!r}; export one with "
                     f"`glipv2 export --variants {precision}`")
@@ -61,7 +65,7 @@ class OnnxRuntime(Runtime):
         providers = [(name, _provider_options(name, self.manifest.directory))
                      for name in wanted if name in available]
         self._sessions: dict[str, Any] = {}
-        for graph in self.manifest.graphs:
+        for graph in self.manifest.graphs if graphs is None else graphs:
             variant = precision if graph in REDUCED_PRECISION_GRAPHS else "fp32"
             path = self.manifest.graph_path(graph, variant)
             self._sessions[graph] = ort.InferenceSession(str(path), options, providers=providers)

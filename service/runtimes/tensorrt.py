@@ -86,7 +86,8 @@ class TensorRtRuntime(Runtime):
             self._engines = {graph: self._load(trt, graph, entry, record)
                              for graph, entry in built.items()}
         rest = [graph for graph in self.manifest.graphs if graph not in self._engines]
-        self._fallback = OnnxRuntime(engine_dir, provider=_fallback_provider()) if rest else None
+        self._fallback = (OnnxRuntime(engine_dir, provider=_fallback_provider(), graphs=rest)
+                          if rest else None)
         self.graphs = frozenset(self.manifest.graphs)
         precisions = sorted({entry["precision"] for entry in built.values()})
         self.name = f"tensorrt-{'+'.join(precisions)}"
