@@ -72,8 +72,12 @@ def _eval(args: argparse.Namespace) -> int:
     elif not args.model:
         print("--model is required with the pytorch runtime", file=sys.stderr)
         return 2
-    metrics = evaluate(args.model, args.n, args.seed, tasks, held_out=args.held_out,
-                       predictor=predictor)
+    try:
+        metrics = evaluate(args.model, args.n, args.seed, tasks, held_out=args.held_out,
+                           predictor=predictor)
+    finally:
+        if predictor is not None:
+            predictor.close()
     print(format_table(metrics))
     if args.out:
         write_report(metrics, args.out)
