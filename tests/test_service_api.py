@@ -13,12 +13,8 @@ import asyncio
 import base64
 import io
 import json
-import os
 import signal
-import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -45,6 +41,8 @@ from service.openapi import OPENAPI_PATH, app_schema, load_openapi
 from service.runtimes.torch_eager import TorchRuntime
 from service.serving import split_phrases
 from service.settings import ServiceSettings
+
+from conftest import start_server
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD_PNG = Path(__file__).parent / "fixtures" / "world" / "000000.png"
@@ -600,35 +598,12 @@ def test_serve_without_a_model_exits_2(tmp_path: Path,
     assert "no model to serve" in message and "still being trained" in message
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow  # ~15-30 s: a fresh interpreter imports torch and loads the model
 def test_serve_end_to_end(tiny_model: Glipv2Model, tmp_path: Path, png_b64: str) -> None:
     """The real server in a subprocess: ready, one detection, SIGTERM drains and exits 0."""
     model_dir = save_model(tiny_model, tmp_path / "model", external_language=True)
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GLIPV2_")}
-    env["HF_HUB_OFFLINE"] = "1"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "model_export.cli", "serve", "--model", str(model_dir),
-         "--port", str(port), "--log-level", "warning"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_server(["--model", str(model_dir)], {}, 180)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, server.communicate()[0]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in time"
-            time.sleep(0.25)
         response = httpx.post(f"{base}/v1/detect", timeout=60, json={
             "image": png_b64, "classes": ["circle", "star"], "threshold": 0.0})
         assert response.status_code == 200, response.text

@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +24,8 @@ from pycocotools import mask as mask_utils
 from model_export.metrics import box_iou
 from model_export.prompt import load_tokenizer
 from service.chunking import name_token_counts, pack_chunks
+
+from conftest import start_server
 
 pytestmark = pytest.mark.slow
 
@@ -49,28 +46,9 @@ def image_b64(record: dict[str, Any]) -> str:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GLIPV2_")}
-    env |= {"HF_HUB_OFFLINE": "1", "GLIPV2_CAPTION_MAX_TOKENS": "40",
-            "GLIPV2_BATCHER__MAX_QUEUE_DELAY_MS": "20"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "model_export.cli", "serve", "--port", str(port),
-         "--log-level", "warning"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
+    process, base = start_server([], {"GLIPV2_CAPTION_MAX_TOKENS": "40",
+                                      "GLIPV2_BATCHER__MAX_QUEUE_DELAY_MS": "20"}, 300)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, process.communicate()[0]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in time"
-            time.sleep(0.25)
         yield base
     finally:
         process.terminate()
