@@ -16,6 +16,7 @@ full), the request's other queued work is withdrawn, not computed for nobody.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import re
@@ -155,6 +156,10 @@ class PreparedImage:
     def padded_hw(self) -> tuple[int, int]:
         return int(self.pixels.shape[1]), int(self.pixels.shape[2])
 
+    def to_original(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Model-input-frame boxes (legacy +1) -> end-exclusive boxes in original pixels."""
+        return to_exclusive(rescale_boxes(boxes, self.resized_hw, self.original_hw))
+
 
 # --- phrases of free text ---------------------------------------------------------------------
 
@@ -258,11 +263,9 @@ class Glipv2Serving:
         for engine in engines:
             config = batcher_config
             if engine != "vision":
-                config = BatcherConfig(
-                    max_batch_size=batcher_config.max_batch_size,
-                    max_queue_delay_ms=batcher_config.max_queue_delay_ms,
-                    max_queue_size=batcher_config.max_queue_size * FAN_OUT_QUEUE_FACTOR,
-                    default_deadline_ms=batcher_config.default_deadline_ms)
+                config = dataclasses.replace(
+                    batcher_config,
+                    max_queue_size=batcher_config.max_queue_size * FAN_OUT_QUEUE_FACTOR)
             on_batch, on_depth = (metrics.engine_callbacks(engine) if metrics is not None
                                   else (None, None))
             self.batchers[engine] = DynamicBatcher(
@@ -407,9 +410,7 @@ class Glipv2Serving:
         anchors = self._anchors(rows[0].head)
         parts = []
         for chunk, row in zip(query.chunks, rows, strict=True):
-            (found,) = postprocess_detections(
-                row.head.box_regression, row.head.centerness, row.head.token_logits, anchors,
-                chunk.positive_map, [image.resized_hw], self.config.postprocess, self.box_coder)
+            found = self._postprocess(row.head, anchors, chunk.positive_map, image)
             labels = torch.tensor(chunk.class_indices, dtype=torch.long)[found.labels]
             parts.append(Detections(found.boxes, found.scores, labels))
         merged = merge_detections(parts, self.config.postprocess)
@@ -444,9 +445,7 @@ class Glipv2Serving:
         for expression, row in zip(expressions, rows, strict=True):
             pmap = positive_map(self._tokenizer.encode(expression), [[(0, len(expression))]],
                                 row.fused_text.shape[1])
-            (found,) = postprocess_detections(
-                row.head.box_regression, row.head.centerness, row.head.token_logits, anchors,
-                pmap, [image.resized_hw], self.config.postprocess, self.box_coder)
+            found = self._postprocess(row.head, anchors, pmap, image)
             keep = (found.scores >= threshold).nonzero().flatten()[: self.max_segments]
             if not len(keep):
                 out.append(None)
@@ -472,8 +471,7 @@ class Glipv2Serving:
                 continue
             masks = masks_for_image(next(per_image)[0], image.resized_hw, image.padded_hw,
                                     image.original_hw)
-            boxes = to_exclusive(rescale_boxes(candidate.boxes, image.resized_hw,
-                                               image.original_hw))
+            boxes = image.to_original(candidate.boxes)
             out.append([_encode_segment(b, float(s), m)
                         for b, s, m in zip(boxes, candidate.scores, masks, strict=True)])
         return out
@@ -501,11 +499,8 @@ class Glipv2Serving:
             return []
         pmap = positive_map(self._tokenizer.encode(question), [[s] for s in spans],
                             row.fused_text.shape[1])
-        (found,) = postprocess_detections(
-            row.head.box_regression, row.head.centerness, row.head.token_logits,
-            self._anchors(row.head), pmap, [image.resized_hw], self.config.postprocess,
-            self.box_coder)
-        boxes = to_exclusive(rescale_boxes(found.boxes, image.resized_hw, image.original_hw))
+        found = self._postprocess(row.head, self._anchors(row.head), pmap, image)
+        boxes = image.to_original(found.boxes)
         return [GroundedPhrase(phrase=question[spans[label][0]:spans[label][1]],
                                span=list(spans[label]),
                                box=[rounded(v, BOX_DIGITS) for v in box],
@@ -534,7 +529,7 @@ class Glipv2Serving:
                             head.token_logits[0].shape[2])
         grounded = ground_phrases(head.box_regression, head.centerness, head.token_logits,
                                   self._anchors(head), pmap, image.resized_hw, self.box_coder)
-        boxes = to_exclusive(rescale_boxes(grounded.boxes, image.resized_hw, image.original_hw))
+        boxes = image.to_original(grounded.boxes)
         return [GroundedPhrase(phrase=caption[start:end], span=[start, end],
                                box=[rounded(v, BOX_DIGITS) for v in box],
                                score=rounded(float(score), SCORE_DIGITS))
@@ -542,6 +537,14 @@ class Glipv2Serving:
                                                     strict=True)]
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _postprocess(self, head: HeadOutputs, anchors: list[torch.Tensor],
+                     positive_map: torch.Tensor, image: PreparedImage) -> Detections:
+        """ATSS post-processing of one fusion row against a (C, T) map: model-input frame."""
+        (found,) = postprocess_detections(
+            head.box_regression, head.centerness, head.token_logits, anchors, positive_map,
+            [image.resized_hw], self.config.postprocess, self.box_coder)
+        return found
 
     def _anchors(self, head: HeadOutputs) -> list[torch.Tensor]:
         sizes = [tuple(level.shape[-2:]) for level in head.box_regression]
