@@ -46,8 +46,11 @@ def image_b64(record: dict[str, Any]) -> str:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
+    # 64 requests at once on 2 loaded cores can take longer than the default 30 s deadline;
+    # these tests check answers under concurrency, not latency (that is `glipv2 bench`'s job).
     process, base = start_server([], {"GLIPV2_CAPTION_MAX_TOKENS": "40",
-                                      "GLIPV2_BATCHER__MAX_QUEUE_DELAY_MS": "20"}, 300)
+                                      "GLIPV2_BATCHER__MAX_QUEUE_DELAY_MS": "20",
+                                      "GLIPV2_REQUEST_TIMEOUT_MS": "300000"}, 300)
     try:
         yield base
     finally:
