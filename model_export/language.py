@@ -57,8 +57,11 @@ class Glipv2LanguageBackbone(nn.Module):
         `causal` makes every token see only itself and earlier tokens (captioning's
         unidirectional language model).
         """
-        mask = causal_attention_mask(attention_mask) if causal else attention_mask
-        hidden = self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        embedded = self.bert.embeddings(input_ids=input_ids)
+        # The additive mask goes straight to the encoder: `BertModel`'s own mask building differs
+        # across transformers versions (v5 rejects 3-D causal masks); this math is the same in all.
+        additive = extended_attention_mask(attention_mask, embedded.dtype, causal)
+        hidden = self.bert.encoder(embedded, attention_mask=additive).last_hidden_state
         embedded = hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)
         return TextFeatures(hidden=hidden, embedded=embedded, mask=attention_mask)
 

@@ -131,7 +131,12 @@ def _load_tokenizer_cached(name: str) -> BertTokenizerFast:
         ) from None
     from transformers import BertTokenizerFast
 
-    return BertTokenizerFast(vocab_file=vocab_path(), do_lower_case=True, model_max_length=512)
+    path = vocab_path()
+    with open(path, encoding="utf-8") as lines:
+        vocab = {line.rstrip("\n"): index for index, line in enumerate(lines)}
+    # transformers 4 reads `vocab_file`, 5 reads `vocab` (and ignores `vocab_file`): give both.
+    return BertTokenizerFast(vocab_file=path, vocab=vocab, do_lower_case=True,
+                             model_max_length=512)
 
 
 def tokenize(

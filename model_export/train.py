@@ -74,6 +74,9 @@ class TrainConfig:
     seed: int = 0  # seed of sampling and initialisation
     checkpoint_every: int = 500  # steps between checkpoints
     threads: int = 0  # torch threads; 0 keeps torch's default
+    device: str = "cpu"  # where the model trains: "cpu" or "cuda" (TF32 matrix products)
+    workers: int = 0  # processes rendering the world in parallel; 0 renders in this one
+    time_limit_s: float = 0  # > 0: after 30 steps, fit `steps` to this wall-clock budget
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str]) -> TrainConfig:
@@ -93,9 +96,11 @@ class TrainConfig:
 
 
 class WorldStream:
-    """Endless training examples from the shapes world, rendered on the fly."""
+    """Endless training examples from the shapes world, rendered on the fly: scenes
+    `start_index`, `start_index + stride`, ... (a stride > 1 splits the world across workers)."""
 
-    def __init__(self, config: TrainConfig, model_config, tokenizer, start_index: int = 0) -> None:
+    def __init__(self, config: TrainConfig, model_config, tokenizer, start_index: int = 0,
+                 stride: int = 1) -> None:
         self.config = config
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -107,6 +112,7 @@ class WorldStream:
             self.distractors = distractor_words(tokenizer, words)
         self.rng = random.Random(config.seed * 1000003 + start_index)
         self.index = start_index
+        self.stride = stride
         self.exclude = parse_pairs(config.held_out_pairs) if config.held_out_pairs else frozenset()
         self.tasks = list(config.task_weights)
         self.weights = [config.task_weights[t] for t in self.tasks]
@@ -116,7 +122,7 @@ class WorldStream:
 
         while True:
             scene = render_index(self.config.world_seed, self.index, self.exclude)
-            self.index += 1
+            self.index += self.stride
             samples = world_samples(scene, self.rng, COLOR_NAMES, SHAPES, self.distractors,
                                     self.config.max_distractors)
             task = self.rng.choices(self.tasks, self.weights)[0]
@@ -126,6 +132,35 @@ class WorldStream:
                 sample, scene.image, self.tokenizer, self.model_config.preprocess,
                 self.model_config.tasks.vqa_answers, self.model_config.language.max_query_len,
                 self.rng, min_size=self.rng.choice(self.config.min_sizes))
+
+
+class WorldDataset(torch.utils.data.IterableDataset):
+    """`WorldStream` for a DataLoader: worker k of W renders scenes start + k, start + k + W, ..."""
+
+    def __init__(self, config: TrainConfig, model_config, tokenizer, start_index: int) -> None:
+        super().__init__()
+        self.config, self.model_config, self.tokenizer = config, model_config, tokenizer
+        self.start_index = start_index
+
+    def __iter__(self) -> Iterator[Example]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return iter(WorldStream(self.config, self.model_config, self.tokenizer,
+                                self.start_index + worker, stride=workers))
+
+
+def example_batches(config: TrainConfig, model_config, tokenizer, start_index: int
+                    ) -> Iterator[list[Example]]:
+    """Endless lists of `config.batch_size` examples, rendered by `config.workers` processes."""
+    if config.workers <= 0:
+        stream = iter(WorldStream(config, model_config, tokenizer, start_index))
+        while True:
+            yield [next(stream) for _ in range(config.batch_size)]
+    loader = torch.utils.data.DataLoader(
+        WorldDataset(config, model_config, tokenizer, start_index),
+        batch_size=config.batch_size, collate_fn=list, num_workers=config.workers,
+        prefetch_factor=4, persistent_workers=True)
+    yield from loader
 
 
 class Glipv2Trainer:
@@ -138,7 +173,8 @@ class Glipv2Trainer:
             model = Glipv2Model(get_preset(config.preset))
             if model.config.language.pretrained:
                 load_pretrained_language(model)
-        self.model = model
+        self.device = torch.device(config.device)
+        self.model = model.to(self.device)
         if config.freeze_language:
             self.model.language.requires_grad_(False)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -148,14 +184,15 @@ class Glipv2Trainer:
         self.anchor_generator = AnchorGenerator.from_config(self.model.config.head)
         self.box_coder = BoxCoder.from_config(self.model.config.head)
         self.step_index = 0
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.warmup_from = 0  # step the optimiser state started at (fresh moments warm up)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
 
     def learning_rate(self, step: int) -> float:
+        """Cosine decay over `config.steps`, times a linear warm-up from `warmup_from`."""
         warmup = max(1, self.config.warmup_steps)
-        if step < warmup:
-            return self.config.lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, self.config.steps - warmup)
-        return self.config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        progress = max(0, step - warmup) / max(1, self.config.steps - warmup)
+        rate = self.config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return rate * min(1.0, (step - self.warmup_from + 1) / warmup)
 
     def step(self, examples: list[Example]) -> dict[str, float]:
         """One optimiser step on a list of examples; returns the loss terms."""
@@ -169,7 +206,7 @@ class Glipv2Trainer:
         for causal in (False, True):
             members = [e for e in examples if e.causal == causal]
             if members:
-                part = self.losses(collate(members, divisibility))
+                part = self.losses(collate(members, divisibility).to(self.device))
                 weight = len(members) / len(examples)
                 for name, value in part.items():
                     losses[name] = losses.get(name, 0.0) + weight * value
@@ -200,7 +237,7 @@ class Glipv2Trainer:
         grounded = [i for i, e in enumerate(batch.examples) if e.task != "vqa"]
         if grounded:
             sizes = [tuple(level.shape[-2:]) for level in out.box_regression]
-            anchors = self.anchor_generator.grid_anchors(sizes)
+            anchors = self.anchor_generator.grid_anchors(sizes, device=self.device)
             targets = [ImageTargets(boxes=batch.examples[i].boxes,
                                     positive_map=pad_tokens(batch.examples[i].positive_map,
                                                             num_tokens),
@@ -258,8 +295,10 @@ class Glipv2Trainer:
         for match in matched:
             positive = torch.nonzero(match >= 0).flatten()
             negative = torch.nonzero(match < 0).flatten()
-            positive = positive[torch.randperm(len(positive), generator=self.generator)[:half]]
-            negative = negative[torch.randperm(len(negative), generator=self.generator)[:half]]
+            positive = positive[torch.randperm(len(positive), generator=self.generator,
+                                               device=self.device)[:half]]
+            negative = negative[torch.randperm(len(negative), generator=self.generator,
+                                               device=self.device)[:half]]
             picks.append(torch.cat([positive, negative]))
         labels, positives = contrastive_region_inputs(matched, targets, picks)
         prompts = [PromptInfo(token_labels=batch.examples[i].token_labels
@@ -284,8 +323,8 @@ class Glipv2Trainer:
             if count == 0:
                 continue
             num_phrases = len(example.phrase_objects)
-            boxes = torch.zeros(1, num_phrases, count, 4)
-            valid = torch.zeros(1, num_phrases, count, dtype=torch.bool)
+            boxes = torch.zeros(1, num_phrases, count, 4, device=self.device)
+            valid = torch.zeros(1, num_phrases, count, dtype=torch.bool, device=self.device)
             exclusive = example.boxes.clone()
             exclusive[:, 2:] += 1.0
             for p, members in enumerate(example.phrase_objects):
@@ -310,7 +349,8 @@ class Glipv2Trainer:
         external = self.config.freeze_language and self.model.config.language.pretrained
         save_model(self.model, out, external_language=bool(external))
         torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step_index,
-                    "generator": self.generator.get_state()}, out / "trainer_state.pt")
+                    "generator": self.generator.get_state(), "device": self.device.type},
+                   out / "trainer_state.pt")
         (out / "progress.json").write_text(json.dumps({"step": self.step_index}) + "\n")
         (out / "train_config.json").write_text(
             json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
@@ -324,16 +364,22 @@ class Glipv2Trainer:
         progress = Path(model_dir) / "progress.json"
         if progress.is_file():
             trainer.step_index = int(json.loads(progress.read_text())["step"])
+        trainer.warmup_from = trainer.step_index
         return trainer
 
     @classmethod
     def resume(cls, checkpoint_dir: str | Path, config: TrainConfig) -> Glipv2Trainer:
         trainer = cls(config, model=load_model(checkpoint_dir))
-        state = torch.load(Path(checkpoint_dir) / "trainer_state.pt", weights_only=False)
+        state = torch.load(Path(checkpoint_dir) / "trainer_state.pt", weights_only=False,
+                           map_location=trainer.device)
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.step_index = int(state["step"])
-        trainer.generator.set_state(state["generator"])
+        if state.get("device", "cpu") == trainer.device.type:  # a generator state is per device
+            trainer.generator.set_state(state["generator"].cpu())
         return trainer
+
+
+_STEPS_TIMED = 30  # steps measured before `time_limit_s` fits the step count
 
 
 def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
@@ -342,6 +388,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = 
     (`resume`), or from a model folder's weights only (`init_from`)."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if resume and init_from:
         raise ValueError("give either resume or init_from, not both")
     if resume:
@@ -350,19 +399,26 @@ def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = 
         trainer = Glipv2Trainer.from_weights(init_from, config)
     else:
         trainer = Glipv2Trainer(config)
-    stream = iter(WorldStream(config, trainer.model.config, trainer.tokenizer,
-                              start_index=trainer.step_index * config.batch_size))
+    batches = example_batches(config, trainer.model.config, trainer.tokenizer,
+                              start_index=trainer.step_index * config.batch_size)
     out = Path(out_dir)
     bar = tqdm(total=config.steps, initial=trainer.step_index, disable=not progress,
                dynamic_ncols=True)
     started, done = time.monotonic(), 0
-    while trainer.step_index < config.steps:
-        report = trainer.step([next(stream) for _ in range(config.batch_size)])
+    while trainer.step_index < trainer.config.steps:
+        report = trainer.step(next(batches))
         done += 1
-        rate = done * config.batch_size / (time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        if config.time_limit_s > 0 and done == _STEPS_TIMED:
+            fit = trainer.step_index + int((config.time_limit_s - elapsed) * done / elapsed)
+            fit = min(config.steps, max(trainer.step_index, fit))
+            trainer.config = dataclasses.replace(trainer.config, steps=fit)
+            bar.total = trainer.config.steps
+        rate = done * config.batch_size / elapsed
         bar.set_postfix(loss=f"{report['total']:.3f}", img_s=f"{rate:.2f}")
         bar.update(1)
-        if trainer.step_index % config.checkpoint_every == 0 or trainer.step_index == config.steps:
+        if (trainer.step_index % config.checkpoint_every == 0
+                or trainer.step_index == trainer.config.steps):
             trainer.save(out)
             with (out / "train_log.jsonl").open("a") as log:
                 log.write(json.dumps({"step": trainer.step_index, **report}) + "\n")

@@ -8,6 +8,7 @@ which renders scenes on the fly and builds multi-phrase attribute prompts.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,12 @@ class Example:
     def causal(self) -> bool:
         return self.task == "caption"
 
+    def to(self, device: torch.device | str) -> Example:
+        """A copy with every tensor field on `device` (training on a GPU)."""
+        moved = {f.name: getattr(self, f.name).to(device)
+                 for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        return dataclasses.replace(self, **moved)
+
 
 @dataclass
 class Batch:
@@ -75,6 +82,12 @@ class Batch:
     @property
     def causal(self) -> bool:
         return self.examples[0].causal
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(examples=[e.to(device) for e in self.examples],
+                     images=self.images.to(device), image_sizes=self.image_sizes,
+                     input_ids=self.input_ids.to(device),
+                     attention_mask=self.attention_mask.to(device))
 
 
 def _resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

@@ -45,7 +45,7 @@ def save_weights(config: Glipv2Config, state: dict[str, torch.Tensor], out_dir: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = {"format": "glipv2", _EXTERNAL_KEY: json.dumps(external_prefixes or [])}
     save_file(_untie(tensors), str(out / WEIGHTS_FILE), metadata=metadata)
     return out

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from model_export.config import WORLD_ANSWERS, PreprocessConfig, get_preset
 from model_export.data.types import GroundedObject, GroundingSample
 from model_export.prompt import load_tokenizer
-from model_export.train import Glipv2Trainer, TrainConfig, WorldStream
+from model_export.train import (
+    Glipv2Trainer,
+    TrainConfig,
+    WorldStream,
+    example_batches,
+    train,
+)
 from model_export.train_data import build_example, distractor_words, world_samples
 from model_export.world import ANSWERS, COLOR_NAMES, SHAPES, render_index
 
@@ -130,4 +137,50 @@ def test_checkpoint_round_trip_and_resume(tmp_path) -> None:
         assert torch.equal(resumed.model.state_dict()[key], value), key
     warm = Glipv2Trainer.from_weights(tmp_path, config)
     assert warm.step_index == 1 and not warm.optimizer.state
+    # fresh optimiser moments warm up again from the step the weights were saved at
+    slow = TrainConfig(batch_size=2, steps=5, min_sizes=(96,), warmup_steps=4)
+    rewarm = Glipv2Trainer.from_weights(tmp_path, slow)
+    fresh = Glipv2Trainer(slow)
+    assert rewarm.learning_rate(1) == pytest.approx(0.5 * fresh.learning_rate(1))
     assert get_preset("small").language.pretrained == "minilm-l6"
+
+
+def test_examples_move_to_a_device_with_every_tensor_field() -> None:
+    """`Batch.to` is what puts training on a GPU: no tensor field may stay behind."""
+    import dataclasses
+
+    from model_export.train_data import collate
+
+    config = TrainConfig(min_sizes=(64,))
+    model_config = get_preset("small")
+    stream = iter(WorldStream(config, model_config, load_tokenizer()))
+    batch = collate([next(stream) for _ in range(6)], 32).to("meta")
+    assert batch.images.is_meta and batch.input_ids.is_meta and batch.attention_mask.is_meta
+    for example in batch.examples:
+        for f in dataclasses.fields(example):
+            value = getattr(example, f.name)
+            assert not isinstance(value, torch.Tensor) or value.is_meta, f.name
+
+
+def test_render_workers_split_the_world_without_repeats() -> None:
+    """Two DataLoader workers render disjoint scenes (without the stride both would yield the
+    same stream: every example twice)."""
+    config = TrainConfig(min_sizes=(64,), batch_size=2, workers=2,
+                         task_weights={"detection": 1.0})
+    model_config = get_preset("small")
+    batches = example_batches(config, model_config, load_tokenizer(), start_index=0)
+    examples = [e for _ in range(4) for e in next(batches)]
+    boxes = {tuple(e.boxes.flatten().tolist()) for e in examples}
+    assert len(boxes) == len(examples) == 8
+    # the same scenes, one process: scenes 0..7 in some order
+    serial = iter(WorldStream(config, model_config, load_tokenizer()))
+    assert boxes == {tuple(next(serial).boxes.flatten().tolist()) for _ in range(8)}
+
+
+def test_time_limit_fits_the_step_count_and_checkpoints(tmp_path) -> None:
+    config = TrainConfig(batch_size=1, steps=10_000, min_sizes=(64,), warmup_steps=1,
+                         time_limit_s=1e-3, checkpoint_every=10_000)
+    trainer = train(config, tmp_path, progress=False)
+    assert trainer.step_index == 30 == trainer.config.steps  # stopped after the timed steps
+    assert (tmp_path / "model.safetensors").is_file()
+    assert '"step": 30' in (tmp_path / "progress.json").read_text()
