@@ -54,6 +54,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_prompt(args: argparse.Namespace) -> int:
+    from model_export.prompt_tuning import TuningConfig, tune_prompt
+    from model_export.tuned_prompts import save_tuned_prompt
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    config = TuningConfig(steps=args.steps, lr=args.lr, scenes=args.scenes)
+    prompt, losses = tune_prompt(args.model, args.name, classes, config,
+                                 description=args.description)
+    path = save_tuned_prompt(prompt, args.out)
+    window = max(1, len(losses) // 10)
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    print(f"{path}: detection loss {first:.3f} -> {last:.3f} over {len(losses)} steps")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from model_export.evaluate import TASKS, evaluate, format_table, write_report
 
@@ -132,6 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
             "host": args.host, "port": args.port, "model_dir": args.model,
             "runtime": args.runtime, "engine_dir": args.engines,
             "ort_provider": args.provider, "precision": args.precision, "threads": args.threads,
+            "prompts_dir": args.prompts,
             "request_timeout_ms": args.request_timeout_ms,
         }.items() if value is not None
     }
@@ -217,6 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", help="model folder whose weights to start from")
     train.set_defaults(func=_train)
 
+    tune = sub.add_parser(
+        "tune-prompt", help="learn a tuned prompt (class list + text offset) for prompt_id",
+        description="Prompt tuning: the model stays frozen; only an offset of the prompt's "
+                    "token features is learned, on shapes-world scenes. The file goes into a "
+                    "folder the service serves with --prompts.")
+    tune.add_argument("--model", default="models/default", help="model folder")
+    tune.add_argument("--name", required=True, help="the prompt_id clients will send")
+    tune.add_argument("--classes", required=True, help="comma-separated class names, in order")
+    tune.add_argument("--out", default="prompts", help="prompt folder (default prompts/)")
+    tune.add_argument("--steps", type=int, default=200, help="optimiser steps (200)")
+    tune.add_argument("--lr", type=float, default=1e-2, help="learning rate (0.01)")
+    tune.add_argument("--scenes", type=int, default=0,
+                      help="few-shot: cycle over this many scenes (default: new ones)")
+    tune.add_argument("--description", default="", help="stored with the prompt")
+    tune.set_defaults(func=_tune_prompt)
+
     evaluate = sub.add_parser("eval", help="metrics of a model on fresh shapes-world images")
     evaluate.add_argument("--model", help="model folder (the pytorch runtime)")
     evaluate.add_argument("--runtime", choices=["pytorch", "onnxruntime", "tensorrt"],
@@ -286,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--precision", choices=["fp32", "bf16", "int8"],
                        help="ONNX Runtime variant of vision and fusion (default fp32)")
     serve.add_argument("--threads", type=int, help="intra-op threads (default: one per core)")
+    serve.add_argument("--prompts", help="folder of tuned prompts served as prompt_id "
+                                         "(glipv2 tune-prompt)")
     serve.add_argument("--max-batch-size", type=int, help="most requests per engine batch (8)")
     serve.add_argument("--max-queue-delay-ms", type=float,
                        help="how long a partial batch waits for company (5)")

@@ -120,11 +120,13 @@ def _phrases(spans: list[list[tuple[int, int]]], encoding, num_tokens: int
 
 def build_example(sample: GroundingSample, image: Image.Image, tokenizer,
                   preprocess: PreprocessConfig, answers: Sequence[str],
-                  max_tokens: int, rng: random.Random, min_size: int | None = None) -> Example:
+                  max_tokens: int, rng: random.Random, min_size: int | None = None,
+                  shuffle: bool = True) -> Example:
     """Turn one sample and its image into model-input tensors and targets.
 
     Detection samples get a class-name prompt in a random order (the model must not learn
-    positions); `min_size` overrides the preset's resize target (scale augmentation).
+    positions) unless `shuffle` is off (prompt tuning learns one fixed order); `min_size`
+    overrides the preset's resize target (scale augmentation).
     """
     config = preprocess if min_size is None else PreprocessConfig(
         min_size=min_size, max_size=preprocess.max_size,
@@ -139,7 +141,8 @@ def build_example(sample: GroundingSample, image: Image.Image, tokenizer,
     class_of_token: dict[tuple[int, int], str] = {}
     if sample.task == "detection":
         names = list(sample.class_names or [])
-        rng.shuffle(names)
+        if shuffle:
+            rng.shuffle(names)
         prompt = build_detection_prompt(names)
         text = prompt.caption
         span_of = {name: prompt.spans[i] for i, name in enumerate(names)}
@@ -209,7 +212,8 @@ def pad_tokens(tensor: Tensor, num_tokens: int, value: float = 0.0) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-def _world_object(world_object, width: int, height: int) -> GroundedObject:
+def grounded_object(world_object) -> GroundedObject:
+    """A world object as a dataset object: box, shape name as the label, mask."""
     return GroundedObject(box=tuple(world_object.box), label=world_object.shape,
                           mask=world_object.mask)
 
@@ -246,7 +250,7 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
     by ". ", about half naming present objects and half absent ones, each object grounded to
     every phrase it matches.
     """
-    objects = [_world_object(o, scene.width, scene.height) for o in scene.objects]
+    objects = [grounded_object(o) for o in scene.objects]
     base = {"image_path": None, "width": scene.width, "height": scene.height}
     negatives = []
     if distractors and max_distractors:

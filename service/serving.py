@@ -21,7 +21,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -43,6 +43,7 @@ from model_export.postprocess import (
 )
 from model_export.preprocess import batch_images, preprocess_image, resized_size
 from model_export.prompt import build_detection_prompt, clean_name, positive_map
+from model_export.tuned_prompts import TunedPrompt
 from service.batching import BatcherConfig, DeadlineExceededError, DynamicBatcher
 from service.chunking import ChunkingError, name_token_counts, pack_chunks
 from service.errors import InvalidRequestError, TaskUnavailableError
@@ -122,6 +123,7 @@ class DetectQuery:
     chunks: tuple[PreparedChunk, ...]
     threshold: float
     max_detections: int
+    offset: torch.Tensor | None = None  # a tuned prompt's (T, D) text-feature offset
 
 
 @dataclass
@@ -233,6 +235,7 @@ class Glipv2Serving:
         caption_max_tokens: int = 64,
         text_cache_bytes: int = 256 * 1024 * 1024,
         max_segments: int = 20,
+        prompts: Mapping[str, TunedPrompt] | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.runtime = runtime
@@ -241,6 +244,7 @@ class Glipv2Serving:
         self.max_prompt_tokens = self.config.language.max_query_len
         self.caption_max_tokens = caption_max_tokens
         self.max_segments = max_segments
+        self.prompts = dict(prompts or {})
         self.metrics = metrics
         self.runner = ModelRunner(runtime)
         # The Rust tokenizer directly: counting and char-to-token maps never touch the Python
@@ -297,7 +301,7 @@ class Glipv2Serving:
             tasks=self.tasks,  # type: ignore[arg-type]  # names checked by TASKS
             max_prompt_tokens=self.max_prompt_tokens, image_min_size=pre.min_size,
             image_max_size=pre.max_size, vqa_answers=list(self.config.tasks.vqa_answers),
-            prompt_ids=[])
+            prompt_ids=sorted(self.prompts))
 
     # --- checks before the image is decoded ---------------------------------------------------
 
@@ -308,9 +312,7 @@ class Glipv2Serving:
     def prepare_detect(self, params: DetectParams) -> DetectQuery:
         """Raises `InvalidRequestError` (422) for what only the model can tell is invalid."""
         if params.prompt_id is not None:
-            raise InvalidRequestError(
-                f"unknown prompt_id {params.prompt_id!r}: no tuned prompts are registered on "
-                "this server (see /v1/models)")
+            return self._tuned_query(params)
         spans: list[tuple[int, int]] | None = None
         if params.prompt is not None:
             prompt = params.prompt
@@ -338,6 +340,20 @@ class Glipv2Serving:
                 raise InvalidRequestError(str(exc)) from None
         return DetectQuery(names=names, spans=spans, chunks=chunks, threshold=params.threshold,
                            max_detections=params.max_detections)
+
+    def _tuned_query(self, params: DetectParams) -> DetectQuery:
+        tuned = self.prompts.get(params.prompt_id or "")
+        if tuned is None:
+            registered = ", ".join(sorted(self.prompts)) or "none"
+            raise InvalidRequestError(f"unknown prompt_id {params.prompt_id!r}; registered on "
+                                      f"this server: {registered} (see /v1/models)")
+        chunks = self._chunk_plan(tuple(tuned.classes), None)
+        # The offset is bound to the tuned caption's token positions: one chunk, that caption.
+        if len(chunks) != 1 or chunks[0].caption != tuned.caption:
+            raise RuntimeError(f"tuned prompt {tuned.name!r} does not pack into its own caption")
+        return DetectQuery(names=list(tuned.classes), spans=None, chunks=chunks,
+                           threshold=params.threshold, max_detections=params.max_detections,
+                           offset=tuned.offset)
 
     def _plan_chunks(self, names: tuple[str, ...], chunk_size: int | None
                      ) -> tuple[PreparedChunk, ...]:
@@ -384,6 +400,8 @@ class Glipv2Serving:
         request = _Request(self, image)
         prepared, visual = await request.encode_image()
         texts = await request.encode_texts([c.caption for c in query.chunks])
+        if query.offset is not None:  # after the cache, which holds the plain encoder features
+            texts = [TextFeatures(t.input_ids, t.hidden + query.offset) for t in texts]
         rows = await request.fuse(visual, texts)
         if self.metrics is not None:
             self.metrics.prompt_chunks.observe(len(query.chunks))

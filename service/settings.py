@@ -77,6 +77,9 @@ class ServiceSettings(BaseSettings):
     text_cache_bytes: int = Field(
         256 * 1024 * 1024, ge=0,
         description="Bound of the text-feature cache (LRU per prompt text); 0 disables it.")
+    prompts_dir: Path | None = Field(
+        None, description="Folder of tuned prompts (`glipv2 tune-prompt`), served as "
+                          "`prompt_id`s; none: no registered prompts.")
     max_segments: int = Field(
         20, ge=1, le=100,
         description="Most segments per referring expression (bounds mask memory per request).")

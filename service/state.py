@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from PIL import Image
 
+from model_export.tuned_prompts import load_tuned_prompts
 from service.errors import InvalidRequestError, NotReadyError
 from service.image_urls import ImageUrlFetcher
 from service.images import decode_base64, decode_image_bytes
@@ -85,11 +86,18 @@ class ServiceState:
 
     async def _start_serving(self, runtime: Runtime) -> None:
         settings = self.settings
+        prompts = {}
+        if settings.prompts_dir is not None:
+            language = runtime.config.language
+            prompts = await asyncio.to_thread(
+                load_tuned_prompts, settings.prompts_dir, language.hidden_size,
+                language.max_query_len, language.tokenizer)
         serving = Glipv2Serving(
             runtime, model_id=settings.model_id,
             batcher_config=settings.batcher.to_config(settings.request_timeout_ms),
             metrics=self.metrics, caption_max_tokens=settings.caption_max_tokens,
-            text_cache_bytes=settings.text_cache_bytes, max_segments=settings.max_segments)
+            text_cache_bytes=settings.text_cache_bytes, max_segments=settings.max_segments,
+            prompts=prompts)
         await serving.start()
         self.serving = serving
         self.metrics.model_ready.set(1)
