@@ -16,7 +16,7 @@ from service.errors import install_error_handlers
 from service.images import configure_pillow
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import HttpMetricsMiddleware, ServiceMetrics
-from service.routers import caption, detect, health, metrics, models, segment, vqa
+from service.routers import caption, detect, health, jobs, metrics, models, segment, vqa
 from service.runtimes import Runtime
 from service.settings import ServiceSettings
 from service.state import RuntimeLoader, ServiceState
@@ -58,11 +58,13 @@ def create_app(settings: ServiceSettings | None = None,
     app.state.service = state
     install_error_handlers(app)
     # Added last = outermost: metrics see every response, the 413 of the body limit included.
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       path_limits={"/v1/jobs": settings.max_job_body_bytes})
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics_)
 
     authenticated = [Depends(require_api_key)]
-    for router in (detect.router, segment.router, vqa.router, caption.router, models.router):
+    for router in (detect.router, segment.router, vqa.router, caption.router, jobs.router,
+                   models.router):
         app.include_router(router, dependencies=authenticated)
     for router in (health.router, metrics.router):
         app.include_router(router)

@@ -6,6 +6,11 @@ goes when it is full, or when its oldest request has waited `max_queue_delay_ms`
 completes a batch sends it at once. The decision crosses into the engine as a `BatchPlan`; the
 engine's `run_batch` never sees a queue (vLLM's split between scheduler and model runner).
 
+Two priorities share each queue: online requests (`PRIORITY_ONLINE`) and batch-job work
+(`PRIORITY_BATCH`). A batch takes online requests first and fills spare slots with job work, and
+the bucket served next is the one holding the oldest online request; job work never counts
+against the online queue bound (it has its own), so a running job cannot make clients see 429.
+
 Compute runs in one dedicated worker thread, so the event loop keeps accepting, rejecting and
 expiring requests while an engine runs. One thread, because an engine instance runs one batch at a
 time; the next batch is formed when it is free, which is when the most requests have gathered.
@@ -31,6 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 __all__ = [
+    "PRIORITY_BATCH",
+    "PRIORITY_ONLINE",
     "BatchExecutionError",
     "BatchPlan",
     "BatcherConfig",
@@ -45,6 +52,9 @@ log = logging.getLogger(__name__)
 
 PayloadT = TypeVar("PayloadT")
 ResultT = TypeVar("ResultT")
+
+PRIORITY_ONLINE = 0  # interactive requests: scheduled first
+PRIORITY_BATCH = 1  # batch-job work: fills what online traffic leaves
 
 # Share of the newest batch in the running compute-time estimate behind `retry_after_s`.
 _COMPUTE_EMA_WEIGHT = 0.2
@@ -148,6 +158,12 @@ class WorkItem(Generic[PayloadT, ResultT]):
     deadline_s: float | None
     future: asyncio.Future[ResultT]
     seq: int
+    priority: int = PRIORITY_ONLINE
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Scheduling order: priority first, then arrival."""
+        return (self.priority, self.seq)
 
     def expired(self, now_s: float) -> bool:
         return self.deadline_s is not None and now_s >= self.deadline_s
@@ -269,7 +285,8 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
         self._wake()
 
     async def submit(
-        self, payload: PayloadT, bucket: Hashable, deadline_ms: float | None = None
+        self, payload: PayloadT, bucket: Hashable, deadline_ms: float | None = None,
+        priority: int = PRIORITY_ONLINE,
     ) -> ResultT:
         """Queue one request and wait for its result.
 
@@ -278,7 +295,8 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
         passes before the result is ready (if before its batch started, it is never computed),
         `BatcherStoppedError` when not running, `BatchExecutionError` when `run_batch` raised, or
         the exception `run_batch` put in this request's slot. A cancelled caller's request is
-        taken out of the queue.
+        taken out of the queue. `priority` (`PRIORITY_ONLINE` or `PRIORITY_BATCH`) picks the lane;
+        each lane is bounded by `max_queue_size` on its own.
         """
         if self._task is None or self._stopping:
             raise BatcherStoppedError(f"{self.name} is not accepting requests")
@@ -286,7 +304,10 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
             deadline_ms = self.config.default_deadline_ms
         if deadline_ms is not None and (not _is_number(deadline_ms) or deadline_ms <= 0):
             raise ValueError(f"deadline_ms must be a finite number > 0, got {deadline_ms!r}")
-        depth = self.queue_depth
+        if priority not in (PRIORITY_ONLINE, PRIORITY_BATCH):
+            raise ValueError(f"unknown priority {priority!r}")
+        depth = sum(item.priority == priority for queue in self._buckets.values()
+                    for item in queue)
         if depth >= self.config.max_queue_size:
             raise QueueFullError(
                 f"{self.name} queue is full ({depth} requests waiting)",
@@ -300,6 +321,7 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
             deadline_s=None if deadline_ms is None else now + deadline_ms / 1000.0,
             future=asyncio.get_running_loop().create_future(),
             seq=next(self._seq),
+            priority=priority,
         )
         self._buckets.setdefault(bucket, deque()).append(item)
         self._emit_queue_depth()
@@ -332,7 +354,8 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
                 _fail(item, BatchExecutionError(f"{self.name} scheduling loop failed: {exc!r}"))
 
     def _schedule(self, now_s: float) -> list[WorkItem[PayloadT, ResultT]]:
-        """Take the next batch: among ready buckets, the one whose oldest request is oldest."""
+        """Take the next batch: among ready buckets, the one holding the first request in
+        (priority, arrival) order; within it, requests in that order (online ones first)."""
         max_size = self.config.max_batch_size
         delay_s = self.config.max_queue_delay_s
         ready = [
@@ -342,9 +365,13 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
         ]
         if not ready:
             return []
-        queue = min(ready, key=lambda q: q[0].seq)
-        batch = [queue.popleft() for _ in range(min(len(queue), max_size))]
-        if not queue:
+        queue = min(ready, key=lambda q: min(item.order for item in q))
+        batch = sorted(queue, key=lambda item: item.order)[:max_size]
+        taken = {id(item) for item in batch}
+        rest = deque(item for item in queue if id(item) not in taken)  # arrival order kept
+        if rest:
+            self._buckets[batch[0].bucket] = rest
+        else:
             del self._buckets[batch[0].bucket]
         self._emit_queue_depth()
         return batch

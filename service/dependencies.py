@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.errors import UnauthorizedError
+from service.jobs.runner import JobRunner
 from service.serving import Glipv2Serving
 from service.state import ServiceState
 
@@ -58,3 +59,10 @@ def require_api_key(
 
 StateDep = Annotated[ServiceState, Depends(get_state)]
 ServingDep = Annotated[Glipv2Serving, Depends(get_serving)]
+
+
+def get_jobs(state: Annotated[ServiceState, Depends(get_state)]) -> JobRunner:
+    return state.require_jobs()
+
+
+JobsDep = Annotated[JobRunner, Depends(get_jobs)]

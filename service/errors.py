@@ -105,6 +105,23 @@ class TaskUnavailableError(ServiceError):
     code = "task_unavailable"
 
 
+class NotFoundError(ServiceError):
+    status_code = 404
+    code = "not_found"
+
+
+class ConflictError(ServiceError):
+    status_code = 409
+    code = "conflict"
+
+
+class TooManyJobsError(ServiceError):
+    """Active (queued + running) jobs are at their limit: retry when one has finished."""
+
+    status_code = 429
+    code = "too_many_jobs"
+
+
 class NotReadyError(ServiceError):
     """The model is not loaded yet (or failed to load)."""
 
@@ -159,7 +176,12 @@ async def _service_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return error_response(422, "invalid_request", format_validation_errors(exc.errors()))
+    errors = exc.errors()
+    invalid_json = [e for e in errors if e.get("type") == "json_invalid"]
+    if invalid_json:  # a body FastAPI parsed itself: the same 400 as the task routes give
+        detail = invalid_json[0].get("ctx", {}).get("error") or invalid_json[0].get("msg")
+        return error_response(400, InvalidJsonError.code, f"body is not valid JSON: {detail}")
+    return error_response(422, "invalid_request", format_validation_errors(errors))
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:

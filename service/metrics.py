@@ -21,7 +21,7 @@ Engines are the exported graphs' batchers: `vision`, `language`, `fusion`, `mask
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -68,6 +68,13 @@ class ServiceMetrics:
             self.text_cache.labels(result)  # both series exist (at 0) from the start
         self.model_ready = Gauge("glipv2_model_ready", "1 when the model is loaded and serving.",
                                  registry=r)
+        self.jobs = Gauge("glipv2_jobs", "Batch jobs, by state.", ["state"], registry=r)
+        for state in ("queued", "running", "done", "failed", "cancelled"):
+            self.jobs.labels(state)
+        self.job_inputs = Counter("glipv2_job_inputs", "Job inputs processed, by result.",
+                                  ["result"], registry=r)
+        for result in ("ok", "error"):
+            self.job_inputs.labels(result)
 
     def engine_callbacks(self, engine: str) -> tuple[OnBatch, OnQueueDepth]:
         """`(on_batch, on_queue_depth)` for the `DynamicBatcher` of `engine`."""
@@ -91,6 +98,13 @@ class ServiceMetrics:
     def on_text_cache_lookup(self, hits: int, misses: int) -> None:
         self.text_cache.labels("hit").inc(hits)
         self.text_cache.labels("miss").inc(misses)
+
+    def on_job_counts(self, counts: Mapping[str, int]) -> None:
+        for state, count in counts.items():
+            self.jobs.labels(str(state)).set(count)
+
+    def on_job_input(self, ok: bool) -> None:
+        self.job_inputs.labels("ok" if ok else "error").inc()
 
     def observe_request(self, endpoint: str, status: int, duration_s: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()

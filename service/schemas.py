@@ -312,6 +312,59 @@ class CaptionResponse(BaseModel):
     phrases: list[GroundedPhrase] = Field(description="Phrases of the caption with their boxes.")
 
 
+# --- jobs -------------------------------------------------------------------------------------
+
+JobTask = Literal["detect", "segment", "vqa", "caption"]
+TASK_PARAMS: dict[str, type[_Body]] = {
+    "detect": DetectParams, "segment": SegmentParams, "vqa": VqaParams, "caption": CaptionParams}
+
+
+class JobInputItem(_Body):
+    """One input: exactly one of `image` (as in the online endpoints) or `path`."""
+
+    image: str | None = Field(None, description="Base64 of the image file (or an http(s) URL "
+                                                "where the server allows them).")
+    path: str | None = Field(None, description="A file under the server's job input folder "
+                                               "(relative path; off unless configured).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> JobInputItem:
+        if (self.image is None) == (self.path is None):
+            raise ValueError("give exactly one of image or path")
+        return self
+
+
+class JobRequest(_Body):
+    task: JobTask = Field(description="The online endpoint each input goes through.")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="That endpoint's fields except the image (e.g. classes, threshold).")
+    inputs: list[JobInputItem] = Field(min_length=1, description="Images, in result order.")
+
+
+class JobProgress(BaseModel):
+    total: int
+    done: int = Field(description="Inputs with a result (succeeded + failed).")
+    succeeded: int
+    failed: int = Field(description="Inputs that got an error result (bad image, ...).")
+    rate_per_s: float | None = Field(description="Inputs per second since the job (re)started.")
+    eta_s: float | None = Field(description="Seconds left at that rate.")
+
+
+class JobStatus(BaseModel):
+    id: str
+    task: JobTask
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    created_s: float = Field(description="Unix time the job was accepted.")
+    finished_s: float | None = Field(None, description="Unix time the job finished.")
+    error: str | None = Field(None, description="Why the whole job failed.")
+    progress: JobProgress
+
+
+class JobList(BaseModel):
+    jobs: list[JobStatus] = Field(description="Newest first.")
+
+
 # --- models, health, errors -------------------------------------------------------------------
 
 
@@ -362,8 +415,10 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "Missing or invalid API key",
         413: "Body or image over the size limits",
         415: "Image type (or body content type) not supported",
+        404: "No such job (or its results expired)",
+        409: "The job already finished",
         422: "Invalid fields",
-        429: "Queue full; see Retry-After",
+        429: "Queue full (or too many active jobs); see Retry-After",
         501: "The loaded model has no head for this task",
         503: "Model not loaded yet, or shutting down; see Retry-After",
         504: "Deadline passed",

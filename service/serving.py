@@ -44,7 +44,12 @@ from model_export.postprocess import (
 from model_export.preprocess import batch_images, preprocess_image, resized_size
 from model_export.prompt import build_detection_prompt, clean_name, positive_map
 from model_export.tuned_prompts import TunedPrompt
-from service.batching import BatcherConfig, DeadlineExceededError, DynamicBatcher
+from service.batching import (
+    PRIORITY_ONLINE,
+    BatcherConfig,
+    DeadlineExceededError,
+    DynamicBatcher,
+)
 from service.chunking import ChunkingError, name_token_counts, pack_chunks
 from service.errors import InvalidRequestError, TaskUnavailableError
 from service.metrics import ServiceMetrics
@@ -394,10 +399,11 @@ class Glipv2Serving:
 
     # --- requests -----------------------------------------------------------------------------
 
-    async def detections(self, query: DetectQuery, image: Image.Image) -> Detections:
+    async def detections(self, query: DetectQuery, image: Image.Image,
+                         priority: int = PRIORITY_ONLINE) -> Detections:
         """All detections after NMS, unthresholded: original-image pixels (legacy +1 boxes),
         labels indexing `query.names`, scores descending."""
-        request = _Request(self, image)
+        request = _Request(self, image, priority)
         prepared, visual = await request.encode_image()
         texts = await request.encode_texts([c.caption for c in query.chunks])
         if query.offset is not None:  # after the cache, which holds the plain encoder features
@@ -407,8 +413,10 @@ class Glipv2Serving:
             self.metrics.prompt_chunks.observe(len(query.chunks))
         return await asyncio.to_thread(self._merge_chunks, query, rows, prepared)
 
-    async def detect(self, query: DetectQuery, image: Image.Image) -> DetectResponse:
-        found = await self.detections(query, image)
+    async def detect(self, query: DetectQuery, image: Image.Image,
+                     priority: int = PRIORITY_ONLINE) -> DetectResponse:
+        """`priority`: `PRIORITY_BATCH` for job work (no deadline, after online requests)."""
+        found = await self.detections(query, image, priority)
         detections: list[Detection] = []
         for box, score, label in zip(to_exclusive(found.boxes).tolist(), found.scores.tolist(),
                                      found.labels.tolist(), strict=True):
@@ -435,8 +443,9 @@ class Glipv2Serving:
         return Detections(rescale_boxes(merged.boxes, image.resized_hw, image.original_hw),
                           merged.scores, merged.labels)
 
-    async def segment(self, params: SegmentParams, image: Image.Image) -> SegmentResponse:
-        request = _Request(self, image)
+    async def segment(self, params: SegmentParams, image: Image.Image,
+                      priority: int = PRIORITY_ONLINE) -> SegmentResponse:
+        request = _Request(self, image, priority)
         prepared, visual = await request.encode_image()
         expressions = list(params.expressions)
         rows = await request.fuse(visual, await request.encode_texts(expressions))
@@ -494,8 +503,9 @@ class Glipv2Serving:
                         for b, s, m in zip(boxes, candidate.scores, masks, strict=True)])
         return out
 
-    async def vqa(self, params: VqaParams, image: Image.Image) -> VqaResponse:
-        request = _Request(self, image)
+    async def vqa(self, params: VqaParams, image: Image.Image,
+                  priority: int = PRIORITY_ONLINE) -> VqaResponse:
+        request = _Request(self, image, priority)
         prepared, visual = await request.encode_image()
         (row,) = await request.fuse(visual, await request.encode_texts([params.question]))
         logits = await request.submit("vqa", row.fused_text)
@@ -527,8 +537,9 @@ class Glipv2Serving:
                                              found.labels.tolist(), strict=True)
                 if score >= VQA_GROUNDING_THRESHOLD]
 
-    async def caption(self, image: Image.Image) -> CaptionResponse:
-        request = _Request(self, image)
+    async def caption(self, image: Image.Image,
+                      priority: int = PRIORITY_ONLINE) -> CaptionResponse:
+        request = _Request(self, image, priority)
         prepared, visual = await request.encode_image()
         decoded: CaptionDecoded = await request.submit(
             "caption", CaptionWork(visual, self.caption_max_tokens))
@@ -588,10 +599,13 @@ class _Request:
     """One request's trip through the engines: its deadline, and its work withdrawn from every
     queue when any part of it fails."""
 
-    def __init__(self, serving: Glipv2Serving, image: Image.Image) -> None:
+    def __init__(self, serving: Glipv2Serving, image: Image.Image,
+                 priority: int = PRIORITY_ONLINE) -> None:
         self.serving = serving
         self.image = image
-        deadline_ms = serving._default_deadline_ms
+        self.priority = priority
+        # Job work has no deadline: nobody waits on the line for it.
+        deadline_ms = serving._default_deadline_ms if priority == PRIORITY_ONLINE else None
         self.deadline_s = (None if deadline_ms is None
                            else serving._clock() + deadline_ms / 1000.0)
         self.bucket = serving.bucket(image)
@@ -607,7 +621,7 @@ class _Request:
     async def submit(self, engine: str, payload: object, bucket: object = None) -> Any:
         batcher = self.serving.batchers[engine]
         return await batcher.submit(payload, bucket=bucket if bucket is not None else self.bucket,
-                                    deadline_ms=self.remaining_ms())
+                                    deadline_ms=self.remaining_ms(), priority=self.priority)
 
     async def all(self, awaitables: Iterable[Awaitable[T]]) -> list[T]:
         """Await all; on the first failure, cancel the rest (leaving their queues) and raise."""

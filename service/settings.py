@@ -112,6 +112,23 @@ class ServiceSettings(BaseSettings):
     image_url_timeout_s: float = Field(
         10.0, gt=0, description="Whole-fetch time limit of an image URL, redirects included.")
     image_url_max_redirects: int = Field(3, ge=0, description="Redirects an image URL may take.")
+    jobs_dir: Path = Field(
+        REPO_ROOT / "var" / "jobs",
+        description="Where batch jobs live (SQLite in WAL mode + one file per input); jobs in "
+                    "it survive restarts.")
+    job_input_dir: Path | None = Field(
+        None, description="Folder whose files jobs may name by relative `path`; none: jobs "
+                          "send images inline only.")
+    max_job_inputs: int = Field(10_000, ge=1, description="Most inputs in one job.")
+    max_active_jobs: int = Field(
+        16, ge=1, description="Most queued + running jobs; beyond, 429 + Retry-After.")
+    max_job_body_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024,
+        description="Largest `POST /v1/jobs` body (inline images included); larger is 413.")
+    job_results_ttl_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="How long a finished job and its results are kept.")
+    job_concurrency: int = Field(
+        0, ge=0, description="Job inputs in flight at once; 0: the batcher's max_batch_size.")
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="Graceful-shutdown bound: in-flight requests get this long.")
     batcher: BatcherSettings = Field(default_factory=BatcherSettings)

@@ -18,6 +18,8 @@ from model_export.tuned_prompts import load_tuned_prompts
 from service.errors import InvalidRequestError, NotReadyError
 from service.image_urls import ImageUrlFetcher
 from service.images import decode_base64, decode_image_bytes
+from service.jobs.runner import JobRunner
+from service.jobs.store import SqliteJobStore
 from service.metrics import ServiceMetrics
 from service.runtimes import Runtime, open_runtime
 from service.serving import Glipv2Serving
@@ -40,6 +42,7 @@ class ServiceState:
         self._loader = loader if loader is not None else (
             lambda: open_runtime(settings.runtime_options()))
         self.serving: Glipv2Serving | None = None
+        self.jobs: JobRunner | None = None
         self.load_error: str | None = None
         self._load_task: asyncio.Task[None] | None = None
         self._decode_gate: asyncio.Semaphore | None = None
@@ -61,7 +64,11 @@ class ServiceState:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._load_task
         serving, self.serving = self.serving, None
+        runner, self.jobs = self.jobs, None
         self.metrics.model_ready.set(0)
+        if runner is not None:  # first: its window in flight is redone after the restart
+            await runner.stop()
+            runner.store.close()
         if serving is None:
             return
         try:
@@ -99,10 +106,23 @@ class ServiceState:
             text_cache_bytes=settings.text_cache_bytes, max_segments=settings.max_segments,
             prompts=prompts)
         await serving.start()
-        self.serving = serving
+        store = await asyncio.to_thread(SqliteJobStore, settings.jobs_dir)
+        runner = JobRunner(
+            store, serving, self.decode_image,
+            concurrency=settings.job_concurrency or settings.batcher.max_batch_size,
+            input_dir=settings.job_input_dir, results_ttl_s=settings.job_results_ttl_s,
+            on_change=self.metrics.on_job_counts, on_input=self.metrics.on_job_input)
+        await runner.start()
+        self.serving, self.jobs = serving, runner
         self.metrics.model_ready.set(1)
 
     # --- per request --------------------------------------------------------------------------
+
+    def require_jobs(self) -> JobRunner:
+        """The job runner (it starts with the serving layer), or 503 while loading."""
+        self.require_serving()
+        assert self.jobs is not None
+        return self.jobs
 
     def require_serving(self) -> Glipv2Serving:
         """The serving layer, or 503 + Retry-After while loading (or after a failed load)."""

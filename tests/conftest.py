@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -60,7 +61,9 @@ def start_server(args: list[str], env_overrides: dict[str, str], ready_timeout_s
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GLIPV2_")}
-    env |= {"HF_HUB_OFFLINE": "1", **env_overrides}
+    # A fresh job store unless the test brings one: never the repository's var/jobs.
+    env |= {"HF_HUB_OFFLINE": "1", "GLIPV2_JOBS_DIR": tempfile.mkdtemp(prefix="glipv2-jobs-"),
+            **env_overrides}
     process = subprocess.Popen(
         [sys.executable, "-m", "model_export.cli", "serve", "--port", str(port),
          "--log-level", "warning", *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
@@ -80,3 +83,10 @@ def start_server(args: list[str], env_overrides: dict[str, str], ready_timeout_s
             raise AssertionError(f"server not ready in {ready_timeout_s:.0f} s: "
                                  f"{process.communicate()[0]}")
         time.sleep(0.25)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_job_store(tmp_path_factory: pytest.TempPathFactory,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process apps built from default settings keep their jobs in a temporary folder."""
+    monkeypatch.setenv("GLIPV2_JOBS_DIR", str(tmp_path_factory.mktemp("jobs")))

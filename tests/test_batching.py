@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from service.batching import (
+    PRIORITY_BATCH,
     BatcherConfig,
     BatcherStoppedError,
     BatchExecutionError,
@@ -597,6 +598,54 @@ def test_event_loop_stays_responsive_while_run_batch_computes() -> None:
         assert await finish(submit_all(batcher, [2])) == ["r2"]
         assert len(engine.threads) == 1  # one dedicated worker thread
         assert threading.get_ident() not in engine.threads
+        await batcher.stop()
+
+    run(main())
+
+
+# --- priorities (online requests before batch-job work) ---------------------------------------
+
+
+def test_online_requests_go_before_queued_job_work_and_job_work_fills_spare_slots() -> None:
+    async def main() -> None:
+        engine = Engine(gated=True)
+        batcher = await started(engine, max_batch_size=3, max_queue_delay_ms=0.0)
+        first = submit_all(batcher, ["j0"])  # holds the engine
+        await wait_until(engine.entered.is_set)
+        jobs = [asyncio.create_task(batcher.submit(f"j{i}", "b", priority=PRIORITY_BATCH))
+                for i in range(1, 5)]
+        await settle()
+        online = submit_all(batcher, ["o1", "o2"])  # arrive after four job items
+        await settle()
+        engine.release.set()
+        await finish(first + jobs + online)
+        # the next batch: both online requests, then the oldest job item in the spare slot
+        assert engine.batches[1] == ["o1", "o2", "j1"]
+        assert engine.batches[2] == ["j2", "j3", "j4"]
+        await batcher.stop()
+
+    run(main())
+
+
+def test_job_work_has_its_own_queue_bound_and_never_fills_the_online_one() -> None:
+    async def main() -> None:
+        engine = Engine(gated=True)
+        batcher = await started(engine, max_batch_size=2, max_queue_size=2,
+                                max_queue_delay_ms=0.0)
+        first = submit_all(batcher, [0])
+        await wait_until(engine.entered.is_set)
+        jobs = [asyncio.create_task(batcher.submit(f"j{i}", "b", priority=PRIORITY_BATCH))
+                for i in range(2)]
+        await settle()
+        with pytest.raises(QueueFullError):  # the job lane is full...
+            await batcher.submit("j2", "b", priority=PRIORITY_BATCH)
+        online = submit_all(batcher, ["o1", "o2"])  # ...the online lane is not
+        await settle()
+        assert batcher.queue_depth == 4
+        with pytest.raises(ValueError, match="unknown priority"):
+            await batcher.submit("x", "b", priority=7)
+        engine.release.set()
+        assert await finish(first + online + jobs) == ["r0", "ro1", "ro2", "rj0", "rj1"]
         await batcher.stop()
 
     run(main())

@@ -1,0 +1,1 @@
+"""Batch jobs over REST: durable storage and the runner that feeds the engines."""

@@ -1,0 +1,290 @@
+"""Durable job storage: the interface the job runner and routes use, and its SQLite default.
+
+A job is its task, its parameters and its inputs (each input's bytes in a file, or a reference to
+a file under the configured input folder); results are written one row per input, keyed by
+(job, index), so a result is stored exactly once however often a crash makes work repeat. SQLite
+runs in WAL mode: readers (progress, result streams) never block the writer, and a killed process
+loses nothing that was committed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobInput:
+    """One input: image bytes as sent (`data`, base64 text or raw) or a file reference."""
+
+    data: bytes | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as stored. Times are Unix seconds; `started_s` is the latest (re)start."""
+
+    id: str
+    task: str
+    params: dict
+    state: JobState
+    total: int
+    succeeded: int
+    failed: int
+    created_s: float
+    started_s: float | None
+    finished_s: float | None
+    error: str | None
+    done_since_start: int  # results written since `started_s` (for the rate)
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed
+
+
+@dataclass(frozen=True)
+class JobResult:
+    index: int
+    ok: bool
+    body: str  # JSON: the task's response, or {"code", "message"} for a failed input
+
+
+class JobStore(ABC):
+    """What the service needs from job storage; every method is blocking (call it in a thread)."""
+
+    @abstractmethod
+    def create(self, task: str, params: dict, inputs: Sequence[JobInput]) -> JobRecord: ...
+
+    @abstractmethod
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    def list(self, limit: int = 100) -> list[JobRecord]:
+        """Newest first."""
+
+    @abstractmethod
+    def unfinished(self) -> list[JobRecord]:
+        """Queued and running jobs, oldest first (what the runner works through)."""
+
+    @abstractmethod
+    def set_state(self, job_id: str, state: JobState, error: str | None = None) -> bool:
+        """Move a job to `state`; False if it is already finished (a cancel won the race)."""
+
+    @abstractmethod
+    def pending(self, job_id: str, limit: int) -> list[int]:
+        """Indices of inputs without a result, in input order."""
+
+    @abstractmethod
+    def read_input(self, job_id: str, index: int) -> JobInput: ...
+
+    @abstractmethod
+    def put_result(self, job_id: str, result: JobResult) -> bool:
+        """Store a result; False (and nothing changes) if the input already has one."""
+
+    @abstractmethod
+    def results(self, job_id: str, after: int = -1, limit: int = 100) -> list[JobResult]:
+        """Results with index > `after`, in input order."""
+
+    @abstractmethod
+    def counts(self) -> dict[JobState, int]: ...
+
+    @abstractmethod
+    def purge(self, finished_before_s: float) -> int:
+        """Delete jobs finished before this time, inputs and results included."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, task TEXT NOT NULL, params TEXT NOT NULL, state TEXT NOT NULL,
+    total INTEGER NOT NULL, created_s REAL NOT NULL, started_s REAL, finished_s REAL, error TEXT
+);
+CREATE TABLE IF NOT EXISTS inputs (
+    job_id TEXT NOT NULL, idx INTEGER NOT NULL, file TEXT, path TEXT,
+    PRIMARY KEY (job_id, idx)
+);
+CREATE TABLE IF NOT EXISTS results (
+    job_id TEXT NOT NULL, idx INTEGER NOT NULL, ok INTEGER NOT NULL, body TEXT NOT NULL,
+    created_s REAL NOT NULL, PRIMARY KEY (job_id, idx)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_s);
+"""
+
+
+class SqliteJobStore(JobStore):
+    """SQLite (WAL) for jobs and results, one file per input under `root/inputs/JOB/`."""
+
+    def __init__(self, root: str | Path, clock=time.time) -> None:
+        self.root = Path(root)
+        (self.root / "inputs").mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "jobs.sqlite3", check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: safe against a crash
+        self._db.executescript(_SCHEMA)
+
+    def create(self, task: str, params: dict, inputs: Sequence[JobInput]) -> JobRecord:
+        job_id = uuid.uuid4().hex
+        folder = self.root / "inputs" / job_id
+        folder.mkdir(parents=True)
+        rows = []
+        for index, item in enumerate(inputs):
+            name = None
+            if item.data is not None:
+                name = f"{index:07d}"
+                (folder / name).write_bytes(item.data)
+            rows.append((job_id, index, name, item.path))
+        now = self._clock()
+        with self._lock, self._transaction():
+            self._db.executemany("INSERT INTO inputs VALUES (?, ?, ?, ?)", rows)
+            self._db.execute(
+                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, NULL)",
+                (job_id, task, json.dumps(params), JobState.QUEUED.value, len(rows), now))
+        record = self.get(job_id)
+        assert record is not None
+        return record
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return None if row is None else self._record(row)
+
+    def list(self, limit: int = 100) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created_s DESC, id LIMIT ?",
+                                    (limit,)).fetchall()
+            return [self._record(row) for row in rows]
+
+    def unfinished(self) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY created_s, id",
+                (JobState.QUEUED.value, JobState.RUNNING.value)).fetchall()
+            return [self._record(row) for row in rows]
+
+    def set_state(self, job_id: str, state: JobState, error: str | None = None) -> bool:
+        now = self._clock()
+        started = now if state == JobState.RUNNING else None
+        finished = now if state.finished else None
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE jobs SET state = ?, error = COALESCE(?, error), "
+                "started_s = COALESCE(?, started_s), finished_s = ? "
+                "WHERE id = ? AND state NOT IN (?, ?, ?)",
+                (state.value, error, started, finished, job_id, JobState.DONE.value,
+                 JobState.FAILED.value, JobState.CANCELLED.value))
+            return cursor.rowcount == 1
+
+    def pending(self, job_id: str, limit: int) -> list[int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT i.idx FROM inputs i LEFT JOIN results r "
+                "ON r.job_id = i.job_id AND r.idx = i.idx "
+                "WHERE i.job_id = ? AND r.idx IS NULL ORDER BY i.idx LIMIT ?",
+                (job_id, limit)).fetchall()
+            return [row[0] for row in rows]
+
+    def read_input(self, job_id: str, index: int) -> JobInput:
+        with self._lock:
+            row = self._db.execute("SELECT file, path FROM inputs WHERE job_id = ? AND idx = ?",
+                                   (job_id, index)).fetchone()
+        if row is None:
+            raise KeyError(f"job {job_id} has no input {index}")
+        name, path = row
+        if name is not None:
+            return JobInput(data=(self.root / "inputs" / job_id / name).read_bytes())
+        return JobInput(path=path)
+
+    def put_result(self, job_id: str, result: JobResult) -> bool:
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?)",
+                (job_id, result.index, int(result.ok), result.body, self._clock()))
+            return cursor.rowcount == 1
+
+    def results(self, job_id: str, after: int = -1, limit: int = 100) -> list[JobResult]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT idx, ok, body FROM results WHERE job_id = ? AND idx > ? "
+                "ORDER BY idx LIMIT ?", (job_id, after, limit)).fetchall()
+        return [JobResult(index=i, ok=bool(ok), body=body) for i, ok, body in rows]
+
+    def counts(self) -> dict[JobState, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        counts = dict.fromkeys(JobState, 0)
+        counts.update({JobState(state): n for state, n in rows})
+        return counts
+
+    def purge(self, finished_before_s: float) -> int:
+        with self._lock:
+            ids = [row[0] for row in self._db.execute(
+                "SELECT id FROM jobs WHERE finished_s IS NOT NULL AND finished_s < ?",
+                (finished_before_s,)).fetchall()]
+            with self._transaction():
+                for job_id in ids:
+                    for table, key in (("results", "job_id"), ("inputs", "job_id"),
+                                       ("jobs", "id")):
+                        self._db.execute(f"DELETE FROM {table} WHERE {key} = ?", (job_id,))
+        for job_id in ids:
+            shutil.rmtree(self.root / "inputs" / job_id, ignore_errors=True)
+        return len(ids)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def _record(self, row: tuple) -> JobRecord:
+        job_id, task, params, state, total, created, started, finished, error = row
+        succeeded, failed, recent = self._db.execute(
+            "SELECT COALESCE(SUM(ok), 0), COALESCE(SUM(1 - ok), 0), "
+            "COALESCE(SUM(created_s >= ?), 0) FROM results WHERE job_id = ?",
+            (started if started is not None else float("inf"), job_id)).fetchone()
+        return JobRecord(id=job_id, task=task, params=json.loads(params), state=JobState(state),
+                         total=total, succeeded=succeeded, failed=failed, created_s=created,
+                         started_s=started, finished_s=finished, error=error,
+                         done_since_start=recent)
+
+
+class _Transaction:
+    """BEGIN ... COMMIT (ROLLBACK on error) on an autocommit connection."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN")
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")

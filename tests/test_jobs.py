@@ -1,0 +1,272 @@
+"""Batch jobs: the durable store, the REST resource on a tiny random model (per-input errors,
+identical answers to the online endpoint, cancel, limits), and a real server killed with SIGKILL
+mid-job that finishes the job after a restart with every input answered exactly once."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from model_export.config import PreprocessConfig, get_preset
+from model_export.model import Glipv2Model
+from model_export.weights import load_pretrained_language, save_model
+from model_export.world import render_index
+from service.app import create_app
+from service.jobs.store import JobInput, JobResult, JobState, SqliteJobStore
+from service.runtimes.torch_eager import TorchRuntime
+from service.settings import ServiceSettings
+
+from conftest import start_server
+
+WORLD_PNG = Path(__file__).parent / "fixtures" / "world" / "000000.png"
+CLASSES = ["circle", "square", "star"]
+
+
+def world_png(index: int, seed: int = 3) -> bytes:
+    buffer = io.BytesIO()
+    render_index(seed, index).image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+
+def test_store_keeps_one_result_per_input_and_survives_reopening(tmp_path: Path) -> None:
+    store = SqliteJobStore(tmp_path)
+    job = store.create("detect", {"classes": ["circle"]},
+                       [JobInput(data=b"a"), JobInput(path="x/y.png"), JobInput(data=b"c")])
+    assert (job.state, job.total, job.done) == (JobState.QUEUED, 3, 0)
+    assert store.pending(job.id, 10) == [0, 1, 2]
+    assert store.read_input(job.id, 0).data == b"a"
+    assert store.read_input(job.id, 1).path == "x/y.png"
+    assert store.set_state(job.id, JobState.RUNNING)
+    assert store.put_result(job.id, JobResult(1, True, '{"n": 1}'))
+    assert not store.put_result(job.id, JobResult(1, True, '{"n": 2}'))  # exactly once
+    assert store.put_result(job.id, JobResult(0, False, '{"code": "bad_image"}'))
+    store.close()
+
+    reopened = SqliteJobStore(tmp_path)
+    record = reopened.get(job.id)
+    assert record is not None and record.state == JobState.RUNNING
+    assert (record.succeeded, record.failed, record.done_since_start) == (1, 1, 2)
+    assert reopened.pending(job.id, 10) == [2]
+    assert [(r.index, r.ok, r.body) for r in reopened.results(job.id)] == [
+        (0, False, '{"code": "bad_image"}'), (1, True, '{"n": 1}')]
+    assert [r.index for r in reopened.results(job.id, after=0)] == [1]
+    assert reopened.unfinished()[0].id == job.id
+    assert reopened.set_state(job.id, JobState.CANCELLED)
+    assert not reopened.set_state(job.id, JobState.DONE)  # finished jobs stay finished
+    assert reopened.counts()[JobState.CANCELLED] == 1
+    assert reopened.purge(finished_before_s=time.time() + 1) == 1
+    assert reopened.get(job.id) is None and not (tmp_path / "inputs" / job.id).exists()
+
+
+# --- the REST resource --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> Glipv2Model:
+    torch.manual_seed(0)
+    model = Glipv2Model(get_preset("small"))
+    load_pretrained_language(model)
+    model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
+    model.config.postprocess.pre_nms_thresh = 0.0
+    model.config.postprocess.detections_per_img = 5
+    return model.eval()
+
+
+@pytest.fixture()
+def client(tiny_model: Glipv2Model, tmp_path: Path) -> Iterator[TestClient]:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "a.png").write_bytes(WORLD_PNG.read_bytes())
+    settings = ServiceSettings(model_name="tiny", api_keys=[], caption_max_tokens=4,
+                               jobs_dir=tmp_path / "jobs", job_input_dir=inputs,
+                               max_job_inputs=20, max_active_jobs=2)
+    with TestClient(create_app(settings, TorchRuntime(tiny_model))) as test_client:
+        yield test_client
+
+
+def wait_for(client: TestClient | httpx.Client, job_id: str, states: set[str],
+             timeout_s: float = 120.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = client.get(f"/v1/jobs/{job_id}").json()
+        if status["state"] in states:
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+
+
+def results(client: TestClient | httpx.Client, job_id: str) -> list[dict[str, Any]]:
+    response = client.get(f"/v1/jobs/{job_id}/results")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/x-ndjson")
+    return [json.loads(line) for line in response.text.splitlines()]
+
+
+def test_job_answers_like_the_online_endpoint_with_errors_for_exactly_the_bad_inputs(
+        client: TestClient) -> None:
+    good = [world_png(i) for i in range(4)]
+    inputs = [{"image": b64(good[0])}, {"image": "not base64 !!"}, {"image": b64(good[1])},
+              {"image": b64(b"\x89PNG\r\n\x1a\n broken")}, {"path": "a.png"},
+              {"image": b64(good[2])}, {"path": "missing.png"}, {"image": b64(good[3])}]
+    params = {"classes": CLASSES, "threshold": 0.0}
+    submitted = client.post("/v1/jobs", json={"task": "detect", "params": params,
+                                              "inputs": inputs})
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    assert submitted.headers["location"] == f"/v1/jobs/{job_id}"
+    status = wait_for(client, job_id, {"done"})
+    assert status["progress"] | {"rate_per_s": None, "eta_s": None} == {
+        "total": 8, "done": 8, "succeeded": 5, "failed": 3, "rate_per_s": None, "eta_s": None}
+    lines = results(client, job_id)
+    assert [line["index"] for line in lines] == list(range(8))
+    assert {line["index"] for line in lines if "error" in line} == {1, 3, 6}
+    assert lines[1]["error"]["code"] == "bad_image"
+    assert lines[6]["error"]["code"] == "invalid_request"
+    assert "missing.png" in lines[6]["error"]["message"]
+    images = {0: good[0], 2: good[1], 4: WORLD_PNG.read_bytes(), 5: good[2], 7: good[3]}
+    for index, data in images.items():
+        online = client.post("/v1/detect", json={"image": b64(data), **params})
+        assert online.status_code == 200
+        assert lines[index]["result"] == online.json(), index
+    assert client.get("/metrics").text.count('glipv2_jobs{state="done"} 1.0') == 1
+    listed = client.get("/v1/jobs").json()["jobs"]
+    assert [j["id"] for j in listed] == [job_id]
+
+
+def test_every_task_runs_as_a_job(client: TestClient) -> None:
+    image = b64(world_png(0))
+    for task, params in (("segment", {"expressions": ["the red circle"]}),
+                         ("vqa", {"question": "what color is the circle?"}), ("caption", {})):
+        submitted = client.post("/v1/jobs", json={"task": task, "params": params,
+                                                  "inputs": [{"image": image}]})
+        assert submitted.status_code == 202, submitted.text
+        job_id = submitted.json()["id"]
+        wait_for(client, job_id, {"done"})
+        (line,) = results(client, job_id)
+        online = client.post(f"/v1/{task}", json={"image": image, **params}).json()
+        assert line["result"] == online, task
+
+
+def test_cancel_stops_a_job_within_one_window(client: TestClient) -> None:
+    image = b64(world_png(0))
+    submitted = client.post("/v1/jobs", json={
+        "task": "detect", "params": {"classes": CLASSES}, "inputs": [{"image": image}] * 20})
+    job_id = submitted.json()["id"]
+    cancelled = client.delete(f"/v1/jobs/{job_id}")
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    time.sleep(0.5)
+    after = client.get(f"/v1/jobs/{job_id}").json()
+    assert after["state"] == "cancelled"
+    assert after["progress"]["done"] <= 8  # at most the window in flight (max_batch_size)
+    assert len(results(client, job_id)) == after["progress"]["done"]
+    again = client.delete(f"/v1/jobs/{job_id}")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
+    # the service goes on: a new job completes
+    done = client.post("/v1/jobs", json={"task": "caption", "inputs": [{"image": image}]})
+    wait_for(client, done.json()["id"], {"done"})
+
+
+@pytest.mark.parametrize(("body", "status", "code", "fragment"), [
+    ({"task": "detect", "params": {}, "inputs": [{"image": "x"}]}, 422, "invalid_request",
+     "give one of classes, prompt or prompt_id"),
+    ({"task": "detect", "params": {"classes": ["a"], "threshhold": 1}, "inputs": [{"image": "x"}]},
+     422, "invalid_request", "params.threshhold"),
+    ({"task": "detect", "params": {"prompt_id": "lvis"}, "inputs": [{"image": "x"}]}, 422,
+     "invalid_request", "unknown prompt_id 'lvis'"),
+    ({"task": "paint", "inputs": [{"image": "x"}]}, 422, "invalid_request", "task"),
+    ({"task": "caption", "inputs": []}, 422, "invalid_request", "inputs"),
+    ({"task": "caption", "inputs": [{"image": "x", "path": "a.png"}]}, 422, "invalid_request",
+     "give exactly one of image or path"),
+    ({"task": "caption", "inputs": [{"path": "../secret.png"}]}, 422, "invalid_request",
+     "inputs[0].path '../secret.png' leaves the input folder"),
+    ({"task": "caption", "inputs": [{"path": "/etc/passwd"}]}, 422, "invalid_request",
+     "must be relative"),
+    ({"task": "caption", "inputs": [{"image": "x"}] * 21}, 422, "invalid_request",
+     "more than the limit of 20 per job"),
+])
+def test_bad_job_requests_are_refused_whole(client: TestClient, body: dict[str, Any],
+                                            status: int, code: str, fragment: str) -> None:
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+    assert fragment in response.json()["error"]["message"]
+    assert client.get("/v1/jobs").json()["jobs"] == []
+
+
+def test_job_errors_and_limits(client: TestClient) -> None:
+    bad_json = client.post("/v1/jobs", content=b"{not json",
+                           headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
+    missing = client.get("/v1/jobs/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert client.get("/v1/jobs/nope/results").status_code == 404
+    assert client.delete("/v1/jobs/nope").status_code == 404
+    image = b64(world_png(0))
+    body = {"task": "detect", "params": {"classes": CLASSES}, "inputs": [{"image": image}] * 20}
+    first, second = (client.post("/v1/jobs", json=body) for _ in range(2))
+    assert first.status_code == second.status_code == 202
+    third = client.post("/v1/jobs", json=body)  # max_active_jobs = 2
+    assert third.status_code == 429 and third.json()["error"]["code"] == "too_many_jobs"
+    assert int(third.headers["retry-after"]) > 0
+    for job in (first, second):
+        client.delete(f"/v1/jobs/{job.json()['id']}")
+    assert client.post("/v1/jobs", json=body).status_code == 202
+
+
+# --- restart survival -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_job_survives_sigkill_mid_job_with_every_input_answered_once(
+        tiny_model: Glipv2Model, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    save_model(tiny_model, model_dir, external_language=True)
+    env = {"GLIPV2_JOBS_DIR": str(tmp_path / "jobs"), "GLIPV2_CAPTION_MAX_TOKENS": "4"}
+    images = [world_png(i) for i in range(200)]
+    params = {"classes": CLASSES, "threshold": 0.0}
+    process, base = start_server(["--model", str(model_dir)], env, ready_timeout_s=120)
+    try:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            submitted = http.post("/v1/jobs", json={
+                "task": "detect", "params": params, "inputs": [{"image": b64(d)} for d in images]})
+            assert submitted.status_code == 202, submitted.text
+            job_id = submitted.json()["id"]
+            deadline = time.monotonic() + 120
+            while http.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] < 40:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        process.kill()  # SIGKILL: no drain, no cleanup
+        process.wait()
+    process, base = start_server(["--model", str(model_dir)], env, ready_timeout_s=120)
+    try:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            killed_at = http.get(f"/v1/jobs/{job_id}").json()["progress"]["done"]
+            assert 40 <= killed_at < 200  # it stopped mid-job
+            status = wait_for(http, job_id, {"done"}, timeout_s=300)
+            assert status["progress"]["done"] == status["progress"]["succeeded"] == 200
+            lines = results(http, job_id)
+            assert [line["index"] for line in lines] == list(range(200))  # once each, in order
+            for index in range(0, 200, 7):
+                online = http.post("/v1/detect", json={"image": b64(images[index]), **params})
+                assert lines[index]["result"] == online.json(), index
+    finally:
+        process.terminate()
+        process.wait(30)
