@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -132,6 +133,52 @@ def _bench_runtimes(args: argparse.Namespace) -> int:
                             args.height, args.width, repeats=args.repeats, threads=args.threads)
     print(format_result(result))
     return 0
+
+
+def _bench_load(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from service.bench_load import bench_load, format_phases, local_server
+
+    server = nullcontext(args.url) if args.url else local_server(args.model)
+    with server as url:
+        alone, with_job = bench_load(url, args.requests, args.concurrency, args.job_images)
+    print(format_phases(alone, with_job, args.concurrency))
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+
+
+    from service.jobs.client import JobClient, JobClientError, folder_images
+
+    client = JobClient(args.url, api_key=args.api_key)
+    try:
+        if args.jobs_command == "submit":
+            params = json.loads(args.params) if args.params else {}
+            if args.classes:
+                params["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+            files = folder_images(Path(args.folder))
+            job = client.submit(args.task, params, [f.read_bytes() for f in files])
+            print(f"job {job['id']}: {len(files)} images from {args.folder}", file=sys.stderr)
+            if args.no_wait:
+                print(job["id"])
+                return 0
+            job_id = job["id"]
+        else:
+            job_id = args.id
+        cancel = args.jobs_command == "cancel"
+        status = client.cancel(job_id) if cancel else client.wait(job_id)
+        print(json.dumps(status, indent=2))
+        if args.jobs_command != "cancel" and args.out:
+            lines = client.save_results(job_id, Path(args.out))
+            print(f"{lines} results in {args.out}", file=sys.stderr)
+        return 0 if status["state"] in ("done", "cancelled") else 1
+    except JobClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -300,6 +347,34 @@ def build_parser() -> argparse.ArgumentParser:
     runtimes.add_argument("--repeats", type=int, default=5, help="timed runs per graph")
     runtimes.add_argument("--threads", type=int, default=0, help="compute threads (0: all)")
     runtimes.set_defaults(func=_bench_runtimes)
+    load = bench_sub.add_parser(
+        "load", help="online p50/p99 latency with and without a batch job running")
+    load.add_argument("--url", help="a running server (default: start one on --model)")
+    load.add_argument("--model", help="model folder for the server started here")
+    load.add_argument("--requests", type=int, default=80, help="online requests per phase")
+    load.add_argument("--concurrency", type=int, default=4, help="online clients")
+    load.add_argument("--job-images", type=int, default=500, help="images in the batch job")
+    load.set_defaults(func=_bench_load)
+
+    jobs = sub.add_parser("jobs", help="batch jobs on a running server (/v1/jobs)")
+    jobs.add_argument("--url", default="http://127.0.0.1:8000", help="server URL")
+    jobs.add_argument("--api-key", default=os.environ.get("GLIPV2_API_KEY"),
+                      help="API key (default: GLIPV2_API_KEY)")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    submit = jobs_sub.add_parser("submit", help="submit a folder of images, follow, save")
+    submit.add_argument("folder", help="folder of .png/.jpg/.webp images (name order)")
+    submit.add_argument("--task", required=True, choices=["detect", "segment", "vqa", "caption"])
+    submit.add_argument("--classes", help="detect: comma-separated class names")
+    submit.add_argument("--params", help="the task's other fields as JSON, e.g. "
+                                         "'{\"threshold\": 0.3}'")
+    submit.add_argument("--out", default="results.jsonl", help="results file (JSON Lines)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and exit")
+    for name, text in (("wait", "follow a job and save its results"), ("cancel", "cancel a job")):
+        command = jobs_sub.add_parser(name, help=text)
+        command.add_argument("id", help="job id")
+        if name == "wait":
+            command.add_argument("--out", default="results.jsonl", help="results file")
+    jobs.set_defaults(func=_jobs)
 
     serve = sub.add_parser(
         "serve", help="serve the model over HTTP",

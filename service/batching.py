@@ -10,6 +10,9 @@ Two priorities share each queue: online requests (`PRIORITY_ONLINE`) and batch-j
 (`PRIORITY_BATCH`). A batch takes online requests first and fills spare slots with job work, and
 the bucket served next is the one holding the oldest online request; job work never counts
 against the online queue bound (it has its own), so a running job cannot make clients see 429.
+Job work that has waited `batch_max_wait_ms` is served as online (aging), at most every other
+batch: under a steady online load of other image shapes it would otherwise never run, and online
+requests then wait for at most one job batch at a time.
 
 Compute runs in one dedicated worker thread, so the event loop keeps accepting, rejecting and
 expiring requests while an engine runs. One thread, because an engine instance runs one batch at a
@@ -65,7 +68,8 @@ class BatcherConfig:
     """The batcher's knobs; units are in the names.
 
     Defaults: `max_batch_size=8`, `max_queue_delay_ms=5.0`, `max_queue_size=64`,
-    `default_deadline_ms=None` (no deadline unless a request brings one).
+    `default_deadline_ms=None` (no deadline unless a request brings one),
+    `batch_max_wait_ms=1000.0`.
 
     - `max_batch_size`: most requests in one `run_batch` call.
     - `max_queue_delay_ms`: how long the oldest request of a partial batch may wait for company.
@@ -76,6 +80,9 @@ class BatcherConfig:
       without bound and clients hear "retry later" instead of timing out.
     - `default_deadline_ms`: deadline for requests that bring none, counted from submission. A
       request whose deadline passes before its batch starts is dropped, never computed.
+    - `batch_max_wait_ms`: how long batch-job work waits behind online requests before it is
+      scheduled as one of them; the most extra latency a job adds to online traffic is then about
+      one batch's compute per this interval.
 
     Tuning order for operators (as Triton's guide):
     1. `max_batch_size`: the largest batch the engine runs within memory (for TensorRT, the
@@ -92,6 +99,7 @@ class BatcherConfig:
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 64
     default_deadline_ms: float | None = None
+    batch_max_wait_ms: float = 1000.0
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_batch_size) or self.max_batch_size < 1:
@@ -112,6 +120,10 @@ class BatcherConfig:
                 "default_deadline_ms must be None (no deadline) or a finite number > 0, "
                 f"got {self.default_deadline_ms!r}"
             )
+
+        if not _is_number(self.batch_max_wait_ms) or self.batch_max_wait_ms < 0:
+            raise ValueError("batch_max_wait_ms must be a finite number >= 0, "
+                             f"got {self.batch_max_wait_ms!r}")
 
     @property
     def max_queue_delay_s(self) -> float:
@@ -160,10 +172,11 @@ class WorkItem(Generic[PayloadT, ResultT]):
     seq: int
     priority: int = PRIORITY_ONLINE
 
-    @property
-    def order(self) -> tuple[int, int]:
-        """Scheduling order: priority first, then arrival."""
-        return (self.priority, self.seq)
+    def order(self, now_s: float, promote_after_s: float) -> tuple[int, int]:
+        """Scheduling order: priority first (job work that waited `promote_after_s` counts as
+        online), then arrival."""
+        aged = self.priority != PRIORITY_ONLINE and now_s - self.enqueued_s >= promote_after_s
+        return (PRIORITY_ONLINE if aged else self.priority, self.seq)
 
     def expired(self, now_s: float) -> bool:
         return self.deadline_s is not None and now_s >= self.deadline_s
@@ -230,6 +243,7 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
+        self._aged_last = False  # the last batch went ahead of online work by aging
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -355,7 +369,8 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
 
     def _schedule(self, now_s: float) -> list[WorkItem[PayloadT, ResultT]]:
         """Take the next batch: among ready buckets, the one holding the first request in
-        (priority, arrival) order; within it, requests in that order (online ones first)."""
+        (priority, arrival) order; within it, requests in that order (online ones first). Job
+        work past `batch_max_wait_ms` ranks as online."""
         max_size = self.config.max_batch_size
         delay_s = self.config.max_queue_delay_s
         ready = [
@@ -365,8 +380,17 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
         ]
         if not ready:
             return []
-        queue = min(ready, key=lambda q: min(item.order for item in q))
-        batch = sorted(queue, key=lambda item: item.order)[:max_size]
+        # Aging applies to every other batch at most: never two aged job batches in a row.
+        promote_s = math.inf if self._aged_last else self.config.batch_max_wait_ms / 1000.0
+
+        def order(item: WorkItem[PayloadT, ResultT]) -> tuple[int, int]:
+            return item.order(now_s, promote_s)
+
+        queue = min(ready, key=lambda q: min(order(item) for item in q))
+        batch = sorted(queue, key=order)[:max_size]
+        head = batch[0]
+        self._aged_last = (head.priority != PRIORITY_ONLINE
+                           and order(head)[0] == PRIORITY_ONLINE)
         taken = {id(item) for item in batch}
         rest = deque(item for item in queue if id(item) not in taken)  # arrival order kept
         if rest:

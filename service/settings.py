@@ -33,6 +33,10 @@ class BatcherSettings(BaseModel):
     max_queue_size: int = Field(
         64, ge=1,
         description="Most requests waiting per engine; beyond it requests get 429 + Retry-After.")
+    batch_max_wait_ms: float = Field(
+        1000.0, ge=0, allow_inf_nan=False,
+        description="How long batch-job work waits behind online requests before it is "
+                    "served as one of them (so a job progresses under any online load).")
 
     @model_validator(mode="after")
     def _queue_holds_a_batch(self) -> BatcherSettings:
@@ -45,6 +49,7 @@ class BatcherSettings(BaseModel):
             max_queue_delay_ms=self.max_queue_delay_ms,
             max_queue_size=self.max_queue_size,
             default_deadline_ms=default_deadline_ms,
+            batch_max_wait_ms=self.batch_max_wait_ms,
         )
 
 
@@ -128,7 +133,8 @@ class ServiceSettings(BaseSettings):
     job_results_ttl_s: float = Field(
         7 * 24 * 3600.0, gt=0, description="How long a finished job and its results are kept.")
     job_concurrency: int = Field(
-        0, ge=0, description="Job inputs in flight at once; 0: the batcher's max_batch_size.")
+        4, ge=1, description="Job inputs in flight at once (a window; cancelling stops after "
+                             "it). Smaller leaves more of the engines to online traffic.")
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="Graceful-shutdown bound: in-flight requests get this long.")
     batcher: BatcherSettings = Field(default_factory=BatcherSettings)

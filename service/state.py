@@ -109,7 +109,7 @@ class ServiceState:
         store = await asyncio.to_thread(SqliteJobStore, settings.jobs_dir)
         runner = JobRunner(
             store, serving, self.decode_image,
-            concurrency=settings.job_concurrency or settings.batcher.max_batch_size,
+            concurrency=settings.job_concurrency,
             input_dir=settings.job_input_dir, results_ttl_s=settings.job_results_ttl_s,
             on_change=self.metrics.on_job_counts, on_input=self.metrics.on_job_input)
         await runner.start()

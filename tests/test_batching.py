@@ -649,3 +649,63 @@ def test_job_work_has_its_own_queue_bound_and_never_fills_the_online_one() -> No
         await batcher.stop()
 
     run(main())
+
+
+def test_job_work_waiting_past_batch_max_wait_is_served_like_online_work() -> None:
+    """Aging: a job bucket behind a steady online stream of another shape still runs."""
+    async def main() -> None:
+        engine = Engine(gated=True)
+        clock = FakeClock()
+        batcher = await started(engine, clock, max_batch_size=2, max_queue_delay_ms=0.0,
+                                batch_max_wait_ms=100.0)
+        first = submit_all(batcher, ["o0"], bucket="online")
+        await wait_until(engine.entered.is_set)
+        job = [asyncio.create_task(batcher.submit("j0", "job", priority=PRIORITY_BATCH))]
+        await settle()
+        clock.advance_ms(50.0)
+        online = submit_all(batcher, ["o1"], bucket="online")  # newer, but online
+        await settle()
+        engine.release.set()
+        await finish(first + online + job)
+        assert engine.batches == [["o0"], ["o1"], ["j0"]]  # not aged yet: online first
+
+        engine2 = Engine(gated=True)
+        batcher2 = await started(engine2, clock, max_batch_size=2, max_queue_delay_ms=0.0,
+                                 batch_max_wait_ms=100.0)
+        first = submit_all(batcher2, ["o0"], bucket="online")
+        await wait_until(engine2.entered.is_set)
+        job = [asyncio.create_task(batcher2.submit("j0", "job", priority=PRIORITY_BATCH))]
+        await settle()
+        clock.advance_ms(150.0)  # the job item has waited past batch_max_wait_ms
+        online = submit_all(batcher2, ["o1"], bucket="online")
+        await settle()
+        engine2.release.set()
+        await finish(first + online + job)
+        assert engine2.batches == [["o0"], ["j0"], ["o1"]]
+        await batcher.stop()
+        await batcher2.stop()
+
+    run(main())
+
+
+def test_aged_job_batches_alternate_with_online_ones() -> None:
+    """Online work waits for at most one aged job batch at a time."""
+    async def main() -> None:
+        engine = Engine(gated=True)
+        clock = FakeClock()
+        batcher = await started(engine, clock, max_batch_size=1, max_queue_delay_ms=0.0,
+                                batch_max_wait_ms=100.0)
+        first = submit_all(batcher, ["o0"], bucket="online")
+        await wait_until(engine.entered.is_set)
+        jobs = [asyncio.create_task(batcher.submit(f"j{i}", f"job{i}", priority=PRIORITY_BATCH))
+                for i in range(3)]
+        await settle()
+        clock.advance_ms(150.0)  # every job item is aged
+        online = submit_all(batcher, ["o1", "o2"], bucket="online")
+        await settle()
+        engine.release.set()
+        await finish(first + online + jobs)
+        assert engine.batches == [["o0"], ["j0"], ["o1"], ["j1"], ["o2"], ["j2"]]
+        await batcher.stop()
+
+    run(main())

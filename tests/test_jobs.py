@@ -174,7 +174,7 @@ def test_cancel_stops_a_job_within_one_window(client: TestClient) -> None:
     time.sleep(0.5)
     after = client.get(f"/v1/jobs/{job_id}").json()
     assert after["state"] == "cancelled"
-    assert after["progress"]["done"] <= 8  # at most the window in flight (max_batch_size)
+    assert after["progress"]["done"] <= 4  # at most the window in flight (job_concurrency)
     assert len(results(client, job_id)) == after["progress"]["done"]
     again = client.delete(f"/v1/jobs/{job_id}")
     assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
@@ -270,3 +270,26 @@ def test_job_survives_sigkill_mid_job_with_every_input_answered_once(
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_job_client_submits_follows_and_saves(client: TestClient, tmp_path: Path) -> None:
+    from service.jobs.client import JobClient, JobClientError, folder_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(3):
+        (folder / f"{index:02d}.png").write_bytes(world_png(index))
+    (folder / "notes.txt").write_text("not an image")
+    files = folder_images(folder)
+    assert [f.name for f in files] == ["00.png", "01.png", "02.png"]
+    jobs = JobClient("http://testserver", http=client)
+    job = jobs.submit("detect", {"classes": CLASSES}, [f.read_bytes() for f in files])
+    status = jobs.wait(job["id"], poll_s=0.05, progress=False)
+    assert status["state"] == "done" and status["progress"]["succeeded"] == 3
+    out = tmp_path / "results.jsonl"
+    assert jobs.save_results(job["id"], out) == 3
+    assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 1, 2]
+    with pytest.raises(JobClientError, match="HTTP 409 conflict"):
+        jobs.cancel(job["id"])
+    with pytest.raises(JobClientError, match=r"no \.png"):
+        folder_images(tmp_path)  # results.jsonl and a folder: no images

@@ -1,0 +1,151 @@
+"""`glipv2 bench load`: online latency with and without a batch job running, side by side.
+
+Phase 1 sends `requests` detection requests at `concurrency` (closed loop: each worker sends
+the next when its answer arrives) to an idle server. Phase 2 submits a job of `job_images` world
+images, waits until it is running, and sends the same online load while it runs. Both phases use
+the same images and prompt; the report gives p50 / p90 / p99 per phase, their ratio (the
+target: p99 with the job <= 2x without) and the job's throughput meanwhile.
+
+Without `--url` it starts `glipv2 serve` on the default model (a temporary job store) and stops
+it afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+from model_export.world import SHAPES, render_index
+from service.jobs.client import JobClient
+from service.settings import REPO_ROOT
+
+_WORLD_SEED = 5
+
+
+@dataclass
+class Phase:
+    name: str
+    latencies_s: list[float]
+    job_rate_per_s: float | None = None
+
+    def quantile_ms(self, q: float) -> float:
+        return float(np.quantile(np.asarray(self.latencies_s), q)) * 1000.0
+
+
+def world_pngs(count: int, offset: int = 0) -> list[bytes]:
+    images = []
+    for index in range(offset, offset + count):
+        buffer = io.BytesIO()
+        render_index(_WORLD_SEED, index).image.save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    return images
+
+
+async def online_load(url: str, images: list[bytes], requests: int, concurrency: int
+                      ) -> list[float]:
+    """Closed-loop detection requests; returns each request's latency (all must succeed)."""
+    bodies = [{"image": base64.b64encode(d).decode(), "classes": list(SHAPES)} for d in images]
+    latencies: list[float] = []
+    counter = iter(range(requests))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for index in counter:
+            started = time.perf_counter()
+            response = await client.post("/v1/detect", json=bodies[index % len(bodies)])
+            if response.status_code != 200:
+                raise RuntimeError(f"online request failed: {response.status_code} "
+                                   f"{response.text[:200]}")
+            latencies.append(time.perf_counter() - started)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        await worker_warmup(client, bodies[0])
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    return latencies
+
+
+async def worker_warmup(client: httpx.AsyncClient, body: dict) -> None:
+    response = await client.post("/v1/detect", json=body)
+    response.raise_for_status()
+
+
+def bench_load(url: str, requests: int = 80, concurrency: int = 4, job_images: int = 500
+               ) -> tuple[Phase, Phase]:
+    online_images = world_pngs(16)
+    alone = Phase("online alone", asyncio.run(online_load(url, online_images, requests,
+                                                          concurrency)))
+    jobs = JobClient(url)
+    try:
+        job = jobs.submit("detect", {"classes": list(SHAPES)}, world_pngs(job_images, 1000))
+        while jobs.status(job["id"])["progress"]["done"] == 0:
+            time.sleep(0.1)
+        before = jobs.status(job["id"])["progress"]["done"]
+        started = time.perf_counter()
+        latencies = asyncio.run(online_load(url, online_images, requests, concurrency))
+        status = jobs.status(job["id"])
+        elapsed = time.perf_counter() - started
+        if status["state"] == "done":
+            raise RuntimeError("the job finished before the online load did: raise job_images")
+        with_job = Phase(f"online + {job_images}-image job", latencies,
+                         job_rate_per_s=(status["progress"]["done"] - before) / elapsed)
+        jobs.cancel(job["id"])
+    finally:
+        jobs.close()
+    return alone, with_job
+
+
+def format_phases(alone: Phase, with_job: Phase, concurrency: int) -> str:
+    lines = [f"online detection at concurrency {concurrency}, {len(alone.latencies_s)} requests "
+             "per phase (ms)", "phase | p50 | p90 | p99 | job inputs/s",
+             "--- | --- | --- | --- | ---"]
+    for phase in (alone, with_job):
+        rate = "-" if phase.job_rate_per_s is None else f"{phase.job_rate_per_s:.2f}"
+        lines.append(f"{phase.name} | {phase.quantile_ms(0.5):.0f} | {phase.quantile_ms(0.9):.0f} "
+                     f"| {phase.quantile_ms(0.99):.0f} | {rate}")
+    ratio = with_job.quantile_ms(0.99) / alone.quantile_ms(0.99)
+    lines.append(f"p99 with the job / alone: {ratio:.2f}x (target <= 2x)")
+    return "\n".join(lines)
+
+
+@contextmanager
+def local_server(model_dir: str | None = None, ready_timeout_s: float = 300.0
+                 ) -> Iterator[str]:
+    """`glipv2 serve` on a free port with a temporary job store; yields its URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    jobs_dir = tempfile.mkdtemp(prefix="glipv2-bench-jobs-")
+    env = os.environ | {"GLIPV2_JOBS_DIR": jobs_dir, "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "model_export.cli", "serve", "--port", str(port),
+            "--log-level", "warning"] + (["--model", model_dir] if model_dir else [])
+    process = subprocess.Popen(args, cwd=REPO_ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError("the server exited before it was ready")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server was not ready in {ready_timeout_s:.0f} s")
+            time.sleep(0.25)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(60)
