@@ -147,6 +147,16 @@ def _bench_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_report(args: argparse.Namespace) -> int:
+    from service.bench_report import bench_report
+
+    levels = tuple(int(v) for v in args.concurrency.split(","))
+    path = bench_report(Path(args.out), args.model, args.engines, levels, args.requests,
+                        runtimes=not args.no_runtimes)
+    print(f"wrote {path}")
+    return 0
+
+
 def _jobs(args: argparse.Namespace) -> int:
 
 
@@ -355,6 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--concurrency", type=int, default=4, help="online clients")
     load.add_argument("--job-images", type=int, default=500, help="images in the batch job")
     load.set_defaults(func=_bench_load)
+    report = bench_sub.add_parser(
+        "report", help="run the benchmarks, write a Markdown report with PNG plots")
+    report.add_argument("--out", default="docs/bench", help="report folder (docs/bench)")
+    report.add_argument("--model", help="model folder (default: the embedded model)")
+    report.add_argument("--engines", help="exported engines (default: export to a temp dir)")
+    report.add_argument("--concurrency", default="1,2,4,8", help="client counts to measure")
+    report.add_argument("--requests", type=int, default=32, help="requests per level")
+    report.add_argument("--no-runtimes", action="store_true", help="skip the runtime section")
+    report.set_defaults(func=_bench_report)
 
     jobs = sub.add_parser("jobs", help="batch jobs on a running server (/v1/jobs)")
     jobs.add_argument("--url", default="http://127.0.0.1:8000", help="server URL")

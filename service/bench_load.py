@@ -55,8 +55,9 @@ def world_pngs(count: int, offset: int = 0) -> list[bytes]:
 
 
 async def online_load(url: str, images: list[bytes], requests: int, concurrency: int
-                      ) -> list[float]:
-    """Closed-loop detection requests; returns each request's latency (all must succeed)."""
+                      ) -> tuple[list[float], float]:
+    """Closed-loop detection requests (after one warm-up request); returns each request's
+    latency and the wall time of them all. Every request must succeed."""
     bodies = [{"image": base64.b64encode(d).decode(), "classes": list(SHAPES)} for d in images]
     latencies: list[float] = []
     counter = iter(range(requests))
@@ -71,21 +72,17 @@ async def online_load(url: str, images: list[bytes], requests: int, concurrency:
             latencies.append(time.perf_counter() - started)
 
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        await worker_warmup(client, bodies[0])
+        (await client.post("/v1/detect", json=bodies[0])).raise_for_status()
+        started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-    return latencies
-
-
-async def worker_warmup(client: httpx.AsyncClient, body: dict) -> None:
-    response = await client.post("/v1/detect", json=body)
-    response.raise_for_status()
+    return latencies, time.perf_counter() - started
 
 
 def bench_load(url: str, requests: int = 80, concurrency: int = 4, job_images: int = 500
                ) -> tuple[Phase, Phase]:
     online_images = world_pngs(16)
     alone = Phase("online alone", asyncio.run(online_load(url, online_images, requests,
-                                                          concurrency)))
+                                                          concurrency))[0])
     jobs = JobClient(url)
     try:
         job = jobs.submit("detect", {"classes": list(SHAPES)}, world_pngs(job_images, 1000))
@@ -93,7 +90,7 @@ def bench_load(url: str, requests: int = 80, concurrency: int = 4, job_images: i
             time.sleep(0.1)
         before = jobs.status(job["id"])["progress"]["done"]
         started = time.perf_counter()
-        latencies = asyncio.run(online_load(url, online_images, requests, concurrency))
+        latencies, _ = asyncio.run(online_load(url, online_images, requests, concurrency))
         status = jobs.status(job["id"])
         elapsed = time.perf_counter() - started
         if status["state"] == "done":

@@ -42,6 +42,26 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def assert_same_answer(job: Any, online: Any, path: str = "") -> None:
+    """Equal up to floating-point noise: batch composition (which images share a batch) moves
+    scores in the 6th decimal, as it does between two online calls. Detections compare as sets,
+    since near-tied scores may swap places."""
+    if isinstance(job, dict):
+        assert job.keys() == online.keys(), path
+        for key in job:
+            assert_same_answer(job[key], online[key], f"{path}.{key}")
+    elif isinstance(job, list):
+        assert len(job) == len(online), path
+        if path.endswith("detections"):
+            job, online = (sorted(x, key=lambda d: (d["label"], d["box"])) for x in (job, online))
+        for index, (a, b) in enumerate(zip(job, online, strict=True)):
+            assert_same_answer(a, b, f"{path}[{index}]")
+    elif isinstance(job, float):  # boxes are rounded to 0.01 px: noise can flip a digit
+        assert job == pytest.approx(online, abs=0.02 if ".box" in path else 1e-4), path
+    else:
+        assert job == online, path
+
+
 # --- the store ----------------------------------------------------------------------------------
 
 
@@ -144,7 +164,7 @@ def test_job_answers_like_the_online_endpoint_with_errors_for_exactly_the_bad_in
     for index, data in images.items():
         online = client.post("/v1/detect", json={"image": b64(data), **params})
         assert online.status_code == 200
-        assert lines[index]["result"] == online.json(), index
+        assert_same_answer(lines[index]["result"], online.json())
     assert client.get("/metrics").text.count('glipv2_jobs{state="done"} 1.0') == 1
     listed = client.get("/v1/jobs").json()["jobs"]
     assert [j["id"] for j in listed] == [job_id]
@@ -161,7 +181,7 @@ def test_every_task_runs_as_a_job(client: TestClient) -> None:
         wait_for(client, job_id, {"done"})
         (line,) = results(client, job_id)
         online = client.post(f"/v1/{task}", json={"image": image, **params}).json()
-        assert line["result"] == online, task
+        assert_same_answer(line["result"], online)
 
 
 def test_cancel_stops_a_job_within_one_window(client: TestClient) -> None:
@@ -266,7 +286,7 @@ def test_job_survives_sigkill_mid_job_with_every_input_answered_once(
             assert [line["index"] for line in lines] == list(range(200))  # once each, in order
             for index in range(0, 200, 7):
                 online = http.post("/v1/detect", json={"image": b64(images[index]), **params})
-                assert lines[index]["result"] == online.json(), index
+                assert_same_answer(lines[index]["result"], online.json())
     finally:
         process.terminate()
         process.wait(30)

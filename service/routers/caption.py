@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from service.dependencies import ServingDep, StateDep
-from service.routers.common import read_task_input, task_request_body
+from service.routers.common import (
+    RenderQuery,
+    png_responses,
+    read_task_input,
+    rendered,
+    task_request_body,
+)
 from service.schemas import (
     CaptionForm,
     CaptionParams,
     CaptionRequest,
     CaptionResponse,
-    error_responses,
 )
 
 router = APIRouter(tags=["tasks"])
@@ -20,11 +25,13 @@ router = APIRouter(tags=["tasks"])
 @router.post(
     "/v1/caption", response_model=CaptionResponse,
     summary="Caption the image and ground the caption's phrases",
-    responses=error_responses(400, 401, 413, 415, 422, 429, 501, 503, 504),
+    responses=png_responses(400, 401, 413, 415, 422, 429, 501, 503, 504),
     openapi_extra=task_request_body(CaptionRequest, CaptionForm),
 )
-async def caption(request: Request, state: StateDep, serving: ServingDep) -> CaptionResponse:
+async def caption(request: Request, state: StateDep, serving: ServingDep,
+                 render: RenderQuery = None) -> CaptionResponse | Response:
     task = await read_task_input(request, CaptionRequest, CaptionParams)
     serving.prepare_caption()
     image = await state.decode_image(task.image)
-    return await serving.caption(image)
+    result = await serving.caption(image)
+    return await rendered(image, result, None) if render else result

@@ -9,10 +9,11 @@ off the event loop.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from fastapi import Request
+from fastapi import Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
@@ -120,3 +121,27 @@ def task_request_body(json_model: type[BaseModel], form_model: type[BaseModel]
         "application/json": {"schema": json_model.model_json_schema()},
         "multipart/form-data": {"schema": form_model.model_json_schema()},
     }}}
+
+
+RenderQuery = Annotated[
+    Literal["png"] | None,
+    Query(description="`png`: answer with the image and the answer drawn on it (image/png) "
+                      "instead of JSON."),
+]
+
+
+def png_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """Error responses plus the `?render=png` alternative of the 200 answer."""
+    from service.schemas import error_responses
+
+    return {200: {"content": {"image/png": {}}, "description": "The answer (JSON), or with "
+                  "`render=png` the image with the answer drawn on it"},
+            **error_responses(*statuses)}
+
+
+async def rendered(image: Any, response: BaseModel, title: str | None = None) -> Response:
+    """The `?render=png` answer, drawn off the event loop."""
+    from service.render import render_png
+
+    png = await asyncio.to_thread(render_png, image, response, title)
+    return Response(content=png, media_type="image/png")

