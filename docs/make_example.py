@@ -10,10 +10,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 from pathlib import Path
 
 from fastapi.testclient import TestClient
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from service.app import create_app
 from service.settings import ServiceSettings

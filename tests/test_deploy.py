@@ -140,3 +140,14 @@ def test_hadolint_finds_nothing(name: str) -> None:
     result = subprocess.run([HADOLINT, "--failure-threshold", "info", str(DOCKER / name)],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_documents_every_setting() -> None:
+    """The configuration table cannot fall behind the settings."""
+    from service.settings import BatcherSettings
+
+    readme = (REPO / "README.md").read_text()
+    names = [f"GLIPV2_{name.upper()}" for name in ServiceSettings.model_fields if name != "batcher"]
+    names += [f"GLIPV2_BATCHER__{name.upper()}" for name in BatcherSettings.model_fields]
+    missing = [name for name in names if f"`{name}`" not in readme]
+    assert not missing, missing
