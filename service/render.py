@@ -38,6 +38,7 @@ def render_png(image: Image.Image, response: BaseModel, title: str | None = None
                 labelled.append((segment.box, f"{result.expression} {segment.score:.2f}"))
     elif isinstance(response, VqaResponse):
         labelled = [(g.box, g.phrase) for g in response.grounding]
+        labelled += [(a.box, f"answer: {response.answer}") for a in response.answer_grounding]
         answer = f"{response.answer} ({response.score:.2f})"
         text = f"{title} -> {answer}" if title else answer
     elif isinstance(response, CaptionResponse):

@@ -276,6 +276,11 @@ class GroundedPhrase(BaseModel):
     score: float
 
 
+class ScoredBox(BaseModel):
+    box: Box
+    score: float
+
+
 class VqaResponse(BaseModel):
     model: str
     image: ImageInfo
@@ -284,6 +289,10 @@ class VqaResponse(BaseModel):
     answers: list[AnswerScore] = Field(description="Top answers, best first.")
     grounding: list[GroundedPhrase] = Field(
         description="Phrases of the question grounded to boxes (spans into `question`).")
+    answer_grounding: list[ScoredBox] = Field(
+        default_factory=list,
+        description="Boxes of what the answer names (e.g. the shape an answer \"square\" "
+                    "points at), best first; empty for numbers and yes/no.")
 
 
 # --- caption ----------------------------------------------------------------------------------

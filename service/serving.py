@@ -73,6 +73,7 @@ from service.schemas import (
     ImageInfo,
     ModelInfo,
     RleMask,
+    ScoredBox,
     Segment,
     SegmentParams,
     SegmentResponse,
@@ -198,6 +199,15 @@ def split_phrases(prompt: str) -> list[tuple[int, int]]:
         if end > start:
             spans.append((start, end))
     return spans
+
+
+_NOT_OBJECTS = frozenset({"yes", "no", "none", "nothing", "zero"})
+
+
+def answer_names_something(answer: str) -> bool:
+    """Whether an answer can be pointed at: not a count, not yes/no."""
+    text = answer.strip().lower()
+    return bool(text) and text not in _NOT_OBJECTS and not text.replace(".", "").isdigit()
 
 
 def question_phrases(question: str) -> list[tuple[int, int]]:
@@ -516,8 +526,27 @@ class Glipv2Serving:
                    for i in order]
         grounding = await asyncio.to_thread(self._ground_question, params.question, row,
                                             prepared)
-        return VqaResponse(model=self.model_id, image=_info(image), answer=answers[0].answer,
-                           score=answers[0].score, answers=answers, grounding=grounding)
+        answer = answers[0].answer
+        answer_boxes: list[ScoredBox] = []
+        if answer_names_something(answer):  # one more fusion row: the answer as a prompt
+            (answer_row,) = await request.fuse(visual, await request.encode_texts([answer]))
+            answer_boxes = await asyncio.to_thread(self._ground_answer, answer, answer_row,
+                                                   prepared)
+        return VqaResponse(model=self.model_id, image=_info(image), answer=answer,
+                           score=answers[0].score, answers=answers, grounding=grounding,
+                           answer_grounding=answer_boxes)
+
+    def _ground_answer(self, answer: str, row: FusionResult, image: PreparedImage
+                       ) -> list[ScoredBox]:
+        """Boxes of what the answer names, as a one-phrase detection prompt (over threshold)."""
+        pmap = positive_map(self._tokenizer.encode(answer), [[(0, len(answer))]],
+                            row.fused_text.shape[1])
+        found = self._postprocess(row.head, self._anchors(row.head), pmap, image)
+        boxes = image.to_original(found.boxes)
+        return [ScoredBox(box=[rounded(v, BOX_DIGITS) for v in box],
+                          score=rounded(score, SCORE_DIGITS))
+                for box, score in zip(boxes.tolist(), found.scores.tolist(), strict=True)
+                if score >= VQA_GROUNDING_THRESHOLD]
 
     def _ground_question(self, question: str, row: FusionResult, image: PreparedImage
                          ) -> list[GroundedPhrase]:

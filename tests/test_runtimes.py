@@ -102,6 +102,8 @@ def assert_same(reference: Any, other: Any) -> None:
     elif "answer" in a:
         assert a["answer"] == b["answer"]
         assert [g["phrase"] for g in a["grounding"]] == [g["phrase"] for g in b["grounding"]]
+        for x, y in zip(a["answer_grounding"], b["answer_grounding"], strict=True):
+            assert np.abs(np.subtract(x["box"], y["box"])).max() <= BOX_TOLERANCE_PX
     else:
         assert a["caption"] == b["caption"]
         for x, y in zip(a["phrases"], b["phrases"], strict=True):

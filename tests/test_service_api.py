@@ -201,7 +201,31 @@ def test_vqa(client: TestClient, png_b64: str) -> None:
     for grounded in body["grounding"]:  # random weights: maybe none over the threshold
         start, end = grounded["span"]
         assert question[start:end] == grounded["phrase"] == "circle"
-    assert set(body) == {"model", "image", "answer", "score", "answers", "grounding"}
+    assert set(body) == {"model", "image", "answer", "score", "answers", "grounding",
+                         "answer_grounding"}
+
+
+def test_vqa_grounds_an_answer_that_names_something(client: TestClient, png_b64: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer's boxes are what detecting the answer as a class finds; counts are not
+    grounded."""
+    import service.serving as serving_module
+    from service.serving import answer_names_something
+
+    assert answer_names_something("square") and answer_names_something("red")
+    assert not any(map(answer_names_something, ["3", "yes", "no", " "]))
+    serving = client.app.state.service.serving
+    vocabulary = serving.config.tasks.vqa_answers
+    monkeypatch.setattr(serving_module, "VQA_GROUNDING_THRESHOLD", 0.0)
+    monkeypatch.setattr(serving.config.tasks, "vqa_answers", ["circle"] * len(vocabulary))
+    body = client.post("/v1/vqa", json={"image": png_b64, "question": "what is red?"}).json()
+    assert body["answer"] == "circle" and body["answer_grounding"]
+    detected = client.post("/v1/detect", json={"image": png_b64, "classes": ["circle"],
+                                               "threshold": 0.0}).json()["detections"]
+    assert [b["box"] for b in body["answer_grounding"]] == [d["box"] for d in detected]
+    monkeypatch.setattr(serving.config.tasks, "vqa_answers", ["2"] * len(vocabulary))
+    body = client.post("/v1/vqa", json={"image": png_b64, "question": "how many?"}).json()
+    assert body["answer"] == "2" and body["answer_grounding"] == []
 
 
 def test_caption(client: TestClient, png_b64: str) -> None:

@@ -176,7 +176,8 @@ def assert_same_answer(a: dict[str, Any], b: dict[str, Any]) -> None:
                     [s for r in b["results"] for s in r["segments"]], strict=True)
     elif "answer" in a:
         assert a["answer"] == b["answer"]
-        pairs = zip(a["grounding"], b["grounding"], strict=True)
+        pairs = zip(a["grounding"] + a["answer_grounding"],
+                    b["grounding"] + b["answer_grounding"], strict=True)
     else:
         assert a["caption"] == b["caption"]
         pairs = zip(a["phrases"], b["phrases"], strict=True)
