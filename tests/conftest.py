@@ -17,6 +17,10 @@ import httpx
 import pytest
 import torch
 
+from model_export.config import PreprocessConfig, get_preset
+from model_export.model import Glipv2Model
+from model_export.weights import load_pretrained_language
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
@@ -90,3 +94,21 @@ def _isolated_job_store(tmp_path_factory: pytest.TempPathFactory,
                         monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process apps built from default settings keep their jobs in a temporary folder."""
     monkeypatch.setenv("GLIPV2_JOBS_DIR", str(tmp_path_factory.mktemp("jobs")))
+
+
+def tiny_serving_model() -> Glipv2Model:
+    """Random small-preset weights (the real text encoder), shrunk pre-processing (96/128) and an
+    open candidate threshold (at most 5 detections): every task answers something, fast."""
+    torch.manual_seed(0)
+    model = Glipv2Model(get_preset("small"))
+    load_pretrained_language(model)
+    model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
+    model.config.postprocess.pre_nms_thresh = 0.0
+    model.config.postprocess.detections_per_img = 5
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> Glipv2Model:
+    """`tiny_serving_model()`, one per test module."""
+    return tiny_serving_model()

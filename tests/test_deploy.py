@@ -14,13 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from fastapi.testclient import TestClient
 
-from model_export.config import PreprocessConfig, get_preset
 from model_export.model import Glipv2Model
-from model_export.weights import load_pretrained_language
 from service.app import create_app
 from service.runtimes.torch_eager import TorchRuntime
 from service.settings import ServiceSettings
@@ -94,14 +91,11 @@ def dashboard_metrics() -> set[str]:
             for name in re.findall(r"\bglipv2_[a-z0-9_]+", target["expr"])}
 
 
-def test_every_dashboard_metric_is_exported_by_the_running_service(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = Glipv2Model(get_preset("small"))
-    load_pretrained_language(model)
-    model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
+def test_every_dashboard_metric_is_exported_by_the_running_service(
+        tiny_model: Glipv2Model) -> None:
     settings = ServiceSettings(model_name="tiny", api_keys=[], caption_max_tokens=4)
     image = base64.b64encode(WORLD_PNG.read_bytes()).decode()
-    with TestClient(create_app(settings, TorchRuntime(model.eval()))) as client:
+    with TestClient(create_app(settings, TorchRuntime(tiny_model))) as client:
         assert client.post("/v1/detect", json={"image": image, "classes": ["star"]}
                            ).status_code == 200
         exported = client.get("/metrics").text

@@ -14,12 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
-from model_export.config import PreprocessConfig, get_preset
 from model_export.model import Glipv2Model
-from model_export.weights import load_pretrained_language, save_model
+from model_export.weights import save_model
 from model_export.world import render_index
 from service.app import create_app
 from service.jobs.store import JobInput, JobResult, JobState, SqliteJobStore
@@ -96,17 +94,6 @@ def test_store_keeps_one_result_per_input_and_survives_reopening(tmp_path: Path)
 
 
 # --- the REST resource --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> Glipv2Model:
-    torch.manual_seed(0)
-    model = Glipv2Model(get_preset("small"))
-    load_pretrained_language(model)
-    model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
-    model.config.postprocess.pre_nms_thresh = 0.0
-    model.config.postprocess.detections_per_img = 5
-    return model.eval()
 
 
 @pytest.fixture()

@@ -12,7 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
-from model_export.config import PreprocessConfig, get_preset
+from model_export.config import get_preset
 from model_export.model import Glipv2Model
 from model_export.prompt import build_detection_prompt, load_tokenizer
 from model_export.prompt_tuning import TuningConfig, tune_prompt
@@ -22,7 +22,7 @@ from model_export.tuned_prompts import (
     load_tuned_prompts,
     save_tuned_prompt,
 )
-from model_export.weights import load_pretrained_language, save_model
+from model_export.weights import save_model
 from service.app import create_app
 from service.runtimes.torch_eager import TorchRuntime
 from service.settings import ServiceSettings
@@ -87,17 +87,6 @@ def test_registry_names_and_folder_are_checked(tmp_path: Path) -> None:
 
 
 # --- tuning -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> Glipv2Model:
-    torch.manual_seed(0)
-    model = Glipv2Model(get_preset("small"))
-    load_pretrained_language(model)
-    model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
-    model.config.postprocess.pre_nms_thresh = 0.0
-    model.config.postprocess.detections_per_img = 5
-    return model.eval()
 
 
 def test_tuning_learns_the_offset_and_leaves_the_model_alone(

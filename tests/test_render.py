@@ -9,13 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from model_export.config import PreprocessConfig, get_preset
 from model_export.model import Glipv2Model
-from model_export.weights import load_pretrained_language
 from service.app import create_app
 from service.render import PALETTE, render_png
 from service.runtimes.torch_eager import TorchRuntime
@@ -26,15 +23,9 @@ WORLD_PNG = Path(__file__).parent / "fixtures" / "world" / "000000.png"
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[TestClient]:
-    torch.manual_seed(0)
-    model = Glipv2Model(get_preset("small"))
-    load_pretrained_language(model)
-    model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
-    model.config.postprocess.pre_nms_thresh = 0.0
-    model.config.postprocess.detections_per_img = 5
+def client(tiny_model: Glipv2Model) -> Iterator[TestClient]:
     settings = ServiceSettings(model_name="tiny", api_keys=[], caption_max_tokens=4)
-    with TestClient(create_app(settings, TorchRuntime(model.eval()))) as test_client:
+    with TestClient(create_app(settings, TorchRuntime(tiny_model))) as test_client:
         yield test_client
 
 

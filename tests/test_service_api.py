@@ -31,9 +31,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from model_export.config import PreprocessConfig, get_preset
 from model_export.model import Glipv2Model
-from model_export.weights import load_pretrained_language, save_model
+from model_export.weights import save_model
 from service.app import create_app
 from service.errors import PayloadTooLargeError, UnsupportedMediaTypeError
 from service.images import decode_base64, decode_image_bytes, sniff_format
@@ -53,17 +52,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarn
 
 
 # --- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> Glipv2Model:
-    torch.manual_seed(0)
-    model = Glipv2Model(get_preset("small"))
-    load_pretrained_language(model)
-    model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
-    model.config.postprocess.pre_nms_thresh = 0.0
-    model.config.postprocess.detections_per_img = 5
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
