@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from model_export.config import Glipv2Config
+from model_export.errors import RuntimeUnavailableError
 from model_export.export import MANIFEST_FILE, sha256_file
-from service.runtimes.base import RuntimeUnavailableError
-from service.runtimes.manifest import load_manifest
+from model_export.manifest import load_manifest
 
 __all__ = [
     "DEFAULT_ENGINE_GRAPHS",

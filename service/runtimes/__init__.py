@@ -6,14 +6,9 @@ with the CPU, CUDA or TensorRT execution provider) and `TensorRtRuntime` (native
 built by `glipv2 build-engines`). `open_runtime` picks one from configuration.
 """
 
-from service.runtimes.base import (
-    GRAPHS,
-    Runtime,
-    RuntimeOptions,
-    RuntimeUnavailableError,
-    open_runtime,
-)
-from service.runtimes.manifest import EngineManifest, ManifestError, load_manifest
+from model_export.errors import RuntimeUnavailableError
+from model_export.manifest import EngineManifest, ManifestError, load_manifest
+from service.runtimes.base import GRAPHS, Runtime, RuntimeOptions, open_runtime
 
 __all__ = ["GRAPHS", "EngineManifest", "ManifestError", "Runtime", "RuntimeOptions",
            "RuntimeUnavailableError", "load_manifest", "open_runtime"]

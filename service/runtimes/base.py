@@ -26,10 +26,6 @@ OrtProvider = Literal["cpu", "cuda", "tensorrt"]
 Precision = Literal["fp32", "bf16", "int8"]
 
 
-class RuntimeUnavailableError(RuntimeError):
-    """The configured runtime cannot run here (package or device absent); says what is missing."""
-
-
 @dataclass(frozen=True)
 class RuntimeOptions:
     """How to run a model.

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model_export.errors import RuntimeUnavailableError
 from model_export.export import VARIANT_GRAPHS
-from service.runtimes.base import OrtProvider, Precision, Runtime, RuntimeUnavailableError
-from service.runtimes.manifest import load_manifest
+from model_export.manifest import load_manifest
+from service.runtimes.base import OrtProvider, Precision, Runtime
 
 # Our provider names -> ONNX Runtime's, in preference order (fallbacks after the first).
 PROVIDERS: dict[str, list[str]] = {

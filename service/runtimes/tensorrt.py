@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from model_export.errors import RuntimeUnavailableError
+from model_export.manifest import ManifestError, load_manifest
 from model_export.tensorrt_build import import_tensorrt, register_plugins, require_cuda
-from service.runtimes.base import OrtProvider, Runtime, RuntimeUnavailableError
-from service.runtimes.manifest import ManifestError, load_manifest
+from service.runtimes.base import OrtProvider, Runtime
 from service.runtimes.onnx import OnnxRuntime
 
 # TensorRT data types, by enum member name, -> dtypes of the torch buffers bound to them.

@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from model_export.errors import RuntimeUnavailableError
 from model_export.export import graph_specs
 from model_export.model import Glipv2Model
 from model_export.weights import load_model
-from service.runtimes.base import Runtime, RuntimeUnavailableError
+from service.runtimes.base import Runtime
 from service.runtimes.onnx import REDUCED_PRECISION_GRAPHS
 
 
