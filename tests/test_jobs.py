@@ -262,11 +262,14 @@ def test_job_survives_sigkill_mid_job_with_every_input_answered_once(
     finally:
         process.kill()  # SIGKILL: no drain, no cleanup
         process.wait()
+    store = SqliteJobStore(tmp_path / "jobs")  # what the killed process left on disk
+    killed = store.get(job_id)
+    store.close()
+    assert killed is not None and killed.state == JobState.RUNNING
+    assert 40 <= killed.done < 200  # it stopped mid-job
     process, base = start_server(["--model", str(model_dir)], env, ready_timeout_s=120)
     try:
         with httpx.Client(base_url=base, timeout=60) as http:
-            killed_at = http.get(f"/v1/jobs/{job_id}").json()["progress"]["done"]
-            assert 40 <= killed_at < 200  # it stopped mid-job
             status = wait_for(http, job_id, {"done"}, timeout_s=300)
             assert status["progress"]["done"] == status["progress"]["succeeded"] == 200
             lines = results(http, job_id)
