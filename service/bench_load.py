@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -117,16 +117,16 @@ def format_phases(alone: Phase, with_job: Phase, concurrency: int) -> str:
 
 
 @contextmanager
-def local_server(model_dir: str | None = None, ready_timeout_s: float = 300.0
-                 ) -> Iterator[str]:
-    """`glipv2 serve` on a free port with a temporary job store; yields its URL."""
+def local_server(model_dir: str | None = None, serve_args: Sequence[str] = (),
+                 ready_timeout_s: float = 300.0) -> Iterator[str]:
+    """`glipv2 serve [serve_args]` on a free port with a temporary job store; yields its URL."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     jobs_dir = tempfile.mkdtemp(prefix="glipv2-bench-jobs-")
     env = os.environ | {"GLIPV2_JOBS_DIR": jobs_dir, "HF_HUB_OFFLINE": "1"}
     args = [sys.executable, "-m", "model_export.cli", "serve", "--port", str(port),
-            "--log-level", "warning"] + (["--model", model_dir] if model_dir else [])
+            "--log-level", "warning", *serve_args] + (["--model", model_dir] if model_dir else [])
     process = subprocess.Popen(args, cwd=REPO_ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:

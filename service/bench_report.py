@@ -20,6 +20,7 @@ import numpy as np
 
 from service.bench_load import local_server, online_load, world_pngs
 from service.bench_runtimes import BenchResult, bench_runtimes
+from service.settings import DEFAULT_MODEL_DIR
 
 
 @dataclass
@@ -49,12 +50,8 @@ def batcher_curves(levels: list[int], requests: int, model_dir: str | None) -> l
     curves = []
     for name, batch in (("batcher on (max_batch_size 8)", "8"),
                         ("batcher off (max_batch_size 1)", "1")):
-        os.environ["GLIPV2_BATCHER__MAX_BATCH_SIZE"] = batch
-        try:
-            with local_server(model_dir) as url:
-                curves.append(measure_curve(name, url, levels, requests))
-        finally:
-            del os.environ["GLIPV2_BATCHER__MAX_BATCH_SIZE"]
+        with local_server(model_dir, ["--max-batch-size", batch]) as url:
+            curves.append(measure_curve(name, url, levels, requests))
     return curves
 
 
@@ -145,8 +142,7 @@ def bench_report(out: Path, model_dir: str | None = None, engines: str | None = 
     curves = batcher_curves(list(levels), requests, model_dir)
     result = None
     if runtimes:
-        model = Path(model_dir) if model_dir else Path(__file__).resolve().parent.parent / \
-            "models" / "default"
+        model = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
         engine_dir = Path(engines) if engines else None
         if engine_dir is None:
             from model_export.export import export_model

@@ -480,9 +480,8 @@ class Glipv2Serving:
         anchors = self._anchors(rows[0].head)
         out: list[_SegmentCandidates | None] = []
         for expression, row in zip(expressions, rows, strict=True):
-            pmap = positive_map(self._tokenizer.encode(expression), [[(0, len(expression))]],
-                                row.fused_text.shape[1])
-            found = self._postprocess(row.head, anchors, pmap, image)
+            pmap, found = self._phrase_detections(expression, [(0, len(expression))], row, image,
+                                                  anchors)
             keep = (found.scores >= threshold).nonzero().flatten()[: self.max_segments]
             if not len(keep):
                 out.append(None)
@@ -536,12 +535,21 @@ class Glipv2Serving:
                            score=answers[0].score, answers=answers, grounding=grounding,
                            answer_grounding=answer_boxes)
 
+    def _phrase_detections(self, text: str, spans: Sequence[tuple[int, int]], row: FusionResult,
+                           image: PreparedImage, anchors: list[torch.Tensor] | None = None
+                           ) -> tuple[torch.Tensor, Detections]:
+        """Detections of each span of `text` as one phrase (labels index `spans`), from the
+        fusion row of `text`; and the (P, T) phrase-to-token map."""
+        pmap = positive_map(self._tokenizer.encode(text), [[span] for span in spans],
+                            row.fused_text.shape[1])
+        if anchors is None:
+            anchors = self._anchors(row.head)
+        return pmap, self._postprocess(row.head, anchors, pmap, image)
+
     def _ground_answer(self, answer: str, row: FusionResult, image: PreparedImage
                        ) -> list[ScoredBox]:
         """Boxes of what the answer names, as a one-phrase detection prompt (over threshold)."""
-        pmap = positive_map(self._tokenizer.encode(answer), [[(0, len(answer))]],
-                            row.fused_text.shape[1])
-        found = self._postprocess(row.head, self._anchors(row.head), pmap, image)
+        _, found = self._phrase_detections(answer, [(0, len(answer))], row, image)
         boxes = image.to_original(found.boxes)
         return [ScoredBox(box=[rounded(v, BOX_DIGITS) for v in box],
                           score=rounded(score, SCORE_DIGITS))
@@ -554,9 +562,7 @@ class Glipv2Serving:
         spans = question_phrases(question)
         if not spans:
             return []
-        pmap = positive_map(self._tokenizer.encode(question), [[s] for s in spans],
-                            row.fused_text.shape[1])
-        found = self._postprocess(row.head, self._anchors(row.head), pmap, image)
+        _, found = self._phrase_detections(question, spans, row, image)
         boxes = image.to_original(found.boxes)
         return [GroundedPhrase(phrase=question[spans[label][0]:spans[label][1]],
                                span=list(spans[label]),

@@ -148,21 +148,22 @@ class JobRunner:
                     if isinstance(outcome, BatcherStoppedError):
                         raise outcome
                 stored = [o for o in outcomes if isinstance(o, JobResult)]
-                await asyncio.to_thread(self._store_results, job.id, stored)
-                current = await asyncio.to_thread(self.store.get, job.id)
-                if current is None or current.state != JobState.RUNNING:
+                if not await asyncio.to_thread(self._store_results, job.id, stored):
                     break  # cancelled (or purged) meanwhile
         finally:
             self._current, self._window = None, []
             await self._publish()
 
-    def _store_results(self, job_id: str, results: list[JobResult]) -> None:
+    def _store_results(self, job_id: str, results: list[JobResult]) -> bool:
+        """Store a window's results; False (nothing stored) once the job is no longer running:
+        a cancelled job keeps what it had."""
         job = self.store.get(job_id)
         if job is None or job.state != JobState.RUNNING:
-            return  # a cancelled job keeps what it had; nothing more is added
+            return False
         for result in results:
             if self.store.put_result(job_id, result) and self._on_input is not None:
                 self._on_input(result.ok)
+        return True
 
     async def _one(self, job: JobRecord, index: int, prepared: Any) -> JobResult | None:
         """One input through the online path; an error result for a bad input."""
