@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 from tqdm import tqdm
+
+from model_export.rle import decode_mask, encode_mask
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary
@@ -730,23 +730,6 @@ def sample_questions(
 # ----------------------------------------------------------------------------------------------
 # Records
 # ----------------------------------------------------------------------------------------------
-
-
-def encode_mask(mask: np.ndarray) -> dict[str, Any]:
-    """COCO RLE of an (H, W) bool mask, with `counts` as a JSON-ready str."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def decode_mask(rle: dict[str, Any]) -> np.ndarray:
-    """(H, W) bool mask of a COCO RLE dict whose `counts` is str or bytes."""
-    counts = rle["counts"]
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
-    with warnings.catch_warnings():
-        # pycocotools' decode trips numpy 2's `__array__(copy=...)` deprecation on every call.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return mask_utils.decode({"size": list(rle["size"]), "counts": counts}).astype(bool)
 
 
 def to_record(world_image: WorldImage, file_name: str) -> dict[str, Any]:

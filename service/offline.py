@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 
 import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from model_export.inference import CaptionPhrase, CaptionResult, Segment, VqaAnswer
 from model_export.postprocess import Detections
+from model_export.rle import decode_mask
 from service.batching import BatcherConfig
 from service.runtimes import Runtime
 from service.schemas import DetectParams, SegmentParams, VqaParams
@@ -65,8 +65,8 @@ class ServingPredictor:
                 ) -> list[list[Segment]]:
         response = self._call(self.serving.segment(
             SegmentParams(expressions=list(expressions), threshold=threshold), image))
-        return [[Segment(box=s.box, score=s.score, mask=torch.from_numpy(mask_utils.decode(
-                    {"size": s.mask.size, "counts": s.mask.counts.encode()}).astype(bool)))
+        return [[Segment(box=s.box, score=s.score, mask=torch.from_numpy(decode_mask(
+                    {"size": s.mask.size, "counts": s.mask.counts})))
                  for s in result.segments]
                 for result in response.results]
 

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from pycocotools import mask as mask_utils
 from pydantic import BaseModel
 
+from model_export.rle import decode_mask
 from service.schemas import CaptionResponse, DetectResponse, SegmentResponse, VqaResponse
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -66,7 +66,7 @@ def render_png(image: Image.Image, response: BaseModel, title: str | None = None
 
 def _overlay_mask(canvas: Image.Image, counts: str, size: Sequence[int],
                   color: tuple[int, int, int]) -> Image.Image:
-    mask = mask_utils.decode({"size": list(size), "counts": counts.encode("ascii")}).astype(bool)
+    mask = decode_mask({"size": size, "counts": counts})
     pixels = np.asarray(canvas, dtype=np.float32).copy()
     pixels[mask] = (1 - MASK_ALPHA) * pixels[mask] + MASK_ALPHA * np.asarray(color, np.float32)
     return Image.fromarray(pixels.round().astype(np.uint8))

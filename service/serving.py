@@ -26,10 +26,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from model_export.anchors import AnchorGenerator
 from model_export.box_coding import BoxCoder, rescale_boxes
@@ -43,6 +41,7 @@ from model_export.postprocess import (
 )
 from model_export.preprocess import batch_images, preprocess_image, resized_size
 from model_export.prompt import build_detection_prompt, clean_name, positive_map
+from model_export.rle import encode_mask
 from model_export.tuned_prompts import TunedPrompt
 from service.batching import (
     PRIORITY_ONLINE,
@@ -687,12 +686,11 @@ class _Request:
 
 def _encode_segment(box: Sequence[float] | torch.Tensor, score: float, mask: torch.Tensor
                     ) -> EncodedSegment:
-    """(H, W) bool mask -> COCO RLE with `counts` as str (pycocotools wants Fortran uint8)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
+    rle = encode_mask(mask.numpy())
     return EncodedSegment(box=[rounded(float(v), BOX_DIGITS) for v in box],
                           score=rounded(score, SCORE_DIGITS),
                           size=[int(v) for v in rle["size"]],
-                          counts=rle["counts"].decode("ascii"))
+                          counts=rle["counts"])
 
 
 def _info(image: Image.Image) -> ImageInfo:

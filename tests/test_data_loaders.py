@@ -60,7 +60,7 @@ def test_grounded_object_stores_mask_as_rle_and_decodes_it() -> None:
     mask = rect(24, 32, 2, 3, 12, 11)
     obj = GroundedObject(box=(2, 3, 12, 11), label="person", mask=mask)
     assert obj.box == (2.0, 3.0, 12.0, 11.0)
-    assert isinstance(obj.rle["counts"], bytes)
+    assert isinstance(obj.rle["counts"], str)
     assert obj.mask_size == (24, 32) and obj.mask_area == 80
     decoded = obj.mask
     assert decoded.dtype == bool and np.array_equal(decoded, mask)

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from model_export import world
+from model_export.rle import decode_mask, encode_mask
 from model_export.world import (
     ANSWERS,
     COLORS,
@@ -27,8 +28,6 @@ from model_export.world import (
     WorldObject,
     answer_question,
     caption_for,
-    decode_mask,
-    encode_mask,
     expression_targets,
     generate_world,
     objects_from_record,

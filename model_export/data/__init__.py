@@ -15,7 +15,6 @@ from model_export.data.types import (
     GroundedObject,
     GroundingSample,
     Task,
-    encode_mask,
 )
 from model_export.data.vqa import load_vqa_v2
 from model_export.data.world import is_attribute_phrase, load_world
@@ -27,7 +26,6 @@ __all__ = [
     "GroundedObject",
     "GroundingSample",
     "Task",
-    "encode_mask",
     "is_attribute_phrase",
     "load_coco_captions",
     "load_coco_detection",

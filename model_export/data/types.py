@@ -21,21 +21,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
-from pycocotools import mask as mask_utils
+
+from model_export.rle import decode_mask, encode_mask, mask_area
 
 Task = Literal["detection", "grounding", "referring", "vqa", "caption"]
 TASKS: tuple[str, ...] = get_args(Task)
 
 Box = tuple[float, float, float, float]
 Span = tuple[int, int]
-
-
-def encode_mask(mask: np.ndarray) -> dict[str, Any]:
-    """(H, W) boolean mask -> compressed COCO RLE `{"size": [H, W], "counts": bytes}`."""
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"]}
 
 
 @dataclass(frozen=True, init=False)
@@ -82,7 +75,7 @@ class GroundedObject:
         """(H, W) bool mask decoded from the RLE; None when the object has no mask."""
         if self.rle is None:
             return None
-        return mask_utils.decode(self.rle).astype(bool)
+        return decode_mask(self.rle)
 
     @property
     def mask_size(self) -> tuple[int, int] | None:
@@ -95,7 +88,7 @@ class GroundedObject:
     @property
     def mask_area(self) -> int:
         """Number of mask pixels, computed on the RLE (0 without mask)."""
-        return 0 if self.rle is None else int(mask_utils.area(self.rle))
+        return 0 if self.rle is None else mask_area(self.rle)
 
 
 @dataclass
