@@ -138,7 +138,8 @@ def _bench_runtimes(args: argparse.Namespace) -> int:
 def _bench_load(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
-    from service.bench_load import bench_load, format_phases, local_server
+    from service.bench_load import bench_load, format_phases
+    from service.local_server import local_server
 
     server = nullcontext(args.url) if args.url else local_server(args.model)
     with server as url:
@@ -224,9 +225,8 @@ def _serve(args: argparse.Namespace) -> int:
     model_dir = settings.model_dir
     if not (model_dir / "config.json").is_file():
         print(
-            f"no model to serve at {model_dir} (no config.json there). The embedded default "
-            "model is still being trained (`glipv2 train`, issue 3) and is not in this checkout "
-            "yet. Serve another model folder with --model DIR or GLIPV2_MODEL_DIR=DIR: a "
+            f"no model to serve at {model_dir} (no config.json there). Serve a model folder "
+            "with --model DIR or GLIPV2_MODEL_DIR=DIR: the embedded default (models/default), a "
             "`glipv2 train` checkpoint folder, or a released GLIP checkpoint converted with "
             "`glipv2 convert`.",
             file=sys.stderr,

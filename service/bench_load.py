@@ -15,14 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -30,7 +23,6 @@ import numpy as np
 
 from model_export.world import SHAPES, render_index
 from service.jobs.client import JobClient
-from service.settings import REPO_ROOT
 
 _WORLD_SEED = 5
 
@@ -114,35 +106,3 @@ def format_phases(alone: Phase, with_job: Phase, concurrency: int) -> str:
     ratio = with_job.quantile_ms(0.99) / alone.quantile_ms(0.99)
     lines.append(f"p99 with the job / alone: {ratio:.2f}x (target <= 2x)")
     return "\n".join(lines)
-
-
-@contextmanager
-def local_server(model_dir: str | None = None, serve_args: Sequence[str] = (),
-                 ready_timeout_s: float = 300.0) -> Iterator[str]:
-    """`glipv2 serve [serve_args]` on a free port with a temporary job store; yields its URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    jobs_dir = tempfile.mkdtemp(prefix="glipv2-bench-jobs-")
-    env = os.environ | {"GLIPV2_JOBS_DIR": jobs_dir, "HF_HUB_OFFLINE": "1"}
-    args = [sys.executable, "-m", "model_export.cli", "serve", "--port", str(port),
-            "--log-level", "warning", *serve_args] + (["--model", model_dir] if model_dir else [])
-    process = subprocess.Popen(args, cwd=REPO_ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError("the server exited before it was ready")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server was not ready in {ready_timeout_s:.0f} s")
-            time.sleep(0.25)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(60)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.bench_load import local_server, online_load, world_pngs
+from service.bench_load import online_load, world_pngs
 from service.bench_runtimes import BenchResult, bench_runtimes
+from service.local_server import local_server
 from service.settings import DEFAULT_MODEL_DIR
 
 

@@ -5,26 +5,21 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 from types import ModuleType
 
-import httpx
 import pytest
 import torch
 
 from model_export.config import PreprocessConfig, get_preset
 from model_export.model import Glipv2Model
 from model_export.weights import load_pretrained_language
+from service.local_server import spawn_server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 VECTOR_OPTIONS = {"log_scale": -2.0, "bias0": -32.0, "head_std": 0.8}
 
 
@@ -56,37 +51,13 @@ def glip_t_vector_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def start_server(args: list[str], env_overrides: dict[str, str], ready_timeout_s: float
                  ) -> tuple[subprocess.Popen[str], str]:
-    """`glipv2 serve ARGS` in a subprocess on a free port, once `/readyz` says 200.
+    """`glipv2 serve ARGS` on a free port, once ready (`service.local_server.spawn_server`).
 
     GLIPV2_* variables of the test environment are dropped, so only `env_overrides` configure
     it. Returns the process (stdout and stderr piped together) and its base URL.
     """
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GLIPV2_")}
-    # A fresh job store unless the test brings one: never the repository's var/jobs.
-    env |= {"HF_HUB_OFFLINE": "1", "GLIPV2_JOBS_DIR": tempfile.mkdtemp(prefix="glipv2-jobs-"),
-            **env_overrides}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "model_export.cli", "serve", "--port", str(port),
-         "--log-level", "warning", *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + ready_timeout_s
-    while True:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited: {process.communicate()[0]}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            pass
-        if time.monotonic() >= deadline:
-            process.kill()
-            raise AssertionError(f"server not ready in {ready_timeout_s:.0f} s: "
-                                 f"{process.communicate()[0]}")
-        time.sleep(0.25)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GLIPV2_")} | env_overrides
+    return spawn_server(args, env, ready_timeout_s, capture_output=True)
 
 
 @pytest.fixture(autouse=True)

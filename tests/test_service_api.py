@@ -607,7 +607,7 @@ def test_serve_without_a_model_exits_2(tmp_path: Path,
 
     assert main(["serve", "--model", str(tmp_path / "absent")]) == 2
     message = capsys.readouterr().err
-    assert "no model to serve" in message and "still being trained" in message
+    assert f"no model to serve at {tmp_path / 'absent'}" in message and "--model DIR" in message
 
 
 @pytest.mark.slow  # ~15-30 s: a fresh interpreter imports torch and loads the model
