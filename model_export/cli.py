@@ -72,28 +72,24 @@ def _tune_prompt(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from model_export.evaluate import TASKS, evaluate, format_table, write_report
+    from service.offline import ServingPredictor
+    from service.runtimes import RuntimeOptions, open_runtime
 
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)
-    predictor = None
-    if args.runtime != "pytorch":
-        from service.offline import ServingPredictor
-        from service.runtimes import RuntimeOptions, open_runtime
-
-        if not args.engines:
-            print(f"--runtime {args.runtime} needs --engines (glipv2 export)", file=sys.stderr)
-            return 2
-        predictor = ServingPredictor(open_runtime(RuntimeOptions(
-            kind=args.runtime, engine_dir=Path(args.engines), provider=args.provider,
-            precision=args.precision)))
-    elif not args.model:
+    if args.runtime == "pytorch" and not args.model:
         print("--model is required with the pytorch runtime", file=sys.stderr)
         return 2
+    if args.runtime != "pytorch" and not args.engines:
+        print(f"--runtime {args.runtime} needs --engines (glipv2 export)", file=sys.stderr)
+        return 2
+    predictor = ServingPredictor(open_runtime(RuntimeOptions(
+        kind=args.runtime, model_dir=Path(args.model) if args.model else None,
+        engine_dir=Path(args.engines) if args.engines else None, provider=args.provider,
+        precision=args.precision)))
     try:
-        metrics = evaluate(args.model, args.n, args.seed, tasks, held_out=args.held_out,
-                           predictor=predictor)
+        metrics = evaluate(predictor, args.n, args.seed, tasks, held_out=args.held_out)
     finally:
-        if predictor is not None:
-            predictor.close()
+        predictor.close()
     print(format_table(metrics))
     if args.out:
         write_report(metrics, args.out)
@@ -310,13 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="model folder (the pytorch runtime)")
     evaluate.add_argument("--runtime", choices=["pytorch", "onnxruntime", "tensorrt"],
                           default="pytorch",
-                          help="pytorch: the reference predictor on --model; otherwise the "
-                               "service's path on the exported graphs in --engines")
+                          help="what runs the service's path: pytorch on --model, or the "
+                               "exported graphs in --engines")
     evaluate.add_argument("--engines", help="engine folder (glipv2 export)")
     evaluate.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
                           help="ONNX Runtime execution provider")
     evaluate.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
-                          help="ONNX Runtime variant of vision and fusion")
+                          help="vision and fusion: bf16 (pytorch) or int8 (onnxruntime)")
     evaluate.add_argument("--n", type=int, default=500, help="images to render and score")
     evaluate.add_argument("--seed", type=int, default=1000, help="world seed (not a training one)")
     evaluate.add_argument("--tasks", default="", help="comma-separated subset of the tasks")

@@ -5,6 +5,10 @@ grounding AP50, separately for held-out colour-shape pairs (open-vocabulary comp
 referring segmentation mIoU over expressions with referents and the share of no-referent
 expressions answered with no segment; VQA accuracy; caption exact match, BLEU-4 and phrase
 grounding accuracy (box IoU >= 0.5).
+
+What is scored is whatever `Predictor` is given: the CLI passes the service's own path
+(`service.offline.ServingPredictor`) on the chosen runtime, so the metrics are those of the
+answers the HTTP API returns.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
+from PIL import Image
+from torch import Tensor
 from tqdm import tqdm
 
-from model_export.inference import Glipv2Predictor, to_exclusive
+from model_export.inference import to_exclusive
 from model_export.metrics import (
     BoxPrediction,
     BoxTruth,
@@ -28,6 +35,7 @@ from model_export.metrics import (
     referring_metrics,
     vqa_exact_accuracy,
 )
+from model_export.postprocess import Detections
 from model_export.world import (
     COLOR_NAMES,
     SHAPES,
@@ -37,6 +45,54 @@ from model_export.world import (
 )
 
 TASKS = ("detection", "grounding", "referring", "vqa", "caption")
+
+
+@dataclass
+class Segment:
+    """One segment of a referring expression, in original-image pixels (end-exclusive box)."""
+
+    box: list[float]
+    score: float
+    mask: Tensor  # (H0, W0) bool
+
+
+@dataclass
+class VqaAnswer:
+    answer: str
+    score: float
+    answers: list[tuple[str, float]]  # top answers, best first
+
+
+@dataclass
+class CaptionPhrase:
+    phrase: str
+    span: tuple[int, int]  # characters of the caption, end exclusive
+    box: list[float]  # original-image pixels, end exclusive
+    score: float
+
+
+@dataclass
+class CaptionResult:
+    caption: str
+    phrases: list[CaptionPhrase]
+
+
+class DetectionResult(Protocol):
+    """Boxes in original-image pixels, legacy convention (x1, y1 = last pixel)."""
+
+    detections: Detections
+
+
+class Predictor(Protocol):
+    """The four tasks on one image, as `evaluate` calls them."""
+
+    def detect(self, image: Image.Image, class_names: Sequence[str]) -> DetectionResult: ...
+
+    def segment(self, image: Image.Image, expressions: Sequence[str]) -> list[list[Segment]]: ...
+
+    def vqa(self, image: Image.Image, question: str) -> VqaAnswer: ...
+
+    def caption(self, image: Image.Image) -> CaptionResult: ...
 
 
 def _grounding_phrases(scene, rng: random.Random, held_out: Sequence[tuple[str, str]]
@@ -49,19 +105,10 @@ def _grounding_phrases(scene, rng: random.Random, held_out: Sequence[tuple[str, 
     return sorted(phrases)
 
 
-def evaluate(model_dir: str | Path | None, n: int, seed: int, tasks: Sequence[str] = TASKS,
+def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TASKS,
              held_out: str = "purple star,orange hexagon,green triangle",
-             progress: bool = True, predictor: Any = None) -> dict[str, dict]:
-    """Render `n` images with `seed` (never a training seed) and score every task.
-
-    `predictor` defaults to the PyTorch `Glipv2Predictor` of `model_dir`; anything with its
-    `detect`/`segment`/`vqa`/`caption` methods is scored the same way (the service's
-    `ServingPredictor` runs an exported runtime).
-    """
-    if predictor is None:
-        if model_dir is None:
-            raise ValueError("evaluate needs a model folder or a predictor")
-        predictor = Glipv2Predictor.from_dir(model_dir)
+             progress: bool = True) -> dict[str, dict]:
+    """Render `n` images with `seed` (never a training seed) and score every task."""
     pairs = sorted(parse_pairs(held_out)) if held_out else []
     held_out_phrases = {f"{c} {s}" for c, s in pairs}
     rng = random.Random(seed)
@@ -126,7 +173,7 @@ def evaluate(model_dir: str | Path | None, n: int, seed: int, tasks: Sequence[st
     return metrics
 
 
-def _predictions(index: int, run, names: list[str]) -> list[BoxPrediction]:
+def _predictions(index: int, run: DetectionResult, names: list[str]) -> list[BoxPrediction]:
     boxes = to_exclusive(run.detections.boxes)
     return [BoxPrediction(index, names[int(label)], box.tolist(), float(score))
             for box, score, label in zip(boxes, run.detections.scores, run.detections.labels,

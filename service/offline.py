@@ -1,9 +1,8 @@
-"""The serving path without HTTP, one image at a time: what `glipv2 eval --runtime` scores.
+"""The serving path without HTTP, one image at a time: what `glipv2 eval` scores.
 
-`ServingPredictor` offers the four tasks with the call shapes of the PyTorch reference
-predictor (`model_export.inference.Glipv2Predictor`), so `model_export.evaluate` measures an
-exported runtime (ONNX Runtime, a reduced-precision variant, TensorRT) through exactly the code
-the service runs: chunking, the engines' batchers, post-processing.
+`ServingPredictor` offers the four tasks as `model_export.evaluate.Predictor`, so the metrics of
+any runtime (PyTorch, ONNX Runtime, a reduced-precision variant, TensorRT) are measured through
+exactly the code the service runs: chunking, the engines' batchers, post-processing.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
-from model_export.inference import CaptionPhrase, CaptionResult, Segment, VqaAnswer
+from model_export.evaluate import CaptionPhrase, CaptionResult, Segment, VqaAnswer
 from model_export.postprocess import Detections
 from model_export.rle import decode_mask
 from service.batching import BatcherConfig
