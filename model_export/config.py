@@ -74,6 +74,9 @@ class FusionConfig:
     group_norm_groups: int = 16  # GroupNorm groups after each deformable conv
     dyrelu_reduction: int = 4  # DyReLU squeeze ratio (channels -> channels / reduction)
     attention_clamp: float = 50000.0  # cross-attention and BERT-layer scores clamped to +-this
+    # Add each region's absolute position to what the cross-attention sees (not in GLIP, whose
+    # released checkpoints have none): left/right order and relations need it (`LevelPositions`).
+    position_encoding: bool = False
 
 
 @dataclass
@@ -241,7 +244,7 @@ def _small() -> Glipv2Config:
             pretrained="minilm-l6",
         ),
         fusion=FusionConfig(num_layers=2, channels=64, embed_dim=256, num_heads=4,
-                            group_norm_groups=8),
+                            group_norm_groups=8, position_encoding=True),
         head=HeadConfig(mlm_head=True, tie_mlm_decoder=True),
         tasks=TaskHeadsConfig(mask_head=True, vqa_head=True, vqa_answers=WORLD_ANSWERS,
                               contrastive_dim=64),

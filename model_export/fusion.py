@@ -10,6 +10,7 @@ dyconv}`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,11 +98,57 @@ class Glipv2BiAttention(nn.Module):
         return delta_v, delta_l
 
 
-class Glipv2VLFuse(nn.Module):
-    """Pre-norm bidirectional fusion with layer scale: x = LN(x) + gamma * delta (both sides)."""
+class LevelPositions(nn.Module):
+    """Absolute 2-D positions of every region of every level, as features of width `channels`.
 
-    def __init__(self, v_dim: int, l_dim: int, config: FusionConfig) -> None:
+    The cross-attention compares contents only, and convolutional features carry little absolute
+    position, so without this a token cannot find "the object left of the blue square" or the
+    next object of a left-to-right caption. Each cell centre, in resized-image pixels (padding
+    and batching never move it), becomes sinusoids of wavelengths 8 to 4096 px per axis, then
+    a linear layer initialised to zero, so a model grown from one without positions starts out
+    computing exactly what it did.
+    """
+
+    def __init__(self, channels: int, strides: Sequence[int]) -> None:
         super().__init__()
+        if channels % 4:
+            raise ValueError("position encoding needs channels divisible by 4")
+        self.strides = tuple(strides)
+        frequencies = channels // 4  # per axis: a sine and a cosine each
+        wavelengths = 8.0 * (4096.0 / 8.0) ** (torch.arange(frequencies) / max(1, frequencies - 1))
+        self.register_buffer("angular", 2 * math.pi / wavelengths, persistent=False)
+        self.proj = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, sizes: Sequence[tuple[int, int]]) -> Tensor:
+        """Per level (H_l, W_l), in `flatten_levels` order -> (1, R, channels)."""
+        levels = []
+        for (height, width), stride in zip(sizes, self.strides, strict=True):
+            ys = (torch.arange(height, device=self.angular.device) + 0.5) * stride
+            xs = (torch.arange(width, device=self.angular.device) + 0.5) * stride
+            y = _sinusoids(ys, self.angular)[:, None].expand(-1, width, -1)
+            x = _sinusoids(xs, self.angular)[None].expand(height, -1, -1)
+            levels.append(torch.cat([y, x], dim=-1).reshape(height * width, -1))
+        return self.proj(torch.cat(levels)).unsqueeze(0)
+
+
+def _sinusoids(positions: Tensor, angular: Tensor) -> Tensor:
+    angles = positions[:, None].float() * angular[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class Glipv2VLFuse(nn.Module):
+    """Pre-norm bidirectional fusion with layer scale: x = LN(x) + gamma * delta (both sides).
+
+    With `positions`, the attention sees each region's normalised features plus its position;
+    the residual stream (what DyConv and the head get) stays free of it.
+    """
+
+    def __init__(self, v_dim: int, l_dim: int, config: FusionConfig,
+                 strides: Sequence[int] = ()) -> None:
+        super().__init__()
+        self.positions = LevelPositions(v_dim, strides) if config.position_encoding else None
         self.layer_norm_v = nn.LayerNorm(v_dim)
         self.layer_norm_l = nn.LayerNorm(l_dim)
         self.attn = Glipv2BiAttention(v_dim, l_dim, config.embed_dim, config.num_heads,
@@ -119,11 +166,16 @@ class Glipv2VLFuse(nn.Module):
         sizes = [feature.shape[-2:] for feature in visual]
         v = self.layer_norm_v(flatten_levels(visual))
         lang = self.layer_norm_l(text)
-        delta_v, delta_l = self.attn(v, lang, mask, update_visual=not causal)
+        delta_v, delta_l = self.attn(self.attended(v, sizes), lang, mask,
+                                     update_visual=not causal)
         if delta_v is not None:
             v = v + self.gamma_v * delta_v
         lang = lang + self.gamma_l * delta_l
         return unflatten_levels(v, sizes), lang
+
+    def attended(self, v: Tensor, sizes: Sequence[tuple[int, int]]) -> Tensor:
+        """What the cross-attention sees of the normalised regions: plus positions, if any."""
+        return v if self.positions is None else v + self.positions(sizes).to(v.dtype)
 
 
 def flatten_levels(visual: list[Tensor]) -> Tensor:
@@ -200,9 +252,10 @@ class Glipv2TextLayer(nn.Module):
 class Glipv2FusionLayer(nn.Module):
     """One deep-fusion layer: cross-modal attention, text self-attention, DyConv on the image."""
 
-    def __init__(self, fusion: FusionConfig, language: LanguageConfig) -> None:
+    def __init__(self, fusion: FusionConfig, language: LanguageConfig,
+                 strides: Sequence[int] = ()) -> None:
         super().__init__()
-        self.vl_fuse = Glipv2VLFuse(fusion.channels, language.hidden_size, fusion)
+        self.vl_fuse = Glipv2VLFuse(fusion.channels, language.hidden_size, fusion, strides)
         self.text_layer = Glipv2TextLayer(language, fusion.attention_clamp)
         self.dyconv = Glipv2DyConv(fusion.channels, fusion.group_norm_groups,
                                    fusion.dyrelu_reduction)
@@ -217,10 +270,12 @@ class Glipv2FusionLayer(nn.Module):
 class Glipv2FusionTower(nn.Module):
     """Enc_VL: `num_layers` fusion layers; returns fused FPN features and fused token features."""
 
-    def __init__(self, fusion: FusionConfig, language: LanguageConfig) -> None:
+    def __init__(self, fusion: FusionConfig, language: LanguageConfig,
+                 strides: Sequence[int] = ()) -> None:
+        """strides: each level's stride in pixels (P3..P7), for `fusion.position_encoding`."""
         super().__init__()
         self.layers = nn.ModuleList(
-            Glipv2FusionLayer(fusion, language) for _ in range(fusion.num_layers)
+            Glipv2FusionLayer(fusion, language, strides) for _ in range(fusion.num_layers)
         )
 
     def forward(self, visual: list[Tensor], text: TextFeatures, causal: bool = False
@@ -237,14 +292,15 @@ class Glipv2FusionTower(nn.Module):
     def caption_image_states(self, visual: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """The causal mode's image side, computed once per image for a whole caption.
 
-        Returns the normalised region sequence (N, R, C) each layer's text attends to, and the
-        final fused levels; `caption_text` then runs only the text side per decoding step.
+        Returns the region sequence (N, R, C) each layer's text attends to (normalised, plus
+        positions if any), and the final fused levels; `caption_text` then runs only the text
+        side per decoding step.
         """
         states = []
         for layer in self.layers:
             sizes = [feature.shape[-2:] for feature in visual]
             v = layer.vl_fuse.layer_norm_v(flatten_levels(visual))
-            states.append(v)
+            states.append(layer.vl_fuse.attended(v, sizes))
             visual = layer.dyconv(unflatten_levels(v, sizes))
         return states, visual
 

@@ -71,7 +71,7 @@ class Glipv2Model(nn.Module):
             tuple(stage_channels[i] for i in config.swin.out_stages), config.fpn.out_channels
         )
         self.language = Glipv2LanguageBackbone(config.language)
-        self.fusion = Glipv2FusionTower(config.fusion, config.language)
+        self.fusion = Glipv2FusionTower(config.fusion, config.language, config.head.anchor_strides)
         self.head = Glipv2AtssHead(config.head, config.fusion.channels,
                                    config.language.hidden_size)
         lang = config.language

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers.models.bert.modeling_bert import BertLayer
 
 from model_export.config import FusionConfig, LanguageConfig
-from model_export.fusion import Glipv2BiAttention, Glipv2TextLayer, Glipv2VLFuse
+from model_export.fusion import (
+    Glipv2BiAttention,
+    Glipv2TextLayer,
+    Glipv2VLFuse,
+    LevelPositions,
+)
 from model_export.language import bert_config, extended_attention_mask
 
 LANG = LanguageConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
@@ -113,3 +120,58 @@ def test_caption_cache_equals_full_causal_pass() -> None:
     torch.testing.assert_close(cached_text, full_text)
     for a, b in zip(cached_visual, full_visual, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def _positions(channels: int = 16) -> LevelPositions:
+    torch.manual_seed(0)
+    positions = LevelPositions(channels, strides=(8, 16, 32, 64, 128))
+    with torch.no_grad():
+        positions.proj.weight.normal_()
+        positions.proj.bias.normal_()
+    return positions
+
+
+def test_level_positions_do_not_depend_on_padding() -> None:
+    """A cell keeps its position features whatever the padded size of the batch around it."""
+    positions = _positions()
+    small = [(4, 6), (2, 3), (1, 2), (1, 1), (1, 1)]
+    padded = [(5, 8), (3, 4), (2, 2), (1, 1), (1, 1)]
+    a, b = positions(small)[0], positions(padded)[0]
+    assert a.shape == (sum(h * w for h, w in small), 16)
+    for level in range(5):
+        (h, w), (ph, pw) = small[level], padded[level]
+        start_a = sum(y * x for y, x in small[:level])
+        start_b = sum(y * x for y, x in padded[:level])
+        grid_a = a[start_a:start_a + h * w].view(h, w, -1)
+        grid_b = b[start_b:start_b + ph * pw].view(ph, pw, -1)
+        torch.testing.assert_close(grid_a, grid_b[:h, :w])
+
+
+def test_level_positions_tell_left_from_right_and_levels_apart() -> None:
+    positions = _positions()
+    features = positions([(2, 3), (1, 2), (1, 1), (1, 1), (1, 1)])[0]
+    p3 = features[:6].view(2, 3, -1)
+    assert not torch.allclose(p3[0, 0], p3[0, 1])  # neighbours along x
+    assert not torch.allclose(p3[0, 0], p3[1, 0])  # neighbours along y
+    assert not torch.allclose(features[6], p3[0, 0])  # P4's first cell is elsewhere (stride 16)
+
+
+def test_vl_fuse_with_fresh_positions_computes_what_it_did_without() -> None:
+    """Zero-initialised: a model grown from one without positions starts out unchanged."""
+    torch.manual_seed(0)
+    plain = Glipv2VLFuse(16, 32, FUSION).eval()
+    grown = Glipv2VLFuse(16, 32, dataclasses.replace(FUSION, position_encoding=True),
+                         strides=(8, 16, 32, 64, 128)).eval()
+    missing = set(grown.load_state_dict(plain.state_dict(), strict=False).missing_keys)
+    assert missing == {"positions.proj.weight", "positions.proj.bias"}
+    visual = [torch.randn(2, 16, 4 // 2**i or 1, 6 // 2**i or 1) for i in range(5)]
+    lang, mask = torch.randn(2, 5, 32), _mask([5, 3], 5)
+    for causal in (False, True):
+        (v_plain, l_plain), (v_grown, l_grown) = (
+            module(visual, lang, mask, causal) for module in (plain, grown))
+        torch.testing.assert_close(l_grown, l_plain)
+        for a, b in zip(v_grown, v_plain, strict=True):
+            torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        grown.positions.proj.bias.fill_(1.0)
+    assert not torch.allclose(grown(visual, lang, mask)[1], l_plain)
