@@ -10,7 +10,8 @@ dyconv}`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,8 @@ class Glipv2BiAttention(nn.Module):
         self.values_l_proj = nn.Linear(l_dim, embed_dim)
         self.out_v_proj = nn.Linear(embed_dim, v_dim)
         self.out_l_proj = nn.Linear(embed_dim, l_dim)
+        # Training only: a list to append each forward's token-to-region attention to.
+        self.text_attention: list[Tensor] | None = None
         for linear in (self.v_proj, self.l_proj, self.values_v_proj, self.values_l_proj,
                        self.out_v_proj, self.out_l_proj):
             nn.init.xavier_uniform_(linear.weight)
@@ -83,6 +86,8 @@ class Glipv2BiAttention(nn.Module):
         scores_t = scores_t - scores_t.max(dim=-1, keepdim=True).values
         scores_t = scores_t.clamp(min=-self.clamp, max=self.clamp)
         probs_l = scores_t.softmax(dim=-1)
+        if self.text_attention is not None:
+            self.text_attention.append(probs_l.view(n, self.num_heads, tokens, regions))
         probs_l = F.dropout(probs_l, p=self.dropout, training=self.training)
         delta_l = self.out_l_proj(self._merge(torch.bmm(probs_l, value_v), n))
         if not update_visual:
@@ -288,6 +293,19 @@ class Glipv2FusionTower(nn.Module):
         for layer in self.layers:
             visual, hidden = layer(visual, hidden, text.mask, causal)
         return visual, hidden
+
+    @contextmanager
+    def recording_text_attention(self) -> Iterator[list[Tensor]]:
+        """Collect every layer's token-to-region attention (N, heads, T, R) while inside, for
+        a loss on where tokens look (`losses.text_attention_loss`)."""
+        maps: list[Tensor] = []
+        for layer in self.layers:
+            layer.vl_fuse.attn.text_attention = maps
+        try:
+            yield maps
+        finally:
+            for layer in self.layers:
+                layer.vl_fuse.attn.text_attention = None
 
     def caption_image_states(self, visual: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """The causal mode's image side, computed once per image for a whole caption.

@@ -782,3 +782,38 @@ def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     vocab = logits.shape[-1]
     return F.cross_entropy(logits.reshape(-1, vocab).float(), labels.reshape(-1),
                            ignore_index=MLM_IGNORE_INDEX)
+
+
+def text_attention_loss(maps: Sequence[Tensor], positive_maps: Sequence[Tensor],
+                        boxes: Sequence[Tensor], centres: Tensor) -> Tensor:
+    """Teach tokens to look at their objects: -log of the attention mass a positive token puts
+    on regions whose centre lies in one of its boxes (heads averaged, so some heads may look
+    elsewhere), averaged over positive tokens, images and layers.
+
+    Detection trains the region-to-token direction of the fusion's shared scores; nothing else
+    trains the token-to-region direction, which is all VQA and captioning read the image
+    through. Not in GLIP or GLIPv2.
+
+    maps: per layer (N, heads, T, R) token-to-region attention (`recording_text_attention`).
+    positive_maps: per image (K, T) 0/1, tokens each box is positive for.
+    boxes: per image (K, 4) xyxy in the model-input frame, legacy convention (x1 = last pixel).
+    centres: (R, 2) x, y of every region, in `flatten_levels` order.
+    """
+    terms = []
+    for i, (pmap, image_boxes) in enumerate(zip(positive_maps, boxes, strict=True)):
+        if not len(image_boxes):
+            continue
+        x, y = centres[:, 0], centres[:, 1]
+        inside = ((x[None] >= image_boxes[:, 0:1]) & (x[None] <= image_boxes[:, 2:3])
+                  & (y[None] >= image_boxes[:, 1:2]) & (y[None] <= image_boxes[:, 3:4]))
+        target = (pmap.t().float() @ inside.float()) > 0  # (T, R)
+        tokens = target.any(dim=1)
+        if not tokens.any():
+            continue
+        for layer in maps:
+            attention = layer[i].mean(dim=0)[tokens]  # (P, R)
+            mass = (attention * target[tokens]).sum(dim=1)
+            terms.append(-mass.clamp(min=1e-6).log().mean())
+    if not terms:
+        return centres.new_zeros(())
+    return torch.stack(terms).mean()

@@ -16,6 +16,7 @@ import random
 import time
 import tomllib
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from model_export.losses import (
     inter_image_contrastive_targets,
     mask_tokens,
     mlm_loss,
+    text_attention_loss,
 )
 from model_export.mask_head import downsample_masks, mask_loss
 from model_export.model import Glipv2Model
@@ -63,6 +65,7 @@ class TrainConfig:
     min_sizes: tuple[int, ...] = (256, 288, 320)  # shorter-side sizes drawn per example
     task_weights: dict[str, float] = field(default_factory=lambda: {
         "detection": 0.25, "grounding": 0.25, "referring": 0.2, "vqa": 0.15, "caption": 0.15})
+    # "attend" (off unless set): tokens' attention onto their boxes, `text_attention_loss`
     loss_weights: dict[str, float] = field(default_factory=lambda: {
         "inter": 0.5, "mask": 1.0, "vqa": 1.0, "caption": 1.0, "mlm": 0.1})
     mlm_probability: float = 0.15  # chance each grounding/referring token is masked for L_mlm
@@ -230,7 +233,9 @@ class Glipv2Trainer:
             input_ids, mlm_labels = self._mask_for_mlm(batch)
         visual = model.encode_image(batch.images)
         text = model.encode_text(input_ids, mask, causal=batch.causal)
-        out = model.fuse(visual, text, causal=batch.causal)
+        attend = weights.get("attend", 0) > 0
+        with (model.fusion.recording_text_attention() if attend else nullcontext([])) as maps:
+            out = model.fuse(visual, text, causal=batch.causal)
         num_tokens = input_ids.shape[1]
         result: dict[str, Tensor] = {}
 
@@ -249,6 +254,15 @@ class Glipv2Trainer:
             result["box"] = det.loss_box_giou
             result["centerness"] = det.loss_centerness
             result["token"] = det.loss_token
+            # Referring expressions are positive as a whole, anchor words included: left out.
+            looked = [k for k, i in enumerate(grounded) if batch.examples[i].task != "referring"]
+            if maps and looked:
+                centres = torch.cat(anchors)
+                centres = (centres[:, :2] + centres[:, 2:]) / 2
+                result["attend"] = weights["attend"] * text_attention_loss(
+                    [m[[grounded[k] for k in looked]] for m in maps],
+                    [targets[k].positive_map for k in looked],
+                    [targets[k].boxes for k in looked], centres)
             if model.contrastive is not None and weights.get("inter", 0) > 0:
                 result["inter"] = weights["inter"] * self._inter_loss(
                     visual, text.hidden, mask, grounded, det.matched_gt, targets, batch)

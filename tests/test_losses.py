@@ -24,6 +24,7 @@ from model_export.losses import (
     inter_image_contrastive_targets,
     mask_tokens,
     mlm_loss,
+    text_attention_loss,
     token_sigmoid_focal_loss,
 )
 
@@ -443,3 +444,27 @@ def test_mlm_loss() -> None:
     ) / 3
     assert mlm_loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
     assert mlm_loss(logits, torch.full((2, 4), -100)).item() == 0.0
+
+
+def test_text_attention_loss_is_minus_log_mass_on_the_tokens_boxes() -> None:
+    """Hand-built: 4 regions, one box holding regions 0 and 1, token 1 positive to it."""
+    centres = torch.tensor([[5.0, 5.0], [15.0, 5.0], [50.0, 50.0], [80.0, 80.0]])
+    boxes = [torch.tensor([[0.0, 0.0, 19.0, 9.0]])]
+    pmap = [torch.tensor([[0.0, 1.0, 0.0]])]  # (K=1, T=3)
+    uniform = torch.full((1, 2, 3, 4), 0.25)  # (N, heads, T, R)
+    loss = text_attention_loss([uniform], pmap, boxes, centres)
+    assert loss.item() == pytest.approx(-math.log(0.5))
+    # one head on the box, one elsewhere: the mean over heads puts half the mass inside
+    split = torch.zeros(1, 2, 3, 4)
+    split[0, 0, :, 0] = 1.0
+    split[0, 1, :, 3] = 1.0
+    assert text_attention_loss([split], pmap, boxes, centres).item() == pytest.approx(
+        -math.log(0.5))
+    focused = torch.zeros(1, 2, 3, 4)
+    focused[0, :, 1, 1] = 1.0  # token 1 looks inside; tokens 0 and 2 have no box and don't count
+    focused[0, :, 0, 3] = 1.0
+    assert text_attention_loss([focused, focused], pmap, boxes, centres).item() == pytest.approx(
+        0.0, abs=1e-6)
+    # nothing to supervise (no boxes): zero, not NaN
+    empty = text_attention_loss([uniform], [torch.zeros(0, 3)], [torch.zeros(0, 4)], centres)
+    assert empty.item() == 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -17,7 +18,7 @@ from model_export.train import (
     example_batches,
     train,
 )
-from model_export.train_data import build_example, distractor_words, world_samples
+from model_export.train_data import build_example, collate, distractor_words, world_samples
 from model_export.world import ANSWERS, COLOR_NAMES, SHAPES, render_index
 
 PRE = PreprocessConfig(min_size=64, max_size=128)
@@ -122,6 +123,27 @@ def test_short_training_run_lowers_the_loss() -> None:
     totals = [trainer.step(examples)["total"] for _ in range(10)]
     assert all(torch.isfinite(torch.tensor(totals)))
     assert sum(totals[-3:]) / 3 < 0.8 * sum(totals[:3]) / 3, totals
+
+
+def test_text_attention_loss_trains_where_tokens_look() -> None:
+    """With loss_weights["attend"], every fusion layer's token-to-region attention is recorded
+    for one step (and only then), the term is reported, and its gradient reaches the
+    cross-attention's projections."""
+    torch.manual_seed(0)
+    config = TrainConfig(batch_size=2, steps=5, min_sizes=(96,), warmup_steps=1,
+                         loss_weights={"attend": 1.0})
+    trainer = Glipv2Trainer(config)
+    trainer.model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
+    stream = iter(WorldStream(config, trainer.model.config, trainer.tokenizer))
+    examples = [e for e in (next(stream) for _ in range(12)) if e.task == "detection"][:2]
+    report = trainer.step(examples)
+    assert report["attend"] > 0 and math.isfinite(report["attend"])
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.losses(collate(examples, 32))["attend"].backward()
+    for layer in trainer.model.fusion.layers:
+        for projection in (layer.vl_fuse.attn.v_proj, layer.vl_fuse.attn.l_proj):
+            assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0
+    assert all(layer.vl_fuse.attn.text_attention is None for layer in trainer.model.fusion.layers)
 
 
 def test_checkpoint_round_trip_and_resume(tmp_path) -> None:
