@@ -126,7 +126,8 @@ def _bench_runtimes(args: argparse.Namespace) -> int:
     from service.bench_runtimes import bench_runtimes, format_result
 
     result = bench_runtimes(Path(args.model), Path(args.engines) if args.engines else None,
-                            args.height, args.width, repeats=args.repeats, threads=args.threads)
+                            args.height, args.width, repeats=args.repeats, threads=args.threads,
+                            profile=args.profile)
     print(format_result(result))
     return 0
 
@@ -352,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     runtimes.add_argument("--width", type=int, default=448, help="padded image width")
     runtimes.add_argument("--repeats", type=int, default=5, help="timed runs per graph")
     runtimes.add_argument("--threads", type=int, default=0, help="compute threads (0: all)")
+    runtimes.add_argument("--profile", action="store_true",
+                          help="also split ONNX Runtime's vision and fusion time by operator type")
     runtimes.set_defaults(func=_bench_runtimes)
     load = bench_sub.add_parser(
         "load", help="online p50/p99 latency with and without a batch job running")

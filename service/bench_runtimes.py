@@ -4,13 +4,18 @@ Same inputs for every runtime (an image at the preset's serving size, a detectio
 median of `repeats` timed runs after a warm-up, so the ratios compare like with like on a noisy
 machine. Also prints the achieved GFLOP/s of `vision` and `fusion` (matrix-product and
 convolution FLOPs counted by PyTorch's FLOP counter on the eager graph) beside the machine's own
-measured matrix-product rate in fp32 and bf16.
+measured matrix-product rate in fp32 and bf16. With `profile`, ONNX Runtime's own profiler
+splits `vision` and `fusion` time by operator type: what share is matrix products (which int8
+and a faster GEMM can speed up) and what share is memory-bound glue (layout, norms, softmax).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +26,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model_export.export import LEVELS
 from model_export.prompt import build_detection_prompt, load_tokenizer, tokenize
-from service.runtimes import Runtime, RuntimeOptions, RuntimeUnavailableError, open_runtime
+from service.runtimes import (
+    Runtime,
+    RuntimeOptions,
+    RuntimeUnavailableError,
+    load_manifest,
+    open_runtime,
+)
 
 PROMPT = ["circle", "square", "triangle", "diamond", "star", "hexagon"]
 GRAPHS = ("vision", "language", "fusion", "mask", "vqa", "caption_step")
+# ONNX Runtime operator types (after its graph fusions) that are matrix products or convolutions.
+MATRIX_PRODUCT_OPS = frozenset({"Gemm", "MatMul", "FusedMatMul", "FusedGemm", "Conv", "FusedConv",
+                                "NchwcConv", "DynamicQuantizeMatMul", "MatMulInteger",
+                                "MatMulIntegerToFloat", "ConvInteger", "QLinearConv",
+                                "QLinearMatMul", "DeformConv"})
 
 
 @dataclass
@@ -33,6 +49,8 @@ class BenchResult:
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # graph -> runtime
     gflop: dict[str, float] = field(default_factory=dict)  # graph -> GFLOP per call
     matmul_gflops: dict[str, float] = field(default_factory=dict)  # dtype -> GFLOP/s
+    # "graph precision" -> operator type -> ms per call (ONNX Runtime's profiler)
+    op_ms: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def graph_inputs(runtime: Runtime, height: int, width: int) -> dict[str, dict[str, Tensor]]:
@@ -81,8 +99,47 @@ def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> flo
     return 2 * size**3 / (ms / 1000.0) / 1e9
 
 
+def ort_op_profile(onnx_path: Path, feeds: dict[str, Tensor], repeats: int = 5,
+                   threads: int = 0) -> dict[str, float]:
+    """Kernel time per operator type (ms per run, largest first) of one graph under ONNX
+    Runtime's profiler, with the serving session's options; the first run is a warm-up."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    with tempfile.TemporaryDirectory() as folder:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "ort")
+        session = ort.InferenceSession(str(onnx_path), options,
+                                       providers=["CPUExecutionProvider"])
+        arrays = {i.name: feeds[i.name].numpy() for i in session.get_inputs()}
+        for _ in range(repeats + 1):
+            session.run(None, arrays)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    return op_time_by_type(events, skip_runs=1)
+
+
+def op_time_by_type(events: list[dict], skip_runs: int = 0) -> dict[str, float]:
+    """ONNX Runtime profile events -> ms per run by operator type, largest first, leaving out
+    the kernels of the first `skip_runs` runs."""
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    if len(runs) <= skip_runs:
+        raise ValueError(f"the profile has {len(runs)} runs; {skip_runs} are to be skipped")
+    start = runs[skip_runs - 1]["ts"] + runs[skip_runs - 1]["dur"] if skip_runs else 0
+    total: Counter[str] = Counter()
+    for event in events:
+        if (event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time")
+                and event["ts"] >= start):
+            total[event["args"]["op_name"]] += event["dur"]
+    count = len(runs) - skip_runs
+    return {op: us / count / 1000.0 for op, us in total.most_common()}
+
+
 def bench_runtimes(model_dir: Path, engine_dir: Path | None, height: int, width: int,
-                   repeats: int = 5, threads: int = 0) -> BenchResult:
+                   repeats: int = 5, threads: int = 0, profile: bool = False) -> BenchResult:
     """Latency of every graph on PyTorch fp32/bf16 and ONNX Runtime fp32/int8 (when exported)."""
     if threads:
         torch.set_num_threads(threads)
@@ -115,6 +172,13 @@ def bench_runtimes(model_dir: Path, engine_dir: Path | None, height: int, width:
         result.gflop[graph] = counter.get_total_flops() / 1e9
     result.matmul_gflops = {"fp32": matmul_gflops(torch.float32),
                             "bf16": matmul_gflops(torch.bfloat16)}
+    if profile and engine_dir is not None:
+        manifest = load_manifest(engine_dir)
+        for graph in ("vision", "fusion"):
+            for precision in ("fp32", "int8"):
+                if manifest.has_variant(graph, precision):
+                    result.op_ms[f"{graph} {precision}"] = ort_op_profile(
+                        manifest.graph_path(graph, precision), inputs[graph], repeats, threads)
     return result
 
 
@@ -136,4 +200,10 @@ def format_result(result: BenchResult) -> str:
         lines.append(f"{graph}: {gflop:.1f} GFLOP per call; achieved GFLOP/s: {rates}")
     lines.append("machine matrix product (2048^3): " + ", ".join(
         f"{dtype} {rate:.0f} GFLOP/s" for dtype, rate in result.matmul_gflops.items()))
+    for name, per_op in result.op_ms.items():
+        total = sum(per_op.values())
+        products = sum(ms for op, ms in per_op.items() if op in MATRIX_PRODUCT_OPS)
+        top = ", ".join(f"{op} {ms:.1f}" for op, ms in list(per_op.items())[:8])
+        lines.append(f"ONNX Runtime {name}: {total:.1f} ms in kernels, matrix products "
+                     f"{products:.1f} ms ({products / total:.0%}); by operator (ms): {top}")
     return "\n".join(lines)
