@@ -51,5 +51,5 @@ def test_shipped_model_finds_the_shapes_on_unseen_images() -> None:
     finally:
         predictor.close()
     assert set(metrics) == {"detection"}
-    assert metrics["detection"]["mAP@0.5"] >= 0.5
+    assert metrics["detection"]["mAP@0.5"] >= 0.85  # 0.95 for the step-5500 model
 
