@@ -800,10 +800,10 @@ def text_attention_loss(maps: Sequence[Tensor], positive_maps: Sequence[Tensor],
     centres: (R, 2) x, y of every region, in `flatten_levels` order.
     """
     terms = []
+    x, y = centres[:, 0], centres[:, 1]
     for i, (pmap, image_boxes) in enumerate(zip(positive_maps, boxes, strict=True)):
         if not len(image_boxes):
             continue
-        x, y = centres[:, 0], centres[:, 1]
         inside = ((x[None] >= image_boxes[:, 0:1]) & (x[None] <= image_boxes[:, 2:3])
                   & (y[None] >= image_boxes[:, 1:2]) & (y[None] <= image_boxes[:, 3:4]))
         target = (pmap.t().float() @ inside.float()) > 0  # (T, R)

@@ -23,18 +23,19 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
 
 def decode_mask(rle: dict[str, Any]) -> np.ndarray:
     """(H, W) bool mask of a COCO RLE whose `counts` is str or bytes."""
-    counts = rle["counts"]
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
     with warnings.catch_warnings():
         # pycocotools' decode trips numpy 2's `__array__(copy=...)` deprecation on every call.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return mask_utils.decode({"size": list(rle["size"]), "counts": counts}).astype(bool)
+        return mask_utils.decode(_native(rle)).astype(bool)
 
 
 def mask_area(rle: dict[str, Any]) -> int:
     """Number of mask pixels, counted on the RLE without decoding it."""
+    return int(mask_utils.area(_native(rle)))
+
+
+def _native(rle: dict[str, Any]) -> dict[str, Any]:
+    """The RLE as pycocotools' C functions take it: `counts` as bytes, `size` as a list."""
     counts = rle["counts"]
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
-    return int(mask_utils.area({"size": list(rle["size"]), "counts": counts}))
+    return {"size": list(rle["size"]),
+            "counts": counts.encode("ascii") if isinstance(counts, str) else counts}

@@ -259,8 +259,9 @@ class Glipv2Trainer:
             if maps and looked:
                 centres = torch.cat(anchors)
                 centres = (centres[:, :2] + centres[:, 2:]) / 2
+                rows = [grounded[k] for k in looked]
                 result["attend"] = weights["attend"] * text_attention_loss(
-                    [m[[grounded[k] for k in looked]] for m in maps],
+                    [m[rows] for m in maps],
                     [targets[k].positive_map for k in looked],
                     [targets[k].boxes for k in looked], centres)
             if model.contrastive is not None and weights.get("inter", 0) > 0:

@@ -33,6 +33,7 @@ from service.runtimes import (
     load_manifest,
     open_runtime,
 )
+from service.runtimes.onnx import session_options
 
 PROMPT = ["circle", "square", "triangle", "diamond", "star", "hexagon"]
 GRAPHS = ("vision", "language", "fusion", "mask", "vqa", "caption_step")
@@ -105,11 +106,7 @@ def ort_op_profile(onnx_path: Path, feeds: dict[str, Tensor], repeats: int = 5,
     Runtime's profiler, with the serving session's options; the first run is a warm-up."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options(threads)
     with tempfile.TemporaryDirectory() as folder:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(folder) / "ort")

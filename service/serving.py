@@ -689,8 +689,7 @@ def _encode_segment(box: Sequence[float] | torch.Tensor, score: float, mask: tor
     rle = encode_mask(mask.numpy())
     return EncodedSegment(box=[rounded(float(v), BOX_DIGITS) for v in box],
                           score=rounded(score, SCORE_DIGITS),
-                          size=[int(v) for v in rle["size"]],
-                          counts=rle["counts"])
+                          size=rle["size"], counts=rle["counts"])
 
 
 def _info(image: Image.Image) -> ImageInfo:

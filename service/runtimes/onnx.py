@@ -56,13 +56,7 @@ class OnnxRuntime(Runtime):
                 raise RuntimeUnavailableError(
                     f"{engine_dir} has no {precision} variant of {graph!r}; export one with "
                     f"`glipv2 export --variants {precision}`")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        # One session per graph, each with its own thread pool: spinning idle workers would
-        # steal the cores the running graph needs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options(threads)
         providers = [(name, _provider_options(name, self.manifest.directory))
                      for name in wanted if name in available]
         self._sessions: dict[str, Any] = {}
@@ -89,6 +83,21 @@ class OnnxRuntime(Runtime):
 
     def close(self) -> None:
         self._sessions.clear()
+
+
+def session_options(threads: int = 0) -> Any:
+    """The serving sessions' options: every graph optimisation, `threads` intra-op threads
+    (0: one per core), no spinning."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    # One session per graph, each with its own thread pool: spinning idle workers would
+    # steal the cores the running graph needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
