@@ -239,7 +239,7 @@ class Glipv2Trainer:
         num_tokens = input_ids.shape[1]
         result: dict[str, Tensor] = {}
 
-        grounded = [i for i, e in enumerate(batch.examples) if e.task != "vqa"]
+        grounded = [i for i, e in enumerate(batch.examples) if e.grounded]
         if grounded:
             sizes = [tuple(level.shape[-2:]) for level in out.box_regression]
             anchors = self.anchor_generator.grid_anchors(sizes, device=self.device)

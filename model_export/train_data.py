@@ -40,7 +40,8 @@ class Example:
     masks: (K, h, w) bool or None. phrases: (P, T) token weights (rows sum to 1) and
     phrase_objects: per phrase, the indices of the objects it names (mask head supervision).
     vqa_scores: (A,) soft answer targets or None. lm_labels: (T,) next-token targets (-100
-    elsewhere) for captioning, which runs the model in causal mode.
+    elsewhere) for captioning, which runs the model in causal mode. grounded: boxes and
+    positive_map supervise the grounding losses (False for VQA without question grounding).
     """
 
     task: str
@@ -57,6 +58,7 @@ class Example:
     phrase_objects: list[list[int]] = field(default_factory=list)
     vqa_scores: Tensor | None = None
     lm_labels: Tensor | None = None
+    grounded: bool = True
 
     @property
     def causal(self) -> bool:
@@ -183,7 +185,7 @@ def build_example(sample: GroundingSample, image: Image.Image, tokenizer,
         box_labels=[obj.label or "" for obj in objects], token_labels=token_labels,
         detection_prompt=sample.detection_prompt or sample.task == "detection",
         masks=masks, phrases=phrases, phrase_objects=members, vqa_scores=vqa_scores,
-        lm_labels=lm_labels,
+        lm_labels=lm_labels, grounded=sample.task != "vqa" or sample.question_grounded,
     )
 
 
@@ -289,9 +291,11 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
             detection_prompt=not any(r in text for r in (" of ", " above ", " below ")),
             **base))
     for question in scene.questions:
-        samples.append(GroundingSample(task="vqa", caption=question["question"],
-                                       answer=question["answer"], answers=[question["answer"]],
-                                       **base))
+        named = [objects[i] for i in question["objects"]]
+        samples.append(GroundingSample(
+            task="vqa", caption=question["question"], answer=question["answer"],
+            answers=[question["answer"]], objects=named,
+            spans=[[tuple(question["span"])] for _ in named], question_grounded=True, **base))
     phrase_objects = [objects[p["object"]] for p in scene.caption_phrases]
     samples.append(GroundingSample(
         task="caption", caption=scene.caption, caption_target=scene.caption,

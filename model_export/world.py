@@ -141,6 +141,7 @@ class WorldImage:
 
     expressions: [{"text", "targets": [object ids]}] (targets may be empty).
     questions: [{"question", "answer" (in ANSWERS), "type", "objects": [ids the question names],
+        "span": [start, end) of the words naming them,
         "answer_object": id (only for the two `what shape` forms)}].
     caption_phrases: [{"span": [start, end) character span of `a {size} {colour} {shape}`,
         "object": id}].
@@ -525,13 +526,21 @@ _QUESTION_FORMS: tuple[tuple[str, re.Pattern[str]], ...] = (
 QUESTION_TYPES: tuple[str, ...] = tuple(name for name, _ in _QUESTION_FORMS)
 
 
-def _parse_question(text: str) -> tuple[str, tuple[str, ...]]:
-    """(question type, captured words) of a lower-cased question; ValueError if no form fits."""
+def _parse_question(text: str) -> tuple[str, re.Match[str]]:
+    """(question type, match) of a lower-cased question; ValueError if no form fits."""
     for kind, pattern in _QUESTION_FORMS:
         m = pattern.match(text)
         if m:
-            return kind, m.groups()
+            return kind, m
     raise ValueError(f"not a question of the shapes world: {text!r}")
+
+
+def _named_span(kind: str, match: re.Match[str]) -> list[int]:
+    """[start, end) of the phrase naming the question's objects: the captured attribute words
+    ("circle", "red", "red circle"), a count's plural "s" included, a relation's anchor only."""
+    first = 2 if kind == "relation_shape" else 1
+    end = match.end(match.lastindex or first)
+    return [match.start(first), end + (kind == "count_shape")]
 
 
 def _single(found: list[WorldObject], question: str) -> WorldObject:
@@ -544,12 +553,14 @@ def answer_question(question: str, objects: Sequence[WorldObject]) -> dict[str, 
     """Answer a VQA question of the spec and say which objects ground it.
 
     Returns {"question", "answer" (in ANSWERS), "type" (in QUESTION_TYPES), "objects": sorted ids
-    the question names (for counts and `is there`: every matching object), and "answer_object"
+    the question names (for counts and `is there`: every matching object), "span": where the
+    question names them (what grounded VQA returns boxes for), and "answer_object"
     for the two `what shape` forms}. Raises ValueError when the text is not one of the spec's
     templates or its precondition fails (e.g. `what color is the circle?` with two circles).
     """
     text = question.strip().lower()
-    kind, groups = _parse_question(text)
+    kind, match = _parse_question(text)
+    groups = match.groups()
     answer_object: WorldObject | None = None
     if kind == "color":
         named = [_single(select(objects, shape=groups[0]), text)]
@@ -582,6 +593,7 @@ def answer_question(question: str, objects: Sequence[WorldObject]) -> dict[str, 
         "answer": answer,
         "type": kind,
         "objects": sorted(o.id for o in named),
+        "span": _named_span(kind, match),
     }
     if answer_object is not None:
         out["answer_object"] = answer_object.id

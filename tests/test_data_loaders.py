@@ -443,6 +443,25 @@ def test_world_rejects_malformed(tmp_path: Path, edit: Any, message: str) -> Non
     assert str(path) in str(info.value)
 
 
+def test_world_questions_with_generator_keys_are_grounded(tmp_path: Path) -> None:
+    def ground(record: dict[str, Any]) -> None:
+        record["questions"][0].update(objects=[3], span=[17, 32])  # "orange triangle"
+        record["questions"][1].update(objects=[], span=[24, 37])  # grounded to nothing
+
+    samples = [s for s in load_world(broken_world(tmp_path, ground)) if s.task == "vqa"]
+    first, second, plain = samples[:3]
+    assert first.question_grounded and [o.label for o in first.objects] == ["triangle"]
+    assert first.caption[slice(*first.spans[0][0])] == "orange triangle"
+    assert second.question_grounded and second.objects == [] and second.spans == []
+    assert not plain.question_grounded and plain.objects == []
+
+    def bad_span(record: dict[str, Any]) -> None:
+        record["questions"][0].update(objects=[0], span=[17, 99])
+
+    with pytest.raises(DataFormatError, match="outside the caption"):
+        load_world(broken_world(tmp_path, bad_span))
+
+
 def test_world_rejects_bad_json_line(tmp_path: Path) -> None:
     path = tmp_path / "annotations.jsonl"
     path.write_text(WORLD.read_text().splitlines()[0] + "\n{oops\n")

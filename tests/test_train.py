@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -76,6 +77,22 @@ def test_vqa_example_scores_its_answer() -> None:
     example = build_example(sample, _image(), load_tokenizer(), PRE, WORLD_ANSWERS, 256,
                             random.Random(0))
     assert example.vqa_scores[WORLD_ANSWERS.index("red")] == 1 and example.vqa_scores.sum() == 1
+    assert not example.grounded  # no question grounding: trains the answer only
+
+
+def test_world_questions_ground_the_objects_they_name() -> None:
+    scene = render_index(7, 3)
+    vqa = [s for s in world_samples(scene, random.Random(0), COLOR_NAMES, SHAPES)
+           if s.task == "vqa"]
+    assert vqa and all(s.question_grounded for s in vqa)
+    for sample, question in zip(vqa, scene.questions, strict=True):
+        assert [o.box for o in sample.objects] == [
+            tuple(scene.objects[i].box) for i in question["objects"]]
+        start, end = question["span"]
+        assert all(spans == [(start, end)] for spans in sample.spans)
+    example = build_example(vqa[0], scene.image, load_tokenizer(), PRE, WORLD_ANSWERS, 256,
+                            random.Random(0))
+    assert example.grounded and example.positive_map.shape[0] == len(vqa[0].objects)
 
 
 def test_world_scene_offers_every_task() -> None:
@@ -144,6 +161,22 @@ def test_text_attention_loss_trains_where_tokens_look() -> None:
         for projection in (layer.vl_fuse.attn.v_proj, layer.vl_fuse.attn.l_proj):
             assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0
     assert all(layer.vl_fuse.attn.text_attention is None for layer in trainer.model.fusion.layers)
+
+
+def test_grounded_questions_train_grounding_ungrounded_ones_only_the_answer() -> None:
+    torch.manual_seed(0)
+    config = TrainConfig(batch_size=2, steps=5, min_sizes=(96,), warmup_steps=1,
+                         loss_weights={"attend": 1.0})
+    trainer = Glipv2Trainer(config)
+    trainer.model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
+    stream = iter(WorldStream(config, trainer.model.config, trainer.tokenizer))
+    vqa = [e for e in (next(stream) for _ in range(60))
+           if e.task == "vqa" and len(e.boxes)][:2]
+    assert len(vqa) == 2
+    terms = trainer.losses(collate(vqa, 32))
+    assert {"box", "token", "attend", "vqa"} <= set(terms)
+    plain = [dataclasses.replace(e, grounded=False) for e in vqa]
+    assert set(trainer.losses(collate(plain, 32))) == {"vqa"}
 
 
 def test_checkpoint_round_trip_and_resume(tmp_path) -> None:

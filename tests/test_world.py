@@ -358,6 +358,7 @@ def test_questions_on_hand_built_scene() -> None:
         "answer": "blue",
         "type": "color",
         "objects": [1],
+        "span": [18, 24],  # "square"
     }
     q = answer_question("what shape is the red object?", objects)
     assert q["answer"] == "circle" and q["answer_object"] == 0
@@ -369,6 +370,17 @@ def test_questions_on_hand_built_scene() -> None:
     assert answer_question("what size is the red circle?", objects)["answer"] == "small"
     q = answer_question("what shape is left of the blue square?", objects)
     assert q["answer"] == "circle" and q["objects"] == [1] and q["answer_object"] == 0
+    named = {  # the words naming the question's objects, what grounded VQA boxes
+        "what shape is the red object?": "red",
+        "how many circles are there?": "circles",
+        "how many yellow objects are there?": "yellow",
+        "is there a orange circle?": "orange circle",
+        "what size is the red circle?": "red circle",
+        "what shape is left of the blue square?": "blue square",
+    }
+    for text, words in named.items():
+        start, end = answer_question(text, objects)["span"]
+        assert text[start:end] == words
     with pytest.raises(ValueError):  # two circles
         answer_question("what color is the circle?", objects)
     with pytest.raises(ValueError):  # two blue objects

@@ -113,6 +113,9 @@ class GroundingSample:
             region's label only to phrases of detection-prompt texts (GLIPv2 section 3.2).
         answer: VQA: the most common annotator answer (VQA v2 `multiple_choice_answer`).
         answers: VQA: all annotator answers, repeats kept (soft VQA scores count them).
+        question_grounded: VQA: `objects`/`spans` ground the phrase the question names, with
+            every object it matches (none: it names nothing in the image), so the question
+            also trains the grounding losses (grounded VQA); off, only the answer is trained.
         caption_target: captioning: the caption to generate.
         image_id: the dataset's image id, as a string.
     """
@@ -128,6 +131,7 @@ class GroundingSample:
     detection_prompt: bool = False
     answer: str | None = None
     answers: list[str] = field(default_factory=list)
+    question_grounded: bool = False
     caption_target: str | None = None
     image_id: str = ""
 

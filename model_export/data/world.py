@@ -71,6 +71,8 @@ def load_world(records_jsonl: Path | str, *, check_images: bool = True) -> list[
       expression; detection_prompt True for attribute phrases, False for relation expressions
       (`is_attribute_phrase`);
     - one VQA sample per question: `caption` = the question, `answer`/`answers` = its answer;
+      grounded (`question_grounded`) where the question carries the generator's extra keys
+      `objects` (ids it names) and `span` (where it names them);
     - one caption sample: `caption` = `caption_target` = the caption, `objects` = the objects its
       phrases name (in phrase order), `spans` = their phrase spans.
     Objects are shared between a record's samples (they are frozen).
@@ -164,13 +166,18 @@ def _record_samples(
             raise DataFormatError(
                 path, f"{question_where}: answer {answer!r} not in the world's 24"
             )
+        text = require_text(question["question"], path, question_where)
+        grounding: dict[str, Any] = {}
+        if "objects" in question and "span" in question:
+            named = [
+                _object(objects, target, path, question_where)
+                for target in require_list(question["objects"], path, f"{question_where} objects")
+            ]
+            spans = check_spans([question["span"]], text, path, question_where)
+            grounding = {"objects": named, "spans": [spans for _ in named],
+                         "question_grounded": True}
         samples.append(
-            sample(
-                task="vqa",
-                caption=require_text(question["question"], path, question_where),
-                answer=answer,
-                answers=[answer],
-            )
+            sample(task="vqa", caption=text, answer=answer, answers=[answer], **grounding)
         )
 
     caption = require_text(record["caption"], path, f"{where} caption")
