@@ -10,8 +10,6 @@ Each figure comes from one run, side by side; the report says which machine and 
 from __future__ import annotations
 
 import asyncio
-import os
-import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from service.bench_load import online_load, world_pngs
-from service.bench_runtimes import BenchResult, bench_runtimes
+from service.bench_runtimes import BenchResult, bench_runtimes, machine_description
 from service.local_server import local_server
 from service.settings import DEFAULT_MODEL_DIR
 
@@ -110,8 +108,8 @@ def write_report(out: Path, curves: list[LoadCurve], runtimes: BenchResult | Non
     """The Markdown report beside its PNG plots; returns its path."""
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# GLIPv2 serving benchmarks", "",
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. "
-             f"{settings}", "", "## Online detection: batcher on vs off", ""]
+             f"Machine: {machine_description()}. {settings}", "",
+             "## Online detection: batcher on vs off", ""]
     for name in plot_curves(curves, out):
         lines.append(f"![{name}]({name})")
     lines += ["", "| configuration | clients | requests/s | p50 ms | p99 ms |",

@@ -12,6 +12,8 @@ and a faster GEMM can speed up) and what share is memory-bound glue (layout, nor
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import tempfile
 import time
@@ -91,6 +93,21 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(times)
+
+
+def machine_description() -> str:
+    """The CPU, the vector ISA PyTorch's kernels dispatch to, and the core count: the figures
+    (and whether the reduced-precision targets can be met) depend on them, e.g. bf16 matrix
+    products are fast only where the CPU has AVX-512 bf16 or AMX."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    return (f"{model}, {os.cpu_count()} CPUs, PyTorch kernels: "
+            f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
 
 
 def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -195,6 +212,7 @@ def format_result(result: BenchResult) -> str:
         rates = ", ".join(f"{name} {gflop / (ms / 1000.0):.0f}"
                           for name, ms in result.latency_ms[graph].items())
         lines.append(f"{graph}: {gflop:.1f} GFLOP per call; achieved GFLOP/s: {rates}")
+    lines.append(f"machine: {machine_description()}")
     lines.append("machine matrix product (2048^3): " + ", ".join(
         f"{dtype} {rate:.0f} GFLOP/s" for dtype, rate in result.matmul_gflops.items()))
     for name, per_op in result.op_ms.items():

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from service.bench_runtimes import MATRIX_PRODUCT_OPS, op_time_by_type, ort_op_profile
+from service.bench_runtimes import (
+    MATRIX_PRODUCT_OPS,
+    machine_description,
+    op_time_by_type,
+    ort_op_profile,
+)
 
 
 def _run(ts: int, dur: int) -> dict:
@@ -38,3 +44,9 @@ def test_ort_op_profile_of_a_real_graph(tmp_path: Path) -> None:
     per_op = ort_op_profile(path, {"x": x}, repeats=3, threads=1)
     assert per_op and all(ms > 0 for ms in per_op.values())
     assert set(per_op) & MATRIX_PRODUCT_OPS  # the linear layers, whatever ORT fused them into
+
+
+def test_machine_description_names_the_kernels_isa() -> None:
+    text = machine_description()
+    assert f"{os.cpu_count()} CPUs" in text
+    assert f"PyTorch kernels: {torch.backends.cpu.get_cpu_capability()}" in text
