@@ -254,8 +254,10 @@ class Glipv2Trainer:
             result["box"] = det.loss_box_giou
             result["centerness"] = det.loss_centerness
             result["token"] = det.loss_token
-            # Referring expressions are positive as a whole, anchor words included: left out.
-            looked = [k for k, i in enumerate(grounded) if batch.examples[i].task != "referring"]
+            # A relation expression is positive as a whole, its anchor's words included: left
+            # out (attribute expressions, like "small purple star", name only their targets).
+            looked = [k for k, i in enumerate(grounded) if batch.examples[i].task != "referring"
+                      or batch.examples[i].detection_prompt]
             if maps and looked:
                 centres = torch.cat(anchors)
                 centres = (centres[:, :2] + centres[:, 2:]) / 2

@@ -179,6 +179,24 @@ def test_grounded_questions_train_grounding_ungrounded_ones_only_the_answer() ->
     assert set(trainer.losses(collate(plain, 32))) == {"vqa"}
 
 
+def test_attend_loss_skips_relation_expressions() -> None:
+    """A relation expression's words are positive for its target, anchor words included, so
+    they do not say where each token should look; attribute expressions do."""
+    torch.manual_seed(0)
+    config = TrainConfig(batch_size=2, steps=5, min_sizes=(96,), warmup_steps=1,
+                         loss_weights={"attend": 1.0})
+    trainer = Glipv2Trainer(config)
+    trainer.model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
+    stream = iter(WorldStream(config, trainer.model.config, trainer.tokenizer))
+    referring = [e for e in (next(stream) for _ in range(200))
+                 if e.task == "referring" and len(e.boxes)]
+    relation = [e for e in referring if not e.detection_prompt][:2]
+    attribute = [e for e in referring if e.detection_prompt][:2]
+    assert len(relation) == len(attribute) == 2
+    assert "attend" not in trainer.losses(collate(relation, 32))
+    assert trainer.losses(collate(attribute, 32))["attend"] > 0
+
+
 def test_checkpoint_round_trip_and_resume(tmp_path) -> None:
     config = TrainConfig(batch_size=2, steps=5, min_sizes=(96,), warmup_steps=1)
     trainer = Glipv2Trainer(config)
