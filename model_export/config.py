@@ -77,6 +77,10 @@ class FusionConfig:
     # Add each region's absolute position to what the cross-attention sees (not in GLIP, whose
     # released checkpoints have none): left/right order and relations need it (`LevelPositions`).
     position_encoding: bool = False
+    # Tokens also read every region's features as they entered the tower (a zero-initialised
+    # path beside the cross-attention's values; not in GLIP): after the first layer the regions
+    # are prompt-conditioned and lose what VQA and captions ask about (colour, for one).
+    image_values: bool = False
 
 
 @dataclass
@@ -244,7 +248,7 @@ def _small() -> Glipv2Config:
             pretrained="minilm-l6",
         ),
         fusion=FusionConfig(num_layers=2, channels=64, embed_dim=256, num_heads=4,
-                            group_norm_groups=8, position_encoding=True),
+                            group_norm_groups=8, position_encoding=True, image_values=True),
         head=HeadConfig(mlm_head=True, tie_mlm_decoder=True),
         tasks=TaskHeadsConfig(mask_head=True, vqa_head=True, vqa_answers=WORLD_ANSWERS,
                               contrastive_dim=64),

@@ -33,7 +33,7 @@ class Glipv2BiAttention(nn.Module):
     """
 
     def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, dropout: float,
-                 clamp: float) -> None:
+                 clamp: float, image_values: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -52,6 +52,14 @@ class Glipv2BiAttention(nn.Module):
                        self.out_v_proj, self.out_l_proj):
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
+        self.values_image_proj = self.out_image_proj = None
+        if image_values:
+            self.values_image_proj = nn.Linear(v_dim, embed_dim)
+            self.out_image_proj = nn.Linear(embed_dim, l_dim)
+            nn.init.xavier_uniform_(self.values_image_proj.weight)
+            nn.init.zeros_(self.values_image_proj.bias)
+            nn.init.zeros_(self.out_image_proj.weight)  # a grown model starts out unchanged
+            nn.init.zeros_(self.out_image_proj.bias)
 
     def _heads(self, x: Tensor) -> Tensor:
         # (N, L, E) -> (N * heads, L, E / heads)
@@ -65,12 +73,13 @@ class Glipv2BiAttention(nn.Module):
         x = x.view(n, self.num_heads, length, self.head_dim).transpose(1, 2)
         return x.reshape(n, length, self.num_heads * self.head_dim)
 
-    def forward(self, v: Tensor, lang: Tensor, mask: Tensor, update_visual: bool = True
-                ) -> tuple[Tensor | None, Tensor]:
+    def forward(self, v: Tensor, lang: Tensor, mask: Tensor, update_visual: bool = True,
+                image: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
         """v: (N, R, Cv) regions, lang: (N, T, Cl) tokens, mask: (N, T) -> (delta_v, delta_l).
 
         With `update_visual` False (captioning: the image never attends to text) delta_v is
-        None and only tokens attend to regions.
+        None and only tokens attend to regions. `image` (N, R, Cv), with `image_values`: the
+        regions as they entered the tower, which tokens also read with the same attention.
         """
         n, regions, _ = v.shape
         tokens = lang.shape[1]
@@ -90,6 +99,12 @@ class Glipv2BiAttention(nn.Module):
             self.text_attention.append(probs_l.view(n, self.num_heads, tokens, regions))
         probs_l = F.dropout(probs_l, p=self.dropout, training=self.training)
         delta_l = self.out_l_proj(self._merge(torch.bmm(probs_l, value_v), n))
+        if self.values_image_proj is not None and self.out_image_proj is not None:
+            if image is None:
+                raise ValueError("a fusion with image_values needs the tower's input regions")
+            value_image = self._heads(self.values_image_proj(image))
+            delta_l = delta_l + self.out_image_proj(
+                self._merge(torch.bmm(probs_l, value_image), n))
         if not update_visual:
             return None, delta_l
 
@@ -156,27 +171,36 @@ class Glipv2VLFuse(nn.Module):
         self.positions = LevelPositions(v_dim, strides) if config.position_encoding else None
         self.layer_norm_v = nn.LayerNorm(v_dim)
         self.layer_norm_l = nn.LayerNorm(l_dim)
+        self.layer_norm_image = nn.LayerNorm(v_dim) if config.image_values else None
         self.attn = Glipv2BiAttention(v_dim, l_dim, config.embed_dim, config.num_heads,
-                                      config.dropout, config.attention_clamp)
+                                      config.dropout, config.attention_clamp,
+                                      config.image_values)
         self.gamma_v = nn.Parameter(torch.full((v_dim,), 1.0 / config.num_layers))
         self.gamma_l = nn.Parameter(torch.full((l_dim,), 1.0 / config.num_layers))
 
-    def forward(self, visual: list[Tensor], text: Tensor, mask: Tensor, causal: bool = False
-                ) -> tuple[list[Tensor], Tensor]:
+    def forward(self, visual: list[Tensor], text: Tensor, mask: Tensor, causal: bool = False,
+                image: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
         """visual: per level (N, C, H_l, W_l); text: (N, T, D). Levels attend as one sequence.
 
         `causal` (captioning): regions are not updated from text, so the image side of every
-        layer is the same whatever the caption so far.
+        layer is the same whatever the caption so far. `image`: the tower's input regions
+        (`flatten_levels`), read with `config.image_values`.
         """
         sizes = [feature.shape[-2:] for feature in visual]
         v = self.layer_norm_v(flatten_levels(visual))
         lang = self.layer_norm_l(text)
         delta_v, delta_l = self.attn(self.attended(v, sizes), lang, mask,
-                                     update_visual=not causal)
+                                     update_visual=not causal, image=self.image_regions(image))
         if delta_v is not None:
             v = v + self.gamma_v * delta_v
         lang = lang + self.gamma_l * delta_l
         return unflatten_levels(v, sizes), lang
+
+    def image_regions(self, image: Tensor | None) -> Tensor | None:
+        """The tower's input regions as this layer's tokens read them (normalised), if at all."""
+        if self.layer_norm_image is None or image is None:
+            return None
+        return self.layer_norm_image(image)
 
     def attended(self, v: Tensor, sizes: Sequence[tuple[int, int]]) -> Tensor:
         """What the cross-attention sees of the normalised regions: plus positions, if any."""
@@ -265,9 +289,9 @@ class Glipv2FusionLayer(nn.Module):
         self.dyconv = Glipv2DyConv(fusion.channels, fusion.group_norm_groups,
                                    fusion.dyrelu_reduction)
 
-    def forward(self, visual: list[Tensor], text: Tensor, mask: Tensor, causal: bool = False
-                ) -> tuple[list[Tensor], Tensor]:
-        visual, text = self.vl_fuse(visual, text, mask, causal)
+    def forward(self, visual: list[Tensor], text: Tensor, mask: Tensor, causal: bool = False,
+                image: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+        visual, text = self.vl_fuse(visual, text, mask, causal, image)
         text = self.text_layer(text, mask, causal)
         return self.dyconv(visual), text
 
@@ -290,9 +314,14 @@ class Glipv2FusionTower(nn.Module):
         `causal` runs the captioning mode: unidirectional text, image never attends to text.
         """
         hidden = text.hidden
+        image = flatten_levels(visual) if self.image_values else None
         for layer in self.layers:
-            visual, hidden = layer(visual, hidden, text.mask, causal)
+            visual, hidden = layer(visual, hidden, text.mask, causal, image)
         return visual, hidden
+
+    @property
+    def image_values(self) -> bool:
+        return self.layers[0].vl_fuse.layer_norm_image is not None
 
     @contextmanager
     def recording_text_attention(self) -> Iterator[list[Tensor]]:
@@ -311,23 +340,29 @@ class Glipv2FusionTower(nn.Module):
         """The causal mode's image side, computed once per image for a whole caption.
 
         Returns the region sequence (N, R, C) each layer's text attends to (normalised, plus
-        positions if any), and the final fused levels; `caption_text` then runs only the text
-        side per decoding step.
+        positions if any), then with `image_values` the tower's input regions (one more
+        state), and the final fused levels; `caption_text` then runs only the text side per
+        decoding step.
         """
+        image = flatten_levels(visual)
         states = []
         for layer in self.layers:
             sizes = [feature.shape[-2:] for feature in visual]
             v = layer.vl_fuse.layer_norm_v(flatten_levels(visual))
             states.append(layer.vl_fuse.attended(v, sizes))
             visual = layer.dyconv(unflatten_levels(v, sizes))
+        if self.image_values:
+            states.append(image)
         return states, visual
 
     def caption_text(self, states: list[Tensor], text: TextFeatures) -> Tensor:
         """Causal text side against cached image states -> fused tokens (N, T, D)."""
+        image = states[-1] if self.image_values else None
         hidden = text.hidden
-        for layer, v in zip(self.layers, states, strict=True):
+        for layer, v in zip(self.layers, states[:len(self.layers)], strict=True):
             fuse = layer.vl_fuse
             lang = fuse.layer_norm_l(hidden)
-            _, delta_l = fuse.attn(v, lang, text.mask, update_visual=False)
+            _, delta_l = fuse.attn(v, lang, text.mask, update_visual=False,
+                                   image=fuse.image_regions(image))
             hidden = layer.text_layer(lang + fuse.gamma_l * delta_l, text.mask, causal=True)
         return hidden

@@ -10,11 +10,12 @@ from transformers.models.bert.modeling_bert import BertLayer
 from model_export.config import FusionConfig, LanguageConfig
 from model_export.fusion import (
     Glipv2BiAttention,
+    Glipv2FusionTower,
     Glipv2TextLayer,
     Glipv2VLFuse,
     LevelPositions,
 )
-from model_export.language import bert_config, extended_attention_mask
+from model_export.language import TextFeatures, bert_config, extended_attention_mask
 
 LANG = LanguageConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 FUSION = FusionConfig(num_layers=2, channels=16, embed_dim=32, num_heads=4, group_norm_groups=4)
@@ -175,3 +176,28 @@ def test_vl_fuse_with_fresh_positions_computes_what_it_did_without() -> None:
     with torch.no_grad():
         grown.positions.proj.bias.fill_(1.0)
     assert not torch.allclose(grown(visual, lang, mask)[1], l_plain)
+
+
+def test_fresh_image_values_compute_what_the_fusion_did_without() -> None:
+    """Zero-initialised: a tower grown with image_values starts out unchanged; once trained,
+    tokens read the tower's input regions in every layer, in both modes."""
+    torch.manual_seed(0)
+    plain = Glipv2FusionTower(FUSION, LANG).eval()
+    grown = Glipv2FusionTower(dataclasses.replace(FUSION, image_values=True), LANG).eval()
+    missing = set(grown.load_state_dict(plain.state_dict(), strict=False).missing_keys)
+    assert missing == {f"layers.{i}.vl_fuse.{name}" for i in range(2) for name in (
+        "layer_norm_image.weight", "layer_norm_image.bias", "attn.values_image_proj.weight",
+        "attn.values_image_proj.bias", "attn.out_image_proj.weight", "attn.out_image_proj.bias")}
+    visual = [torch.randn(2, 16, h, w) for h, w in [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]]
+    hidden, mask = torch.randn(2, 5, 32), _mask([5, 3], 5)
+    text = TextFeatures(hidden=hidden, embedded=hidden * mask[..., None], mask=mask)
+    for causal in (False, True):
+        torch.testing.assert_close(grown(visual, text, causal)[1], plain(visual, text, causal)[1])
+    states, _ = grown.caption_image_states(visual)
+    assert len(states) == 3  # one per layer, then the input regions
+    torch.testing.assert_close(grown.caption_text(states, text), grown(visual, text, True)[1])
+    with torch.no_grad():
+        grown.layers[1].vl_fuse.attn.out_image_proj.bias.fill_(1.0)
+    changed = grown(visual, text)[1]
+    assert not torch.allclose(changed, plain(visual, text)[1])
+    torch.testing.assert_close(grown.caption_text(states, text), grown(visual, text, True)[1])
