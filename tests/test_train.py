@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,7 +20,13 @@ from model_export.train import (
     example_batches,
     train,
 )
-from model_export.train_data import build_example, collate, distractor_words, world_samples
+from model_export.train_data import (
+    Example,
+    build_example,
+    collate,
+    distractor_words,
+    world_samples,
+)
 from model_export.world import ANSWERS, COLOR_NAMES, SHAPES, render_index
 
 PRE = PreprocessConfig(min_size=64, max_size=128)
@@ -142,16 +149,21 @@ def test_short_training_run_lowers_the_loss() -> None:
     assert sum(totals[-3:]) / 3 < 0.8 * sum(totals[:3]) / 3, totals
 
 
-def test_text_attention_loss_trains_where_tokens_look() -> None:
-    """With loss_weights["attend"], every fusion layer's token-to-region attention is recorded
-    for one step (and only then), the term is reported, and its gradient reaches the
-    cross-attention's projections."""
+def _attend_trainer() -> tuple[Glipv2Trainer, Iterator[Example]]:
+    """A tiny-image trainer with the attend loss on, and its world stream."""
     torch.manual_seed(0)
     config = TrainConfig(batch_size=2, steps=5, min_sizes=(96,), warmup_steps=1,
                          loss_weights={"attend": 1.0})
     trainer = Glipv2Trainer(config)
     trainer.model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
-    stream = iter(WorldStream(config, trainer.model.config, trainer.tokenizer))
+    return trainer, iter(WorldStream(config, trainer.model.config, trainer.tokenizer))
+
+
+def test_text_attention_loss_trains_where_tokens_look() -> None:
+    """With loss_weights["attend"], every fusion layer's token-to-region attention is recorded
+    for one step (and only then), the term is reported, and its gradient reaches the
+    cross-attention's projections."""
+    trainer, stream = _attend_trainer()
     examples = [e for e in (next(stream) for _ in range(12)) if e.task == "detection"][:2]
     report = trainer.step(examples)
     assert report["attend"] > 0 and math.isfinite(report["attend"])
@@ -164,12 +176,7 @@ def test_text_attention_loss_trains_where_tokens_look() -> None:
 
 
 def test_grounded_questions_train_grounding_ungrounded_ones_only_the_answer() -> None:
-    torch.manual_seed(0)
-    config = TrainConfig(batch_size=2, steps=5, min_sizes=(96,), warmup_steps=1,
-                         loss_weights={"attend": 1.0})
-    trainer = Glipv2Trainer(config)
-    trainer.model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
-    stream = iter(WorldStream(config, trainer.model.config, trainer.tokenizer))
+    trainer, stream = _attend_trainer()
     vqa = [e for e in (next(stream) for _ in range(60))
            if e.task == "vqa" and len(e.boxes)][:2]
     assert len(vqa) == 2
@@ -182,12 +189,7 @@ def test_grounded_questions_train_grounding_ungrounded_ones_only_the_answer() ->
 def test_attend_loss_skips_relation_expressions() -> None:
     """A relation expression's words are positive for its target, anchor words included, so
     they do not say where each token should look; attribute expressions do."""
-    torch.manual_seed(0)
-    config = TrainConfig(batch_size=2, steps=5, min_sizes=(96,), warmup_steps=1,
-                         loss_weights={"attend": 1.0})
-    trainer = Glipv2Trainer(config)
-    trainer.model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
-    stream = iter(WorldStream(config, trainer.model.config, trainer.tokenizer))
+    trainer, stream = _attend_trainer()
     referring = [e for e in (next(stream) for _ in range(200))
                  if e.task == "referring" and len(e.boxes)]
     relation = [e for e in referring if not e.detection_prompt][:2]
