@@ -344,14 +344,14 @@ class Glipv2FusionTower(nn.Module):
         state), and the final fused levels; `caption_text` then runs only the text side per
         decoding step.
         """
-        image = flatten_levels(visual)
+        image = flatten_levels(visual) if self.image_values else None
         states = []
         for layer in self.layers:
             sizes = [feature.shape[-2:] for feature in visual]
             v = layer.vl_fuse.layer_norm_v(flatten_levels(visual))
             states.append(layer.vl_fuse.attended(v, sizes))
             visual = layer.dyconv(unflatten_levels(v, sizes))
-        if self.image_values:
+        if image is not None:
             states.append(image)
         return states, visual
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from model_export.config import PreprocessConfig
 from model_export.data.types import GroundedObject, GroundingSample
+from model_export.data.world import is_attribute_phrase
 from model_export.preprocess import batch_images, preprocess_image
 from model_export.prompt import build_detection_prompt, positive_map, tokenize
 from model_export.vqa_head import vqa_target_scores
@@ -288,7 +289,7 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
         samples.append(GroundingSample(
             task="referring", caption=text, objects=targets,
             spans=[[(0, len(text))] for _ in targets],
-            detection_prompt=not any(r in text for r in (" of ", " above ", " below ")),
+            detection_prompt=is_attribute_phrase(text),
             **base))
     for question in scene.questions:
         named = [objects[i] for i in question["objects"]]
