@@ -96,6 +96,35 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from model_export.calibrate import best_threshold, segment_threshold_sweep
+    from model_export.weights import load_config, save_config
+    from service.offline import ServingPredictor
+    from service.runtimes.torch_eager import TorchRuntime
+
+    predictor = ServingPredictor(TorchRuntime.from_dir(args.model))
+    try:
+        scores = segment_threshold_sweep(predictor, args.n, args.seed)
+    finally:
+        predictor.close()
+    best = best_threshold(scores)
+    print("threshold  mIoU   empty acc  gIoU")
+    for s in scores:
+        cells = [f"{v:.3f}" if v is not None else "-"
+                 for v in (s.miou, s.empty_accuracy, s.giou)]
+        print(f"{s.threshold:9.3f}  {cells[0]:5s}  {cells[1]:9s}  {cells[2]}"
+              + ("  <- best" if s is best else ""))
+    config = load_config(args.model)
+    current = config.postprocess.segment_threshold
+    if args.write:
+        config.postprocess.segment_threshold = best.threshold
+        print(f"{save_config(config, args.model)}: segment_threshold {current} -> "
+              f"{best.threshold} (engines exported before this need re-exporting)")
+    else:
+        print(f"best {best.threshold} (the model has {current}; --write stores it)")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from model_export.export import export_model
 
@@ -321,6 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
                           help="colour-shape pairs held out of training, scored separately")
     evaluate.add_argument("--out", help="write the metrics as JSON here")
     evaluate.set_defaults(func=_eval)
+
+    calibrate = sub.add_parser(
+        "calibrate", help="choose a model's default referring-segment threshold",
+        description="Sweeps the score threshold of referring segments on a validation world "
+                    "and picks the best gIoU (gRefCOCO: expressions naming nothing count 1 "
+                    "when answered with no segment); --write stores it in the model's "
+                    "config.json, where the service takes its default from.")
+    calibrate.add_argument("--model", default="models/default", help="model folder")
+    calibrate.add_argument("--n", type=int, default=100, help="validation images (100)")
+    calibrate.add_argument("--seed", type=int, default=2000,
+                           help="validation world seed (2000; not training's or eval's)")
+    calibrate.add_argument("--write", action="store_true",
+                           help="store the best threshold in the model's config.json")
+    calibrate.set_defaults(func=_calibrate)
 
     export = sub.add_parser("export", help="export the engine graphs as ONNX + manifest")
     export.add_argument("--model", required=True, help="model folder")

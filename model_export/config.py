@@ -130,6 +130,9 @@ class PostprocessConfig:
     nms_thresh: float = 0.6  # class-aware NMS IoU threshold (legacy +1 areas)
     detections_per_img: int = 100  # detections kept per image after NMS
     min_size: float = 0.0  # boxes with a side below this (pixels) are dropped
+    # Score a referring segment needs when a request names no threshold: a property of the
+    # model's score calibration, set by `glipv2 calibrate` (best gIoU on a validation world).
+    segment_threshold: float = 0.3
 
 
 @dataclass
@@ -178,6 +181,8 @@ class Glipv2Config:
         t = self.tasks
         if t.vqa_head and not t.vqa_answers:
             raise ValueError("tasks.vqa_head needs tasks.vqa_answers")
+        if not 0.0 <= self.postprocess.segment_threshold <= 1.0:
+            raise ValueError("postprocess.segment_threshold must be between 0 and 1")
         p = self.preprocess
         if p.min_size > p.max_size or p.size_divisibility <= 0:
             raise ValueError("preprocess needs min_size <= max_size and size_divisibility > 0")

@@ -88,7 +88,8 @@ class Predictor(Protocol):
 
     def detect(self, image: Image.Image, class_names: Sequence[str]) -> DetectionResult: ...
 
-    def segment(self, image: Image.Image, expressions: Sequence[str]) -> list[list[Segment]]: ...
+    def segment(self, image: Image.Image, expressions: Sequence[str],
+                threshold: float | None = None) -> list[list[Segment]]: ...
 
     def vqa(self, image: Image.Image, question: str) -> VqaAnswer: ...
 
@@ -162,7 +163,7 @@ def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TAS
     if "referring" in tasks:
         ref = referring_metrics(referring)
         metrics["referring"] = {"mIoU": ref["miou"], "empty-referent accuracy":
-                                ref["empty_accuracy"]}
+                                ref["empty_accuracy"], "gIoU": ref["giou"]}
     if "vqa" in tasks:
         metrics["vqa"] = {"accuracy": vqa_exact_accuracy(vqa_pred, vqa_gold)}
     if "caption" in tasks:

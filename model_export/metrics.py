@@ -248,9 +248,13 @@ def referring_metrics(
     - Without referents (gt list empty): correct when the answer has no segment, i.e. no
       predicted mask has a foreground pixel (a mask with no pixel is no segment).
       `empty_accuracy` is the fraction correct.
+    - `giou` (gRefCOCO's generalised IoU, Liu et al. 2023) averages over all expressions, an
+      expression without referents scoring 1 when answered with no segment and 0 otherwise: the
+      one number a score threshold trades off.
 
     Masks are `(H, W)` bool arrays, all of one expression the same shape. Returns `miou`,
-    `n_with_referent`, `empty_accuracy`, `n_empty`; a ratio over zero expressions is `None`.
+    `n_with_referent`, `empty_accuracy`, `n_empty`, `giou`; a ratio over zero expressions is
+    `None`.
     """
     ious: list[float] = []
     n_empty = 0
@@ -267,6 +271,8 @@ def referring_metrics(
         "n_with_referent": len(ious),
         "empty_accuracy": n_empty_correct / n_empty if n_empty else None,
         "n_empty": n_empty,
+        "giou": ((sum(ious) + n_empty_correct) / (len(ious) + n_empty)
+                 if results else None),
     }
 
 

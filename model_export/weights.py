@@ -44,11 +44,18 @@ def save_weights(config: Glipv2Config, state: dict[str, torch.Tensor], out_dir: 
     """Write a config and a state_dict for it into `out_dir` (created if needed)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    save_config(config, out)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = {"format": "glipv2", _EXTERNAL_KEY: json.dumps(external_prefixes or [])}
     save_file(_untie(tensors), str(out / WEIGHTS_FILE), metadata=metadata)
     return out
+
+
+def save_config(config: Glipv2Config, model_dir: str | Path) -> Path:
+    """Write `config.json` into an existing model folder (its weights untouched)."""
+    path = Path(model_dir) / CONFIG_FILE
+    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return path
 
 
 def load_config(model_dir: str | Path) -> Glipv2Config:

@@ -21,7 +21,7 @@ from model_export.postprocess import Detections
 from model_export.rle import decode_mask
 from service.batching import BatcherConfig
 from service.runtimes import Runtime
-from service.schemas import DEFAULT_THRESHOLD, DetectParams, SegmentParams, VqaParams
+from service.schemas import DetectParams, SegmentParams, VqaParams
 from service.serving import Glipv2Serving
 
 T = TypeVar("T")
@@ -61,8 +61,8 @@ class ServingPredictor:
         return OfflineDetection(self._call(self.serving.detections(query, image)))
 
     def segment(self, image: Image.Image, expressions: Sequence[str],
-                threshold: float = DEFAULT_THRESHOLD
-                ) -> list[list[Segment]]:
+                threshold: float | None = None) -> list[list[Segment]]:
+        """Segments per expression over `threshold` (None: the model's calibrated one)."""
         response = self._call(self.serving.segment(
             SegmentParams(expressions=list(expressions), threshold=threshold), image))
         return [[Segment(box=s.box, score=s.score, mask=torch.from_numpy(decode_mask(

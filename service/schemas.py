@@ -26,7 +26,7 @@ MAX_PROMPT_CHARS = 4096  # characters of a free-text prompt (the 256-token limit
 MAX_EXPRESSIONS = 32  # referring expressions in one segment request
 MAX_TEXT_CHARS = 1024  # characters of one expression or question
 MAX_DETECTIONS = 1000
-DEFAULT_THRESHOLD = 0.3  # score a detection or segment needs to be returned
+DEFAULT_THRESHOLD = 0.3  # score a detection needs to be returned
 DEFAULT_MAX_DETECTIONS = 100
 
 Box = Annotated[list[float], Field(min_length=4, max_length=4,
@@ -184,7 +184,10 @@ class SegmentParams(_Body):
     expressions: list[str] = Field(
         json_schema_extra={"minItems": 1, "maxItems": MAX_EXPRESSIONS},
         description="Referring expressions; each gets its own list of segments.")
-    threshold: float = _THRESHOLD
+    threshold: float | None = Field(
+        None, json_schema_extra={"minimum": 0, "maximum": 1},
+        description="Minimum score of a returned segment, 0..1; omitted: the model's "
+                    "calibrated `segment_threshold` (GET /v1/models).")
 
     @field_validator("expressions")
     @classmethod
@@ -200,8 +203,8 @@ class SegmentParams(_Body):
 
     @field_validator("threshold")
     @classmethod
-    def _threshold(cls, value: float) -> float:
-        return _check_threshold(value)
+    def _threshold(cls, value: float | None) -> float | None:
+        return None if value is None else _check_threshold(value)
 
 
 class SegmentRequest(SegmentParams):
@@ -387,6 +390,8 @@ class ModelInfo(BaseModel):
     image_min_size: int = Field(description="Shorter side the model resizes images to.")
     image_max_size: int = Field(description="Cap of the longer side after resizing.")
     vqa_answers: list[str] = Field(description="The closed VQA answer vocabulary.")
+    segment_threshold: float = Field(description="Score a segment needs when a segment request "
+                                                 "names no threshold (calibrated per model).")
     prompt_ids: list[str] = Field(description="Registered tuned prompts for `prompt_id`.")
 
 

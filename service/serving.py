@@ -315,6 +315,7 @@ class Glipv2Serving:
             tasks=self.tasks,  # type: ignore[arg-type]  # names checked by TASKS
             max_prompt_tokens=self.max_prompt_tokens, image_min_size=pre.min_size,
             image_max_size=pre.max_size, vqa_answers=list(self.config.tasks.vqa_answers),
+            segment_threshold=self.config.postprocess.segment_threshold,
             prompt_ids=sorted(self.prompts))
 
     # --- checks before the image is decoded ---------------------------------------------------
@@ -458,8 +459,10 @@ class Glipv2Serving:
         prepared, visual = await request.encode_image()
         expressions = list(params.expressions)
         rows = await request.fuse(visual, await request.encode_texts(expressions))
+        threshold = (self.config.postprocess.segment_threshold if params.threshold is None
+                     else params.threshold)
         candidates = await asyncio.to_thread(self._segment_candidates, expressions, rows,
-                                             prepared, params.threshold)
+                                             prepared, threshold)
         logits = await request.all(request.submit("mask", c.work)
                                    for c in candidates if c is not None)
         encoded = await asyncio.to_thread(self._encode_segments, candidates, logits, prepared)

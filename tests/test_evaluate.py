@@ -18,7 +18,7 @@ from service.settings import DEFAULT_MODEL_DIR
 METRICS = {
     "detection": {"mAP@0.5", "mAP@[.5:.95]"},
     "grounding": {"AP50", "AP50 held-out pairs"},
-    "referring": {"mIoU", "empty-referent accuracy"},
+    "referring": {"mIoU", "empty-referent accuracy", "gIoU"},
     "vqa": {"accuracy"},
     "caption": {"exact match", "BLEU-4", "phrase grounding accuracy"},
 }

@@ -179,6 +179,7 @@ def test_referring_metrics_hand_built() -> None:
     assert result["n_with_referent"] == 3
     assert result["empty_accuracy"] == pytest.approx(2 / 3)
     assert result["n_empty"] == 3
+    assert result["giou"] == pytest.approx((2 / 3 + 0 + 1 + 1 + 0 + 1) / 6)
 
 
 def test_referring_metrics_empty_groups_are_none() -> None:
@@ -187,6 +188,7 @@ def test_referring_metrics_empty_groups_are_none() -> None:
         "n_with_referent": 0,
         "empty_accuracy": None,
         "n_empty": 0,
+        "giou": None,
     }
     only_referents = referring_metrics([([_mask((1, 1))], [_mask((1, 1))])])
     assert only_referents["miou"] == 1.0

@@ -177,6 +177,20 @@ def test_segment_returns_rle_masks_of_the_image_size(client: TestClient, png_b64
         assert mask_utils.decode(rle).shape == (height, width)
 
 
+def test_segment_without_a_threshold_takes_the_models_calibrated_one(
+        client: TestClient, runtime: TorchRuntime, png_b64: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    body = {"image": png_b64, "expressions": ["the red circle", "a star"]}
+    monkeypatch.setattr(runtime.config.postprocess, "segment_threshold", 0.0)
+    assert client.get("/v1/models").json()["models"][0]["segment_threshold"] == 0.0
+    opened = client.post("/v1/segment", json=body).json()
+    assert any(r["segments"] for r in opened["results"])
+    assert opened == client.post("/v1/segment", json=body | {"threshold": 0.0}).json()
+    monkeypatch.setattr(runtime.config.postprocess, "segment_threshold", 1.0)
+    closed = client.post("/v1/segment", json=body).json()
+    assert not any(r["segments"] for r in closed["results"])
+
+
 def test_vqa(client: TestClient, png_b64: str) -> None:
     response = client.post("/v1/vqa", json={"image": png_b64,
                                             "question": "what color is the circle?"})
@@ -229,6 +243,7 @@ def test_models(client: TestClient) -> None:
     assert model["id"] == "tiny" and model["preset"] == "small" and model["runtime"] == "pytorch"
     assert model["tasks"] == ["detect", "segment", "vqa", "caption"]
     assert model["max_prompt_tokens"] == 256 and model["prompt_ids"] == []
+    assert model["segment_threshold"] == 0.3
 
 
 def test_multipart_equals_json(client: TestClient, png_bytes: bytes, png_b64: str) -> None:

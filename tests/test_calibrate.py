@@ -1,0 +1,81 @@
+"""`glipv2 calibrate`: the referring-segment threshold sweep, its choice, and `--write`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from model_export.calibrate import THRESHOLDS, best_threshold, segment_threshold_sweep
+from model_export.cli import main
+from model_export.evaluate import Segment
+from model_export.model import Glipv2Model
+from model_export.weights import load_config, save_model
+from model_export.world import render_index
+
+SEED = 2000
+
+
+class ScriptedPredictor:
+    """Answers each expression of the first scenes of `SEED` with its true objects at score
+    0.8, and an expression that names nothing with a wrong object at score 0.4."""
+
+    def __init__(self, n: int) -> None:
+        self.truth: dict[bytes, list[list[int]]] = {}
+        self.objects: dict[bytes, list] = {}
+        for index in range(n):
+            scene = render_index(SEED, index)
+            key = scene.image.tobytes()
+            self.truth[key] = [e["targets"] for e in scene.expressions]
+            self.objects[key] = scene.objects
+        self.thresholds: list[float | None] = []
+
+    def segment(self, image: Image.Image, expressions: Sequence[str],
+                threshold: float | None = None) -> list[list[Segment]]:
+        self.thresholds.append(threshold)
+        key = image.tobytes()
+        objects = self.objects[key]
+        out = []
+        for targets in self.truth[key]:
+            if targets:
+                out.append([Segment([0, 0, 1, 1], 0.8, torch.from_numpy(objects[i].mask))
+                            for i in targets])
+            else:
+                out.append([Segment([0, 0, 1, 1], 0.4, torch.from_numpy(objects[0].mask))])
+        return out
+
+
+def test_sweep_scores_each_threshold_and_the_best_separates_the_scores() -> None:
+    predictor = ScriptedPredictor(4)
+    scores = segment_threshold_sweep(predictor, 4, SEED)  # type: ignore[arg-type]
+    assert predictor.thresholds == [0.0] * 4  # segmented once, unthresholded
+    assert [s.threshold for s in scores] == list(THRESHOLDS)
+    by_threshold = {s.threshold: s for s in scores}
+    low, high = by_threshold[0.3], by_threshold[0.5]
+    assert low.miou == high.miou == 1.0
+    assert low.empty_accuracy == 0.0 and high.empty_accuracy == 1.0
+    assert high.giou == 1.0 > low.giou
+    assert by_threshold[0.9].miou == 0.0 and by_threshold[0.9].empty_accuracy == 1.0
+    assert best_threshold(scores).threshold == 0.425  # the lowest above the wrong answers
+
+
+def test_best_threshold_needs_scored_expressions() -> None:
+    with pytest.raises(ValueError, match="nothing to calibrate"):
+        best_threshold([])
+
+
+def test_calibrate_cli_writes_the_threshold_into_the_model_config(
+        tiny_model: Glipv2Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir = save_model(tiny_model, tmp_path / "model", external_language=True)
+    assert main(["calibrate", "--model", str(model_dir), "--n", "2"]) == 0
+    assert "best" in capsys.readouterr().out
+    assert load_config(model_dir).postprocess.segment_threshold == 0.3  # not written
+    assert main(["calibrate", "--model", str(model_dir), "--n", "2", "--write"]) == 0
+    chosen = load_config(model_dir).postprocess.segment_threshold
+    assert chosen in THRESHOLDS
+    assert f"-> {chosen}" in capsys.readouterr().out
+    assert json.loads((model_dir / "config.json").read_text())["preset"] == "small"
