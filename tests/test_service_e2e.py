@@ -1,6 +1,8 @@
 """End to end on the shipped default model: the real server in a subprocess, world images posted.
 
 - detection finds every object of the world samples with its label (box IoU >= 0.5);
+- segmentation at the model's calibrated threshold covers the objects a colour-shape expression
+  names (a floor under the shipped model's figure: a regression guard, not yet the issue's bar);
 - 1,203 class names (the 6 shapes among 1,197 distractors) still find them; the metrics show the
   vision engine ran once for that image and as many prompt chunks as token packing gives;
 - 64 concurrent requests mixing the four tasks and different prompts all answer exactly what the
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
@@ -97,6 +100,31 @@ def test_phrase_grounding_and_segmentation_shapes(server: str) -> None:
             mask = mask_utils.decode({"size": segment["mask"]["size"],
                                       "counts": segment["mask"]["counts"].encode()})
             assert mask.shape == (record["height"], record["width"])
+
+
+def decode(rle: dict[str, Any]) -> np.ndarray:
+    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
+
+
+def test_segmentation_covers_the_named_objects(server: str) -> None:
+    """Each colour-shape pair of a sample as a referring expression, at the model's calibrated
+    threshold: the step-7000 model covers 10 of these 14 at mask IoU >= 0.5 (71 % of the pairs
+    of all 24 world samples). Absent pairs are `glipv2 eval`'s empty-referent accuracy."""
+    ious = []
+    for record in records():
+        present = sorted({f"{o['color']} {o['shape']}" for o in record["objects"]})
+        response = httpx.post(f"{server}/v1/segment", timeout=120, json={
+            "image": image_b64(record), "expressions": present})
+        assert response.status_code == 200, response.text
+        for text, result in zip(present, response.json()["results"], strict=True):
+            truth = np.any([decode(o["mask"]) for o in record["objects"]
+                            if f"{o['color']} {o['shape']}" == text], axis=0)
+            predicted = np.zeros_like(truth)
+            for segment in result["segments"]:
+                predicted |= decode(segment["mask"])
+            ious.append((truth & predicted).sum() / (truth | predicted).sum())
+    assert len(ious) == 14
+    assert np.mean([iou >= 0.5 for iou in ious]) >= 0.6, ious
 
 
 def test_1203_classes_find_the_shapes_with_one_vision_run(server: str) -> None:
