@@ -10,7 +10,10 @@ probes of the object's colour, on two thirds of the questions, tested on the res
 - `delta{k}`: layer k's cross-attention update of the shape word;
 - `fused{k}`: the shape word after layer k (fusion, then its text layer); the last one is what
   the VQA head pools;
-- `pooled`: the VQA head's attention-pooled question vector.
+- `pooled`: the VQA head's attention-pooled question vector;
+- `head_p3`: the tower's output at the object's centre (what the grounding head scores words
+  against); `head_read`: the last layer's attention of the shape word applied to the tower's
+  output regions (what that word could read of them).
 
 Per-shape-word means are removed first (which word it is would otherwise dominate), then the
 top 48 principal components are kept. Also prints the share of the word's attention that lands
@@ -88,6 +91,8 @@ def collect(model_dir: Path, images: int) -> tuple[dict[str, list[Tensor]], list
                     features[f"fused{k}"].append(outputs[k][0, word])
                 cx, cy = (x0 + x1) / 2 * sx / 8, (y0 + y1) / 2 * sy / 8
                 features["p3"].append(visual[0][0, :, int(cy), int(cx)])
+                features["head_p3"].append(out.fused_visual[0][0, :, int(cy), int(cx)])
+                features["head_read"].append(weights @ flatten_levels(out.fused_visual)[0])
                 features["pooled"].append(model.vqa_head.pool(out.fused_text, mask)[0])
                 colours.append(COLOR_NAMES.index(obj.color))
                 words.append(obj.shape)

@@ -35,19 +35,29 @@ class Glipv2FPN(nn.Module):
     Input: features `[C3 (N, in_channels[0], H3, W3), C4 (..., H4, W4), C5 (..., H5, W5)]`.
     Output: `[P3, P4, P5, P6, P7]`, each `(N, out_channels, h, w)`; P3-P5 keep the sizes of
     C3-C5, P6 is `ceil(H5/2) x ceil(W5/2)`, P7 is `ceil(H6/2) x ceil(W6/2)`.
+
+    `lateral_skip` adds a zero-initialised 1x1 conv of each lateral to P3-P5 (not in GLIP), so a
+    model grown with it starts out computing exactly what it did.
     """
 
-    def __init__(self, in_channels: tuple[int, ...], out_channels: int) -> None:
+    def __init__(self, in_channels: tuple[int, ...], out_channels: int,
+                 lateral_skip: bool = False) -> None:
         super().__init__()
         self.inner_blocks = nn.ModuleList(_conv(c, out_channels, 1) for c in in_channels)
         self.layer_blocks = nn.ModuleList(_conv(out_channels, out_channels, 3) for _ in in_channels)
+        self.skip_blocks = None
+        if lateral_skip:
+            self.skip_blocks = nn.ModuleList(_conv(out_channels, out_channels, 1)
+                                             for _ in in_channels)
+            for conv in self.skip_blocks:
+                nn.init.zeros_(conv.weight)
         self.p6 = _conv(out_channels, out_channels, 3, stride=2)
         self.p7 = _conv(out_channels, out_channels, 3, stride=2)
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
         """features: [C3, C4, C5] -> [P3, P4, P5, P6, P7] (see the class docstring for shapes)."""
         last_inner = self.inner_blocks[-1](features[-1])  # (N, out, H5, W5)
-        results = [self.layer_blocks[-1](last_inner)]
+        results = [self._output(-1, last_inner, last_inner)]
         for level in range(len(features) - 2, -1, -1):
             lateral = self.inner_blocks[level](features[level])  # (N, out, H_l, W_l)
             # Resize to the lateral's size: with odd sizes this differs from scale_factor=2.
@@ -55,7 +65,14 @@ class Glipv2FPN(nn.Module):
             # is an exact identity, so always calling it keeps the graph static.)
             top_down = F.interpolate(last_inner, size=lateral.shape[-2:], mode="nearest")
             last_inner = lateral + top_down
-            results.insert(0, self.layer_blocks[level](last_inner))
+            results.insert(0, self._output(level, last_inner, lateral))
         p6 = self.p6(results[-1])  # (N, out, ceil(H5/2), ceil(W5/2))
         p7 = self.p7(F.relu(p6))  # (N, out, ceil(H6/2), ceil(W6/2))
         return [*results, p6, p7]
+
+    def _output(self, level: int, merged: Tensor, lateral: Tensor) -> Tensor:
+        """P_level from lateral + top-down (and the lateral's skip, if any)."""
+        out = self.layer_blocks[level](merged)
+        if self.skip_blocks is not None:
+            out = out + self.skip_blocks[level](lateral)
+        return out

@@ -68,7 +68,8 @@ class Glipv2Model(nn.Module):
         stage_channels = config.swin.stage_channels()
         self.backbone = Glipv2SwinBackbone(config.swin)
         self.fpn = Glipv2FPN(
-            tuple(stage_channels[i] for i in config.swin.out_stages), config.fpn.out_channels
+            tuple(stage_channels[i] for i in config.swin.out_stages), config.fpn.out_channels,
+            config.fpn.lateral_skip,
         )
         self.language = Glipv2LanguageBackbone(config.language)
         self.fusion = Glipv2FusionTower(config.fusion, config.language, config.head.anchor_strides)

@@ -243,6 +243,33 @@ def test_fpn_odd_sizes_upsample_to_the_lateral_size() -> None:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_fpn_lateral_skip_starts_as_the_plain_fpn_and_adds_each_lateral() -> None:
+    """Zero-initialised, a grown FPN computes what it did; weighted, P3-P5 gain a 1x1 conv of
+    their own lateral (P6, P7 follow P5)."""
+    channels = (8, 16, 32)
+    torch.manual_seed(0)
+    plain = Glipv2FPN(channels, 12).eval()
+    _randomize(plain, 2)
+    grown = Glipv2FPN(channels, 12, lateral_skip=True).eval()
+    missing, unexpected = grown.load_state_dict(plain.state_dict(), strict=False)
+    assert set(missing) == {f"skip_blocks.{i}.{leaf}" for i in range(3)
+                            for leaf in ("weight", "bias")} and not unexpected
+    feats = _fpn_features([(13, 17), (7, 9), (4, 5)], channels)
+    with torch.no_grad():
+        before = plain(feats)
+        for got, expected in zip(grown(feats), before, strict=True):
+            torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        for conv in grown.skip_blocks:
+            conv.weight.normal_()
+        after = grown(feats)
+        inner = [conv(f) for conv, f in zip(grown.inner_blocks, feats, strict=True)]
+        for level in range(3):
+            torch.testing.assert_close(after[level] - before[level],
+                                       grown.skip_blocks[level](inner[level]),
+                                       atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(after[3], grown.p6(after[2]), atol=1e-5, rtol=1e-5)
+
+
 def test_fpn_keys_match_reference_shapes() -> None:
     fpn = Glipv2FPN((192, 384, 768), 256)
     reference = _reference_shapes("glip-t", FPN)

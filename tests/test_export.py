@@ -54,12 +54,14 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     torch.manual_seed(0)
     model = Glipv2Model(get_preset("small"))
     load_pretrained_language(model)
-    # Zero in a fresh model: weight them so parity covers positions and the image values.
+    # Zero in a fresh model: weight them so parity covers positions, the image values and the
+    # FPN's lateral skips.
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if ".positions." in name or ".out_image_proj." in name:
+            if ".positions." in name or ".out_image_proj." in name or ".skip_blocks." in name:
                 parameter.normal_(std=0.5 if ".positions." in name else 0.05)
     assert model.config.fusion.image_values and model.config.fusion.position_encoding
+    assert model.config.fpn.lateral_skip
     model.eval()
     root = tmp_path_factory.mktemp("export")
     model_dir = save_model(model, root / "small-random", external_language=True)
