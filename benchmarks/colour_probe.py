@@ -4,7 +4,8 @@
 about every object whose shape is unique in fresh world scenes (seed 3000) and fits linear
 probes of the object's colour, on two thirds of the questions, tested on the rest, from:
 
-- `p3`: the FPN's P3 feature at the object's centre (what the image encoder saw);
+- `c3`, `lateral3`, `p3`: at the object's centre, the backbone's stride-8 map, the FPN's 1x1
+  lateral of it, and P3 (what the fusion reads);
 - `read{k}`: layer k's token-to-region attention of the shape word applied to the tower's input
   regions (what that word could read, were the values the raw features);
 - `delta{k}`: layer k's cross-attention update of the shape word;
@@ -70,7 +71,9 @@ def collect(model_dir: Path, images: int) -> tuple[dict[str, list[Tensor]], list
             shapes = [o.shape for o in scene.objects]
             pixels, _ = preprocess_image(scene.image, model.config.preprocess)
             sy, sx = pixels.shape[1] / scene.height, pixels.shape[2] / scene.width
-            visual = model.encode_image(pixels[None])
+            stages = model.backbone(pixels[None])
+            lateral = model.fpn.inner_blocks[0](stages[0])
+            visual = model.fpn(stages)
             regions, centres = flatten_levels(visual)[0], region_centres(visual)
             for obj in (o for o in scene.objects if shapes.count(o.shape) == 1):
                 question = f"what color is the {obj.shape}?"
@@ -90,6 +93,8 @@ def collect(model_dir: Path, images: int) -> tuple[dict[str, list[Tensor]], list
                     features[f"delta{k}"].append(deltas[k][0, word])
                     features[f"fused{k}"].append(outputs[k][0, word])
                 cx, cy = (x0 + x1) / 2 * sx / 8, (y0 + y1) / 2 * sy / 8
+                features["c3"].append(stages[0][0, :, int(cy), int(cx)])
+                features["lateral3"].append(lateral[0, :, int(cy), int(cx)])
                 features["p3"].append(visual[0][0, :, int(cy), int(cx)])
                 features["head_p3"].append(out.fused_visual[0][0, :, int(cy), int(cx)])
                 features["head_read"].append(weights @ flatten_levels(out.fused_visual)[0])
