@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from model_export.anchors import AnchorGenerator
@@ -58,6 +58,9 @@ class TrainConfig:
     steps: int = 20000  # optimiser steps
     batch_size: int = 8  # examples per step
     lr: float = 5e-4  # peak learning rate (AdamW), after a linear warm-up
+    # parameter-name prefix -> factor on `lr` (the first matching prefix applies), e.g. to let
+    # zero-initialised layers of a grown model catch up: {"fpn.skip_blocks." = 10}
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
     warmup_steps: int = 300  # linear warm-up length
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm
@@ -180,8 +183,8 @@ class Glipv2Trainer:
         self.model = model.to(self.device)
         if config.freeze_language:
             self.model.language.requires_grad_(False)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=config.lr,
+                                           weight_decay=config.weight_decay)
         self.tokenizer = load_tokenizer(self.model.config.language.tokenizer)
         self.specials = SpecialTokenIds.from_tokenizer(self.tokenizer)
         self.anchor_generator = AnchorGenerator.from_config(self.model.config.head)
@@ -189,6 +192,20 @@ class Glipv2Trainer:
         self.step_index = 0
         self.warmup_from = 0  # step the optimiser state started at (fresh moments warm up)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+
+    def _param_groups(self) -> list[dict]:
+        """Trainable parameters grouped by learning-rate factor (`config.lr_multipliers`)."""
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, parameter in self.model.named_parameters():
+            if parameter.requires_grad:
+                factor = next((f for prefix, f in self.config.lr_multipliers.items()
+                               if name.startswith(prefix)), 1.0)
+                groups.setdefault(factor, []).append(parameter)
+        unused = [prefix for prefix in self.config.lr_multipliers
+                  if not any(n.startswith(prefix) for n, _ in self.model.named_parameters())]
+        if unused:
+            raise ValueError(f"lr_multipliers name no parameter: {unused}")
+        return [{"params": params, "lr_factor": factor} for factor, params in groups.items()]
 
     def learning_rate(self, step: int) -> float:
         """Cosine decay over `config.steps`, times a linear warm-up from `warmup_from`."""
@@ -202,8 +219,9 @@ class Glipv2Trainer:
         self.model.train()
         if self.config.freeze_language:
             self.model.language.eval()
+        rate = self.learning_rate(self.step_index)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate(self.step_index)
+            group["lr"] = rate * group["lr_factor"]
         divisibility = self.model.config.preprocess.size_divisibility
         losses: dict[str, Tensor] = {}
         for causal in (False, True):
@@ -389,7 +407,10 @@ class Glipv2Trainer:
         trainer = cls(config, model=load_model(checkpoint_dir))
         state = torch.load(Path(checkpoint_dir) / "trainer_state.pt", weights_only=False,
                            map_location=trainer.device)
+        factors = [group["lr_factor"] for group in trainer.optimizer.param_groups]
         trainer.optimizer.load_state_dict(state["optimizer"])
+        for group, factor in zip(trainer.optimizer.param_groups, factors, strict=True):
+            group["lr_factor"] = factor  # this run's config, not the saved run's
         trainer.step_index = int(state["step"])
         if state.get("device", "cpu") == trainer.device.type:  # a generator state is per device
             trainer.generator.set_state(state["generator"].cpu())

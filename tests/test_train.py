@@ -220,6 +220,29 @@ def test_checkpoint_round_trip_and_resume(tmp_path) -> None:
     assert get_preset("small").language.pretrained == "minilm-l6"
 
 
+def test_lr_multipliers_scale_the_rate_of_the_named_parameters(tmp_path) -> None:
+    """Zero-initialised layers of a grown model can learn faster; a resumed run keeps the
+    factors of its own config, and a prefix naming nothing is an error, not a silent no-op."""
+    config = TrainConfig(batch_size=2, steps=5, min_sizes=(96,), warmup_steps=1,
+                         lr_multipliers={"fpn.skip_blocks.": 10.0})
+    trainer = Glipv2Trainer(config)
+    trainer.model.config.preprocess = PreprocessConfig(min_size=96, max_size=128)
+    stream = iter(WorldStream(config, trainer.model.config, trainer.tokenizer))
+    trainer.step([next(stream), next(stream)])
+    skip = {id(p) for p in trainer.model.fpn.skip_blocks.parameters()}
+    rates = {factor: group["lr"] for group in trainer.optimizer.param_groups
+             for factor in [group["lr_factor"]]}
+    assert rates[10.0] == pytest.approx(10 * rates[1.0]) and rates[1.0] > 0
+    fast = next(g for g in trainer.optimizer.param_groups if g["lr_factor"] == 10.0)
+    assert {id(p) for p in fast["params"]} == skip
+    trainer.save(tmp_path)
+    slower = dataclasses.replace(config, lr_multipliers={"fpn.skip_blocks.": 3.0})
+    resumed = Glipv2Trainer.resume(tmp_path, slower)
+    assert sorted(g["lr_factor"] for g in resumed.optimizer.param_groups) == [1.0, 3.0]
+    with pytest.raises(ValueError, match="name no parameter"):
+        Glipv2Trainer(dataclasses.replace(config, lr_multipliers={"fpn.skip.": 2.0}))
+
+
 def test_examples_move_to_a_device_with_every_tensor_field() -> None:
     """`Batch.to` is what puts training on a GPU: no tensor field may stay behind."""
     import dataclasses
