@@ -97,7 +97,8 @@ def collect(model_dir: Path, images: int) -> tuple[dict[str, list[Tensor]], list
                 features["lateral3"].append(lateral[0, :, int(cy), int(cx)])
                 features["p3"].append(visual[0][0, :, int(cy), int(cx)])
                 features["head_p3"].append(out.fused_visual[0][0, :, int(cy), int(cx)])
-                features["head_read"].append(weights @ flatten_levels(out.fused_visual)[0])
+                last = maps[-1][0, :, word].mean(dim=0)  # the last layer's, heads averaged
+                features["head_read"].append(last @ flatten_levels(out.fused_visual)[0])
                 features["pooled"].append(model.vqa_head.pool(out.fused_text, mask)[0])
                 colours.append(COLOR_NAMES.index(obj.color))
                 words.append(obj.shape)

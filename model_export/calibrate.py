@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 from tqdm import tqdm
 
-from model_export.evaluate import Predictor, Segment
+from model_export.evaluate import Predictor, referring_answers
 from model_export.metrics import referring_metrics
 from model_export.world import render_index
 
@@ -36,18 +35,11 @@ class ThresholdScore:
 def segment_threshold_sweep(predictor: Predictor, n: int, seed: int = CALIBRATION_SEED,
                             thresholds: Sequence[float] = THRESHOLDS) -> list[ThresholdScore]:
     """Referring metrics of each threshold over the expressions of scenes 0..n-1 of `seed`."""
-    scored: list[tuple[list[Segment], list[np.ndarray]]] = []
-    for index in tqdm(range(n), desc="calibrate", unit="img"):
-        scene = render_index(seed, index)
-        if not scene.expressions:
-            continue
-        texts = [e["text"] for e in scene.expressions]
-        answers = predictor.segment(scene.image, texts, threshold=0.0)
-        for expression, segments in zip(scene.expressions, answers, strict=True):
-            scored.append((segments, [scene.objects[i].mask for i in expression["targets"]]))
+    scored = [answer for index in tqdm(range(n), desc="calibrate", unit="img")
+              for answer in referring_answers(predictor, render_index(seed, index), 0.0)]
     out = []
     for threshold in thresholds:
-        kept = [([s.mask.numpy() for s in segments if s.score >= threshold], truth)
+        kept = [([mask for score, mask in segments if score >= threshold], truth)
                 for segments, truth in scored]
         metrics = referring_metrics(kept)
         out.append(ThresholdScore(threshold, metrics["miou"], metrics["empty_accuracy"],

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
@@ -39,6 +40,7 @@ from model_export.postprocess import Detections
 from model_export.world import (
     COLOR_NAMES,
     SHAPES,
+    WorldImage,
     expression_targets,
     parse_pairs,
     render_index,
@@ -106,6 +108,19 @@ def _grounding_phrases(scene, rng: random.Random, held_out: Sequence[tuple[str, 
     return sorted(phrases)
 
 
+def referring_answers(predictor: Predictor, scene: WorldImage, threshold: float | None = None
+                      ) -> list[tuple[list[tuple[float, np.ndarray]], list[np.ndarray]]]:
+    """Per referring expression of a scene: its (score, mask) segments over `threshold` (None:
+    the model's own) and its target masks (empty when it names nothing)."""
+    if not scene.expressions:
+        return []
+    texts = [e["text"] for e in scene.expressions]
+    answers = predictor.segment(scene.image, texts, threshold=threshold)
+    return [([(s.score, s.mask.numpy()) for s in segments],
+             [scene.objects[i].mask for i in expression["targets"]])
+            for expression, segments in zip(scene.expressions, answers, strict=True)]
+
+
 def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TASKS,
              held_out: str = "purple star,orange hexagon,green triangle",
              progress: bool = True) -> dict[str, dict]:
@@ -128,12 +143,9 @@ def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TAS
             grd_truth += [BoxTruth(index, p, scene.objects[i].box) for p in phrases
                           for i in expression_targets(p, scene.objects)]
             grd_pred += _predictions(index, run, phrases)
-        if "referring" in tasks and scene.expressions:
-            texts = [e["text"] for e in scene.expressions]
-            for expression, segments in zip(scene.expressions,
-                                            predictor.segment(scene.image, texts), strict=True):
-                gt = [scene.objects[i].mask for i in expression["targets"]]
-                referring.append(([s.mask.numpy() for s in segments], gt))
+        if "referring" in tasks:
+            referring += [([mask for _, mask in segments], truth)
+                          for segments, truth in referring_answers(predictor, scene)]
         if "vqa" in tasks:
             for question in scene.questions:
                 vqa_pred.append(predictor.vqa(scene.image, question["question"]).answer)
