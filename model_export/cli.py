@@ -97,14 +97,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from model_export.calibrate import best_threshold, segment_threshold_sweep
+    from model_export.calibrate import CALIBRATION_SEED, best_threshold, segment_threshold_sweep
     from model_export.weights import load_config, save_config
     from service.offline import ServingPredictor
     from service.runtimes.torch_eager import TorchRuntime
 
     predictor = ServingPredictor(TorchRuntime.from_dir(args.model))
     try:
-        scores = segment_threshold_sweep(predictor, args.n, args.seed)
+        seed = CALIBRATION_SEED if args.seed is None else args.seed
+        scores = segment_threshold_sweep(predictor, args.n, seed)
     finally:
         predictor.close()
     best = best_threshold(scores)
@@ -359,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "config.json, where the service takes its default from.")
     calibrate.add_argument("--model", default="models/default", help="model folder")
     calibrate.add_argument("--n", type=int, default=100, help="validation images (100)")
-    calibrate.add_argument("--seed", type=int, default=2000,
-                           help="validation world seed (2000; not training's or eval's)")
+    calibrate.add_argument("--seed", type=int,
+                           help="validation world seed (default: calibrate.CALIBRATION_SEED, "
+                                "neither training's nor eval's)")
     calibrate.add_argument("--write", action="store_true",
                            help="store the best threshold in the model's config.json")
     calibrate.set_defaults(func=_calibrate)

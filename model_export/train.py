@@ -195,16 +195,16 @@ class Glipv2Trainer:
 
     def _param_groups(self) -> list[dict]:
         """Trainable parameters grouped by learning-rate factor (`config.lr_multipliers`)."""
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         groups: dict[float, list[nn.Parameter]] = {}
-        for name, parameter in self.model.named_parameters():
-            if parameter.requires_grad:
-                factor = next((f for prefix, f in self.config.lr_multipliers.items()
-                               if name.startswith(prefix)), 1.0)
-                groups.setdefault(factor, []).append(parameter)
+        for name, parameter in trainable:
+            factor = next((f for prefix, f in self.config.lr_multipliers.items()
+                           if name.startswith(prefix)), 1.0)
+            groups.setdefault(factor, []).append(parameter)
         unused = [prefix for prefix in self.config.lr_multipliers
-                  if not any(n.startswith(prefix) for n, _ in self.model.named_parameters())]
+                  if not any(n.startswith(prefix) for n, _ in trainable)]
         if unused:
-            raise ValueError(f"lr_multipliers name no parameter: {unused}")
+            raise ValueError(f"lr_multipliers name no trainable parameter: {unused}")
         return [{"params": params, "lr_factor": factor} for factor, params in groups.items()]
 
     def learning_rate(self, step: int) -> float:

@@ -222,7 +222,8 @@ def test_checkpoint_round_trip_and_resume(tmp_path) -> None:
 
 def test_lr_multipliers_scale_the_rate_of_the_named_parameters(tmp_path) -> None:
     """Zero-initialised layers of a grown model can learn faster; a resumed run keeps the
-    factors of its own config, and a prefix naming nothing is an error, not a silent no-op."""
+    factors of its own config, and a prefix naming nothing trainable (a typo, or the frozen text
+    encoder) is an error, not a silent no-op."""
     config = TrainConfig(batch_size=2, steps=5, min_sizes=(96,), warmup_steps=1,
                          lr_multipliers={"fpn.skip_blocks.": 10.0})
     trainer = Glipv2Trainer(config)
@@ -239,8 +240,9 @@ def test_lr_multipliers_scale_the_rate_of_the_named_parameters(tmp_path) -> None
     slower = dataclasses.replace(config, lr_multipliers={"fpn.skip_blocks.": 3.0})
     resumed = Glipv2Trainer.resume(tmp_path, slower)
     assert sorted(g["lr_factor"] for g in resumed.optimizer.param_groups) == [1.0, 3.0]
-    with pytest.raises(ValueError, match="name no parameter"):
-        Glipv2Trainer(dataclasses.replace(config, lr_multipliers={"fpn.skip.": 2.0}))
+    for prefix in ("fpn.skip.", "language."):
+        with pytest.raises(ValueError, match=rf"name no trainable parameter: \['{prefix}'\]"):
+            Glipv2Trainer(dataclasses.replace(config, lr_multipliers={prefix: 2.0}))
 
 
 def test_examples_move_to_a_device_with_every_tensor_field() -> None:
