@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from model_export.fusion import flatten_levels
-from model_export.preprocess import preprocess_image
+from model_export.preprocess import batch_images, preprocess_image
 from model_export.prompt import load_tokenizer, tokenize
 from model_export.weights import load_model
 from model_export.world import COLOR_NAMES, render_index
@@ -69,9 +69,11 @@ def collect(model_dir: Path, images: int) -> tuple[dict[str, list[Tensor]], list
         for index in range(images):
             scene = render_index(SEED, index)
             shapes = [o.shape for o in scene.objects]
-            pixels, _ = preprocess_image(scene.image, model.config.preprocess)
-            sy, sx = pixels.shape[1] / scene.height, pixels.shape[2] / scene.width
-            stages = model.backbone(pixels[None])
+            pixels, (height, width) = preprocess_image(scene.image, model.config.preprocess)
+            sy, sx = height / scene.height, width / scene.width
+            pixels, _ = batch_images([pixels], model.config.preprocess.size_divisibility)
+            colour_map = model.image_colours(pixels)
+            stages = model.backbone(pixels)
             lateral = model.fpn.inner_blocks[0](stages[0])
             visual = model.fpn(stages)
             regions, centres = flatten_levels(visual)[0], region_centres(visual)
@@ -82,7 +84,7 @@ def collect(model_dir: Path, images: int) -> tuple[dict[str, list[Tensor]], list
                 deltas.clear()
                 outputs.clear()
                 with model.fusion.recording_text_attention() as maps:
-                    out = model.fuse(visual, model.encode_text(ids, mask))
+                    out = model.fuse(visual, model.encode_text(ids, mask), colours=colour_map)
                 x0, y0, x1, y1 = obj.box
                 inside = ((centres[:, 0] >= x0 * sx) & (centres[:, 0] <= x1 * sx)
                           & (centres[:, 1] >= y0 * sy) & (centres[:, 1] <= y1 * sy))

@@ -85,6 +85,10 @@ class FusionConfig:
     # path beside the cross-attention's values; not in GLIP): after the first layer the regions
     # are prompt-conditioned and lose what VQA and captions ask about (colour, for one).
     image_values: bool = False
+    # With image_values, tokens also read each region's mean input pixel (P3-P5 cells; a
+    # zero-initialised projection; not in GLIP): linear probes found colour at 0.96 in the
+    # backbone's stride-8 map but 0.55-0.61 in P3, and caption colour words near chance.
+    pixel_colours: bool = False
 
 
 @dataclass
@@ -172,6 +176,8 @@ class Glipv2Config:
             raise ValueError("fusion.channels must equal fpn.out_channels")
         if self.fusion.embed_dim % self.fusion.num_heads:
             raise ValueError("fusion.embed_dim must be divisible by fusion.num_heads")
+        if self.fusion.pixel_colours and not self.fusion.image_values:
+            raise ValueError("fusion.pixel_colours needs fusion.image_values")
         if self.fusion.channels % self.fusion.group_norm_groups:
             raise ValueError("fusion.channels must be divisible by fusion.group_norm_groups")
         lang = self.language
@@ -257,7 +263,8 @@ def _small() -> Glipv2Config:
             pretrained="minilm-l6",
         ),
         fusion=FusionConfig(num_layers=2, channels=64, embed_dim=256, num_heads=4,
-                            group_norm_groups=8, position_encoding=True, image_values=True),
+                            group_norm_groups=8, position_encoding=True, image_values=True,
+                            pixel_colours=True),
         head=HeadConfig(mlm_head=True, tie_mlm_decoder=True),
         tasks=TaskHeadsConfig(mask_head=True, vqa_head=True, vqa_answers=WORLD_ANSWERS,
                               contrastive_dim=64),

@@ -2,14 +2,16 @@
 
 Each graph is a thin `nn.Module` over the model's own methods, so the exported math is the model's:
 
-- `vision`: images (N, 3, H, W) -> P3..P7 (`Glipv2Model.encode_image`).
+- `vision`: images (N, 3, H, W) -> P3..P7 (`Glipv2Model.encode_image`), and with
+  `fusion.pixel_colours` the mean pixel per P3 cell, `colours` (`image_colours`): together the
+  vision outputs (`vision_outputs`) that `fusion` and `caption_image` take.
 - `language`: input_ids, attention_mask (N, T) -> hidden, embedded (N, T, D) (`encode_text`).
-- `fusion`: P3..P7 + hidden + attention_mask -> per level box regression, centerness,
+- `fusion`: vision outputs + hidden + attention_mask -> per level box regression, centerness,
   region-token logits and fused features, plus fused tokens (`fuse`, without the MLM logits).
 - `mask`: fused P3..P5 + fused tokens + phrase map + boxes -> per-box mask logits (`mask_head`).
 - `vqa`: fused tokens + attention_mask -> answer logits (`vqa_head`).
 - captioning, decoded step by step without recomputing the image side per token:
-  `caption_image` (P3..P7 -> each fusion layer's region states and the final fused levels,
+  `caption_image` (vision outputs -> each fusion layer's region states and the final fused levels,
   `fusion.caption_image_states`), `caption_step` (token ids + mask + region states -> next-token
   logits and fused tokens: causal `encode_text`, `fusion.caption_text`, `lm_logits`) and
   `caption_ground` (final fused levels + fused caption tokens -> the ATSS head's outputs, to ground
@@ -41,6 +43,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from model_export.config import Glipv2Config
 from model_export.deform_conv import ModulatedDeformConv2d, _pair, modulated_deform_conv2d
 from model_export.language import TextFeatures
 from model_export.model import Glipv2Model
@@ -55,12 +58,14 @@ __all__ = [
     "graph_specs",
     "onnx_deform_conv2d",
     "sha256_file",
+    "vision_outputs",
 ]
 
 DEFAULT_OPSET = 19  # the first opset with DeformConv
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "glipv2-onnx/1"
 LEVELS = ("p3", "p4", "p5", "p6", "p7")  # FPN levels, strides 8..128
+COLOURS = "colours"  # the vision graph's mean pixel per P3 cell, with fusion.pixel_colours
 
 # Representative export inputs (DESIGN.md: images padded to multiples of 32). Parity tests run
 # other sizes, which is what shows that no size was frozen into a graph.
@@ -122,14 +127,16 @@ def export_mode() -> Iterator[None]:
 
 
 class VisionGraph(nn.Module):
-    """images (N, 3, H, W) -> P3..P7, each (N, C, H_l, W_l)."""
+    """images (N, 3, H, W) -> P3..P7, each (N, C, H_l, W_l), then the colour map if any."""
 
     def __init__(self, model: Glipv2Model) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        return tuple(self.model.encode_image(images))
+        colours = self.model.image_colours(images)
+        extra = () if colours is None else (colours,)
+        return (*self.model.encode_image(images), *extra)
 
 
 class LanguageGraph(nn.Module):
@@ -145,19 +152,20 @@ class LanguageGraph(nn.Module):
 
 
 class FusionGraph(nn.Module):
-    """P3..P7, hidden (N, T, D), attention_mask (N, T) -> box regression x5, centerness x5,
-    region-token logits x5, fused levels x5, fused tokens (see `Glipv2Output`)."""
+    """P3..P7, hidden (N, T, D), attention_mask (N, T) [, colours] -> box regression x5,
+    centerness x5, region-token logits x5, fused levels x5, fused tokens (see `Glipv2Output`)."""
 
     def __init__(self, model: Glipv2Model) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, p3: Tensor, p4: Tensor, p5: Tensor, p6: Tensor, p7: Tensor, hidden: Tensor,
-                attention_mask: Tensor) -> tuple[Tensor, ...]:
+                attention_mask: Tensor, *colours: Tensor) -> tuple[Tensor, ...]:
         # The tower reads `hidden` and `mask` only; `embedded` is filled to satisfy the type
         # (the parity test compares against `fuse` on the real `encode_text` features).
         text = TextFeatures(hidden=hidden, embedded=hidden, mask=attention_mask)
-        fused_visual, fused_text = self.model.fusion([p3, p4, p5, p6, p7], text)
+        fused_visual, fused_text = self.model.fusion([p3, p4, p5, p6, p7], text,
+                                                     colours=_optional(colours))
         box_regression, centerness, token_logits = self.model.head(fused_visual, fused_text)
         return (*box_regression, *centerness, *token_logits, *fused_visual, fused_text)
 
@@ -194,16 +202,23 @@ class VqaGraph(nn.Module):
 
 
 class CaptionImageGraph(nn.Module):
-    """P3..P7 -> region states (N, R, C), one per fusion layer, then the final fused levels x5."""
+    """P3..P7 [, colours] -> region states (N, R, C) (see `caption_image_states`), then the
+    final fused levels x5."""
 
     def __init__(self, model: Glipv2Model) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, p3: Tensor, p4: Tensor, p5: Tensor, p6: Tensor, p7: Tensor
-                ) -> tuple[Tensor, ...]:
-        states, fused_visual = self.model.fusion.caption_image_states([p3, p4, p5, p6, p7])
+    def forward(self, p3: Tensor, p4: Tensor, p5: Tensor, p6: Tensor, p7: Tensor,
+                *colours: Tensor) -> tuple[Tensor, ...]:
+        states, fused_visual = self.model.fusion.caption_image_states(
+            [p3, p4, p5, p6, p7], _optional(colours))
         return (*states, *fused_visual)
+
+
+def _optional(colours: tuple[Tensor, ...]) -> Tensor | None:
+    """The graphs' optional trailing `colours` input (models with `fusion.pixel_colours`)."""
+    return colours[0] if colours else None
 
 
 class CaptionStepGraph(nn.Module):
@@ -265,6 +280,12 @@ class GraphSpec:
         return f"{self.name}.onnx"
 
 
+def vision_outputs(config: Glipv2Config) -> list[str]:
+    """The vision graph's outputs, in order: P3..P7, then `colours` with `fusion.pixel_colours`.
+    `fusion` and `caption_image` take them under the same names."""
+    return [*LEVELS, *([COLOURS] if config.fusion.pixel_colours else [])]
+
+
 def _level_axes(prefix: str = "") -> dict[str, dict[int, str]]:
     return {f"{prefix}{level}": {0: "batch", 2: f"h{level[1]}", 3: f"w{level[1]}"}
             for level in LEVELS}
@@ -306,22 +327,27 @@ def graph_specs(model: Glipv2Model) -> list[GraphSpec]:
     images = torch.randn(DUMMY_IMAGE_SHAPE, generator=generator)
     ids, mask = _dummy_text(model)
     visual = model.encode_image(images)
+    colours = model.image_colours(images)
     text = model.encode_text(ids, mask)
-    out = model.fuse(visual, text)
+    out = model.fuse(visual, text, colours=colours)
     token_axes = {0: "batch", 1: "tokens"}
     fused_level_names = [f"fused_{level}" for level in LEVELS]
     fused_level_axes = _level_axes("fused_")
+    vision_names = vision_outputs(model.config)
+    extra = () if colours is None else (colours,)
+    vision_axes = {**_level_axes(), COLOURS: {0: "batch", 2: "h3", 3: "w3"}}
+    vision_axes = {name: vision_axes[name] for name in vision_names}
     specs = [
-        GraphSpec("vision", VisionGraph(model), (images,), ["images"], list(LEVELS),
-                  {"images": {0: "batch", 2: "height", 3: "width"}, **_level_axes()}),
+        GraphSpec("vision", VisionGraph(model), (images,), ["images"], vision_names,
+                  {"images": {0: "batch", 2: "height", 3: "width"}, **vision_axes}),
         GraphSpec("language", LanguageGraph(model), (ids, mask),
                   ["input_ids", "attention_mask"], ["hidden", "embedded"],
                   {name: token_axes for name in ("input_ids", "attention_mask", "hidden",
                                                  "embedded")}),
-        GraphSpec("fusion", FusionGraph(model), (*visual, text.hidden, mask),
-                  [*LEVELS, "hidden", "attention_mask"],
+        GraphSpec("fusion", FusionGraph(model), (*visual, text.hidden, mask, *extra),
+                  [*LEVELS, "hidden", "attention_mask", *vision_names[len(LEVELS):]],
                   [*_head_names(), *fused_level_names, "fused_text"],
-                  {**_level_axes(), "hidden": token_axes, "attention_mask": token_axes,
+                  {**vision_axes, "hidden": token_axes, "attention_mask": token_axes,
                    **_head_axes(), **fused_level_axes, "fused_text": token_axes}),
     ]
     if model.mask_head is not None:
@@ -350,15 +376,15 @@ def graph_specs(model: Glipv2Model) -> list[GraphSpec]:
             {"fused_text": token_axes, "attention_mask": token_axes,
              "answer_logits": {0: "batch"}}))
     if model.mlm_head is not None:
-        states, caption_visual = model.fusion.caption_image_states(visual)
+        states, caption_visual = model.fusion.caption_image_states(visual, colours)
         state_names = [f"state_{i}" for i in range(len(states))]
         state_axes = {name: {0: "batch", 1: "regions"} for name in state_names}
         caption_text = model.encode_text(ids, mask, causal=True)
         caption_fused = model.fusion.caption_text(states, caption_text)
         specs += [
-            GraphSpec("caption_image", CaptionImageGraph(model), tuple(visual), list(LEVELS),
-                      [*state_names, *fused_level_names],
-                      {**_level_axes(), **state_axes, **fused_level_axes}),
+            GraphSpec("caption_image", CaptionImageGraph(model), (*visual, *extra),
+                      vision_names, [*state_names, *fused_level_names],
+                      {**vision_axes, **state_axes, **fused_level_axes}),
             GraphSpec("caption_step", CaptionStepGraph(model), (ids, mask, *states),
                       ["input_ids", "attention_mask", *state_names],
                       ["next_token_logits", "fused_text"],

@@ -33,7 +33,7 @@ class Glipv2BiAttention(nn.Module):
     """
 
     def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, dropout: float,
-                 clamp: float, image_values: bool = False) -> None:
+                 clamp: float, image_values: bool = False, pixel_colours: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -60,6 +60,13 @@ class Glipv2BiAttention(nn.Module):
             nn.init.zeros_(self.values_image_proj.bias)
             nn.init.zeros_(self.out_image_proj.weight)  # a grown model starts out unchanged
             nn.init.zeros_(self.out_image_proj.bias)
+        self.values_colour_proj = None
+        if pixel_colours:
+            if not image_values:
+                raise ValueError("pixel colours are read beside the image values: enable both")
+            self.values_colour_proj = nn.Linear(3, embed_dim)
+            nn.init.zeros_(self.values_colour_proj.weight)  # a grown model starts out unchanged
+            nn.init.zeros_(self.values_colour_proj.bias)
 
     def _heads(self, x: Tensor) -> Tensor:
         # (N, L, E) -> (N * heads, L, E / heads)
@@ -74,12 +81,14 @@ class Glipv2BiAttention(nn.Module):
         return x.reshape(n, length, self.num_heads * self.head_dim)
 
     def forward(self, v: Tensor, lang: Tensor, mask: Tensor, update_visual: bool = True,
-                image: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+                image: Tensor | None = None, colours: Tensor | None = None
+                ) -> tuple[Tensor | None, Tensor]:
         """v: (N, R, Cv) regions, lang: (N, T, Cl) tokens, mask: (N, T) -> (delta_v, delta_l).
 
         With `update_visual` False (captioning: the image never attends to text) delta_v is
         None and only tokens attend to regions. `image` (N, R, Cv), with `image_values`: the
-        regions as they entered the tower, which tokens also read with the same attention.
+        regions as they entered the tower, which tokens also read with the same attention;
+        `colours` (N, R, 3), with `pixel_colours`: each region's mean input pixel, read with them.
         """
         n, regions, _ = v.shape
         tokens = lang.shape[1]
@@ -102,7 +111,12 @@ class Glipv2BiAttention(nn.Module):
         if self.values_image_proj is not None and self.out_image_proj is not None:
             if image is None:
                 raise ValueError("a fusion with image_values needs the tower's input regions")
-            value_image = self._heads(self.values_image_proj(image))
+            value_image = self.values_image_proj(image)
+            if self.values_colour_proj is not None:
+                if colours is None:
+                    raise ValueError("a fusion with pixel_colours needs the regions' colours")
+                value_image = value_image + self.values_colour_proj(colours)
+            value_image = self._heads(value_image)
             delta_l = delta_l + self.out_image_proj(
                 self._merge(torch.bmm(probs_l, value_image), n))
         if not update_visual:
@@ -174,23 +188,26 @@ class Glipv2VLFuse(nn.Module):
         self.layer_norm_image = nn.LayerNorm(v_dim) if config.image_values else None
         self.attn = Glipv2BiAttention(v_dim, l_dim, config.embed_dim, config.num_heads,
                                       config.dropout, config.attention_clamp,
-                                      config.image_values)
+                                      config.image_values, config.pixel_colours)
         self.gamma_v = nn.Parameter(torch.full((v_dim,), 1.0 / config.num_layers))
         self.gamma_l = nn.Parameter(torch.full((l_dim,), 1.0 / config.num_layers))
 
     def forward(self, visual: list[Tensor], text: Tensor, mask: Tensor, causal: bool = False,
-                image: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+                image: Tensor | None = None, colours: Tensor | None = None
+                ) -> tuple[list[Tensor], Tensor]:
         """visual: per level (N, C, H_l, W_l); text: (N, T, D). Levels attend as one sequence.
 
         `causal` (captioning): regions are not updated from text, so the image side of every
         layer is the same whatever the caption so far. `image`: the tower's input regions
-        (`flatten_levels`), read with `config.image_values`.
+        (`flatten_levels`), read with `config.image_values`; `colours`: the regions' mean
+        pixels (`colour_regions`), read with `config.pixel_colours`.
         """
         sizes = [feature.shape[-2:] for feature in visual]
         v = self.layer_norm_v(flatten_levels(visual))
         lang = self.layer_norm_l(text)
         delta_v, delta_l = self.attn(self.attended(v, sizes), lang, mask,
-                                     update_visual=not causal, image=self.image_regions(image))
+                                     update_visual=not causal, image=self.image_regions(image),
+                                     colours=colours)
         if delta_v is not None:
             v = v + self.gamma_v * delta_v
         lang = lang + self.gamma_l * delta_l
@@ -205,6 +222,27 @@ class Glipv2VLFuse(nn.Module):
     def attended(self, v: Tensor, sizes: Sequence[tuple[int, int]]) -> Tensor:
         """What the cross-attention sees of the normalised regions: plus positions, if any."""
         return v if self.positions is None else v + self.positions(sizes).to(v.dtype)
+
+
+def colour_regions(colours: Tensor, sizes: Sequence[tuple[int, int]]) -> Tensor:
+    """The mean input pixel under every region of every level, in `flatten_levels` order.
+
+    colours: (N, 3, H_3, W_3), the normalised image averaged over each P3 cell
+    (`Glipv2Model.image_colours`); P4 and P5 average 2x2 and 4x4 of them (their sides divide
+    exactly). P6 and P7 cells (64 and 128 px) mostly mix an object with its background and get
+    zeros: the objects whose colour is asked about are read at P3-P5. -> (N, R, 3).
+    """
+    levels = []
+    for level, (height, width) in enumerate(sizes):
+        if level < 3:
+            pooled = F.avg_pool2d(colours, 2**level) if level else colours
+            if tuple(pooled.shape[-2:]) != (height, width):
+                raise ValueError(f"colour map {tuple(colours.shape[-2:])} does not match "
+                                 f"level P{level + 3} {(height, width)}")
+            levels.append(pooled.flatten(2).transpose(1, 2))
+        else:
+            levels.append(colours.new_zeros(colours.shape[0], height * width, 3))
+    return torch.cat(levels, dim=1)
 
 
 def flatten_levels(visual: list[Tensor]) -> Tensor:
@@ -290,8 +328,9 @@ class Glipv2FusionLayer(nn.Module):
                                    fusion.dyrelu_reduction)
 
     def forward(self, visual: list[Tensor], text: Tensor, mask: Tensor, causal: bool = False,
-                image: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
-        visual, text = self.vl_fuse(visual, text, mask, causal, image)
+                image: Tensor | None = None, colours: Tensor | None = None
+                ) -> tuple[list[Tensor], Tensor]:
+        visual, text = self.vl_fuse(visual, text, mask, causal, image, colours)
         text = self.text_layer(text, mask, causal)
         return self.dyconv(visual), text
 
@@ -307,21 +346,35 @@ class Glipv2FusionTower(nn.Module):
             Glipv2FusionLayer(fusion, language, strides) for _ in range(fusion.num_layers)
         )
 
-    def forward(self, visual: list[Tensor], text: TextFeatures, causal: bool = False
-                ) -> tuple[list[Tensor], Tensor]:
+    def forward(self, visual: list[Tensor], text: TextFeatures, causal: bool = False,
+                colours: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
         """visual: 5 levels (N, C, H_l, W_l) -> (5 fused levels, fused tokens (N, T, D)).
 
         `causal` runs the captioning mode: unidirectional text, image never attends to text.
+        `colours` (N, 3, H_3, W_3): the image's mean pixel per P3 cell, which a tower with
+        `pixel_colours` needs (`Glipv2Model.image_colours`).
         """
         hidden = text.hidden
         image = flatten_levels(visual) if self.image_values else None
+        regions = self._colour_regions(visual, colours)
         for layer in self.layers:
-            visual, hidden = layer(visual, hidden, text.mask, causal, image)
+            visual, hidden = layer(visual, hidden, text.mask, causal, image, regions)
         return visual, hidden
 
     @property
     def image_values(self) -> bool:
         return self.layers[0].vl_fuse.layer_norm_image is not None
+
+    @property
+    def pixel_colours(self) -> bool:
+        return self.layers[0].vl_fuse.attn.values_colour_proj is not None
+
+    def _colour_regions(self, visual: list[Tensor], colours: Tensor | None) -> Tensor | None:
+        if not self.pixel_colours:
+            return None
+        if colours is None:
+            raise ValueError("this fusion reads pixel colours: pass the image's colour map")
+        return colour_regions(colours, [feature.shape[-2:] for feature in visual])
 
     @contextmanager
     def recording_text_attention(self) -> Iterator[list[Tensor]]:
@@ -336,15 +389,17 @@ class Glipv2FusionTower(nn.Module):
             for layer in self.layers:
                 layer.vl_fuse.attn.text_attention = None
 
-    def caption_image_states(self, visual: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    def caption_image_states(self, visual: list[Tensor], colours: Tensor | None = None
+                             ) -> tuple[list[Tensor], list[Tensor]]:
         """The causal mode's image side, computed once per image for a whole caption.
 
         Returns the region sequence (N, R, C) each layer's text attends to (normalised, plus
         positions if any), then with `image_values` the tower's input regions (one more
-        state), and the final fused levels; `caption_text` then runs only the text side per
-        decoding step.
+        state), with `pixel_colours` the regions' colours (N, R, 3, one more), and the final
+        fused levels; `caption_text` then runs only the text side per decoding step.
         """
         image = flatten_levels(visual) if self.image_values else None
+        regions = self._colour_regions(visual, colours)
         states = []
         for layer in self.layers:
             sizes = [feature.shape[-2:] for feature in visual]
@@ -353,16 +408,20 @@ class Glipv2FusionTower(nn.Module):
             visual = layer.dyconv(unflatten_levels(v, sizes))
         if image is not None:
             states.append(image)
+        if regions is not None:
+            states.append(regions)
         return states, visual
 
     def caption_text(self, states: list[Tensor], text: TextFeatures) -> Tensor:
         """Causal text side against cached image states -> fused tokens (N, T, D)."""
-        image = states[-1] if self.image_values else None
+        extra = iter(states[len(self.layers):])
+        image = next(extra) if self.image_values else None
+        colours = next(extra) if self.pixel_colours else None
         hidden = text.hidden
         for layer, v in zip(self.layers, states[:len(self.layers)], strict=True):
             fuse = layer.vl_fuse
             lang = fuse.layer_norm_l(hidden)
             _, delta_l = fuse.attn(v, lang, text.mask, update_visual=False,
-                                   image=fuse.image_regions(image))
+                                   image=fuse.image_regions(image), colours=colours)
             hidden = layer.text_layer(lang + fuse.gamma_l * delta_l, text.mask, causal=True)
         return hidden

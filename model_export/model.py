@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_export.backbone import Glipv2SwinBackbone
@@ -103,6 +104,14 @@ class Glipv2Model(nn.Module):
         """images: (N, 3, H, W) normalised BGR, H and W multiples of 32 -> P3..P7 (N, C, h, w)."""
         return self.fpn(self.backbone(images))
 
+    def image_colours(self, images: Tensor) -> Tensor | None:
+        """images (N, 3, H, W) -> the mean pixel of each P3 cell (N, 3, H/8, W/8), which a
+        fusion with `pixel_colours` reads beside the FPN levels; None without it."""
+        if not self.config.fusion.pixel_colours:
+            return None
+        stride = self.config.head.anchor_strides[0]
+        return F.avg_pool2d(images, stride)
+
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor, causal: bool = False
                     ) -> TextFeatures:
         """input_ids, attention_mask: (N, T) -> token features, with the prompt offset if tuned.
@@ -116,14 +125,14 @@ class Glipv2Model(nn.Module):
         return TextFeatures(hidden=text.hidden + offset, embedded=text.embedded + offset,
                             mask=text.mask)
 
-    def fuse(self, visual: list[Tensor], text: TextFeatures, causal: bool = False
-             ) -> Glipv2Output:
+    def fuse(self, visual: list[Tensor], text: TextFeatures, causal: bool = False,
+             colours: Tensor | None = None) -> Glipv2Output:
         """Deep fusion, then the head: FPN levels + token features -> raw outputs.
 
         `causal` is the captioning mode (see `Glipv2FusionTower`); `mlm_logits` then predict
-        the next token at every position.
+        the next token at every position. `colours`: `image_colours` of the same images.
         """
-        fused_visual, fused_text = self.fusion(visual, text, causal=causal)
+        fused_visual, fused_text = self.fusion(visual, text, causal=causal, colours=colours)
         box_regression, centerness, token_logits = self.head(fused_visual, fused_text)
         mlm_logits = self.lm_logits(fused_text) if self.mlm_head is not None else None
         return Glipv2Output(
@@ -145,4 +154,5 @@ class Glipv2Model(nn.Module):
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
                 causal: bool = False) -> Glipv2Output:
         text = self.encode_text(input_ids, attention_mask, causal=causal)
-        return self.fuse(self.encode_image(images), text, causal=causal)
+        return self.fuse(self.encode_image(images), text, causal=causal,
+                         colours=self.image_colours(images))

@@ -253,7 +253,8 @@ class Glipv2Trainer:
         text = model.encode_text(input_ids, mask, causal=batch.causal)
         attend = weights.get("attend", 0) > 0
         with (model.fusion.recording_text_attention() if attend else nullcontext([])) as maps:
-            out = model.fuse(visual, text, causal=batch.causal)
+            out = model.fuse(visual, text, causal=batch.causal,
+                             colours=model.image_colours(batch.images))
         num_tokens = input_ids.shape[1]
         result: dict[str, Tensor] = {}
 

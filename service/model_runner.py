@@ -19,20 +19,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model_export.export import LEVELS
+from model_export.export import LEVELS, vision_outputs
 from model_export.prompt import load_tokenizer, tokenize
 from service.batching import BatchPlan
 from service.runtimes import Runtime
 from service.text_cache import TextFeatures
 
 Levels = list[Tensor]  # per FPN level P3..P7, (1, C, h, w)
+# The vision graph's outputs of one image (`model_export.export.vision_outputs`): P3..P7, then
+# the colour map (1, 3, h3, w3) for a fusion with `pixel_colours`.
+VisionFeatures = list[Tensor]
 
 
 @dataclass(frozen=True)
 class FusionWork:
     """One row of the fusion engine: an image's features with one prompt's text features."""
 
-    visual: Levels
+    visual: VisionFeatures
     text: TextFeatures
 
 
@@ -71,7 +74,7 @@ class MaskWork:
 
 @dataclass(frozen=True)
 class CaptionWork:
-    visual: Levels
+    visual: VisionFeatures
     max_tokens: int
 
 
@@ -97,6 +100,7 @@ class ModelRunner:
         self.config = runtime.config
         self.tokenizer = load_tokenizer(self.config.language.tokenizer)
         self.max_tokens = self.config.language.max_query_len
+        self.vision_names = vision_outputs(self.config)
         self._tokenizer_lock = threading.Lock()
 
     def _tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor, list[object]]:
@@ -105,10 +109,14 @@ class ModelRunner:
 
     # --- engines ------------------------------------------------------------------------------
 
-    def vision(self, plan: BatchPlan[Tensor]) -> list[Levels]:
-        """(3, H, W) padded images of one shape -> per image, P3..P7."""
+    def vision(self, plan: BatchPlan[Tensor]) -> list[VisionFeatures]:
+        """(3, H, W) padded images of one shape -> per image, the vision outputs."""
         out = self.runtime.run("vision", {"images": torch.stack(plan.payloads)})
-        return [[out[level][i:i + 1] for level in LEVELS] for i in range(plan.size)]
+        return [[out[name][i:i + 1] for name in self.vision_names] for i in range(plan.size)]
+
+    def _stack_visual(self, works: Sequence[FusionWork | CaptionWork]) -> dict[str, Tensor]:
+        return {name: torch.cat([w.visual[i] for w in works])
+                for i, name in enumerate(self.vision_names)}
 
     def language(self, plan: BatchPlan[str]) -> list[TextFeatures]:
         """Texts -> token ids and bidirectional encoder features (unpadded, owned copies)."""
@@ -122,8 +130,8 @@ class ModelRunner:
         """Rows of (image features, prompt features), prompts of any lengths, one batch."""
         works = plan.payloads
         hidden, mask = _pad_tokens([w.text.hidden for w in works])
-        inputs = {level: torch.cat([w.visual[i] for w in works]) for i, level in enumerate(LEVELS)}
-        out = self.runtime.run("fusion", {**inputs, "hidden": hidden, "attention_mask": mask})
+        out = self.runtime.run("fusion", {**self._stack_visual(works), "hidden": hidden,
+                                          "attention_mask": mask})
         results = []
         for row, work in enumerate(works):
             tokens = work.text.hidden.shape[0]
@@ -167,8 +175,7 @@ class ModelRunner:
         """Greedy decoding of every image of the batch together, the image side computed once;
         a row stops at [SEP] or its `max_tokens`, the others go on."""
         works = plan.payloads
-        visual = {level: torch.cat([w.visual[i] for w in works]) for i, level in enumerate(LEVELS)}
-        image_out = self.runtime.run("caption_image", visual)
+        image_out = self.runtime.run("caption_image", self._stack_visual(works))
         state_names = sorted((n for n in image_out if n.startswith("state_")),
                              key=lambda n: int(n.split("_")[1]))
         states = [image_out[n] for n in state_names]

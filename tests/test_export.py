@@ -54,13 +54,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     torch.manual_seed(0)
     model = Glipv2Model(get_preset("small"))
     load_pretrained_language(model)
-    # Zero in a fresh model: weight them so parity covers positions, the image values and the
-    # FPN's lateral skips.
+    # Zero in a fresh model: weight them so parity covers positions, the image values, the
+    # pixel colours and the FPN's lateral skips.
+    grown = (".positions.", ".out_image_proj.", ".values_colour_proj.", ".skip_blocks.")
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if ".positions." in name or ".out_image_proj." in name or ".skip_blocks." in name:
+            if any(part in name for part in grown):
                 parameter.normal_(std=0.5 if ".positions." in name else 0.05)
-    assert model.config.fusion.image_values and model.config.fusion.position_encoding
+    fusion = model.config.fusion
+    assert fusion.image_values and fusion.position_encoding and fusion.pixel_colours
     assert model.config.fpn.lateral_skip
     model.eval()
     root = tmp_path_factory.mktemp("export")
@@ -133,7 +135,7 @@ def case(request: pytest.FixtureRequest, exported: Exported) -> tuple[Case, Glip
     with torch.no_grad():
         visual = model.encode_image(case.images)
         text = model.encode_text(case.input_ids, case.attention_mask)
-        out = model.fuse(visual, text)
+        out = model.fuse(visual, text, colours=model.image_colours(case.images))
     return case, out
 
 
@@ -193,10 +195,12 @@ def test_vision_language_fusion(exported: Exported, case: tuple[Case, Glipv2Outp
     model = exported.model
     with torch.no_grad():
         visual = model.encode_image(inputs.images)
+        colours = model.image_colours(inputs.images)
         text = model.encode_text(inputs.input_ids, inputs.attention_mask)
     got = _run(exported.sessions["vision"], {"images": inputs.images})
-    for level, value, expected in zip(LEVELS, got, visual, strict=True):
-        _assert_close(f"vision {level}", value, expected)
+    assert colours is not None and colours.shape[-2:] == visual[0].shape[-2:]
+    for name, value, expected in zip([*LEVELS, "colours"], got, [*visual, colours], strict=True):
+        _assert_close(f"vision {name}", value, expected)
 
     mask = inputs.attention_mask
     got = _run(exported.sessions["language"], {"input_ids": inputs.input_ids,
@@ -205,7 +209,8 @@ def test_vision_language_fusion(exported: Exported, case: tuple[Case, Glipv2Outp
     _assert_close("language embedded", got[1], text.embedded)
 
     got = _run(exported.sessions["fusion"],
-               {**_levels(visual), "hidden": text.hidden, "attention_mask": mask})
+               {**_levels(visual), "hidden": text.hidden, "attention_mask": mask,
+                "colours": colours})
     expected = [*out.box_regression, *out.centerness, *out.token_logits, *out.fused_visual,
                 out.fused_text]
     names = [o.name for o in exported.sessions["fusion"].get_outputs()]
@@ -249,8 +254,9 @@ def test_caption(exported: Exported, case: tuple[Case, Glipv2Output]) -> None:
     fusion = model.fusion
     with torch.no_grad():
         visual = model.encode_image(inputs.images)
-        states, fused_visual = fusion.caption_image_states(visual)
-    got = _run(exported.sessions["caption_image"], _levels(visual))
+        colours = model.image_colours(inputs.images)
+        states, fused_visual = fusion.caption_image_states(visual, colours)
+    got = _run(exported.sessions["caption_image"], {**_levels(visual), "colours": colours})
     for i, (value, expected) in enumerate(zip(got, [*states, *fused_visual], strict=True)):
         _assert_close(f"caption_image output {i}", value, expected)
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from transformers.models.bert.modeling_bert import BertLayer
 
-from model_export.config import FusionConfig, LanguageConfig
+from model_export.config import FusionConfig, LanguageConfig, get_preset
 from model_export.fusion import (
     Glipv2BiAttention,
     Glipv2FusionTower,
     Glipv2TextLayer,
     Glipv2VLFuse,
     LevelPositions,
+    colour_regions,
 )
 from model_export.language import TextFeatures, bert_config, extended_attention_mask
 
@@ -201,3 +203,58 @@ def test_fresh_image_values_compute_what_the_fusion_did_without() -> None:
     changed = grown(visual, text)[1]
     assert not torch.allclose(changed, plain(visual, text)[1])
     torch.testing.assert_close(grown.caption_text(states, text), grown(visual, text, True)[1])
+
+
+def test_fresh_pixel_colours_compute_what_the_fusion_did_without() -> None:
+    """Zero-initialised: a tower grown with pixel_colours starts out unchanged; once trained,
+    tokens read the colours in every layer and both modes, and the caption cache carries them."""
+    torch.manual_seed(0)
+    with_values = dataclasses.replace(FUSION, image_values=True)
+    plain = Glipv2FusionTower(with_values, LANG).eval()
+    grown = Glipv2FusionTower(dataclasses.replace(with_values, pixel_colours=True), LANG).eval()
+    missing = set(grown.load_state_dict(plain.state_dict(), strict=False).missing_keys)
+    assert missing == {f"layers.{i}.vl_fuse.attn.values_colour_proj.{p}" for i in range(2)
+                       for p in ("weight", "bias")}
+    with torch.no_grad():  # trained image values, so the colours' path reaches the tokens
+        for layer in plain.layers:
+            layer.vl_fuse.attn.out_image_proj.weight.normal_()
+    grown.load_state_dict(plain.state_dict(), strict=False)
+    visual = [torch.randn(2, 16, h, w) for h, w in [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]]
+    colours = torch.randn(2, 3, 8, 12)
+    hidden, mask = torch.randn(2, 5, 32), _mask([5, 3], 5)
+    text = TextFeatures(hidden=hidden, embedded=hidden * mask[..., None], mask=mask)
+    for causal in (False, True):
+        torch.testing.assert_close(grown(visual, text, causal, colours)[1],
+                                   plain(visual, text, causal)[1])
+    with pytest.raises(ValueError, match="pass the image's colour map"):
+        grown(visual, text)
+    with torch.no_grad():
+        for layer in grown.layers:
+            layer.vl_fuse.attn.values_colour_proj.weight.normal_()
+    red, blue = colours.clone(), colours.clone()
+    red[:, :, :4, :6], blue[:, :, :4, :6] = 2.0, -2.0
+    assert not torch.allclose(grown(visual, text, False, red)[1],
+                              grown(visual, text, False, blue)[1])
+    states, _ = grown.caption_image_states(visual, colours)
+    assert len(states) == 4 and states[-1].shape == (2, 8 * 12 + 4 * 6 + 2 * 3 + 2 + 1, 3)
+    torch.testing.assert_close(grown.caption_text(states, text),
+                               grown(visual, text, True, colours)[1])
+
+
+def test_colour_regions_average_p3_cells_per_level() -> None:
+    """P3 cells as they are, P4 and P5 the mean of 2x2 and 4x4 of them, P6 and P7 zeros; a colour
+    map of another size than P3 is an error."""
+    colours = torch.arange(2 * 3 * 8 * 12, dtype=torch.float32).view(2, 3, 8, 12)
+    sizes = [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
+    regions = colour_regions(colours, sizes)
+    assert regions.shape == (2, 96 + 24 + 6 + 2 + 1, 3)
+    torch.testing.assert_close(regions[:, :96], colours.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(regions[1, 96], colours[1, :, :2, :2].mean(dim=(1, 2)))
+    torch.testing.assert_close(regions[0, 96 + 24 + 5], colours[0, :, 4:, 8:].mean(dim=(1, 2)))
+    assert not regions[:, 126:].any()
+    with pytest.raises(ValueError, match="does not match level P3"):
+        colour_regions(colours[..., :10], sizes)
+    with pytest.raises(ValueError, match=r"pixel_colours needs fusion\.image_values"):
+        small = get_preset("small")
+        small.fusion = dataclasses.replace(small.fusion, image_values=False)
+        small.validate()

@@ -32,7 +32,7 @@ from model_export.config import (
     TaskHeadsConfig,
     get_preset,
 )
-from model_export.export import LEVELS, MANIFEST_FILE, export_model
+from model_export.export import MANIFEST_FILE, export_model
 from model_export.model import Glipv2Model
 from model_export.tensorrt_build import build_engines, engine_profiles
 from model_export.weights import save_model
@@ -55,7 +55,7 @@ def _tiny_config() -> Glipv2Config:
     config.language = LanguageConfig(hidden_size=32, num_layers=1, num_heads=2,
                                      intermediate_size=64)
     config.fusion = FusionConfig(num_layers=1, channels=16, embed_dim=32, num_heads=2,
-                                 group_norm_groups=4)
+                                 group_norm_groups=4, image_values=True, pixel_colours=True)
     config.tasks = TaskHeadsConfig()  # no mask / VQA heads: their dims have no profile rule
     config.validate()
     return config
@@ -136,10 +136,12 @@ def test_level_ranges_match_what_the_vision_graph_produces(engine_dir: Path,
                 for graph in ("vision", "caption_image")}
     for corner in range(3):
         image = np.zeros((1, 3, vision["height"][corner], vision["width"][corner]), np.float32)
-        levels = sessions["vision"].run(list(LEVELS), {"images": image})
-        for level, value in zip(range(3, 8), levels, strict=True):
-            assert value.shape[2:] == (fusion[f"h{level}"][corner], fusion[f"w{level}"][corner])
-        state = sessions["caption_image"].run(["state_0"], dict(zip(LEVELS, levels, strict=True)))
+        names = [output.name for output in sessions["vision"].get_outputs()]
+        outputs = dict(zip(names, sessions["vision"].run(names, {"images": image}), strict=True))
+        for level in range(3, 8):
+            assert outputs[f"p{level}"].shape[2:] == (fusion[f"h{level}"][corner],
+                                                      fusion[f"w{level}"][corner])
+        state = sessions["caption_image"].run(["state_0"], outputs)
         assert state[0].shape[1] == regions[corner]
 
 
