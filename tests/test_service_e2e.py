@@ -41,9 +41,11 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLES = Path(__file__).parent / "fixtures" / "world"
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "hexagon"]
 THRESHOLD = 0.3
-VQA_FLOOR = 0.4  # shipped model: see the test
-VQA_GROUNDING_FLOOR = 0.6  # shipped model: see the test
-CAPTION_GROUNDING_FLOOR = 0.8  # shipped model: see the test
+# Floors under the shipped step-10500 model's figures on the three samples: VQA 10 of 15 right;
+# caption phrases on an object of their shape 23 of 24 (the step-8750 model: 8 / 15, 23 / 25).
+VQA_FLOOR = 0.5
+VQA_GROUNDING_FLOOR = 0.6
+CAPTION_GROUNDING_FLOOR = 0.8
 
 
 def records() -> list[dict[str, Any]]:
