@@ -114,6 +114,7 @@ class TaskHeadsConfig:
     mask_embed_dim: int = 64  # width of the per-pixel mask embedding
     vqa_head: bool = False  # grounded VQA head (attention pooling + 2-layer GELU MLP)
     vqa_hidden_dim: int = 512  # hidden width of the VQA MLP
+    vqa_glimpses: int = 1  # attention poolings over the fused tokens, side by side into the MLP
     vqa_answers: tuple[str, ...] = ()  # the closed answer vocabulary, index = logit
     contrastive_dim: int = 0  # projection width of L_inter's region/token features; 0: none
 
@@ -191,6 +192,8 @@ class Glipv2Config:
         t = self.tasks
         if t.vqa_head and not t.vqa_answers:
             raise ValueError("tasks.vqa_head needs tasks.vqa_answers")
+        if t.vqa_glimpses < 1:
+            raise ValueError("tasks.vqa_glimpses must be at least 1")
         if not 0.0 <= self.postprocess.segment_threshold <= 1.0:
             raise ValueError("postprocess.segment_threshold must be between 0 and 1")
         p = self.preprocess
@@ -267,7 +270,7 @@ def _small() -> Glipv2Config:
                             pixel_colours=True),
         head=HeadConfig(mlm_head=True, tie_mlm_decoder=True),
         tasks=TaskHeadsConfig(mask_head=True, vqa_head=True, vqa_answers=WORLD_ANSWERS,
-                              contrastive_dim=64),
+                              vqa_glimpses=2, contrastive_dim=64),
         preprocess=PreprocessConfig(min_size=288, max_size=576),
     )
 

@@ -326,15 +326,15 @@ def graph_specs(model: Glipv2Model) -> list[GraphSpec]:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(DUMMY_IMAGE_SHAPE, generator=generator)
     ids, mask = _dummy_text(model)
-    visual = model.encode_image(images)
-    colours = model.image_colours(images)
+    vision = VisionGraph(model)(images)
+    visual, extra = list(vision[:len(LEVELS)]), vision[len(LEVELS):]
+    colours = extra[0] if extra else None
     text = model.encode_text(ids, mask)
     out = model.fuse(visual, text, colours=colours)
     token_axes = {0: "batch", 1: "tokens"}
     fused_level_names = [f"fused_{level}" for level in LEVELS]
     fused_level_axes = _level_axes("fused_")
     vision_names = vision_outputs(model.config)
-    extra = () if colours is None else (colours,)
     vision_axes = {**_level_axes(), COLOURS: {0: "batch", 2: "h3", 3: "w3"}}
     vision_axes = {name: vision_axes[name] for name in vision_names}
     specs = [

@@ -91,7 +91,8 @@ class Glipv2Model(nn.Module):
             if tasks.mask_head else None
         )
         self.vqa_head = (
-            Glipv2VqaHead(lang.hidden_size, tasks.vqa_hidden_dim, len(tasks.vqa_answers))
+            Glipv2VqaHead(lang.hidden_size, tasks.vqa_hidden_dim, len(tasks.vqa_answers),
+                          tasks.vqa_glimpses)
             if tasks.vqa_head else None
         )
         # L_inter compares pre-fusion region and token features in a shared space (training).

@@ -45,7 +45,7 @@ from model_export.mask_head import downsample_masks, mask_loss
 from model_export.model import Glipv2Model
 from model_export.prompt import load_tokenizer
 from model_export.train_data import Batch, Example, build_example, collate, pad_tokens
-from model_export.vqa_head import vqa_loss
+from model_export.vqa_head import glimpse_grounding_loss, vqa_loss
 from model_export.weights import load_model, load_pretrained_language, save_model
 from model_export.world import COLOR_NAMES, SHAPES, parse_pairs, render_index
 
@@ -68,7 +68,9 @@ class TrainConfig:
     min_sizes: tuple[int, ...] = (256, 288, 320)  # shorter-side sizes drawn per example
     task_weights: dict[str, float] = field(default_factory=lambda: {
         "detection": 0.25, "grounding": 0.25, "referring": 0.2, "vqa": 0.15, "caption": 0.15})
-    # "attend" (off unless set): tokens' attention onto their boxes, `text_attention_loss`
+    # "attend" (off unless set): tokens' attention onto their boxes, `text_attention_loss`;
+    # "glimpse" (off unless set, needs tasks.vqa_glimpses >= 2): the VQA head's last glimpse
+    # onto the words naming the question's objects, `glimpse_grounding_loss`
     loss_weights: dict[str, float] = field(default_factory=lambda: {
         "inter": 0.5, "mask": 1.0, "vqa": 1.0, "caption": 1.0, "mlm": 0.1})
     mlm_probability: float = 0.15  # chance each grounding/referring token is masked for L_mlm
@@ -179,6 +181,9 @@ class Glipv2Trainer:
             model = Glipv2Model(get_preset(config.preset))
             if model.config.language.pretrained:
                 load_pretrained_language(model)
+        if config.loss_weights.get("glimpse", 0) > 0 and model.config.tasks.vqa_glimpses < 2:
+            raise ValueError("loss_weights.glimpse steers the VQA head's last glimpse and needs "
+                             "tasks.vqa_glimpses >= 2 (with one it would replace the pooling)")
         self.device = torch.device(config.device)
         self.model = model.to(self.device)
         if config.freeze_language:
@@ -294,9 +299,16 @@ class Glipv2Trainer:
                     result["mask"] = weights["mask"] * masked
         vqa_rows = [i for i, e in enumerate(batch.examples) if e.vqa_scores is not None]
         if vqa_rows and model.vqa_head is not None:
-            logits = model.vqa_head(out.fused_text[vqa_rows], mask[vqa_rows])
+            fused, vqa_mask = out.fused_text[vqa_rows], mask[vqa_rows]
+            logits = model.vqa_head(fused, vqa_mask)
             scores = torch.stack([batch.examples[i].vqa_scores for i in vqa_rows])
             result["vqa"] = weights.get("vqa", 1.0) * vqa_loss(logits, scores)
+            if weights.get("glimpse", 0) > 0:
+                named = torch.stack([
+                    pad_tokens(batch.examples[i].positive_map, num_tokens).bool().any(dim=0)
+                    & batch.examples[i].grounded for i in vqa_rows])
+                last = model.vqa_head.pool_weights(fused, vqa_mask)[:, -1]
+                result["glimpse"] = weights["glimpse"] * glimpse_grounding_loss(last, named)
         if batch.causal and model.mlm_head is not None:
             labels = torch.stack([pad_tokens(e.lm_labels, num_tokens, -100)
                                   for e in batch.examples])

@@ -3,7 +3,11 @@
 The question (with the image's grounding folded in by the fusion tower) is read from the fused
 token features: a linear layer scores each token, a softmax over the real tokens (padding masked
 out) weights them into one pooled vector, and an MLP maps it to one logit per answer of a fixed
-vocabulary. VQA is multi-label: each answer's logit is trained with BCE against a soft score
+vocabulary. With more than one glimpse (MCAN's AttFlat), each glimpse scores the tokens with its
+own weights and the MLP reads the glimpses side by side: one glimpse can keep to the question's
+wording while another reads the words that name an object, the tokens that looked at it.
+
+VQA is multi-label: each answer's logit is trained with BCE against a soft score
 (`vqa_target_scores`), as in GLIPv2 and MCAN.
 
 `Glipv2VqaHead.forward` is the ONNX `vqa` graph (pure tensor ops; any batch size and token
@@ -34,31 +38,39 @@ def _agreement_needed(answers: Sequence[str]) -> int:
 
 
 class Glipv2VqaHead(nn.Module):
-    """Attention pooling over fused tokens -> Linear(D, hidden) -> GELU -> Linear(hidden, A).
+    """Attention pooling over fused tokens -> Linear(G * D, hidden) -> GELU -> Linear(hidden, A).
 
     Args:
         text_dim: width D of the fused token features.
         hidden_dim: width of the MLP's hidden layer.
         num_answers: size A of the answer vocabulary.
+        glimpses: number G of attention poolings, concatenated before the MLP.
     """
 
-    def __init__(self, text_dim: int, hidden_dim: int, num_answers: int) -> None:
+    def __init__(self, text_dim: int, hidden_dim: int, num_answers: int, glimpses: int = 1
+                 ) -> None:
         super().__init__()
-        self.attention = nn.Linear(text_dim, 1)
+        self.attention = nn.Linear(text_dim, glimpses)
         self.mlp = nn.Sequential(
-            nn.Linear(text_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, num_answers)
+            nn.Linear(glimpses * text_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, num_answers)
         )
 
     def pool(self, fused_text: Tensor, text_mask: Tensor) -> Tensor:
-        """fused_text (N, T, D), text_mask (N, T) 1/True for real tokens -> pooled (N, D).
+        """fused_text (N, T, D), text_mask (N, T) 1/True for real tokens -> pooled (N, G * D).
 
         Padded tokens get weight exactly 0, so neither their features nor their number changes
         the result. A row with no real token pools uniformly over its slots (no NaN).
         """
-        scores = self.attention(fused_text).squeeze(-1)  # (N, T, 1) -> (N, T)
-        scores = torch.where(text_mask.bool(), scores, torch.full_like(scores, _PAD_SCORE))
-        weights = scores.softmax(dim=-1)  # (N, T)
-        return torch.bmm(weights[:, None, :], fused_text)[:, 0]  # (N, 1, D) -> (N, D)
+        weights = self.pool_weights(fused_text, text_mask)  # (N, G, T)
+        return torch.bmm(weights, fused_text).flatten(1)  # (N, G, D) -> (N, G * D)
+
+    def pool_weights(self, fused_text: Tensor, text_mask: Tensor) -> Tensor:
+        """fused_text (N, T, D), text_mask (N, T) -> each glimpse's token weights (N, G, T)."""
+        scores = self.attention(fused_text).transpose(1, 2)  # (N, T, G) -> (N, G, T)
+        real = text_mask.bool()[:, None, :]
+        scores = torch.where(real, scores, torch.full_like(scores, _PAD_SCORE))
+        return scores.softmax(dim=-1)
 
     def forward(self, fused_text: Tensor, text_mask: Tensor) -> Tensor:
         """fused_text (N, T, D), text_mask (N, T) -> answer logits (N, num_answers).
@@ -97,6 +109,24 @@ def vqa_loss(logits: Tensor, target_scores: Tensor) -> Tensor:
     """
     bce = F.binary_cross_entropy_with_logits(logits, target_scores.to(logits.dtype))
     return bce * logits.shape[-1]
+
+
+def glimpse_grounding_loss(weights: Tensor, named: Tensor) -> Tensor:
+    """Teach a glimpse to read the words that name the question's objects: -log of the weight
+    it puts on them, averaged over questions that name an object (0 when none does).
+
+    Grounded VQA knows those words (they are what it returns boxes for), and they are the tokens
+    that attend to the objects in the fusion; left to the answer loss alone, the one pool of a
+    trained head put 2 % of its weight on them. Not in GLIPv2.
+
+    weights: (N, T) one glimpse's token weights (`Glipv2VqaHead.pool_weights`).
+    named: (N, T) bool, the tokens that name an object of the question.
+    """
+    rows = named.any(dim=1)
+    if not rows.any():
+        return weights.new_zeros(())
+    mass = (weights[rows] * named[rows].to(weights.dtype)).sum(dim=1)
+    return -mass.clamp(min=1e-6).log().mean()
 
 
 def vqa_accuracy(pred_indices: Tensor | Sequence[int],

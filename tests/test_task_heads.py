@@ -15,7 +15,13 @@ from model_export.mask_head import (
     mask_loss,
     masks_for_image,
 )
-from model_export.vqa_head import Glipv2VqaHead, vqa_accuracy, vqa_loss, vqa_target_scores
+from model_export.vqa_head import (
+    Glipv2VqaHead,
+    glimpse_grounding_loss,
+    vqa_accuracy,
+    vqa_loss,
+    vqa_target_scores,
+)
 
 CHANNELS, TEXT_DIM, EMBED_DIM = 16, 24, 8
 STRIDES = (8, 16, 32, 64, 128)
@@ -243,17 +249,18 @@ def test_mask_loss_decreases_when_training_the_head() -> None:
 # ---------------------------------------------------------------- VQA head
 
 
-def _vqa_head() -> Glipv2VqaHead:
+def _vqa_head(glimpses: int = 1) -> Glipv2VqaHead:
     torch.manual_seed(0)
-    return Glipv2VqaHead(TEXT_DIM, hidden_dim=32, num_answers=11).eval()
+    return Glipv2VqaHead(TEXT_DIM, hidden_dim=32, num_answers=11, glimpses=glimpses).eval()
 
 
 def _text_mask(valid: list[int], length: int) -> torch.Tensor:
     return torch.tensor([[1] * v + [0] * (length - v) for v in valid])
 
 
-def test_vqa_head_shape_and_padding_invariance() -> None:
-    head = _vqa_head()
+@pytest.mark.parametrize("glimpses", [1, 2])
+def test_vqa_head_shape_and_padding_invariance(glimpses: int) -> None:
+    head = _vqa_head(glimpses)
     text, mask = torch.randn(2, 6, TEXT_DIM), _text_mask([6, 3], 6)
     with torch.no_grad():
         logits = head(text, mask)
@@ -267,8 +274,9 @@ def test_vqa_head_shape_and_padding_invariance() -> None:
                                    atol=1e-6, rtol=1e-6)
 
 
-def test_vqa_head_batched_equals_unbatched() -> None:
-    head = _vqa_head()
+@pytest.mark.parametrize("glimpses", [1, 2])
+def test_vqa_head_batched_equals_unbatched(glimpses: int) -> None:
+    head = _vqa_head(glimpses)
     text, mask = torch.randn(3, 7, TEXT_DIM), _text_mask([7, 2, 5], 7)
     with torch.no_grad():
         batched = head(text, mask)
@@ -279,12 +287,36 @@ def test_vqa_head_batched_equals_unbatched() -> None:
 
 @TRACE_WARNINGS[0]
 @TRACE_WARNINGS[1]
-def test_vqa_head_trace_generalises_to_other_sizes() -> None:
-    head = _vqa_head()
+@pytest.mark.parametrize("glimpses", [1, 2])
+def test_vqa_head_trace_generalises_to_other_sizes(glimpses: int) -> None:
+    head = _vqa_head(glimpses)
     with torch.no_grad():
         traced = torch.jit.trace(head, (torch.randn(1, 5, TEXT_DIM), _text_mask([4], 5)))
         text, mask = torch.randn(3, 9, TEXT_DIM), _text_mask([9, 1, 6], 9)
         torch.testing.assert_close(traced(text, mask), head(text, mask), atol=1e-6, rtol=1e-6)
+
+
+def test_vqa_head_glimpses_pool_with_their_own_weights() -> None:
+    head = _vqa_head(glimpses=2)
+    text = torch.zeros(1, 4, TEXT_DIM)
+    text[0, :, 0] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    text[0, :, 1] = torch.tensor([0.0, 0.0, 1.0, 0.0])  # marks token 2
+    with torch.no_grad():
+        head.attention.weight.zero_()
+        head.attention.bias.zero_()
+        head.attention.weight[1, 1] = 100.0  # glimpse 1 reads token 2 only
+        pooled = head.pool(text, _text_mask([4], 4))
+    assert pooled.shape == (1, 2 * TEXT_DIM)
+    assert pooled[0, 0].item() == pytest.approx(2.5)  # glimpse 0: uniform over the 4 tokens
+    assert pooled[0, TEXT_DIM].item() == pytest.approx(3.0)  # glimpse 1: token 2
+
+
+def test_glimpse_grounding_loss_is_the_weight_on_the_named_words() -> None:
+    weights = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    named = torch.tensor([[False, True, True, False], [False, False, False, False]])
+    # The second question names no object and does not count.
+    assert glimpse_grounding_loss(weights, named).item() == pytest.approx(-math.log(0.5))
+    assert glimpse_grounding_loss(weights, torch.zeros_like(named)).item() == 0.0
 
 
 # ---------------------------------------------------------------- VQA loss and accuracy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import torch
 
 from model_export.config import WORLD_ANSWERS, PreprocessConfig, get_preset
 from model_export.data.types import GroundedObject, GroundingSample
+from model_export.model import Glipv2Model
 from model_export.prompt import load_tokenizer
 from model_export.train import (
     Glipv2Trainer,
@@ -184,6 +186,29 @@ def test_grounded_questions_train_grounding_ungrounded_ones_only_the_answer() ->
     assert {"box", "token", "attend", "vqa"} <= set(terms)
     plain = [dataclasses.replace(e, grounded=False) for e in vqa]
     assert set(trainer.losses(collate(plain, 32))) == {"vqa"}
+
+
+def test_glimpse_loss_steers_the_last_glimpse_of_grounded_questions() -> None:
+    torch.manual_seed(0)
+    config = TrainConfig(batch_size=2, steps=5, min_sizes=(96,), warmup_steps=1,
+                         loss_weights={"glimpse": 1.0})
+    preset = get_preset("small")
+    preset.tasks.vqa_glimpses = 1
+    with pytest.raises(ValueError, match="vqa_glimpses >= 2"):
+        Glipv2Trainer(config, Glipv2Model(preset))
+    preset.tasks.vqa_glimpses = 2
+    preset.preprocess = PreprocessConfig(min_size=96, max_size=128)
+    trainer = Glipv2Trainer(config, Glipv2Model(preset))
+    stream = WorldStream(config, trainer.model.config, trainer.tokenizer)
+    vqa = [e for e in itertools.islice(stream, 60) if e.task == "vqa" and len(e.boxes)][:2]
+    assert len(vqa) == 2
+    loss = trainer.losses(collate(vqa, 32))["glimpse"]
+    assert loss > 0
+    loss.backward()
+    grad = trainer.model.vqa_head.attention.weight.grad
+    assert grad[-1].abs().sum() > 0 and grad[0].abs().sum() == 0  # the last glimpse only
+    plain = [dataclasses.replace(e, grounded=False) for e in vqa]
+    assert trainer.losses(collate(plain, 32))["glimpse"] == 0
 
 
 def test_attend_loss_skips_relation_expressions() -> None:
