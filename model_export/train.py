@@ -421,6 +421,13 @@ class Glipv2Trainer:
         state = torch.load(Path(checkpoint_dir) / "trainer_state.pt", weights_only=False,
                            map_location=trainer.device)
         factors = [group["lr_factor"] for group in trainer.optimizer.param_groups]
+        saved = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
+        groups = [len(group["params"]) for group in trainer.optimizer.param_groups]
+        if saved != groups:
+            raise ValueError(
+                f"{checkpoint_dir} has optimiser groups of {saved} parameters, this config's "
+                f"lr_multipliers make {groups}: resume with the multipliers it was saved with, "
+                "or continue from its weights with fresh moments (init_from / --init-from)")
         trainer.optimizer.load_state_dict(state["optimizer"])
         for group, factor in zip(trainer.optimizer.param_groups, factors, strict=True):
             group["lr_factor"] = factor  # this run's config, not the saved run's

@@ -233,6 +233,9 @@ def test_checkpoint_round_trip_and_resume(tmp_path) -> None:
     trainer.save(tmp_path)
     resumed = Glipv2Trainer.resume(tmp_path, config)
     assert resumed.step_index == 1
+    regrouped = dataclasses.replace(config, lr_multipliers={"fpn.skip_blocks.": 10.0})
+    with pytest.raises(ValueError, match="--init-from"):
+        Glipv2Trainer.resume(tmp_path, regrouped)
     for key, value in trainer.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
     warm = Glipv2Trainer.from_weights(tmp_path, config)
