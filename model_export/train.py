@@ -304,9 +304,8 @@ class Glipv2Trainer:
             scores = torch.stack([batch.examples[i].vqa_scores for i in vqa_rows])
             result["vqa"] = weights.get("vqa", 1.0) * vqa_loss(logits, scores)
             if weights.get("glimpse", 0) > 0:
-                named = torch.stack([
-                    pad_tokens(batch.examples[i].positive_map, num_tokens).bool().any(dim=0)
-                    & batch.examples[i].grounded for i in vqa_rows])
+                named = torch.stack([self._glimpse_tokens(batch.examples[i], num_tokens)
+                                     for i in vqa_rows])
                 last = model.vqa_head.pool_weights(fused, vqa_mask)[:, -1]
                 result["glimpse"] = weights["glimpse"] * glimpse_grounding_loss(last, named)
         if batch.causal and model.mlm_head is not None:
@@ -318,6 +317,16 @@ class Glipv2Trainer:
         if mlm_labels is not None and out.mlm_logits is not None:
             result["mlm"] = weights["mlm"] * mlm_loss(out.mlm_logits, mlm_labels)
         return result
+
+    @staticmethod
+    def _glimpse_tokens(example: Example, num_tokens: int) -> Tensor:
+        """(T,) bool: the words the steered glimpse reads, those pointing at the object the
+        answer describes where known (a relation's "left of": the anchor's words describe
+        another object), else every word naming a question's object."""
+        if example.answer_tokens is not None:
+            return pad_tokens(example.answer_tokens, num_tokens, False) & example.grounded
+        named = pad_tokens(example.positive_map, num_tokens).bool().any(dim=0)
+        return named & example.grounded
 
     def _mask_for_mlm(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Mask tokens of the grounding/referring texts only (class-name prompts stay intact)."""

@@ -40,9 +40,11 @@ class Example:
     token_labels: length T, category a token names (class-name prompts only) or None.
     masks: (K, h, w) bool or None. phrases: (P, T) token weights (rows sum to 1) and
     phrase_objects: per phrase, the indices of the objects it names (mask head supervision).
-    vqa_scores: (A,) soft answer targets or None. lm_labels: (T,) next-token targets (-100
-    elsewhere) for captioning, which runs the model in causal mode. grounded: boxes and
-    positive_map supervise the grounding losses (False for VQA without question grounding).
+    vqa_scores: (A,) soft answer targets or None. answer_tokens: (T,) bool, the tokens of the
+    sample's `answer_span` (what the VQA head's steered glimpse reads) or None.
+    lm_labels: (T,) next-token targets (-100 elsewhere) for captioning, which runs the model in
+    causal mode. grounded: boxes and positive_map supervise the grounding losses (False for
+    VQA without question grounding).
     """
 
     task: str
@@ -58,6 +60,7 @@ class Example:
     phrases: Tensor | None = None
     phrase_objects: list[list[int]] = field(default_factory=list)
     vqa_scores: Tensor | None = None
+    answer_tokens: Tensor | None = None
     lm_labels: Tensor | None = None
     grounded: bool = True
 
@@ -175,6 +178,9 @@ def build_example(sample: GroundingSample, image: Image.Image, tokenizer,
     if sample.task == "vqa":
         answers_given = sample.answers or ([sample.answer] if sample.answer else [])
         vqa_scores = vqa_target_scores([answers_given], answers)[0]
+    answer_tokens = None
+    if sample.answer_span is not None:
+        answer_tokens = positive_map(encodings[0], [[sample.answer_span]], num_tokens)[0].bool()
     lm_labels = None
     if sample.task == "caption":
         lm_labels = torch.full_like(ids, -100)
@@ -186,7 +192,8 @@ def build_example(sample: GroundingSample, image: Image.Image, tokenizer,
         box_labels=[obj.label or "" for obj in objects], token_labels=token_labels,
         detection_prompt=sample.detection_prompt or sample.task == "detection",
         masks=masks, phrases=phrases, phrase_objects=members, vqa_scores=vqa_scores,
-        lm_labels=lm_labels, grounded=sample.task != "vqa" or sample.question_grounded,
+        answer_tokens=answer_tokens, lm_labels=lm_labels,
+        grounded=sample.task != "vqa" or sample.question_grounded,
     )
 
 
@@ -293,10 +300,15 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
             **base))
     for question in scene.questions:
         named = [objects[i] for i in question["objects"]]
+        spans = [[tuple(question["span"])] for _ in named]
+        answer_span = tuple(question["answer_span"]) if "answer_span" in question else None
+        if answer_span is not None and question["answer_object"] not in question["objects"]:
+            named.append(objects[question["answer_object"]])
+            spans.append([answer_span])
         samples.append(GroundingSample(
             task="vqa", caption=question["question"], answer=question["answer"],
-            answers=[question["answer"]], objects=named,
-            spans=[[tuple(question["span"])] for _ in named], question_grounded=True, **base))
+            answers=[question["answer"]], objects=named, spans=spans, question_grounded=True,
+            answer_span=answer_span, **base))
     phrase_objects = [objects[p["object"]] for p in scene.caption_phrases]
     samples.append(GroundingSample(
         task="caption", caption=scene.caption, caption_target=scene.caption,

@@ -142,7 +142,8 @@ class WorldImage:
     expressions: [{"text", "targets": [object ids]}] (targets may be empty).
     questions: [{"question", "answer" (in ANSWERS), "type", "objects": [ids the question names],
         "span": [start, end) of the words naming them,
-        "answer_object": id (only for the two `what shape` forms)}].
+        "answer_object": id and "answer_span": [start, end) of the words pointing at it (only for
+        the two `what shape` forms: the colour word, or a relation's "left of")}].
     caption_phrases: [{"span": [start, end) character span of `a {size} {colour} {shape}`,
         "object": id}].
     """
@@ -554,8 +555,9 @@ def answer_question(question: str, objects: Sequence[WorldObject]) -> dict[str, 
 
     Returns {"question", "answer" (in ANSWERS), "type" (in QUESTION_TYPES), "objects": sorted ids
     the question names (for counts and `is there`: every matching object), "span": where the
-    question names them (what grounded VQA returns boxes for), and "answer_object"
-    for the two `what shape` forms}. Raises ValueError when the text is not one of the spec's
+    question names them (what grounded VQA returns boxes for), and for the two `what shape` forms
+    "answer_object" with "answer_span", the words pointing at it (the named colour word, or the
+    relation words, as "left of")}. Raises ValueError when the text is not one of the spec's
     templates or its precondition fails (e.g. `what color is the circle?` with two circles).
     """
     text = question.strip().lower()
@@ -597,6 +599,8 @@ def answer_question(question: str, objects: Sequence[WorldObject]) -> dict[str, 
     }
     if answer_object is not None:
         out["answer_object"] = answer_object.id
+        out["answer_span"] = ([match.start(1), match.end(1)] if kind == "relation_shape"
+                              else out["span"])
     return out
 
 

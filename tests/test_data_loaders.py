@@ -455,6 +455,16 @@ def test_world_questions_with_generator_keys_are_grounded(tmp_path: Path) -> Non
     assert second.question_grounded and second.objects == [] and second.spans == []
     assert not plain.question_grounded and plain.objects == []
 
+    def relation(record: dict[str, Any]) -> None:
+        # "what shape is below the purple circle?": names the circle, answers with the hexagon
+        record["questions"][1].update(objects=[1], span=[24, 37], answer_object=0,
+                                      answer_span=[14, 19])
+
+    question = [s for s in load_world(broken_world(tmp_path, relation)) if s.task == "vqa"][1]
+    assert [o.label for o in question.objects] == ["circle", "hexagon"]
+    assert [question.caption[slice(*s[0])] for s in question.spans] == ["purple circle", "below"]
+    assert question.answer_span == (14, 19)
+
     def bad_span(record: dict[str, Any]) -> None:
         record["questions"][0].update(objects=[0], span=[17, 99])
 

@@ -104,6 +104,33 @@ def test_world_questions_ground_the_objects_they_name() -> None:
     assert example.grounded and example.positive_map.shape[0] == len(vqa[0].objects)
 
 
+def test_relation_questions_ground_their_answer_object_on_the_relation_words() -> None:
+    """"what shape is left of the red hexagon?" names the hexagon, but its answer is the shape
+    of another object: the relation words ground that one, and they are what the steered
+    glimpse reads (the anchor's words describe the wrong object)."""
+    scene = render_index(7, 6)
+    question = next(q for q in scene.questions if q["type"] == "relation_shape")
+    sample = next(s for s in world_samples(scene, random.Random(0), COLOR_NAMES, SHAPES)
+                  if s.caption == question["question"])
+    anchor, answer = (scene.objects[i] for i in (*question["objects"], question["answer_object"]))
+    assert [o.box for o in sample.objects] == [tuple(anchor.box), tuple(answer.box)]
+    assert [sample.caption[slice(*s[0])] for s in sample.spans] == ["red hexagon", "left of"]
+    assert sample.answer_span == (14, 21)
+    tokenizer = load_tokenizer()
+    example = build_example(sample, scene.image, tokenizer, PRE, WORLD_ANSWERS, 256,
+                            random.Random(0))
+    read = Glipv2Trainer._glimpse_tokens(example, 20)
+    assert tokenizer.convert_ids_to_tokens(example.input_ids[read[:len(example.input_ids)]]) == [
+        "left", "of"]
+    assert read.shape == (20,) and not read[len(example.input_ids):].any()
+    plain = dataclasses.replace(example, answer_tokens=None)
+    assert tokenizer.convert_ids_to_tokens(
+        example.input_ids[Glipv2Trainer._glimpse_tokens(plain, len(example.input_ids))]) == [
+        "left", "of", "red", "he", "##xa", "##gon"]
+    assert not Glipv2Trainer._glimpse_tokens(
+        dataclasses.replace(example, grounded=False), 20).any()
+
+
 def test_world_scene_offers_every_task() -> None:
     scene = render_index(7, 3)
     samples = world_samples(scene, random.Random(0), COLOR_NAMES, SHAPES)

@@ -362,6 +362,7 @@ def test_questions_on_hand_built_scene() -> None:
     }
     q = answer_question("what shape is the red object?", objects)
     assert q["answer"] == "circle" and q["answer_object"] == 0
+    assert q["answer_span"] == q["span"]  # the colour word names the answer object itself
     assert answer_question("how many circles are there?", objects)["answer"] == "2"
     assert answer_question("how many circles are there?", objects)["objects"] == [0, 2]
     assert answer_question("how many yellow objects are there?", objects)["answer"] == "0"
@@ -370,6 +371,8 @@ def test_questions_on_hand_built_scene() -> None:
     assert answer_question("what size is the red circle?", objects)["answer"] == "small"
     q = answer_question("what shape is left of the blue square?", objects)
     assert q["answer"] == "circle" and q["objects"] == [1] and q["answer_object"] == 0
+    start, end = q["answer_span"]
+    assert q["question"][start:end] == "left of"
     named = {  # the words naming the question's objects, what grounded VQA boxes
         "what shape is the red object?": "red",
         "how many circles are there?": "circles",
@@ -437,8 +440,9 @@ def test_generated_language_is_correct(scenes: list[WorldImage]) -> None:
             assert set(q["objects"]) <= {o.id for o in objects}
             if q["type"] in ("shape", "relation_shape"):
                 assert objects[q["answer_object"]].shape == q["answer"]
+                assert len(q["answer_span"]) == 2
             else:
-                assert "answer_object" not in q
+                assert "answer_object" not in q and "answer_span" not in q
             if q["type"] == "relation_shape":
                 anchor = objects[q["objects"][0]]
                 assert f"the {anchor.color} {anchor.shape}?" in q["question"]

@@ -116,6 +116,10 @@ class GroundingSample:
         question_grounded: VQA: `objects`/`spans` ground the phrase the question names, with
             every object it matches (none: it names nothing in the image), so the question
             also trains the grounding losses (grounded VQA); off, only the answer is trained.
+        answer_span: grounded VQA whose answer is an attribute of one object: the `[start, end)`
+            of the words pointing at that object (the relation words "left of" in
+            `what shape is left of the red circle?`); `objects`/`spans` ground it there too.
+            The VQA head's steered glimpse reads these words (else the named ones).
         caption_target: captioning: the caption to generate.
         image_id: the dataset's image id, as a string.
     """
@@ -132,6 +136,7 @@ class GroundingSample:
     answer: str | None = None
     answers: list[str] = field(default_factory=list)
     question_grounded: bool = False
+    answer_span: Span | None = None
     caption_target: str | None = None
     image_id: str = ""
 
@@ -166,6 +171,13 @@ class GroundingSample:
                         f"object {index}: span [{start}, {end}] outside the caption "
                         f"({len(self.caption)} characters)"
                     )
+        if self.answer_span is not None:
+            start, end = self.answer_span
+            if not (self.question_grounded and 0 <= start < end <= len(self.caption)):
+                raise ValueError(
+                    f"answer_span [{start}, {end}] needs a grounded VQA question it lies in "
+                    f"({len(self.caption)} characters)"
+                )
         if self.task == "detection" and not self.class_names:
             raise ValueError("a detection sample needs class_names")
         if self.task == "detection":

@@ -176,6 +176,14 @@ def _record_samples(
             spans = check_spans([question["span"]], text, path, question_where)
             grounding = {"objects": named, "spans": [spans for _ in named],
                          "question_grounded": True}
+            if "answer_object" in question and "answer_span" in question:
+                answer_span = check_spans([question["answer_span"]], text, path,
+                                          question_where)[0]
+                grounding["answer_span"] = answer_span
+                if question["answer_object"] not in question["objects"]:
+                    named.append(_object(objects, question["answer_object"], path,
+                                         question_where))
+                    grounding["spans"].append([answer_span])
         samples.append(
             sample(task="vqa", caption=text, answer=answer, answers=[answer], **grounding)
         )
