@@ -4,7 +4,8 @@ Tasks and metrics (issue 3's bars): detection box AP (mAP@0.5, mAP@[.5:.95]); at
 grounding AP50, separately for held-out colour-shape pairs (open-vocabulary composition);
 referring segmentation mIoU over expressions with referents and the share of no-referent
 expressions answered with no segment; VQA accuracy; caption exact match, BLEU-4 and phrase
-grounding accuracy (box IoU >= 0.5).
+grounding accuracy (box IoU >= 0.5). Referring mIoU and VQA accuracy are also given per
+template (expression form, question type), which says where a model falls short.
 
 What is scored is whatever `Predictor` is given: the CLI passes the service's own path
 (`service.offline.ServingPredictor`) on the chosen runtime, so the metrics are those of the
@@ -41,6 +42,7 @@ from model_export.world import (
     COLOR_NAMES,
     SHAPES,
     WorldImage,
+    expression_form,
     expression_targets,
     parse_pairs,
     render_index,
@@ -130,6 +132,8 @@ def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TAS
     rng = random.Random(seed)
     det_truth, det_pred, grd_truth, grd_pred, sizes = [], [], [], [], {}
     referring, vqa_pred, vqa_gold, hyps, refs, grounding_pairs = [], [], [], [], [], []
+    referring_by_form: dict[str, list] = {}
+    vqa_by_type: dict[str, tuple[list[str], list[str]]] = {}
     for index in tqdm(range(n), disable=not progress, desc="eval"):
         scene = render_index(seed, index)
         sizes[index] = (scene.height, scene.width)
@@ -144,12 +148,20 @@ def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TAS
                           for i in expression_targets(p, scene.objects)]
             grd_pred += _predictions(index, run, phrases)
         if "referring" in tasks:
-            referring += [([mask for _, mask in segments], truth)
-                          for segments, truth in referring_answers(predictor, scene)]
+            for expression, (segments, truth) in zip(
+                    scene.expressions, referring_answers(predictor, scene), strict=True):
+                answer = ([mask for _, mask in segments], truth)
+                referring.append(answer)
+                referring_by_form.setdefault(expression_form(expression["text"]), []).append(
+                    answer)
         if "vqa" in tasks:
             for question in scene.questions:
-                vqa_pred.append(predictor.vqa(scene.image, question["question"]).answer)
+                given = predictor.vqa(scene.image, question["question"]).answer
+                vqa_pred.append(given)
                 vqa_gold.append(question["answer"])
+                kind = vqa_by_type.setdefault(question["type"], ([], []))
+                kind[0].append(given)
+                kind[1].append(question["answer"])
         if "caption" in tasks:
             result = predictor.caption(scene.image)
             hyps.append(result.caption)
@@ -175,9 +187,14 @@ def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TAS
     if "referring" in tasks:
         ref = referring_metrics(referring)
         metrics["referring"] = {"mIoU": ref["miou"], "empty-referent accuracy":
-                                ref["empty_accuracy"], "gIoU": ref["giou"]}
+                                ref["empty_accuracy"], "gIoU": ref["giou"],
+                                "mIoU by form": {form: referring_metrics(answers)["miou"]
+                                                 for form, answers in
+                                                 sorted(referring_by_form.items())}}
     if "vqa" in tasks:
-        metrics["vqa"] = {"accuracy": vqa_exact_accuracy(vqa_pred, vqa_gold)}
+        metrics["vqa"] = {"accuracy": vqa_exact_accuracy(vqa_pred, vqa_gold),
+                          "accuracy by type": {kind: vqa_exact_accuracy(*answers)
+                                               for kind, answers in sorted(vqa_by_type.items())}}
     if "caption" in tasks:
         cap = caption_metrics(hyps, refs)
         metrics["caption"] = {"exact match": cap["exact_match"], "BLEU-4": cap["bleu4"],

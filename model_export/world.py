@@ -512,6 +512,26 @@ def expression_targets(text: str, objects: Sequence[WorldObject]) -> list[int]:
     return sorted(o.id for o in found)
 
 
+EXPRESSION_FORMS: tuple[str, ...] = (
+    "color_shape", "size_shape", "size_color_shape", "color_shapes", "relation")
+
+
+def expression_form(text: str) -> str:
+    """The spec's template a referring expression follows: `color_shape`, `size_shape`,
+    `size_color_shape`, `color_shapes` or `relation` (`shape` for a bare shape, a detection
+    prompt); ValueError for other text."""
+    text = text.strip().lower()
+    if m := _ATTRIBUTE_EXPR.match(text):
+        size, color, _ = m.groups()
+        named = [name for name, word in (("size", size), ("color", color)) if word]
+        return "_".join([*named, "shape"])
+    if _COLOR_EXPR.match(text):
+        return "color_shapes"
+    if _RELATION_EXPR.match(text):
+        return "relation"
+    raise ValueError(f"not a referring expression of the shapes world: {text!r}")
+
+
 _QUESTION_FORMS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("color", re.compile(rf"^what color is the ({_SHAPE_RE})\?$")),
     ("shape", re.compile(rf"^what shape is the ({_COLOR_RE}) object\?$")),

@@ -11,6 +11,7 @@ from model_export.cli import main
 from model_export.evaluate import evaluate
 from model_export.model import Glipv2Model
 from model_export.weights import save_model
+from model_export.world import EXPRESSION_FORMS, QUESTION_TYPES
 from service.offline import ServingPredictor
 from service.runtimes.torch_eager import TorchRuntime
 from service.settings import DEFAULT_MODEL_DIR
@@ -18,8 +19,8 @@ from service.settings import DEFAULT_MODEL_DIR
 METRICS = {
     "detection": {"mAP@0.5", "mAP@[.5:.95]"},
     "grounding": {"AP50", "AP50 held-out pairs"},
-    "referring": {"mIoU", "empty-referent accuracy", "gIoU"},
-    "vqa": {"accuracy"},
+    "referring": {"mIoU", "empty-referent accuracy", "gIoU", "mIoU by form"},
+    "vqa": {"accuracy", "accuracy by type"},
     "caption": {"exact match", "BLEU-4", "phrase grounding accuracy"},
 }
 
@@ -32,7 +33,13 @@ def test_eval_cli_scores_every_task_and_writes_json(tiny_model: Glipv2Model, tmp
                  "--out", str(out)]) == 0
     metrics = json.loads(out.read_text())
     assert {task: set(values) for task, values in metrics.items()} == METRICS
-    assert all(0.0 <= v <= 1.0 for values in metrics.values() for v in values.values())
+    scores = [v for values in metrics.values() for v in values.values()
+              if not isinstance(v, dict)]
+    assert all(0.0 <= v <= 1.0 for v in scores)
+    assert set(metrics["vqa"]["accuracy by type"]) <= set(QUESTION_TYPES)
+    assert set(metrics["referring"]["mIoU by form"]) <= set(EXPRESSION_FORMS)
+    by_type = metrics["vqa"]["accuracy by type"].values()
+    assert all(0.0 <= v <= 1.0 for v in by_type) and by_type
     assert "mAP@0.5" in capsys.readouterr().out  # the table
 
 

@@ -21,6 +21,7 @@ from model_export.rle import decode_mask, encode_mask
 from model_export.world import (
     ANSWERS,
     COLORS,
+    EXPRESSION_FORMS,
     RELATIONS,
     SHAPES,
     SIZE_RANGES,
@@ -28,6 +29,7 @@ from model_export.world import (
     WorldObject,
     answer_question,
     caption_for,
+    expression_form,
     expression_targets,
     generate_world,
     objects_from_record,
@@ -510,3 +512,26 @@ def test_independent_samples_agree_with_our_reading_of_the_spec() -> None:
             assert _plain_targets(expr["text"], objects) == sorted(expr["targets"])
         for q in record["questions"]:
             assert answer_question(q["question"], objects)["answer"] == q["answer"]
+
+
+@pytest.mark.parametrize(
+    ("text", "form"),
+    [
+        ("red circle", "color_shape"),
+        ("small star", "size_shape"),
+        ("large purple hexagon", "size_color_shape"),
+        ("gray shapes", "color_shapes"),
+        ("diamond above the red square", "relation"),
+        ("circle", "shape"),
+    ],
+)
+def test_expression_form_names_the_template(text: str, form: str) -> None:
+    assert expression_form(text) == form
+    assert form in EXPRESSION_FORMS or form == "shape"
+
+
+def test_expression_form_of_every_generated_expression() -> None:
+    forms = {expression_form(e["text"]) for i in range(30) for e in render_index(5, i).expressions}
+    assert forms == set(EXPRESSION_FORMS)
+    with pytest.raises(ValueError, match="not a referring expression"):
+        expression_form("the red circle")
