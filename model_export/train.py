@@ -278,18 +278,12 @@ class Glipv2Trainer:
             result["box"] = det.loss_box_giou
             result["centerness"] = det.loss_centerness
             result["token"] = det.loss_token
-            # A relation expression is positive as a whole, its anchor's words included: left
-            # out (attribute expressions, like "small purple star", name only their targets).
-            looked = [k for k, i in enumerate(grounded) if batch.examples[i].task != "referring"
-                      or batch.examples[i].detection_prompt]
-            if maps and looked:
+            if maps:
                 centres = torch.cat(anchors)
                 centres = (centres[:, :2] + centres[:, 2:]) / 2
-                rows = [grounded[k] for k in looked]
                 result["attend"] = weights["attend"] * text_attention_loss(
-                    [m[rows] for m in maps],
-                    [targets[k].positive_map for k in looked],
-                    [targets[k].boxes for k in looked], centres)
+                    [m[grounded] for m in maps], [t.positive_map for t in targets],
+                    [t.boxes for t in targets], centres)
             if model.contrastive is not None and weights.get("inter", 0) > 0:
                 result["inter"] = weights["inter"] * self._inter_loss(
                     visual, text.hidden, mask, grounded, det.matched_gt, targets, batch)

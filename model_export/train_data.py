@@ -24,8 +24,9 @@ from model_export.data.types import GroundedObject, GroundingSample
 from model_export.data.world import is_attribute_phrase
 from model_export.preprocess import batch_images, preprocess_image
 from model_export.prompt import build_detection_prompt, positive_map, tokenize
+from model_export.referring import referent_span
 from model_export.vqa_head import vqa_target_scores
-from model_export.world import WorldImage, expression_targets
+from model_export.world import WorldImage, expression_targets, relation_anchor, unique_anchor
 
 # Legacy box convention of the head: x1 is the last pixel, not one past it.
 _TO_REMOVE = 1.0
@@ -258,7 +259,8 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
     `distractors` (sometimes numbered, as in "gadget 17"), which no object matches. Besides the
     record's own tasks, builds an attribute-grounding prompt: several attribute phrases joined
     by ". ", about half naming present objects and half absent ones, each object grounded to
-    every phrase it matches.
+    every phrase it matches. A referring expression grounds its targets on the referent's words
+    (`referent_span`) and a relation's anchor on the anchor's words.
     """
     objects = [grounded_object(o) for o in scene.objects]
     base = {"image_path": None, "width": scene.width, "height": scene.height}
@@ -293,11 +295,14 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
     for expression in scene.expressions:
         text = expression["text"]
         targets = [objects[i] for i in expression["targets"]]
+        spans = [[referent_span(text)] for _ in targets]
+        if relation := relation_anchor(text):
+            anchor_words, colour, shape = relation
+            targets.append(objects[unique_anchor(scene.objects, colour, shape).id])
+            spans.append([anchor_words])
         samples.append(GroundingSample(
-            task="referring", caption=text, objects=targets,
-            spans=[[(0, len(text))] for _ in targets],
-            detection_prompt=is_attribute_phrase(text),
-            **base))
+            task="referring", caption=text, objects=targets, spans=spans,
+            detection_prompt=is_attribute_phrase(text), **base))
     for question in scene.questions:
         named = [objects[i] for i in question["objects"]]
         spans = [[tuple(question["span"])] for _ in named]

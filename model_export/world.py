@@ -512,6 +512,15 @@ def expression_targets(text: str, objects: Sequence[WorldObject]) -> list[int]:
     return sorted(o.id for o in found)
 
 
+def relation_anchor(text: str) -> tuple[tuple[int, int], str, str] | None:
+    """For `{shape} {relation} the {colour} {shape}`: where the anchor is named ([start, end) of
+    "red square"), its colour and its shape; None for the other forms."""
+    m = _RELATION_EXPR.match(text)
+    if m is None:
+        return None
+    return (m.start(3), m.end(4)), m.group(3), m.group(4)
+
+
 EXPRESSION_FORMS: tuple[str, ...] = (
     "color_shape", "size_shape", "size_color_shape", "color_shapes", "relation")
 

@@ -183,7 +183,9 @@ class SegmentParams(_Body):
 
     expressions: list[str] = Field(
         json_schema_extra={"minItems": 1, "maxItems": MAX_EXPRESSIONS},
-        description="Referring expressions; each gets its own list of segments.")
+        description="Referring expressions; each gets its own list of segments, scored on the "
+                    "words naming its referent: up to the end of its first spatial relation "
+                    "(\"circle left of\" of \"circle left of the red square\").")
     threshold: float | None = Field(
         None, json_schema_extra={"minimum": 0, "maximum": 1},
         description="Minimum score of a returned segment, 0..1; omitted: the model's "

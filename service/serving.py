@@ -41,6 +41,7 @@ from model_export.postprocess import (
 )
 from model_export.preprocess import batch_images, preprocess_image, resized_size
 from model_export.prompt import build_detection_prompt, clean_name, positive_map
+from model_export.referring import referent_span
 from model_export.rle import encode_mask
 from model_export.tuned_prompts import TunedPrompt
 from service.batching import (
@@ -478,12 +479,13 @@ class Glipv2Serving:
                             image: PreparedImage, threshold: float
                             ) -> list[_SegmentCandidates | None]:
         """Per expression, its boxes over `threshold` (the best `max_segments`) with the
-        mask-head work for them, or None when it names nothing."""
+        mask-head work for them, or None when it names nothing. Scored on the words naming the
+        referent (`referent_span`: "circle left of" of "circle left of the red square")."""
         anchors = self._anchors(rows[0].head)
         out: list[_SegmentCandidates | None] = []
         for expression, row in zip(expressions, rows, strict=True):
-            pmap, found = self._phrase_detections(expression, [(0, len(expression))], row, image,
-                                                  anchors)
+            pmap, found = self._phrase_detections(expression, [referent_span(expression)], row,
+                                                  image, anchors)
             keep = (found.scores >= threshold).nonzero().flatten()[: self.max_segments]
             if not len(keep):
                 out.append(None)

@@ -367,15 +367,18 @@ def test_world_referring_vqa_caption_samples() -> None:
     by_text = {s.caption: s for s in samples if s.task == "referring"}
     relation = by_text["hexagon below the red square"]
     assert not relation.detection_prompt
-    assert [o.label for o in relation.objects] == ["hexagon"]
-    assert relation.spans == [[(0, len(relation.caption))]]
+    # the referent on "hexagon below", the anchor on "red square"
+    assert [o.label for o in relation.objects] == ["hexagon", "square"]
+    assert relation.spans == [[(0, 13)], [(18, 28)]]
     attribute = by_text["small circle"]
     assert attribute.detection_prompt and [o.label for o in attribute.objects] == ["circle"]
+    assert attribute.spans == [[(0, len(attribute.caption))]]
     assert attribute.objects[0].mask.shape == (314, 491)
-    assert by_text["circle above the purple triangle"].objects == []  # names nothing present
+    absent = by_text["circle above the purple triangle"]  # names nothing present
+    assert [o.label for o in absent.objects] == ["triangle"] and absent.spans == [[(17, 32)]]
     two = by_text["square right of the yellow diamond"]
-    assert [o.label for o in two.objects] == ["square", "square"]
-    assert two.spans == [[(0, len(two.caption))]] * 2
+    assert [o.label for o in two.objects] == ["square", "square", "diamond"]
+    assert two.spans == [[(0, 15)]] * 2 + [[(20, 34)]]
 
     vqa = [s for s in samples if s.task == "vqa"]
     assert vqa[0].caption == "what size is the orange triangle?" and vqa[0].answer == "small"
@@ -431,6 +434,8 @@ def broken_world(tmp_path: Path, edit: Any) -> Path:
         (lambda r: r["objects"][0].update(mask=r["objects"][1]["mask"]), "disagrees with box"),
         (lambda r: r["expressions"][0].update(targets=[9]), "unknown object id 9"),
         (lambda r: r["expressions"][0].update(text="big circle"), "not a referring expression"),
+        (lambda r: r["expressions"][0].update(text="star left of the blue star"),
+         "anchor of 'star left of the blue star' is not unique"),
         (lambda r: r["questions"][0].update(answer="maybe"), "answer 'maybe' not in"),
         (lambda r: r["caption_phrases"][0].update(span=[0, 500]), "outside the caption"),
         (lambda r: r["caption_phrases"][0].update(object=7), "unknown object id 7"),

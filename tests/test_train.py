@@ -238,17 +238,30 @@ def test_glimpse_loss_steers_the_last_glimpse_of_grounded_questions() -> None:
     assert trainer.losses(collate(plain, 32))["glimpse"] == 0
 
 
-def test_attend_loss_skips_relation_expressions() -> None:
-    """A relation expression's words are positive for its target, anchor words included, so
-    they do not say where each token should look; attribute expressions do."""
+def test_relation_expressions_ground_referent_and_anchor_on_their_own_words() -> None:
+    """"square right of the yellow diamond": the squares on "square right of", the diamond on
+    "yellow diamond" (not the squares on every word), so its tokens also train where to look."""
+    scene = render_index(7, 6)
+    samples = {s.caption: s for s in world_samples(scene, random.Random(0), COLOR_NAMES, SHAPES)
+               if s.task == "referring"}
+    expressions = {e["text"]: e["targets"] for e in scene.expressions}
+    relations = [text for text in expressions if " the " in text]
+    assert relations
+    for text in relations:
+        sample = samples[text]
+        *targets, anchor = sample.objects
+        assert [o.box for o in targets] == [
+            tuple(scene.objects[i].box) for i in expressions[text]]
+        words = [text[slice(*spans[0])] for spans in sample.spans]
+        shape, relation = text.split(" the ")[0].split(" ", 1)
+        assert words == [f"{shape} {relation}"] * len(targets) + [text.split(" the ")[1]]
+        assert anchor.label == text.split()[-1]
     trainer, stream = _attend_trainer()
     referring = [e for e in (next(stream) for _ in range(200))
                  if e.task == "referring" and len(e.boxes)]
-    relation = [e for e in referring if not e.detection_prompt][:2]
-    attribute = [e for e in referring if e.detection_prompt][:2]
-    assert len(relation) == len(attribute) == 2
-    assert "attend" not in trainer.losses(collate(relation, 32))
-    assert trainer.losses(collate(attribute, 32))["attend"] > 0
+    relation_examples = [e for e in referring if not e.detection_prompt][:2]
+    assert len(relation_examples) == 2
+    assert trainer.losses(collate(relation_examples, 32))["attend"] > 0
 
 
 def test_checkpoint_round_trip_and_resume(tmp_path) -> None:

@@ -23,7 +23,8 @@ from model_export.data._common import (
     validated,
 )
 from model_export.data.types import Box, GroundedObject, GroundingSample, Span
-from model_export.world import ANSWERS, COLOR_NAMES, RELATIONS, SHAPES, SIZES
+from model_export.referring import referent_span
+from model_export.world import ANSWERS, COLOR_NAMES, RELATIONS, SHAPES, SIZES, relation_anchor
 
 # The vocabulary comes from the generator, the one source of truth for WORLD.md; SHAPES (in
 # WORLD.md order) is the detection class list.
@@ -67,9 +68,10 @@ def load_world(records_jsonl: Path | str, *, check_images: bool = True) -> list[
     Each record expands, in this order, into
     - one detection sample: every object, `label` = its shape, `class_names` = the 6 shapes;
     - one referring sample per expression: `caption` = the expression, `objects` = its targets
-      (none for an expression naming nothing: a negative example), each spanning the whole
-      expression; detection_prompt True for attribute phrases, False for relation expressions
-      (`is_attribute_phrase`);
+      (none for an expression naming nothing: a negative example), each spanning the referent's
+      words (`referent_span`: the whole attribute phrase, "circle left of" of a relation), and
+      a relation's anchor spanning its own words ("red square"); detection_prompt True for
+      attribute phrases, False for relation expressions (`is_attribute_phrase`);
     - one VQA sample per question: `caption` = the question, `answer`/`answers` = its answer;
       grounded (`question_grounded`) where the question carries the generator's extra keys
       `objects` (ids it names) and `span` (where it names them);
@@ -148,12 +150,22 @@ def _record_samples(
             _object(objects, target, path, expression_where)
             for target in require_list(expression["targets"], path, f"{expression_where} targets")
         ]
+        spans = [[referent_span(text)] for _ in targets]
+        if relation := relation_anchor(text):
+            anchor_words, colour, shape = relation
+            anchor = [o["id"] for o in record["objects"]
+                      if o["color"] == colour and o["shape"] == shape]
+            if len(anchor) != 1:
+                raise DataFormatError(path, f"{expression_where}: the anchor of {text!r} is "
+                                            f"not unique in the image ({len(anchor)} found)")
+            targets.append(objects[anchor[0]])
+            spans.append([anchor_words])
         samples.append(
             sample(
                 task="referring",
                 caption=text,
                 objects=targets,
-                spans=[[(0, len(text))] for _ in targets],
+                spans=spans,
                 detection_prompt=attribute,
             )
         )

@@ -1,0 +1,27 @@
+"""Where a referring expression names its referent (training spans and segmentation scores)."""
+
+from __future__ import annotations
+
+import pytest
+
+from model_export.referring import referent_span
+
+
+@pytest.mark.parametrize(
+    ("expression", "referent"),
+    [
+        ("circle left of the red square", "circle left of"),
+        ("hexagon below the green circle", "hexagon below"),
+        ("star above the purple star", "star above"),  # the anchor's shape repeats the referent's
+        ("square right of the yellow diamond", "square right of"),
+        ("small red circle", "small red circle"),  # no relation: the whole expression
+        ("blue shapes", "blue shapes"),
+        ("the man to the left of the car", "the man to the left of"),
+        ("the cup on top of the table near the door", "the cup on top of"),  # the first one
+        ("Dog Next To the bench", "Dog Next To"),
+        ("the leftmost cover", "the leftmost cover"),  # "left" and "over" inside words
+    ],
+)
+def test_referent_span(expression: str, referent: str) -> None:
+    start, end = referent_span(expression)
+    assert start == 0 and expression[start:end] == referent
