@@ -38,7 +38,7 @@ from service.errors import PayloadTooLargeError, UnsupportedMediaTypeError
 from service.images import decode_base64, decode_image_bytes, sniff_format
 from service.openapi import OPENAPI_PATH, app_schema, load_openapi
 from service.runtimes.torch_eager import TorchRuntime
-from service.serving import split_phrases
+from service.serving import Glipv2Serving, split_phrases
 from service.settings import ServiceSettings
 
 from conftest import start_server
@@ -175,6 +175,25 @@ def test_segment_returns_rle_masks_of_the_image_size(client: TestClient, png_b64
         assert isinstance(segment["mask"]["counts"], str)
         rle = {"size": segment["mask"]["size"], "counts": segment["mask"]["counts"].encode()}
         assert mask_utils.decode(rle).shape == (height, width)
+
+
+def test_segment_scores_the_words_naming_the_referent(
+        client: TestClient, png_b64: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"circle left of the red square" is scored on "circle left of", not on the anchor's
+    words (which name another object); an expression without a relation on all its words."""
+    scored: list[tuple[str, list[tuple[int, int]]]] = []
+    phrase_detections = Glipv2Serving._phrase_detections
+
+    def spy(self, text, spans, *args, **kwargs):
+        scored.append((text, list(spans)))
+        return phrase_detections(self, text, spans, *args, **kwargs)
+
+    monkeypatch.setattr(Glipv2Serving, "_phrase_detections", spy)
+    response = client.post("/v1/segment", json={
+        "image": png_b64, "expressions": ["circle left of the red square", "small red circle"]})
+    assert response.status_code == 200, response.text
+    assert scored == [("circle left of the red square", [(0, 14)]),
+                      ("small red circle", [(0, 16)])]
 
 
 def test_segment_without_a_threshold_takes_the_models_calibrated_one(
