@@ -62,6 +62,9 @@ class TrainConfig:
     # zero-initialised layers of a grown model catch up: {"fpn.skip_blocks." = 10}
     lr_multipliers: dict[str, float] = field(default_factory=dict)
     warmup_steps: int = 300  # linear warm-up length
+    # > 0: a warm restart (SGDR): the cosine starts again at this step, from `lr` down to 0 at
+    # `steps`, so a finished schedule can go on with new objectives and still end annealed
+    restart_at: int = 0
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm
     freeze_language: bool = True  # keep the packaged text encoder frozen
@@ -100,7 +103,11 @@ class TrainConfig:
             raise ValueError(f"unknown training settings {sorted(unknown)}")
         if "min_sizes" in values:
             values["min_sizes"] = tuple(values["min_sizes"])
-        return cls(**values)
+        config = cls(**values)
+        if config.restart_at >= config.steps:
+            raise ValueError(f"restart_at ({config.restart_at}) must come before steps "
+                             f"({config.steps})")
+        return config
 
 
 class WorldStream:
@@ -213,9 +220,11 @@ class Glipv2Trainer:
         return [{"params": params, "lr_factor": factor} for factor, params in groups.items()]
 
     def learning_rate(self, step: int) -> float:
-        """Cosine decay over `config.steps`, times a linear warm-up from `warmup_from`."""
+        """Cosine decay from `config.restart_at` (0: the start) to `config.steps`, times a
+        linear warm-up from `warmup_from`."""
         warmup = max(1, self.config.warmup_steps)
-        progress = max(0, step - warmup) / max(1, self.config.steps - warmup)
+        start = self.config.restart_at if self.config.restart_at > 0 else warmup
+        progress = max(0, step - start) / max(1, self.config.steps - start)
         rate = self.config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return rate * min(1.0, (step - self.warmup_from + 1) / warmup)
 

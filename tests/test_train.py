@@ -288,6 +288,20 @@ def test_checkpoint_round_trip_and_resume(tmp_path) -> None:
     assert get_preset("small").language.pretrained == "minilm-l6"
 
 
+def test_restart_at_starts_the_cosine_again() -> None:
+    """SGDR's warm restart: `lr` again at `restart_at`, half of it midway, 0 at `steps`; without
+    it the one cosine runs from the warm-up's end."""
+    config = TrainConfig(steps=1000, lr=1e-3, warmup_steps=10, restart_at=600)
+    trainer = Glipv2Trainer(config)
+    assert trainer.learning_rate(600) == pytest.approx(1e-3)
+    assert trainer.learning_rate(800) == pytest.approx(0.5e-3)
+    assert trainer.learning_rate(1000) == pytest.approx(0.0, abs=1e-12)
+    plain = Glipv2Trainer(dataclasses.replace(config, restart_at=0))
+    assert plain.learning_rate(505) == pytest.approx(0.5e-3)
+    with pytest.raises(ValueError, match="restart_at"):
+        TrainConfig.load(None, ["steps=1000", "restart_at=1000"])
+
+
 def test_lr_multipliers_scale_the_rate_of_the_named_parameters(tmp_path) -> None:
     """Zero-initialised layers of a grown model can learn faster; a resumed run keeps the
     factors of its own config, and a prefix naming nothing trainable (a typo, or the frozen text
