@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-Span = tuple[int, int]
+from model_export.prompt import Span
 
 # English spatial relations, the shapes world's four among them (WORLD.md: left of, right of,
 # above, below). Longest alternatives first, so "to the left of" wins over "left of".
