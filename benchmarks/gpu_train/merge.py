@@ -1,0 +1,25 @@
+"""Here: the shards `pack.py` wrote there, back into one model folder.
+
+`python benchmarks/gpu_train/merge.py SHARDS MODEL_DIR OUT`: SHARDS is the call's fetched files,
+MODEL_DIR the model the run started from (its `config.json` is copied), OUT the new model folder.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+shards_dir, model_dir, out = (Path(arg) for arg in sys.argv[1:4])
+shards = sorted(shards_dir.glob("shard*.safetensors"))
+with safe_open(str(shards[0]), framework="pt") as handle:
+    metadata = handle.metadata()
+state = {key: value for shard in shards for key, value in load_file(str(shard)).items()}
+out.mkdir(parents=True, exist_ok=True)
+save_file(state, str(out / "model.safetensors"), metadata=metadata)
+shutil.copy(model_dir / "config.json", out)
+for name in ("progress.json", "train_config.json", "train_log.jsonl"):
+    if (shards_dir / name).exists():
+        shutil.copy(shards_dir / name, out)
+print("merged", len(state), "tensors from", len(shards), "shards into", out)
