@@ -373,35 +373,38 @@ class Glipv2Trainer:
                                             self.config.inter_temperature)
 
     def _mask_loss(self, out, batch: Batch, rows: list[int]) -> Tensor | None:
-        padded_hw = tuple(batch.images.shape[-2:])
-        logits_all, targets_all = [], []
-        for i in rows:
-            example = batch.examples[i]
-            if example.masks is None or example.phrases is None or not example.phrase_objects:
-                continue
-            count = max(len(m) for m in example.phrase_objects)
-            if count == 0:
-                continue
-            num_phrases = len(example.phrase_objects)
-            boxes = torch.zeros(1, num_phrases, count, 4, device=self.device)
-            valid = torch.zeros(1, num_phrases, count, dtype=torch.bool, device=self.device)
-            exclusive = example.boxes.clone()
-            exclusive[:, 2:] += 1.0
-            for p, members in enumerate(example.phrase_objects):
-                for k, obj in enumerate(members):
-                    boxes[0, p, k] = exclusive[obj]
-                    valid[0, p, k] = True
-            phrases = pad_tokens(example.phrases, batch.input_ids.shape[1])[None]
-            logits = self.model.mask_head([level[i:i + 1] for level in out.fused_visual],
-                                          out.fused_text[i:i + 1], phrases, boxes, valid)
-            gt = downsample_masks(example.masks, padded_hw)  # (K, h4, w4)
-            for p, members in enumerate(example.phrase_objects):
-                for k, obj in enumerate(members):
-                    logits_all.append(logits[0, p, k])
-                    targets_all.append(gt[obj])
-        if not logits_all:
+        """Mask loss over every (phrase, object) pair of the batch's rows, the head run once on
+        all of them (per-image calls cost hundreds of small kernels per image on a GPU)."""
+        members = [i for i in rows if batch.examples[i].masks is not None
+                   and batch.examples[i].phrases is not None
+                   and any(batch.examples[i].phrase_objects)]
+        if not members:
             return None
-        return mask_loss(torch.stack(logits_all), torch.stack(targets_all))
+        examples = [batch.examples[i] for i in members]
+        num_phrases = max(len(e.phrase_objects) for e in examples)
+        count = max(len(m) for e in examples for m in e.phrase_objects)
+        num_tokens = batch.input_ids.shape[1]
+        boxes = torch.zeros(len(members), num_phrases, count, 4, device=self.device)
+        valid = torch.zeros(len(members), num_phrases, count, dtype=torch.bool,
+                            device=self.device)
+        phrases = torch.zeros(len(members), num_phrases, num_tokens, device=self.device)
+        slots, targets = [], []  # per pair: (row, phrase, slot) of the head output; its mask
+        padded_hw = tuple(batch.images.shape[-2:])
+        for n, example in enumerate(examples):
+            pairs = torch.tensor([(n, p, k, obj) for p, objects in enumerate(example.phrase_objects)
+                                  for k, obj in enumerate(objects)], device=self.device)
+            slot, objects = tuple(pairs[:, :3].T), pairs[:, 3]
+            exclusive = example.boxes[objects].clone()
+            exclusive[:, 2:] += 1.0
+            boxes[slot], valid[slot] = exclusive, True
+            phrases[n, :len(example.phrase_objects)] = pad_tokens(example.phrases, num_tokens)
+            slots.append(pairs[:, :3])
+            targets.append(downsample_masks(example.masks, padded_hw)[objects])
+        rows_index = torch.tensor(members, device=self.device)
+        logits = self.model.mask_head([level[rows_index] for level in out.fused_visual],
+                                      out.fused_text[rows_index], phrases, boxes, valid)
+        n, p, k = torch.cat(slots).T
+        return mask_loss(logits[n, p, k], torch.cat(targets))
 
     def save(self, out_dir: str | Path) -> Path:
         """Model (without the packaged text encoder when frozen) + optimiser + step."""

@@ -238,6 +238,28 @@ def test_glimpse_loss_steers_the_last_glimpse_of_grounded_questions() -> None:
     assert trainer.losses(collate(plain, 32))["glimpse"] == 0
 
 
+def test_mask_loss_of_a_batch_is_the_mean_over_its_rows_pairs() -> None:
+    """The head runs once over every row; the loss is still the mean over all (phrase, object)
+    pairs, so a row with more pairs weighs more, exactly as one image at a time."""
+    trainer, stream = _attend_trainer()
+    trainer.model.eval()
+    candidates = sorted((e for e in itertools.islice(stream, 80)
+                         if not e.causal and e.masks is not None and any(e.phrase_objects)),
+                        key=lambda e: sum(map(len, e.phrase_objects)))
+    examples = [candidates[0], candidates[len(candidates) // 2], candidates[-1]]
+    batch = collate(examples, 32)
+    model = trainer.model
+    text = model.encode_text(batch.input_ids, batch.attention_mask)
+    out = model.fuse(model.encode_image(batch.images), text,
+                     colours=model.image_colours(batch.images))
+    pairs = [sum(map(len, e.phrase_objects)) for e in examples]
+    assert len(set(pairs)) > 1  # else a plain mean over rows would pass too
+    rows = [trainer._mask_loss(out, batch, [i]) for i in range(3)]
+    expected = sum(n * loss for n, loss in zip(pairs, rows, strict=True)) / sum(pairs)
+    torch.testing.assert_close(trainer._mask_loss(out, batch, [0, 1, 2]), expected)
+    assert trainer._mask_loss(out, batch, []) is None
+
+
 def test_relation_expressions_ground_referent_and_anchor_on_their_own_words() -> None:
     """"square right of the yellow diamond": the squares on "square right of", the diamond on
     "yellow diamond" (not the squares on every word), so its tokens also train where to look."""
