@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from model_export.box_coding import TO_REMOVE, BoxCoder
 
@@ -799,21 +800,22 @@ def text_attention_loss(maps: Sequence[Tensor], positive_maps: Sequence[Tensor],
     boxes: per image (K, 4) xyxy in the model-input frame, legacy convention (x1 = last pixel).
     centres: (R, 2) x, y of every region, in `flatten_levels` order.
     """
-    terms = []
-    x, y = centres[:, 0], centres[:, 1]
-    for i, (pmap, image_boxes) in enumerate(zip(positive_maps, boxes, strict=True)):
-        if not len(image_boxes):
-            continue
-        inside = ((x[None] >= image_boxes[:, 0:1]) & (x[None] <= image_boxes[:, 2:3])
-                  & (y[None] >= image_boxes[:, 1:2]) & (y[None] <= image_boxes[:, 3:4]))
-        target = (pmap.t().float() @ inside.float()) > 0  # (T, R)
-        tokens = target.any(dim=1)
-        if not tokens.any():
-            continue
-        for layer in maps:
-            attention = layer[i].mean(dim=0)[tokens]  # (P, R)
-            mass = (attention * target[tokens]).sum(dim=1)
-            terms.append(-mass.clamp(min=1e-6).log().mean())
-    if not terms:
+    if not any(len(image_boxes) for image_boxes in boxes):
         return centres.new_zeros(())
-    return torch.stack(terms).mean()
+    # All images at once (padding boxes have all-zero positive rows): no per-image loop, no
+    # host sync, which is what a GPU step was waiting on.
+    pmap = pad_sequence(list(positive_maps), batch_first=True).float()  # (N, K, T)
+    box = pad_sequence(list(boxes), batch_first=True)  # (N, K, 4)
+    x, y = centres[:, 0], centres[:, 1]
+    inside = ((x >= box[..., 0:1]) & (x <= box[..., 2:3])
+              & (y >= box[..., 1:2]) & (y <= box[..., 3:4]))  # (N, K, R)
+    target = (pmap.transpose(1, 2) @ inside.float()) > 0  # (N, T, R)
+    tokens = target.any(dim=2)  # (N, T)
+    count = tokens.sum(dim=1)
+    supervised = count > 0  # images with at least one positive token
+    per_layer = []
+    for layer in maps:
+        mass = (layer.mean(dim=1) * target).sum(dim=2)  # (N, T)
+        per_layer.append((-mass.clamp(min=1e-6).log() * tokens).sum(dim=1) / count.clamp(min=1))
+    per_image = torch.stack(per_layer)  # (layers, N)
+    return (per_image * supervised).sum() / (supervised.sum() * len(maps)).clamp(min=1)

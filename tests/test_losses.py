@@ -468,3 +468,20 @@ def test_text_attention_loss_is_minus_log_mass_on_the_tokens_boxes() -> None:
     # nothing to supervise (no boxes): zero, not NaN
     empty = text_attention_loss([uniform], [torch.zeros(0, 3)], [torch.zeros(0, 4)], centres)
     assert empty.item() == 0.0
+
+
+def test_text_attention_loss_weighs_each_supervised_image_once() -> None:
+    """A batch is the mean of its images' losses (images without positive tokens left out),
+    whatever number of boxes and positive tokens each has."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.rand(30, 2, generator=generator) * 100
+    maps = [torch.softmax(torch.randn(3, 2, 5, 30, generator=generator), dim=-1)]
+    pmaps = [torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]]),
+             torch.zeros(0, 5), torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0]])]
+    boxes = [torch.tensor([[0.0, 0.0, 60.0, 60.0], [40.0, 40.0, 99.0, 99.0]]), torch.zeros(0, 4),
+             torch.tensor([[10.0, 10.0, 90.0, 90.0]])]
+    alone = [text_attention_loss([maps[0][i:i + 1]], [pmaps[i]], [boxes[i]], centres)
+             for i in (0, 2)]
+    torch.testing.assert_close(text_attention_loss(maps, pmaps, boxes, centres),
+                               (alone[0] + alone[1]) / 2)
+    assert alone[0] != alone[1]
