@@ -152,55 +152,69 @@ def atss_assign(anchors: Sequence[Tensor], gt_boxes: Tensor, top_k: int = ATSS_T
         (A,) int64, A = sum of HW_l, levels concatenated in order: the matched box index of each
         anchor, -1 for background.
     """
+    return atss_assign_batch(anchors, [gt_boxes], top_k)[0]
+
+
+@torch.no_grad()
+def atss_assign_batch(anchors: Sequence[Tensor], gt_boxes: Sequence[Tensor],
+                      top_k: int = ATSS_TOP_K) -> Tensor:
+    """`atss_assign` of every image at once: boxes padded to the most any image has, padding
+    slots never positive. No per-image loop and no host sync, which a GPU step would wait on.
+
+    Returns (N, A) int64 matched box indices, -1 for background.
+    """
     num_per_level = [int(a.shape[0]) for a in anchors]
     all_anchors = torch.cat(list(anchors), dim=0)  # (A, 4)
     num_anchors = all_anchors.shape[0]
-    num_gt = int(gt_boxes.shape[0])
-    device = all_anchors.device
-    background = torch.full((num_anchors,), -1, dtype=torch.int64, device=device)
+    device, dtype = all_anchors.device, all_anchors.dtype
+    background = torch.full((len(gt_boxes), num_anchors), -1, dtype=torch.int64, device=device)
+    num_gt = max((int(b.shape[0]) for b in gt_boxes), default=0)
     if num_gt == 0 or num_anchors == 0:
         return background
-    gt_boxes = gt_boxes.to(device=device, dtype=all_anchors.dtype)
+    boxes = pad_sequence([b.to(device=device, dtype=dtype) for b in gt_boxes],
+                         batch_first=True)  # (N, K, 4)
+    real = pad_sequence([torch.ones(len(b), dtype=torch.bool, device=device) for b in gt_boxes],
+                        batch_first=True)  # (N, K)
 
-    ious = box_iou_legacy(all_anchors, gt_boxes)  # (A, K)
+    ious = box_iou_legacy(all_anchors, boxes.flatten(0, 1)).unflatten(1, boxes.shape[:2])
+    ious = ious.permute(1, 0, 2)  # (N, A, K)
     anchor_centres = _box_centres(all_anchors)  # (A, 2)
-    gt_centres = _box_centres(gt_boxes)  # (K, 2)
-    distances = (anchor_centres[:, None, :] - gt_centres[None, :, :]).pow(2).sum(-1).sqrt()
+    gt_centres = _box_centres(boxes.flatten(0, 1)).unflatten(0, boxes.shape[:2])  # (N, K, 2)
+    distances = (anchor_centres[None, :, None] - gt_centres[:, None]).pow(2).sum(-1).sqrt()
 
     candidates_per_level = []
     start = 0
     for count_per_level in num_per_level:
         k = min(top_k, count_per_level)
         if k > 0:
-            distances_per_level = distances[start:start + count_per_level]  # (HW_l, K)
-            _, idx = distances_per_level.topk(k, dim=0, largest=False)  # (k, K)
+            distances_per_level = distances[:, start:start + count_per_level]  # (N, HW_l, K)
+            _, idx = distances_per_level.topk(k, dim=1, largest=False)  # (N, k, K)
             candidates_per_level.append(idx + start)
         start += count_per_level
-    candidates = torch.cat(candidates_per_level, dim=0)  # (C, K) anchor indices per box
+    candidates = torch.cat(candidates_per_level, dim=1)  # (N, C, K) anchor indices per box
 
-    gt_index = torch.arange(num_gt, device=device)
-    candidate_ious = ious[candidates, gt_index[None, :]]  # (C, K)
+    candidate_ious = ious.gather(1, candidates)  # (N, C, K)
     # With a single candidate the unbiased std is NaN; the reference then has no positive.
     # We use std 0 (threshold = that candidate's IoU), which keeps tiny pyramids trainable.
-    iou_std = candidate_ious.std(dim=0) if candidates.shape[0] > 1 else torch.zeros(num_gt)
-    iou_threshold = candidate_ious.mean(dim=0) + iou_std.to(candidate_ious)  # (K,)
-    is_pos = candidate_ious >= iou_threshold[None, :]
+    iou_std = (candidate_ious.std(dim=1) if candidates.shape[1] > 1
+               else torch.zeros_like(candidate_ious[:, 0]))
+    iou_threshold = candidate_ious.mean(dim=1) + iou_std  # (N, K)
+    is_pos = (candidate_ious >= iou_threshold[:, None]) & real[:, None]
 
-    centres = anchor_centres[candidates]  # (C, K, 2)
-    left = centres[..., 0] - gt_boxes[None, :, 0]
-    top = centres[..., 1] - gt_boxes[None, :, 1]
-    right = gt_boxes[None, :, 2] - centres[..., 0]
-    bottom = gt_boxes[None, :, 3] - centres[..., 1]
+    centres = anchor_centres[candidates]  # (N, C, K, 2)
+    left = centres[..., 0] - boxes[:, None, :, 0]
+    top = centres[..., 1] - boxes[:, None, :, 1]
+    right = boxes[:, None, :, 2] - centres[..., 0]
+    bottom = boxes[:, None, :, 3] - centres[..., 1]
     inside = torch.stack((left, top, right, bottom), dim=-1).amin(dim=-1) > ATSS_INSIDE_MARGIN
     is_pos = is_pos & inside
 
-    # (A, K) IoU of positive (anchor, box) pairs, -inf elsewhere; max over boxes resolves
-    # anchors that are positive for several boxes.
-    pair_ious = torch.full_like(ious, -math.inf)
-    pos_anchor = candidates[is_pos]
-    pos_gt = gt_index[None, :].expand_as(candidates)[is_pos]
-    pair_ious[pos_anchor, pos_gt] = ious[pos_anchor, pos_gt]
-    best_iou, best_gt = pair_ious.max(dim=1)
+    # (N, A, K) IoU of positive (anchor, box) pairs, -inf elsewhere (a candidate is one anchor
+    # per level and box, so no pair is written twice); max over boxes resolves anchors that
+    # are positive for several boxes.
+    pair_ious = torch.full_like(ious, -math.inf).scatter(
+        1, candidates, torch.where(is_pos, candidate_ious, -math.inf))
+    best_iou, best_gt = pair_ious.max(dim=2)
     return torch.where(best_iou == -math.inf, background, best_gt)
 
 
@@ -208,7 +222,7 @@ def match_anchors(
     anchors: Sequence[Tensor], targets: Sequence[ImageTargets], top_k: int = ATSS_TOP_K
 ) -> list[Tensor]:
     """`atss_assign` per image: a list of (A,) int64 matched box indices, -1 for background."""
-    return [atss_assign(anchors, t.boxes, top_k) for t in targets]
+    return list(atss_assign_batch(anchors, [t.boxes for t in targets], top_k).unbind(0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,26 +473,27 @@ def detection_losses(
         matched_gt = match_anchors(anchors, targets, top_k)
     matched_gt = [m.to(deltas.device) for m in matched_gt]
 
-    token_targets = torch.zeros_like(token_logits)  # (N, A, T); background rows stay zero
-    pos_deltas, pos_ctr, pos_anchors, pos_gt = [], [], [], []
-    for i, (target, match) in enumerate(zip(targets, matched_gt, strict=True)):
+    for i, target in enumerate(targets):
         if target.positive_map.shape[1] != num_tokens:
             raise ValueError(
                 f"image {i}: positive_map has {target.positive_map.shape[1]} tokens, "
                 f"logits have {num_tokens}"
             )
-        pos = torch.nonzero(match >= 0).squeeze(1)
-        gt_index = match[pos]
-        positive_map = target.positive_map.to(token_targets)
-        token_targets[i, pos] = positive_map[gt_index]
-        pos_deltas.append(deltas[i, pos])
-        pos_ctr.append(ctr_logits[i, pos])
-        pos_anchors.append(all_anchors[pos])
-        pos_gt.append(target.boxes.to(deltas)[gt_index])
-    pos_deltas_all = torch.cat(pos_deltas)  # (P, 4)
-    pos_ctr_all = torch.cat(pos_ctr)  # (P,)
-    pos_anchors_all = torch.cat(pos_anchors)
-    pos_gt_all = torch.cat(pos_gt)
+    # All images at once: (N, A) matches index each image's padded boxes and positive maps.
+    matched = torch.stack(matched_gt)
+    positive = matched >= 0
+    token_targets = torch.zeros_like(token_logits)  # (N, A, T); background rows stay zero
+    gt_boxes = deltas.new_zeros(n, num_anchors, 4)
+    if any(len(target.boxes) for target in targets):
+        rows, gt_index = torch.arange(n, device=deltas.device)[:, None], matched.clamp(min=0)
+        maps = pad_sequence([t.positive_map.to(token_targets) for t in targets], batch_first=True)
+        token_targets = maps[rows, gt_index] * positive[..., None]
+        boxes = pad_sequence([t.boxes.to(deltas) for t in targets], batch_first=True)
+        gt_boxes = boxes[rows, gt_index]  # (N, A, 4)
+    pos_deltas_all = deltas[positive]  # (P, 4), image by image
+    pos_ctr_all = ctr_logits[positive]  # (P,)
+    pos_anchors_all = all_anchors.expand(n, -1, -1)[positive]
+    pos_gt_all = gt_boxes[positive]
     num_pos_local = int(pos_deltas_all.shape[0])
     num_pos = max(_mean_over_processes(float(num_pos_local), deltas.device), 1.0)
 

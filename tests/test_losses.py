@@ -15,6 +15,7 @@ from model_export.losses import (
     PromptInfo,
     SpecialTokenIds,
     atss_assign,
+    atss_assign_batch,
     box_iou_legacy,
     centerness_targets,
     contrastive_region_inputs,
@@ -101,6 +102,23 @@ def test_atss_without_boxes_is_all_background() -> None:
     assert matched.shape == (20,)
     assert matched.dtype == torch.int64
     assert bool((matched == -1).all())
+
+
+def test_atss_of_a_batch_matches_each_image_alone() -> None:
+    """Padding images to the most boxes any has changes no image's matches (padding slots are
+    never positive), for images with 0, 1 and several boxes, overlapping ones included."""
+    anchors = _two_level_anchors()
+    generator = torch.Generator().manual_seed(0)
+    images = []
+    for count in (3, 0, 1, 5):
+        corner = torch.rand(count, 2, generator=generator) * 30
+        images.append(torch.cat([corner, corner + 4 + torch.rand(count, 2, generator=generator)
+                                 * 20], dim=1))
+    batch = atss_assign_batch(anchors, images, top_k=3)
+    assert batch.shape == (4, 20)
+    for row, boxes in zip(batch, images, strict=True):
+        assert torch.equal(row, atss_assign(anchors, boxes, top_k=3))
+    assert bool((batch[1] == -1).all()) and bool((batch[3] >= 0).any())
 
 
 # --- centerness and GIoU ------------------------------------------------------------------
