@@ -21,12 +21,11 @@ from torch import Tensor
 
 from model_export.config import PreprocessConfig
 from model_export.data.types import GroundedObject, GroundingSample
-from model_export.data.world import is_attribute_phrase
+from model_export.data.world import is_attribute_phrase, referring_grounding
 from model_export.preprocess import batch_images, preprocess_image
 from model_export.prompt import build_detection_prompt, positive_map, tokenize
-from model_export.referring import referent_span
 from model_export.vqa_head import vqa_target_scores
-from model_export.world import WorldImage, expression_targets, relation_anchor, unique_anchor
+from model_export.world import WorldImage, expression_targets, unique_anchor
 
 # Legacy box convention of the head: x1 is the last pixel, not one past it.
 _TO_REMOVE = 1.0
@@ -294,12 +293,9 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
 
     for expression in scene.expressions:
         text = expression["text"]
-        targets = [objects[i] for i in expression["targets"]]
-        spans = [[referent_span(text)] for _ in targets]
-        if relation := relation_anchor(text):
-            anchor_words, colour, shape = relation
-            targets.append(objects[unique_anchor(scene.objects, colour, shape).id])
-            spans.append([anchor_words])
+        targets, spans = referring_grounding(
+            text, [objects[i] for i in expression["targets"]],
+            lambda colour, shape: objects[unique_anchor(scene.objects, colour, shape).id])
         samples.append(GroundingSample(
             task="referring", caption=text, objects=targets, spans=spans,
             detection_prompt=is_attribute_phrase(text), **base))

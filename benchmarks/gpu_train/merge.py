@@ -8,14 +8,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from state_file import read_state
 
 shards_dir, model_dir, out = (Path(arg) for arg in sys.argv[1:4])
 shards = sorted(shards_dir.glob("shard*.safetensors"))
-with safe_open(str(shards[0]), framework="pt") as handle:
-    metadata = handle.metadata()
-state = {key: value for shard in shards for key, value in load_file(str(shard)).items()}
+metadata = read_state(shards[0])[1]
+state = {key: value for shard in shards for key, value in read_state(shard)[0].items()}
 out.mkdir(parents=True, exist_ok=True)
 save_file(state, str(out / "model.safetensors"), metadata=metadata)
 shutil.copy(model_dir / "config.json", out)

@@ -3,14 +3,12 @@ import os
 import shutil
 import sys
 
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from state_file import read_state
 
 run, out = sys.argv[1], sys.argv[2]
 path = os.path.join(run, "model.safetensors")
-with safe_open(path, framework="pt") as handle:
-    metadata = handle.metadata()
-state = load_file(path)
+state, metadata = read_state(path)
 shards, current, size = [], {}, 0
 for key, tensor in state.items():
     nbytes = tensor.numel() * tensor.element_size()

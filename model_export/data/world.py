@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,30 @@ def is_attribute_phrase(text: str) -> bool:
     if _RELATION_RE.match(text):
         return False
     raise ValueError(f"{text!r} is not a referring expression of the world grammar (WORLD.md)")
+
+
+def referring_grounding(text: str, targets: list[GroundedObject],
+                        anchor: Callable[[str, str], GroundedObject]
+                        ) -> tuple[list[GroundedObject], list[list[Span]]]:
+    """The objects a referring expression trains and their spans: each target on the referent's
+    words (`referent_span`) and, for a relation, its anchor (`anchor(colour, shape)`, the one
+    object of that colour and shape) on the anchor's own words, so "red square" keeps meaning
+    the red square."""
+    objects = list(targets)
+    spans = [[referent_span(text)] for _ in targets]
+    if relation := relation_anchor(text):
+        anchor_words, colour, shape = relation
+        objects.append(anchor(colour, shape))
+        spans.append([anchor_words])
+    return objects, spans
+
+
+def _anchor(record: Mapping[str, Any], objects: Mapping[int, GroundedObject], colour: str,
+            shape: str, *, path: Path | str, where: str) -> GroundedObject:
+    found = [o["id"] for o in record["objects"] if o["color"] == colour and o["shape"] == shape]
+    if len(found) != 1:
+        raise DataFormatError(path, f"{where} is not unique in the image ({len(found)} found)")
+    return objects[found[0]]
 
 
 def load_world(records_jsonl: Path | str, *, check_images: bool = True) -> list[GroundingSample]:
@@ -150,16 +175,9 @@ def _record_samples(
             _object(objects, target, path, expression_where)
             for target in require_list(expression["targets"], path, f"{expression_where} targets")
         ]
-        spans = [[referent_span(text)] for _ in targets]
-        if relation := relation_anchor(text):
-            anchor_words, colour, shape = relation
-            anchor = [o["id"] for o in record["objects"]
-                      if o["color"] == colour and o["shape"] == shape]
-            if len(anchor) != 1:
-                raise DataFormatError(path, f"{expression_where}: the anchor of {text!r} is "
-                                            f"not unique in the image ({len(anchor)} found)")
-            targets.append(objects[anchor[0]])
-            spans.append([anchor_words])
+        anchor = partial(_anchor, record, objects, path=path,
+                         where=f"{expression_where}: the anchor of {text!r}")
+        targets, spans = referring_grounding(text, targets, anchor)
         samples.append(
             sample(
                 task="referring",
