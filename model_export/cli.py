@@ -72,6 +72,7 @@ def _tune_prompt(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from model_export.evaluate import TASKS, evaluate, format_table, write_report
+    from service.caption_search import DEFAULT_BEAMS
     from service.offline import ServingPredictor
     from service.runtimes import RuntimeOptions, open_runtime
 
@@ -85,7 +86,7 @@ def _eval(args: argparse.Namespace) -> int:
     predictor = ServingPredictor(open_runtime(RuntimeOptions(
         kind=args.runtime, model_dir=Path(args.model) if args.model else None,
         engine_dir=Path(args.engines) if args.engines else None, provider=args.provider,
-        precision=args.precision)))
+        precision=args.precision)), caption_beams=args.caption_beams or DEFAULT_BEAMS)
     try:
         metrics = evaluate(predictor, args.n, args.seed, tasks, held_out=args.held_out)
     finally:
@@ -349,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", default="", help="comma-separated subset of the tasks")
     evaluate.add_argument("--held-out", default="purple star,orange hexagon,green triangle",
                           help="colour-shape pairs held out of training, scored separately")
+    evaluate.add_argument("--caption-beams", type=int,
+                          help="beam width of caption decoding (1: greedy); default: the "
+                               "service's, GLIPV2_CAPTION_BEAMS")
     evaluate.add_argument("--out", help="write the metrics as JSON here")
     evaluate.set_defaults(func=_eval)
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from model_export.export import LEVELS, vision_outputs
 from model_export.prompt import load_tokenizer, tokenize
 from service.batching import BatchPlan
+from service.caption_search import beam_search
 from service.runtimes import Runtime
 from service.text_cache import TextFeatures
 
@@ -74,13 +75,17 @@ class MaskWork:
 
 @dataclass(frozen=True)
 class CaptionWork:
+    """One image to caption: its vision features, the most tokens its caption may have and the
+    beam width of the search (`caption_search.beam_search`)."""
+
     visual: VisionFeatures
     max_tokens: int
+    beams: int = 1
 
 
 @dataclass(frozen=True)
 class CaptionDecoded:
-    """A greedy caption and what grounding its phrases needs.
+    """A decoded caption and what grounding its phrases needs.
 
     caption: decoded text; encoding: its tokenisation ([CLS] caption [SEP]) for character to
     token maps; head: the ATSS head on the fused caption tokens.
@@ -172,34 +177,26 @@ class ModelRunner:
         return list(logits)
 
     def caption(self, plan: BatchPlan[CaptionWork]) -> list[CaptionDecoded]:
-        """Greedy decoding of every image of the batch together, the image side computed once;
-        a row stops at [SEP] or its `max_tokens`, the others go on."""
+        """Beam search (`caption_search`) for every image of the batch together, the image side
+        computed once; each step runs all images' live prefixes as one batch."""
         works = plan.payloads
         image_out = self.runtime.run("caption_image", self._stack_visual(works))
         state_names = sorted((n for n in image_out if n.startswith("state_")),
                              key=lambda n: int(n.split("_")[1]))
         states = [image_out[n] for n in state_names]
-        cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
-        sequences = [[cls_id] for _ in works]
-        active = [i for i, w in enumerate(works) if w.max_tokens > 0]
-        while active:
-            ids, mask = _pad_ids([sequences[i] for i in active])
-            index = torch.tensor(active)
-            logits = self.runtime.run("caption_step", {
+
+        def step(images: list[int], prefixes: list[list[int]]) -> Tensor:
+            ids, mask = _pad_ids(prefixes)
+            index = torch.tensor(images)
+            return self.runtime.run("caption_step", {
                 "input_ids": ids, "attention_mask": mask,
                 **{n: s[index] for n, s in zip(state_names, states, strict=True)},
             })["next_token_logits"]
-            still = []
-            for row, i in enumerate(active):
-                next_id = int(logits[row].argmax())
-                if next_id == sep_id:
-                    continue
-                sequences[i].append(next_id)
-                if len(sequences[i]) - 1 < works[i].max_tokens:
-                    still.append(i)
-            active = still
+
+        sequences = beam_search(step, [w.max_tokens for w in works], [w.beams for w in works],
+                                self.tokenizer.cls_token_id, self.tokenizer.sep_token_id)
         with self._tokenizer_lock:
-            captions = [self.tokenizer.decode(s[1:], skip_special_tokens=True).strip()
+            captions = [self.tokenizer.decode(s, skip_special_tokens=True).strip()
                         for s in sequences]
         ids, mask, encodings = self._tokenize(captions)
         fused_text = self.runtime.run("caption_step", {

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.batching import BatcherConfig
+from service.caption_search import DEFAULT_BEAMS
 from service.runtimes.base import RuntimeOptions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -104,6 +105,10 @@ class ServiceSettings(BaseSettings):
         description="Per-request deadline in the batcher, from submission; past it, 504.")
     caption_max_tokens: int = Field(
         64, ge=1, le=256, description="Most tokens a generated caption may have.")
+    caption_beams: int = Field(
+        DEFAULT_BEAMS, ge=1, le=16,
+        description="Beam width of caption decoding: prefixes kept per image (1: greedy). Each "
+                    "decoding step runs beams x images rows through the caption-step graph.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="Accepted API keys for /v1/* (Authorization: Bearer or X-API-Key); "

@@ -103,6 +103,7 @@ class ServiceState:
             runtime, model_id=settings.model_id,
             batcher_config=settings.batcher.to_config(settings.request_timeout_ms),
             metrics=self.metrics, caption_max_tokens=settings.caption_max_tokens,
+            caption_beams=settings.caption_beams,
             text_cache_bytes=settings.text_cache_bytes, max_segments=settings.max_segments,
             prompts=prompts)
         await serving.start()
