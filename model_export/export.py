@@ -52,9 +52,11 @@ from model_export.weights import CONFIG_FILE, load_model
 __all__ = [
     "DEFAULT_OPSET",
     "MANIFEST_FILE",
+    "GraphSignature",
     "GraphSpec",
     "export_mode",
     "export_model",
+    "graph_signatures",
     "graph_specs",
     "onnx_deform_conv2d",
     "sha256_file",
@@ -265,12 +267,11 @@ class CaptionGroundGraph(nn.Module):
 
 
 @dataclass
-class GraphSpec:
-    """One exported graph: its wrapper, tensor names, dynamic axes and export inputs."""
+class GraphSignature:
+    """One graph: its wrapper module, tensor names and dynamic axes, all that running it needs."""
 
     name: str
     module: nn.Module
-    inputs: tuple[Tensor, ...]
     input_names: list[str]
     output_names: list[str]
     dynamic_axes: dict[str, dict[int, str]]
@@ -278,6 +279,13 @@ class GraphSpec:
     @property
     def file(self) -> str:
         return f"{self.name}.onnx"
+
+
+@dataclass
+class GraphSpec(GraphSignature):
+    """A graph to export: its signature and the example inputs tracing runs it on."""
+
+    inputs: tuple[Tensor, ...]
 
 
 def vision_outputs(config: Glipv2Config) -> list[str]:
@@ -319,6 +327,63 @@ def _dummy_text(model: Glipv2Model) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
+def graph_signatures(model: Glipv2Model) -> list[GraphSignature]:
+    """Every graph `model` has, without running it (the PyTorch runtime's start-up)."""
+    token_axes = {0: "batch", 1: "tokens"}
+    fused_level_names = [f"fused_{level}" for level in LEVELS]
+    fused_level_axes = _level_axes("fused_")
+    vision_names = vision_outputs(model.config)
+    vision_axes = {**_level_axes(), COLOURS: {0: "batch", 2: "h3", 3: "w3"}}
+    vision_axes = {name: vision_axes[name] for name in vision_names}
+    graphs = [
+        GraphSignature("vision", VisionGraph(model), ["images"], vision_names,
+                       {"images": {0: "batch", 2: "height", 3: "width"}, **vision_axes}),
+        GraphSignature("language", LanguageGraph(model), ["input_ids", "attention_mask"],
+                       ["hidden", "embedded"],
+                       {name: token_axes for name in ("input_ids", "attention_mask", "hidden",
+                                                      "embedded")}),
+        GraphSignature("fusion", FusionGraph(model),
+                       [*LEVELS, "hidden", "attention_mask", *vision_names[len(LEVELS):]],
+                       [*_head_names(), *fused_level_names, "fused_text"],
+                       {**vision_axes, "hidden": token_axes, "attention_mask": token_axes,
+                        **_head_axes(), **fused_level_axes, "fused_text": token_axes}),
+    ]
+    if model.mask_head is not None:
+        graphs.append(GraphSignature(
+            "mask", MaskGraph(model),
+            [*fused_level_names[:3], "fused_text", "phrase_map", "boxes", "box_valid"],
+            ["mask_logits"],
+            {**{k: v for k, v in fused_level_axes.items() if k in fused_level_names[:3]},
+             "fused_text": token_axes, "phrase_map": {0: "batch", 1: "phrases", 2: "tokens"},
+             "boxes": {0: "batch", 1: "phrases", 2: "boxes"},
+             "box_valid": {0: "batch", 1: "phrases", 2: "boxes"},
+             "mask_logits": {0: "batch", 1: "phrases", 2: "boxes", 3: "h_mask", 4: "w_mask"}}))
+    if model.vqa_head is not None:
+        graphs.append(GraphSignature(
+            "vqa", VqaGraph(model), ["fused_text", "attention_mask"], ["answer_logits"],
+            {"fused_text": token_axes, "attention_mask": token_axes,
+             "answer_logits": {0: "batch"}}))
+    if model.mlm_head is not None:
+        fusion = model.fusion
+        states = len(fusion.layers) + int(fusion.image_values) + int(fusion.pixel_colours)
+        state_names = [f"state_{i}" for i in range(states)]
+        state_axes = {name: {0: "batch", 1: "regions"} for name in state_names}
+        graphs += [
+            GraphSignature("caption_image", CaptionImageGraph(model), vision_names,
+                           [*state_names, *fused_level_names],
+                           {**vision_axes, **state_axes, **fused_level_axes}),
+            GraphSignature("caption_step", CaptionStepGraph(model),
+                           ["input_ids", "attention_mask", *state_names],
+                           ["next_token_logits", "fused_text"],
+                           {"input_ids": token_axes, "attention_mask": token_axes, **state_axes,
+                            "next_token_logits": {0: "batch"}, "fused_text": token_axes}),
+            GraphSignature("caption_ground", CaptionGroundGraph(model),
+                           [*fused_level_names, "fused_text"], _head_names(),
+                           {**fused_level_axes, "fused_text": token_axes, **_head_axes()}),
+        ]
+    return graphs
+
+
 @torch.no_grad()
 def graph_specs(model: Glipv2Model) -> list[GraphSpec]:
     """Every graph `model` has, with export inputs computed by the model itself."""
@@ -331,25 +396,9 @@ def graph_specs(model: Glipv2Model) -> list[GraphSpec]:
     colours = extra[0] if extra else None
     text = model.encode_text(ids, mask)
     out = model.fuse(visual, text, colours=colours)
-    token_axes = {0: "batch", 1: "tokens"}
-    fused_level_names = [f"fused_{level}" for level in LEVELS]
-    fused_level_axes = _level_axes("fused_")
-    vision_names = vision_outputs(model.config)
-    vision_axes = {**_level_axes(), COLOURS: {0: "batch", 2: "h3", 3: "w3"}}
-    vision_axes = {name: vision_axes[name] for name in vision_names}
-    specs = [
-        GraphSpec("vision", VisionGraph(model), (images,), ["images"], vision_names,
-                  {"images": {0: "batch", 2: "height", 3: "width"}, **vision_axes}),
-        GraphSpec("language", LanguageGraph(model), (ids, mask),
-                  ["input_ids", "attention_mask"], ["hidden", "embedded"],
-                  {name: token_axes for name in ("input_ids", "attention_mask", "hidden",
-                                                 "embedded")}),
-        GraphSpec("fusion", FusionGraph(model), (*visual, text.hidden, mask, *extra),
-                  [*LEVELS, "hidden", "attention_mask", *vision_names[len(LEVELS):]],
-                  [*_head_names(), *fused_level_names, "fused_text"],
-                  {**vision_axes, "hidden": token_axes, "attention_mask": token_axes,
-                   **_head_axes(), **fused_level_axes, "fused_text": token_axes}),
-    ]
+    inputs: dict[str, tuple[Tensor, ...]] = {
+        "vision": (images,), "language": (ids, mask),
+        "fusion": (*visual, text.hidden, mask, *extra)}
     if model.mask_head is not None:
         batch = images.shape[0]
         phrase_map = torch.zeros(batch, 2, ids.shape[1])  # (N, P, T): each phrase 2 tokens
@@ -358,43 +407,24 @@ def graph_specs(model: Glipv2Model) -> list[GraphSpec]:
         boxes = torch.tensor([[10.0, 20.0, 120.0, 200.0], [0.0, 0.0, 320.0, 256.0],
                               [50.5, 60.5, 51.5, 99.0]]).expand(batch, 2, 3, 4)  # (N, P, K, 4)
         box_valid = torch.tensor([[True, True, True], [True, False, False]]).expand(batch, 2, 3)
-        specs.append(GraphSpec(
-            "mask", MaskGraph(model),
-            (*out.fused_visual[:3], out.fused_text, phrase_map, boxes.contiguous(),
-             box_valid.contiguous()),
-            [*fused_level_names[:3], "fused_text", "phrase_map", "boxes", "box_valid"],
-            ["mask_logits"],
-            {**{k: v for k, v in fused_level_axes.items() if k in fused_level_names[:3]},
-             "fused_text": token_axes, "phrase_map": {0: "batch", 1: "phrases", 2: "tokens"},
-             "boxes": {0: "batch", 1: "phrases", 2: "boxes"},
-             "box_valid": {0: "batch", 1: "phrases", 2: "boxes"},
-             "mask_logits": {0: "batch", 1: "phrases", 2: "boxes", 3: "h_mask", 4: "w_mask"}}))
+        inputs["mask"] = (*out.fused_visual[:3], out.fused_text, phrase_map, boxes.contiguous(),
+                          box_valid.contiguous())
     if model.vqa_head is not None:
-        specs.append(GraphSpec(
-            "vqa", VqaGraph(model), (out.fused_text, mask), ["fused_text", "attention_mask"],
-            ["answer_logits"],
-            {"fused_text": token_axes, "attention_mask": token_axes,
-             "answer_logits": {0: "batch"}}))
+        inputs["vqa"] = (out.fused_text, mask)
     if model.mlm_head is not None:
         states, caption_visual = model.fusion.caption_image_states(visual, colours)
-        state_names = [f"state_{i}" for i in range(len(states))]
-        state_axes = {name: {0: "batch", 1: "regions"} for name in state_names}
         caption_text = model.encode_text(ids, mask, causal=True)
-        caption_fused = model.fusion.caption_text(states, caption_text)
-        specs += [
-            GraphSpec("caption_image", CaptionImageGraph(model), (*visual, *extra),
-                      vision_names, [*state_names, *fused_level_names],
-                      {**vision_axes, **state_axes, **fused_level_axes}),
-            GraphSpec("caption_step", CaptionStepGraph(model), (ids, mask, *states),
-                      ["input_ids", "attention_mask", *state_names],
-                      ["next_token_logits", "fused_text"],
-                      {"input_ids": token_axes, "attention_mask": token_axes, **state_axes,
-                       "next_token_logits": {0: "batch"}, "fused_text": token_axes}),
-            GraphSpec("caption_ground", CaptionGroundGraph(model),
-                      (*caption_visual, caption_fused), [*fused_level_names, "fused_text"],
-                      _head_names(),
-                      {**fused_level_axes, "fused_text": token_axes, **_head_axes()}),
-        ]
+        inputs["caption_image"] = (*visual, *extra)
+        inputs["caption_step"] = (ids, mask, *states)
+        inputs["caption_ground"] = (*caption_visual,
+                                    model.fusion.caption_text(states, caption_text))
+    specs = []
+    for signature in graph_signatures(model):
+        spec = GraphSpec(**vars(signature), inputs=inputs[signature.name])
+        if len(spec.inputs) != len(spec.input_names):
+            raise RuntimeError(f"{spec.name}: {len(spec.inputs)} example inputs for "
+                                 f"{spec.input_names}")
+        specs.append(spec)
     return specs
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from model_export.errors import RuntimeUnavailableError
-from model_export.export import graph_specs
+from model_export.export import graph_signatures
 from model_export.model import Glipv2Model
 from model_export.weights import load_model
 from service.runtimes.base import Runtime
@@ -37,10 +37,9 @@ class TorchRuntime(Runtime):
         if threads:
             torch.set_num_threads(threads)
         model = model.eval()
-        # The specs' example inputs are CPU tensors: build them before the model moves.
         self._graphs: dict[str, tuple[nn.Module, list[str], list[str]]] = {
-            spec.name: (spec.module, spec.input_names, spec.output_names)
-            for spec in graph_specs(model)
+            graph.name: (graph.module, graph.input_names, graph.output_names)
+            for graph in graph_signatures(model)
         }
         self.model = model.to(device)
         self.config = model.config
