@@ -72,7 +72,7 @@ def _tune_prompt(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from model_export.evaluate import TASKS, evaluate, format_table, write_report
-    from service.caption_search import DEFAULT_BEAMS
+    from service.caption_search import CaptionSearch
     from service.offline import ServingPredictor
     from service.runtimes import RuntimeOptions, open_runtime
 
@@ -83,10 +83,13 @@ def _eval(args: argparse.Namespace) -> int:
     if args.runtime != "pytorch" and not args.engines:
         print(f"--runtime {args.runtime} needs --engines (glipv2 export)", file=sys.stderr)
         return 2
+    search = {key: value for key, value in (("beams", args.caption_beams),
+                                            ("length_penalty", args.caption_length_penalty))
+              if value is not None}
     predictor = ServingPredictor(open_runtime(RuntimeOptions(
         kind=args.runtime, model_dir=Path(args.model) if args.model else None,
         engine_dir=Path(args.engines) if args.engines else None, provider=args.provider,
-        precision=args.precision)), caption_beams=args.caption_beams or DEFAULT_BEAMS)
+        precision=args.precision)), CaptionSearch(max_tokens=64, **search))
     try:
         metrics = evaluate(predictor, args.n, args.seed, tasks, held_out=args.held_out)
     finally:
@@ -352,7 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="colour-shape pairs held out of training, scored separately")
     evaluate.add_argument("--caption-beams", type=int,
                           help="beam width of caption decoding (1: greedy); default: the "
-                               "service's, GLIPV2_CAPTION_BEAMS")
+                               "service's GLIPV2_CAPTION_BEAMS default")
+    evaluate.add_argument("--caption-length-penalty", type=float,
+                          help="length normalisation of caption beam search; default: the "
+                               "service's GLIPV2_CAPTION_LENGTH_PENALTY default")
     evaluate.add_argument("--out", help="write the metrics as JSON here")
     evaluate.set_defaults(func=_eval)
 

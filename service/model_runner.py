@@ -22,7 +22,7 @@ from torch import Tensor
 from model_export.export import LEVELS, vision_outputs
 from model_export.prompt import load_tokenizer, tokenize
 from service.batching import BatchPlan
-from service.caption_search import beam_search
+from service.caption_search import CaptionSearch, beam_search
 from service.runtimes import Runtime
 from service.text_cache import TextFeatures
 
@@ -75,12 +75,10 @@ class MaskWork:
 
 @dataclass(frozen=True)
 class CaptionWork:
-    """One image to caption: its vision features, the most tokens its caption may have and the
-    beam width of the search (`caption_search.beam_search`)."""
+    """One image to caption: its vision features and how to search for its caption."""
 
     visual: VisionFeatures
-    max_tokens: int
-    beams: int = 1
+    search: CaptionSearch
 
 
 @dataclass(frozen=True)
@@ -193,8 +191,8 @@ class ModelRunner:
                 **{n: s[index] for n, s in zip(state_names, states, strict=True)},
             })["next_token_logits"]
 
-        sequences = beam_search(step, [w.max_tokens for w in works], [w.beams for w in works],
-                                self.tokenizer.cls_token_id, self.tokenizer.sep_token_id)
+        sequences = beam_search(step, [w.search for w in works], self.tokenizer.cls_token_id,
+                                self.tokenizer.sep_token_id)
         with self._tokenizer_lock:
             captions = [self.tokenizer.decode(s, skip_special_tokens=True).strip()
                         for s in sequences]

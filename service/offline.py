@@ -20,7 +20,7 @@ from model_export.evaluate import CaptionPhrase, CaptionResult, Segment, VqaAnsw
 from model_export.postprocess import Detections
 from model_export.rle import decode_mask
 from service.batching import BatcherConfig
-from service.caption_search import DEFAULT_BEAMS
+from service.caption_search import DEFAULT_SEARCH, CaptionSearch
 from service.runtimes import Runtime
 from service.schemas import DetectParams, SegmentParams, VqaParams
 from service.serving import Glipv2Serving
@@ -38,15 +38,14 @@ class OfflineDetection:
 class ServingPredictor:
     """`Glipv2Serving` on its own event loop thread, called synchronously."""
 
-    def __init__(self, runtime: Runtime, caption_max_tokens: int = 64,
-                 caption_beams: int = DEFAULT_BEAMS) -> None:
+    def __init__(self, runtime: Runtime,
+                 caption_search: CaptionSearch = DEFAULT_SEARCH) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="serving-loop")
         self._thread.start()
         self.serving = Glipv2Serving(
-            runtime, model_id="offline", caption_max_tokens=caption_max_tokens,
-            caption_beams=caption_beams,
+            runtime, model_id="offline", caption_search=caption_search,
             batcher_config=BatcherConfig(max_batch_size=8, max_queue_delay_ms=0.0,
                                          max_queue_size=64))
         self._call(self.serving.start())

@@ -50,7 +50,7 @@ from service.batching import (
     DeadlineExceededError,
     DynamicBatcher,
 )
-from service.caption_search import DEFAULT_BEAMS
+from service.caption_search import DEFAULT_SEARCH, CaptionSearch
 from service.chunking import ChunkingError, name_token_counts, pack_chunks
 from service.errors import InvalidRequestError, TaskUnavailableError
 from service.metrics import ServiceMetrics
@@ -248,8 +248,7 @@ class Glipv2Serving:
         model_id: str,
         batcher_config: BatcherConfig,
         metrics: ServiceMetrics | None = None,
-        caption_max_tokens: int = 64,
-        caption_beams: int = DEFAULT_BEAMS,
+        caption_search: CaptionSearch = DEFAULT_SEARCH,
         text_cache_bytes: int = 256 * 1024 * 1024,
         max_segments: int = 20,
         prompts: Mapping[str, TunedPrompt] | None = None,
@@ -259,8 +258,7 @@ class Glipv2Serving:
         self.model_id = model_id
         self.config = runtime.config
         self.max_prompt_tokens = self.config.language.max_query_len
-        self.caption_max_tokens = caption_max_tokens
-        self.caption_beams = caption_beams
+        self.caption_search = caption_search
         self.max_segments = max_segments
         self.prompts = dict(prompts or {})
         self.metrics = metrics
@@ -584,7 +582,7 @@ class Glipv2Serving:
         request = _Request(self, image, priority)
         prepared, visual = await request.encode_image()
         decoded: CaptionDecoded = await request.submit(
-            "caption", CaptionWork(visual, self.caption_max_tokens, self.caption_beams))
+            "caption", CaptionWork(visual, self.caption_search))
         phrases = await asyncio.to_thread(self._ground_caption, decoded, prepared)
         return CaptionResponse(model=self.model_id, image=_info(image), caption=decoded.caption,
                                phrases=phrases)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.batching import BatcherConfig
-from service.caption_search import DEFAULT_BEAMS
+from service.caption_search import DEFAULT_BEAMS, DEFAULT_LENGTH_PENALTY
 from service.runtimes.base import RuntimeOptions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -109,6 +109,11 @@ class ServiceSettings(BaseSettings):
         DEFAULT_BEAMS, ge=1, le=16,
         description="Beam width of caption decoding: prefixes kept per image (1: greedy). Each "
                     "decoding step runs beams x images rows through the caption-step graph.")
+    caption_length_penalty: float = Field(
+        DEFAULT_LENGTH_PENALTY, ge=0, le=4, allow_inf_nan=False,
+        description="A caption's beam-search score is its log-probability divided by its token "
+                    "count to this power: 0 ranks by probability (short captions win), 1 by "
+                    "the mean per token.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="Accepted API keys for /v1/* (Authorization: Bearer or X-API-Key); "

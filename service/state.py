@@ -15,6 +15,7 @@ from collections.abc import Callable
 from PIL import Image
 
 from model_export.tuned_prompts import load_tuned_prompts
+from service.caption_search import CaptionSearch
 from service.errors import InvalidRequestError, NotReadyError
 from service.image_urls import ImageUrlFetcher
 from service.images import decode_base64, decode_image_bytes
@@ -102,8 +103,9 @@ class ServiceState:
         serving = Glipv2Serving(
             runtime, model_id=settings.model_id,
             batcher_config=settings.batcher.to_config(settings.request_timeout_ms),
-            metrics=self.metrics, caption_max_tokens=settings.caption_max_tokens,
-            caption_beams=settings.caption_beams,
+            metrics=self.metrics, caption_search=CaptionSearch(
+                settings.caption_max_tokens, settings.caption_beams,
+                settings.caption_length_penalty),
             text_cache_bytes=settings.text_cache_bytes, max_segments=settings.max_segments,
             prompts=prompts)
         await serving.start()

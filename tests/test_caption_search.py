@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from service.caption_search import beam_search
+from service.caption_search import CaptionSearch, beam_search
 
 CLS, SEP = 0, 1
 VOCAB = 5  # [CLS], [SEP] and three words
@@ -43,10 +43,17 @@ def log_prob(image: int, tokens: list[int], limit: int) -> float:
     return total
 
 
-def exhaustive_best(image: int, limit: int) -> list[int]:
+def search(step, limits: list[int], beams: list[int], length_penalty: float = 0.0
+           ) -> list[list[int]]:
+    return beam_search(step, [CaptionSearch(limit, width, length_penalty)
+                              for limit, width in zip(limits, beams, strict=True)], CLS, SEP)
+
+
+def exhaustive_best(image: int, limit: int, length_penalty: float = 0.0) -> list[int]:
     words = range(2, VOCAB)
     options = [list(c) for n in range(limit + 1) for c in itertools.product(words, repeat=n)]
-    return max(options, key=lambda tokens: log_prob(image, tokens, limit))
+    return max(options, key=lambda tokens: log_prob(image, tokens, limit)
+               / max(len(tokens) + (len(tokens) < limit), 1) ** length_penalty)
 
 
 def greedy(image: int, limit: int) -> list[int]:
@@ -60,24 +67,33 @@ def greedy(image: int, limit: int) -> list[int]:
 
 
 def test_one_beam_is_greedy() -> None:
-    got = beam_search(toy_step(), [6] * 12, [1] * 12, CLS, SEP)
+    got = search(toy_step(), [6] * 12, [1] * 12)
     assert got == [greedy(i, 6) for i in range(12)]
     assert len({tuple(tokens) for tokens in got}) > 1
 
 
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
 @pytest.mark.parametrize("image", range(8))
-def test_a_beam_as_wide_as_every_prefix_finds_the_most_probable_caption(image: int) -> None:
+def test_a_beam_as_wide_as_every_prefix_finds_the_best_caption(image: int,
+                                                               length_penalty: float) -> None:
     limit = 3
-    best = exhaustive_best(image, limit)
-    (got,) = beam_search(toy_step(first_image=image), [limit], [(VOCAB - 2) ** (limit - 1)],
-                         CLS, SEP)
+    best = exhaustive_best(image, limit, length_penalty)
+    (got,) = search(toy_step(first_image=image), [limit], [(VOCAB - 2) ** (limit - 1)],
+                    length_penalty)
     assert got == best
     assert math.isclose(log_prob(image, got, limit), log_prob(image, best, limit))
 
 
+def test_length_normalisation_favours_longer_captions() -> None:
+    images, limit = list(range(40)), 6
+    plain = search(toy_step(), [limit] * len(images), [4] * len(images))
+    normalised = search(toy_step(), [limit] * len(images), [4] * len(images), 1.0)
+    assert sum(map(len, normalised)) > sum(map(len, plain))
+
+
 def test_beams_find_more_probable_captions_than_greedy() -> None:
     images, limit = list(range(40)), 5
-    searched = beam_search(toy_step(), [limit] * len(images), [4] * len(images), CLS, SEP)
+    searched = search(toy_step(), [limit] * len(images), [4] * len(images))
     gains = [log_prob(i, searched[i], limit) - log_prob(i, greedy(i, limit), limit)
              for i in images]
     assert sum(g > 1e-6 for g in gains) >= 5
@@ -86,8 +102,8 @@ def test_beams_find_more_probable_captions_than_greedy() -> None:
 
 def test_images_of_one_batch_are_searched_independently() -> None:
     limits, beams = [4, 0, 2, 5], [3, 2, 1, 4]
-    together = beam_search(toy_step(), limits, beams, CLS, SEP)
-    alone = [beam_search(toy_step(first_image=k), [limit], [width], CLS, SEP)[0]
+    together = search(toy_step(), limits, beams)
+    alone = [search(toy_step(first_image=k), [limit], [width])[0]
              for k, (limit, width) in enumerate(zip(limits, beams, strict=True))]
     assert together == alone
     assert together[1] == []
@@ -96,14 +112,14 @@ def test_images_of_one_batch_are_searched_independently() -> None:
 
 def test_each_step_runs_every_live_prefix_of_the_batch_at_once() -> None:
     calls: list[int] = []
-    beam_search(toy_step(calls), [5, 5], [3, 3], CLS, SEP)
+    search(toy_step(calls), [5, 5], [3, 3])
     assert calls[0] == 2  # one [CLS] row per image
     assert max(calls) <= 6  # at most 3 live prefixes per image
     assert len(calls) <= 5  # never past the token limit
 
 
-def test_bad_beam_widths_are_refused() -> None:
-    with pytest.raises(ValueError, match="beam width"):
-        beam_search(toy_step(), [4], [0], CLS, SEP)
-    with pytest.raises(ValueError, match="beam width"):
-        beam_search(toy_step(), [4, 4], [2], CLS, SEP)
+def test_bad_search_settings_are_refused() -> None:
+    for bad in ({"max_tokens": -1}, {"max_tokens": 4, "beams": 0},
+                {"max_tokens": 4, "length_penalty": -0.5}):
+        with pytest.raises(ValueError, match="need max_tokens"):
+            CaptionSearch(**bad)

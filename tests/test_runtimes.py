@@ -22,6 +22,7 @@ from pycocotools import mask as mask_utils
 
 from model_export.export import MANIFEST_FILE, export_model
 from service.batching import BatcherConfig
+from service.caption_search import CaptionSearch
 from service.metrics import ServiceMetrics
 from service.runtimes import (
     ManifestError,
@@ -82,7 +83,8 @@ async def serve_all(serving: Glipv2Serving, concurrent: bool) -> list[Any]:
 
 
 def make_serving(runtime: Any, metrics: ServiceMetrics | None = None) -> Glipv2Serving:
-    return Glipv2Serving(runtime, model_id="default", metrics=metrics, caption_max_tokens=24,
+    return Glipv2Serving(runtime, model_id="default", metrics=metrics,
+                         caption_search=CaptionSearch(max_tokens=24),
                          batcher_config=BatcherConfig(max_batch_size=8, max_queue_delay_ms=50,
                                                       max_queue_size=64))
 
