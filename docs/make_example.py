@@ -26,7 +26,7 @@ SAMPLE = DOCS.parent / "tests" / "fixtures" / "world" / "000001.png"
 REQUESTS = [
     ("/v1/detect", {"classes": ["circle", "square", "triangle", "diamond", "star", "hexagon"]}),
     ("/v1/segment", {"expressions": ["the blue shapes"]}),
-    ("/v1/vqa", {"question": "how many shapes are there?"}),
+    ("/v1/vqa", {"question": "how many squares are there?"}),
     ("/v1/caption", {}),
 ]
 
