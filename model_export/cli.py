@@ -83,13 +83,18 @@ def _eval(args: argparse.Namespace) -> int:
     if args.runtime != "pytorch" and not args.engines:
         print(f"--runtime {args.runtime} needs --engines (glipv2 export)", file=sys.stderr)
         return 2
-    search = {key: value for key, value in (("beams", args.caption_beams),
-                                            ("length_penalty", args.caption_length_penalty))
-              if value is not None}
+    try:
+        search = CaptionSearch(max_tokens=64, **{
+            key: value for key, value in (("beams", args.caption_beams),
+                                          ("length_penalty", args.caption_length_penalty))
+            if value is not None})
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
     predictor = ServingPredictor(open_runtime(RuntimeOptions(
         kind=args.runtime, model_dir=Path(args.model) if args.model else None,
         engine_dir=Path(args.engines) if args.engines else None, provider=args.provider,
-        precision=args.precision)), CaptionSearch(max_tokens=64, **search))
+        precision=args.precision)), search)
     try:
         metrics = evaluate(predictor, args.n, args.seed, tasks, held_out=args.held_out)
     finally:

@@ -49,6 +49,13 @@ def test_eval_cli_needs_engines_for_an_exported_runtime(capsys: pytest.CaptureFi
     assert "needs --engines" in capsys.readouterr().err
 
 
+def test_eval_cli_refuses_a_bad_caption_search(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--model", "unused", "--caption-beams", "0"]) == 2
+    assert "beams >= 1" in capsys.readouterr().err
+    assert main(["eval", "--model", "unused", "--caption-length-penalty", "-1"]) == 2
+    assert "length_penalty >= 0" in capsys.readouterr().err
+
+
 def test_shipped_model_finds_the_shapes_on_unseen_images() -> None:
     """Detection on fresh images of an evaluation seed, scored like the README's table: a
     model that regressed (or a broken post-processing path) falls well under this floor."""
