@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -72,7 +73,7 @@ def _tune_prompt(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from model_export.evaluate import TASKS, evaluate, format_table, write_report
-    from service.caption_search import CaptionSearch
+    from service.caption_search import DEFAULT_SEARCH
     from service.offline import ServingPredictor
     from service.runtimes import RuntimeOptions, open_runtime
 
@@ -84,7 +85,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"--runtime {args.runtime} needs --engines (glipv2 export)", file=sys.stderr)
         return 2
     try:
-        search = CaptionSearch(max_tokens=64, **{
+        search = dataclasses.replace(DEFAULT_SEARCH, **{
             key: value for key, value in (("beams", args.caption_beams),
                                           ("length_penalty", args.caption_length_penalty))
             if value is not None})

@@ -58,8 +58,10 @@ class _Prefix:
     log_prob: float
     scored: int  # tokens the log-probability sums over: the generated ones, and [SEP] if ended
 
-    def score(self, length_penalty: float) -> float:
-        return self.log_prob / max(self.scored, 1) ** length_penalty
+    def score(self, length_penalty: float, more: int = 0) -> float:
+        """Its length-normalised score, or with `more`, what it would score `more` tokens on
+        at the same log-probability."""
+        return self.log_prob / max(self.scored + more, 1) ** length_penalty
 
 
 def beam_search(step: StepFn, searches: Sequence[CaptionSearch], cls_id: int, sep_id: int
@@ -102,7 +104,7 @@ def beam_search(step: StepFn, searches: Sequence[CaptionSearch], cls_id: int, se
                     live[image].append(extended)
             best = max(p.score(penalty) for p in done[image]) if done[image] else None
             if best is not None and (not live[image] or best >= max(
-                    p.log_prob / (p.scored + 1) ** penalty for p in live[image])):
+                    p.score(penalty, more=1) for p in live[image])):
                 live[image] = []
     return [max(finished, key=lambda p: p.score(search.length_penalty)).tokens[1:]
             for finished, search in zip(done, searches, strict=True)]

@@ -13,8 +13,9 @@ from state_file import read_state
 
 shards_dir, model_dir, out = (Path(arg) for arg in sys.argv[1:4])
 shards = sorted(shards_dir.glob("shard*.safetensors"))
-metadata = read_state(shards[0])[1]
-state = {key: value for shard in shards for key, value in read_state(shard)[0].items()}
+read = [read_state(shard) for shard in shards]
+metadata = read[0][1]
+state = {key: value for tensors, _ in read for key, value in tensors.items()}
 out.mkdir(parents=True, exist_ok=True)
 save_file(state, str(out / "model.safetensors"), metadata=metadata)
 shutil.copy(model_dir / "config.json", out)
