@@ -25,6 +25,8 @@ from torch import Tensor
 # The serving default (`ServiceSettings.caption_beams`, `glipv2 eval --caption-beams`).
 DEFAULT_BEAMS = 4
 DEFAULT_LENGTH_PENALTY = 1.0
+DEFAULT_MAX_TOKENS = 64
+
 # rows' images (indices into the batch) and token prefixes ([CLS] first) -> (rows, vocab) logits
 StepFn = Callable[[list[int], list[list[int]]], Tensor]
 
@@ -49,7 +51,7 @@ class CaptionSearch:
 
 
 # The service's defaults (`ServiceSettings.caption_*`): 64 tokens at most.
-DEFAULT_SEARCH = CaptionSearch(max_tokens=64)
+DEFAULT_SEARCH = CaptionSearch(max_tokens=DEFAULT_MAX_TOKENS)
 
 
 @dataclass(frozen=True)

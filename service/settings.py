@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.batching import BatcherConfig
-from service.caption_search import DEFAULT_BEAMS, DEFAULT_LENGTH_PENALTY
+from service.caption_search import DEFAULT_BEAMS, DEFAULT_LENGTH_PENALTY, DEFAULT_MAX_TOKENS
 from service.runtimes.base import RuntimeOptions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +104,7 @@ class ServiceSettings(BaseSettings):
         30_000.0, gt=0, allow_inf_nan=False,
         description="Per-request deadline in the batcher, from submission; past it, 504.")
     caption_max_tokens: int = Field(
-        64, ge=1, le=256, description="Most tokens a generated caption may have.")
+        DEFAULT_MAX_TOKENS, ge=1, le=256, description="Most tokens a generated caption may have.")
     caption_beams: int = Field(
         DEFAULT_BEAMS, ge=1, le=16,
         description="Beam width of caption decoding: prefixes kept per image (1: greedy). Each "
