@@ -50,7 +50,7 @@ class CaptionSearch:
             raise ValueError(f"need max_tokens >= 0, beams >= 1 and length_penalty >= 0: {self}")
 
 
-# The service's defaults (`ServiceSettings.caption_*`): 64 tokens at most.
+# The service's defaults (`ServiceSettings.caption_*`).
 DEFAULT_SEARCH = CaptionSearch(max_tokens=DEFAULT_MAX_TOKENS)
 
 
