@@ -7,6 +7,7 @@ import itertools
 import math
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,6 +323,17 @@ def test_restart_at_starts_the_cosine_again() -> None:
     assert plain.learning_rate(505) == pytest.approx(0.5e-3)
     with pytest.raises(ValueError, match="restart_at"):
         TrainConfig.load(None, ["steps=1000", "restart_at=1000"])
+
+
+@pytest.mark.parametrize("name", ["train_default", "train_gpu", "train_cpu"])
+def test_shipped_training_configs_load(name: str) -> None:
+    """The recipes the README cites stay valid TrainConfigs as fields change; the CPU one is
+    the `--set restart_at=STEP` continuation of the default model."""
+    path = Path(__file__).parents[1] / "configs" / f"{name}.toml"
+    config = TrainConfig.load(path, ["restart_at=18570"] if name == "train_cpu" else [])
+    assert config.preset == "small"
+    assert config.held_out_pairs == "purple star,orange hexagon,green triangle"
+    assert sum(config.task_weights.values()) == pytest.approx(1.0)
 
 
 def test_lr_multipliers_scale_the_rate_of_the_named_parameters(tmp_path) -> None:
