@@ -73,10 +73,12 @@ def _tune_prompt(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from model_export.evaluate import TASKS, evaluate, format_table, write_report
+    from model_export.world import HELD_OUT_PAIRS
     from service.caption_search import DEFAULT_SEARCH
     from service.offline import ServingPredictor
     from service.runtimes import RuntimeOptions, open_runtime
 
+    held_out = HELD_OUT_PAIRS if args.held_out is None else args.held_out
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)
     if args.runtime == "pytorch" and not args.model:
         print("--model is required with the pytorch runtime", file=sys.stderr)
@@ -97,7 +99,7 @@ def _eval(args: argparse.Namespace) -> int:
         engine_dir=Path(args.engines) if args.engines else None, provider=args.provider,
         precision=args.precision)), search)
     try:
-        metrics = evaluate(predictor, args.n, args.seed, tasks, held_out=args.held_out)
+        metrics = evaluate(predictor, args.n, args.seed, tasks, held_out=held_out)
     finally:
         predictor.close()
     print(format_table(metrics))
@@ -357,8 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n", type=int, default=500, help="images to render and score")
     evaluate.add_argument("--seed", type=int, default=1000, help="world seed (not a training one)")
     evaluate.add_argument("--tasks", default="", help="comma-separated subset of the tasks")
-    evaluate.add_argument("--held-out", default="purple star,orange hexagon,green triangle",
-                          help="colour-shape pairs held out of training, scored separately")
+    evaluate.add_argument("--held-out",
+                          help="colour-shape pairs held out of training, scored separately "
+                          "(default: the ones training holds out)")
     evaluate.add_argument("--caption-beams", type=int,
                           help="beam width of caption decoding (1: greedy); default: the "
                                "service's GLIPV2_CAPTION_BEAMS default")

@@ -40,6 +40,7 @@ from model_export.metrics import (
 from model_export.postprocess import Detections
 from model_export.world import (
     COLOR_NAMES,
+    HELD_OUT_PAIRS,
     SHAPES,
     WorldImage,
     expression_form,
@@ -124,7 +125,7 @@ def referring_answers(predictor: Predictor, scene: WorldImage, threshold: float 
 
 
 def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TASKS,
-             held_out: str = "purple star,orange hexagon,green triangle",
+             held_out: str = HELD_OUT_PAIRS,
              progress: bool = True) -> dict[str, dict]:
     """Render `n` images with `seed` (never a training seed) and score every task."""
     pairs = sorted(parse_pairs(held_out)) if held_out else []

@@ -23,7 +23,7 @@ from model_export.train import Glipv2Trainer, TrainConfig
 from model_export.train_data import build_example, collate, grounded_object
 from model_export.tuned_prompts import TunedPrompt
 from model_export.weights import load_model
-from model_export.world import SHAPES, parse_pairs, render_index
+from model_export.world import HELD_OUT_PAIRS, SHAPES, parse_pairs, render_index
 
 
 @dataclass
@@ -36,7 +36,7 @@ class TuningConfig:
     min_size: int = 288  # shorter side of the training images
     world_seed: int = 7  # scenes the offset is tuned on (evaluation uses other seeds)
     scenes: int = 0  # > 0: cycle over this many scenes (few-shot); 0: a new scene each time
-    held_out_pairs: str = "purple star,orange hexagon,green triangle"
+    held_out_pairs: str = HELD_OUT_PAIRS
     seed: int = 0
 
 

@@ -47,7 +47,7 @@ from model_export.prompt import load_tokenizer
 from model_export.train_data import Batch, Example, build_example, collate, pad_tokens
 from model_export.vqa_head import glimpse_grounding_loss, vqa_loss
 from model_export.weights import load_model, load_pretrained_language, save_model
-from model_export.world import COLOR_NAMES, SHAPES, parse_pairs, render_index
+from model_export.world import COLOR_NAMES, HELD_OUT_PAIRS, SHAPES, parse_pairs, render_index
 
 
 @dataclass
@@ -80,7 +80,7 @@ class TrainConfig:
     inter_regions_per_image: int = 48  # anchors sampled per image for L_inter (half positives)
     inter_temperature: float = 0.1  # softmax temperature of L_inter
     max_distractors: int = 0  # up to this many non-world class names in detection prompts
-    held_out_pairs: str = "purple star,orange hexagon,green triangle"  # never rendered in training
+    held_out_pairs: str = HELD_OUT_PAIRS  # never rendered in training
     world_seed: int = 1  # seed of the training world (evaluation uses other seeds)
     seed: int = 0  # seed of sampling and initialisation
     checkpoint_every: int = 500  # steps between checkpoints

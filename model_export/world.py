@@ -85,6 +85,9 @@ ABSENT_EXPRESSION_FRACTION = 0.25  # share of expressions that deliberately deno
 
 Box = Sequence[int]
 Pairs = frozenset[tuple[str, str]]
+# Colour-shape pairs the default model never sees in training, so that `glipv2 eval` can score
+# open-vocabulary composition on them (training, prompt tuning and eval all default to these).
+HELD_OUT_PAIRS = "purple star,orange hexagon,green triangle"
 
 
 def validate_pairs(pairs: Iterable[tuple[str, str]]) -> Pairs:
