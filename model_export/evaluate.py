@@ -5,7 +5,10 @@ grounding AP50, separately for held-out colour-shape pairs (open-vocabulary comp
 referring segmentation mIoU over expressions with referents and the share of no-referent
 expressions answered with no segment; VQA accuracy; caption exact match, BLEU-4 and phrase
 grounding accuracy (box IoU >= 0.5). Referring mIoU and VQA accuracy are also given per
-template (expression form, question type), which says where a model falls short.
+template (expression form, question type), which says where a model falls short. Means and
+rates carry the half-width of their 95 % interval (`HALF_WIDTH`): how far they may move with
+the images drawn, which decides whether two models' figures differ at all. AP and BLEU-4 are
+corpus-level and get none.
 
 What is scored is whatever `Predictor` is given: the CLI passes the service's own path
 (`service.offline.ServingPredictor`) on the chosen runtime, so the metrics are those of the
@@ -34,6 +37,7 @@ from model_export.metrics import (
     caption_metrics,
     format_table,
     phrase_grounding_accuracy,
+    proportion_ci95,
     referring_metrics,
     vqa_exact_accuracy,
 )
@@ -50,6 +54,7 @@ from model_export.world import (
 )
 
 TASKS = ("detection", "grounding", "referring", "vqa", "caption")
+HALF_WIDTH = "95% half-width"  # the key of a task's sampling errors (module docstring)
 
 
 @dataclass
@@ -187,20 +192,28 @@ def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TAS
             metrics["grounding"]["AP50 held-out pairs"] = ap["map50"]
     if "referring" in tasks:
         ref = referring_metrics(referring)
-        metrics["referring"] = {"mIoU": ref["miou"], "empty-referent accuracy":
-                                ref["empty_accuracy"], "gIoU": ref["giou"],
-                                "mIoU by form": {form: referring_metrics(answers)["miou"]
-                                                 for form, answers in
-                                                 sorted(referring_by_form.items())}}
+        by_form = {form: referring_metrics(answers)["miou"]
+                   for form, answers in sorted(referring_by_form.items())}
+        metrics["referring"] = {
+            "mIoU": ref["miou"], "empty-referent accuracy": ref["empty_accuracy"],
+            "gIoU": ref["giou"], "mIoU by form": by_form,
+            HALF_WIDTH: {"mIoU": ref["miou_ci95"],
+                         "empty-referent accuracy": ref["empty_accuracy_ci95"]}}
     if "vqa" in tasks:
-        metrics["vqa"] = {"accuracy": vqa_exact_accuracy(vqa_pred, vqa_gold),
-                          "accuracy by type": {kind: vqa_exact_accuracy(*answers)
-                                               for kind, answers in sorted(vqa_by_type.items())}}
+        accuracy = vqa_exact_accuracy(vqa_pred, vqa_gold)
+        by_type = {kind: vqa_exact_accuracy(*answers)
+                   for kind, answers in sorted(vqa_by_type.items())}
+        metrics["vqa"] = {"accuracy": accuracy, "accuracy by type": by_type,
+                          HALF_WIDTH: {"accuracy": proportion_ci95(accuracy, len(vqa_gold))}}
     if "caption" in tasks:
         cap = caption_metrics(hyps, refs)
-        metrics["caption"] = {"exact match": cap["exact_match"], "BLEU-4": cap["bleu4"],
-                              "phrase grounding accuracy":
-                              phrase_grounding_accuracy(grounding_pairs)}
+        grounded = phrase_grounding_accuracy(grounding_pairs)
+        metrics["caption"] = {
+            "exact match": cap["exact_match"], "BLEU-4": cap["bleu4"],
+            "phrase grounding accuracy": grounded,
+            HALF_WIDTH: {"exact match": proportion_ci95(cap["exact_match"], len(refs)),
+                         "phrase grounding accuracy":
+                         proportion_ci95(grounded, len(grounding_pairs))}}
     return metrics
 
 
@@ -215,4 +228,4 @@ def write_report(metrics: dict[str, dict], out: str | Path) -> None:
     Path(out).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-__all__ = ["TASKS", "evaluate", "format_table", "write_report"]
+__all__ = ["HALF_WIDTH", "TASKS", "evaluate", "format_table", "write_report"]

@@ -11,6 +11,10 @@ definition rather than a home-made variant:
 - captioning: exact match, corpus BLEU-4 (Papineni et al. 2002) and phrase-grounding accuracy
   (a phrase's box is right when its IoU with the object's box is >= 0.5).
 
+Sampling error: `mean_ci95` and `proportion_ci95` give the half-width of the normal-approximation
+95 % interval of a mean or a rate over n items, which says how far a figure on n images may move
+with the images drawn (7 points either way for an accuracy of 0.87 over 81 expressions).
+
 Box convention everywhere: `[x0, y0, x1, y1]` float pixels, end exclusive (the HTTP API's), so a
 box's width is `x1 - x0` with no +1. Ratios over an empty set are `None`, not 0 or NaN: "no data"
 must not read as "all wrong", and NaN does not survive JSON.
@@ -39,7 +43,9 @@ __all__ = [
     "corpus_bleu",
     "format_table",
     "mask_iou",
+    "mean_ci95",
     "phrase_grounding_accuracy",
+    "proportion_ci95",
     "referring_metrics",
     "tokenize_caption",
     "vqa_exact_accuracy",
@@ -199,6 +205,22 @@ def box_ap(
     }
 
 
+def mean_ci95(values: Sequence[float]) -> float | None:
+    """Half-width of the 95 % interval of the mean of `values`: 1.96 sample standard deviations
+    over sqrt(n). `None` below two values (no spread to estimate)."""
+    if len(values) < 2:
+        return None
+    return 1.96 * float(np.std(np.asarray(values, dtype=np.float64), ddof=1)) / math.sqrt(
+        len(values))
+
+
+def proportion_ci95(rate: float | None, n: int) -> float | None:
+    """`mean_ci95` of n yes/no outcomes of which a fraction `rate` are yes (e.g. an accuracy)."""
+    if rate is None or n < 2:
+        return None
+    return 1.96 * math.sqrt(rate * (1.0 - rate) / (n - 1))
+
+
 def box_iou(a: Box, b: Box) -> float:
     """IoU of two `[x0, y0, x1, y1]` end-exclusive boxes, in [0, 1]; 0.0 when both are empty."""
     ax0, ay0, ax1, ay1 = (float(v) for v in a)
@@ -253,8 +275,8 @@ def referring_metrics(
       one number a score threshold trades off.
 
     Masks are `(H, W)` bool arrays, all of one expression the same shape. Returns `miou`,
-    `n_with_referent`, `empty_accuracy`, `n_empty`, `giou`; a ratio over zero expressions is
-    `None`.
+    `n_with_referent`, `empty_accuracy`, `n_empty`, `giou`, and the 95 % half-widths
+    `miou_ci95` and `empty_accuracy_ci95`; a ratio over zero expressions is `None`.
     """
     ious: list[float] = []
     n_empty = 0
@@ -266,10 +288,13 @@ def referring_metrics(
         else:
             n_empty += 1
             n_empty_correct += not any(np.asarray(mask, dtype=bool).any() for mask in predicted)
+    empty_accuracy = n_empty_correct / n_empty if n_empty else None
     return {
         "miou": float(np.mean(ious)) if ious else None,
+        "miou_ci95": mean_ci95(ious),
         "n_with_referent": len(ious),
-        "empty_accuracy": n_empty_correct / n_empty if n_empty else None,
+        "empty_accuracy": empty_accuracy,
+        "empty_accuracy_ci95": proportion_ci95(empty_accuracy, n_empty),
         "n_empty": n_empty,
         "giou": ((sum(ious) + n_empty_correct) / (len(ious) + n_empty)
                  if results else None),

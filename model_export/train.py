@@ -63,7 +63,8 @@ class TrainConfig:
     lr_multipliers: dict[str, float] = field(default_factory=dict)
     warmup_steps: int = 300  # linear warm-up length
     # > 0: a warm restart (SGDR): the cosine starts again at this step, from `lr` down to 0 at
-    # `steps`, so a finished schedule can go on with new objectives and still end annealed
+    # `steps`, so a finished schedule can go on with new objectives and still end annealed.
+    # 0 with init_from: the weights' own step (fresh moments, so a fresh cosine)
     restart_at: int = 0
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm
@@ -422,12 +423,16 @@ class Glipv2Trainer:
     @classmethod
     def from_weights(cls, model_dir: str | Path, config: TrainConfig) -> Glipv2Trainer:
         """Continue from a model folder without optimiser state (e.g. the committed default
-        model): fresh AdamW moments, the step count (schedule, world index) from progress.json."""
+        model): fresh AdamW moments, the step count (schedule, world index) from progress.json.
+        Unless `restart_at` says otherwise the cosine restarts at that step: counted from step 0
+        it would sit near its end, and a time-limited run would train at a learning rate near 0."""
         trainer = cls(config, model=load_model(model_dir))
         progress = Path(model_dir) / "progress.json"
         if progress.is_file():
             trainer.step_index = int(json.loads(progress.read_text())["step"])
         trainer.warmup_from = trainer.step_index
+        if config.restart_at == 0 and 0 < trainer.step_index < config.steps:
+            trainer.config = dataclasses.replace(config, restart_at=trainer.step_index)
         return trainer
 
     @classmethod

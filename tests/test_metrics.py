@@ -16,7 +16,9 @@ from model_export.metrics import (
     corpus_bleu,
     format_table,
     mask_iou,
+    mean_ci95,
     phrase_grounding_accuracy,
+    proportion_ci95,
     referring_metrics,
     tokenize_caption,
     vqa_exact_accuracy,
@@ -180,19 +182,37 @@ def test_referring_metrics_hand_built() -> None:
     assert result["empty_accuracy"] == pytest.approx(2 / 3)
     assert result["n_empty"] == 3
     assert result["giou"] == pytest.approx((2 / 3 + 0 + 1 + 1 + 0 + 1) / 6)
+    # IoUs 2/3, 0, 1: mean 5/9, squared deviations (1 + 25 + 16) / 81, sample variance 21/81;
+    # 1.96 * sqrt(21) / 9 / sqrt(3) = 1.96 * sqrt(7) / 9
+    assert result["miou_ci95"] == pytest.approx(1.96 * math.sqrt(7) / 9)
+    # 2 of 3 right: 1.96 * sqrt((2/3) (1/3) / 2) = 1.96 / 3
+    assert result["empty_accuracy_ci95"] == pytest.approx(1.96 / 3)
 
 
 def test_referring_metrics_empty_groups_are_none() -> None:
     assert referring_metrics([]) == {
         "miou": None,
+        "miou_ci95": None,
         "n_with_referent": 0,
         "empty_accuracy": None,
+        "empty_accuracy_ci95": None,
         "n_empty": 0,
         "giou": None,
     }
     only_referents = referring_metrics([([_mask((1, 1))], [_mask((1, 1))])])
     assert only_referents["miou"] == 1.0
     assert only_referents["empty_accuracy"] is None
+
+
+def test_ci95_half_widths() -> None:
+    # 1, 1, 1, 0: mean 3/4, sample variance (3 * 1/16 + 9/16) / 3 = 1/4, so 1.96 * 0.5 / 2
+    assert mean_ci95([1.0, 1.0, 1.0, 0.0]) == pytest.approx(0.49)
+    assert proportion_ci95(0.75, 4) == pytest.approx(0.49)  # the same outcomes as a rate
+    # 87 % over 81 expressions (an n=200 empty-referent figure): 1.96 * sqrt(.87 * .13 / 80)
+    assert proportion_ci95(0.87, 81) == pytest.approx(0.0737, abs=1e-4)
+    assert mean_ci95([0.5]) is None and mean_ci95([]) is None
+    assert proportion_ci95(None, 10) is None and proportion_ci95(1.0, 1) is None
+    assert proportion_ci95(1.0, 50) == 0.0  # no spread seen: the normal approximation's limit
 
 
 # --- VQA ---------------------------------------------------------------------------------------

@@ -308,6 +308,17 @@ def test_checkpoint_round_trip_and_resume(tmp_path) -> None:
     rewarm = Glipv2Trainer.from_weights(tmp_path, slow)
     fresh = Glipv2Trainer(slow)
     assert rewarm.learning_rate(1) == pytest.approx(0.5 * fresh.learning_rate(1))
+    # weights from late in a schedule: the cosine restarts at their step unless told otherwise
+    # (counted from step 0 it would be near its end: lr about 2 % of the peak at step 900)
+    trainer.step_index = 800
+    trainer.save(tmp_path / "late")
+    later = TrainConfig(batch_size=2, steps=1000, min_sizes=(96,), warmup_steps=10, lr=1e-3)
+    late = Glipv2Trainer.from_weights(tmp_path / "late", later)
+    assert late.config.restart_at == 800
+    assert late.learning_rate(900) == pytest.approx(0.5e-3)
+    told = Glipv2Trainer.from_weights(tmp_path / "late", dataclasses.replace(later,
+                                                                             restart_at=600))
+    assert told.config.restart_at == 600
     assert get_preset("small").language.pretrained == "minilm-l6"
 
 
@@ -333,6 +344,8 @@ def test_shipped_training_configs_load(name: str) -> None:
     assert config.preset == "small"
     assert config.held_out_pairs == HELD_OUT_PAIRS
     assert sum(config.task_weights.values()) == pytest.approx(1.0)
+    if name != "train_default":  # continuations: the cosine restarts at --init-from's step
+        assert config.restart_at == 0
 
 
 def test_lr_multipliers_scale_the_rate_of_the_named_parameters(tmp_path) -> None:
