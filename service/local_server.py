@@ -6,7 +6,9 @@ the same way; this is that one way.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,15 +32,18 @@ def spawn_server(serve_args: Sequence[str], env: Mapping[str, str] | None = None
     """Start `glipv2 serve SERVE_ARGS` and wait until it is ready; returns (process, base URL).
 
     env: the whole environment (default: this process's). A temporary job store is used unless
-        it names one, so a server never writes the repository's `var/jobs`.
+        it names one, so a server never writes the repository's `var/jobs`; it is removed when
+        this process exits (tests and benchmarks start many servers).
     capture_output: pipe stdout and stderr together (read them from the process), and put them
         in the error when the server does not come up.
     """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    environment = {"GLIPV2_JOBS_DIR": tempfile.mkdtemp(prefix="glipv2-jobs-"),
-                   **(os.environ if env is None else env), "HF_HUB_OFFLINE": "1"}
+    environment = {**(os.environ if env is None else env), "HF_HUB_OFFLINE": "1"}
+    if "GLIPV2_JOBS_DIR" not in environment:
+        environment["GLIPV2_JOBS_DIR"] = tempfile.mkdtemp(prefix="glipv2-jobs-")
+        atexit.register(shutil.rmtree, environment["GLIPV2_JOBS_DIR"], ignore_errors=True)
     output = subprocess.PIPE if capture_output else None
     process = subprocess.Popen(
         [sys.executable, "-m", "model_export.cli", "serve", "--port", str(port),
