@@ -208,7 +208,7 @@ def test_ci95_half_widths() -> None:
     # 1, 1, 1, 0: mean 3/4, sample variance (3 * 1/16 + 9/16) / 3 = 1/4, so 1.96 * 0.5 / 2
     assert mean_ci95([1.0, 1.0, 1.0, 0.0]) == pytest.approx(0.49)
     assert proportion_ci95(0.75, 4) == pytest.approx(0.49)  # the same outcomes as a rate
-    # 87 % over 81 expressions (an n=200 empty-referent figure): 1.96 * sqrt(.87 * .13 / 80)
+    # 87 % right over 81 expressions: 1.96 * sqrt(.87 * .13 / 80)
     assert proportion_ci95(0.87, 81) == pytest.approx(0.0737, abs=1e-4)
     assert mean_ci95([0.5]) is None and mean_ci95([]) is None
     assert proportion_ci95(None, 10) is None and proportion_ci95(1.0, 1) is None
