@@ -8,7 +8,9 @@ log-probability divided by length ** `length_penalty`; `beams=1` is exactly gree
 log-probability alone (penalty 0) it prefers captions that stop early: on 40 images (step 17511,
 `glipv2 eval --tasks caption`) exact match / BLEU-4 / phrase grounding went 0.150 / 0.548 / 0.496
 greedy -> 0.175 / 0.528 / 0.442 with 4 beams and penalty 0 -> 0.175 / 0.635 / 0.535 with
-penalty 1 (the mean log-probability per token), the default.
+penalty 1 (the mean log-probability per token), the default. More beams do not pay: on 200
+images (step 21734) 8 beams scored 0.295 / 0.697 / 0.599 against 4 beams' 0.290 / 0.702 / 0.604,
+for twice the decoding time.
 
 The search sees the model only through `step`: the next-token logits of a batch of prefixes, each
 on its own image, which the model runner computes with one caption-step graph call.
