@@ -7,8 +7,8 @@ expressions answered with no segment; VQA accuracy; caption exact match, BLEU-4 
 grounding accuracy (box IoU >= 0.5). Referring mIoU and VQA accuracy are also given per
 template (expression form, question type), which says where a model falls short. Means and
 rates carry the half-width of their 95 % interval (`HALF_WIDTH`): how far they may move with
-the images drawn, which decides whether two models' figures differ at all. AP and BLEU-4 are
-corpus-level and get none.
+the images drawn, which decides whether two models' figures differ at all. AP50 gets one from
+an image bootstrap; mAP@[.5:.95] and BLEU-4 get none.
 
 What is scored is whatever `Predictor` is given: the CLI passes the service's own path
 (`service.offline.ServingPredictor`) on the chosen runtime, so the metrics are those of the
@@ -181,15 +181,17 @@ def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TAS
     metrics: dict[str, dict] = {}
     if "detection" in tasks:
         ap = box_ap(det_truth, det_pred, sizes, categories=list(SHAPES))
-        metrics["detection"] = {"mAP@0.5": ap["map50"], "mAP@[.5:.95]": ap["map"]}
+        metrics["detection"] = {"mAP@0.5": ap["map50"], "mAP@[.5:.95]": ap["map"],
+                                HALF_WIDTH: {"mAP@0.5": ap["map50_ci95"]}}
     if "grounding" in tasks:
         seen = [t for t in grd_truth if t.category not in held_out_phrases]
         ap = box_ap(seen, [p for p in grd_pred if p.category not in held_out_phrases], sizes)
-        metrics["grounding"] = {"AP50": ap["map50"]}
+        metrics["grounding"] = {"AP50": ap["map50"], HALF_WIDTH: {"AP50": ap["map50_ci95"]}}
         unseen = [t for t in grd_truth if t.category in held_out_phrases]
         if unseen:
             ap = box_ap(unseen, [p for p in grd_pred if p.category in held_out_phrases], sizes)
             metrics["grounding"]["AP50 held-out pairs"] = ap["map50"]
+            metrics["grounding"][HALF_WIDTH]["AP50 held-out pairs"] = ap["map50_ci95"]
     if "referring" in tasks:
         ref = referring_metrics(referring)
         by_form = {form: referring_metrics(answers)["miou"]

@@ -10,6 +10,9 @@ import pytest
 from model_export.metrics import (
     BoxPrediction,
     BoxTruth,
+    _coco_evaluator,
+    _image_matches,
+    _pooled_ap,
     box_ap,
     box_iou,
     caption_metrics,
@@ -97,6 +100,7 @@ def test_box_ap_no_predictions_is_zero() -> None:
         "map50": 0.0,
         "map75": 0.0,
         "per_category_ap50": {"circle": 0.0, "square": 0.0},
+        "map50_ci95": 0.0,
     }
 
 
@@ -134,6 +138,57 @@ def test_box_ap_keeps_stdout_clean(capsys: pytest.CaptureFixture[str]) -> None:
     truths = [BoxTruth(1, "circle", [10, 10, 30, 30])]
     box_ap(truths, [BoxPrediction(1, "circle", [10, 10, 30, 30], 0.5)], SIZES)
     assert capsys.readouterr().out == ""
+
+
+def _random_detections(rng: np.random.Generator, images: range
+                       ) -> tuple[list[BoxTruth], list[BoxPrediction], dict]:
+    """Two categories, 1-3 truths per image, each found with a jittered box or missed, plus
+    scored false positives: an AP well inside (0, 1) with every kind of COCOeval match."""
+    truths, predictions = [], []
+    for image in images:
+        for _ in range(int(rng.integers(1, 4))):
+            category = str(rng.choice(["circle", "square"]))
+            x, y = rng.uniform(0, 60, 2)
+            box = [x, y, x + 30, y + 30]
+            truths.append(BoxTruth(image, category, box))
+            if rng.random() < 0.8:
+                shift = rng.uniform(-9, 9, 2)
+                predictions.append(BoxPrediction(
+                    image, category, [x + shift[0], y + shift[1], x + 30, y + 30],
+                    float(rng.uniform(0.2, 1.0))))
+        for _ in range(int(rng.integers(0, 3))):
+            x, y = rng.uniform(0, 60, 2)
+            predictions.append(BoxPrediction(image, str(rng.choice(["circle", "square"])),
+                                             [x, y, x + 20, y + 20], float(rng.uniform(0, 0.8))))
+    return truths, predictions, {image: (100, 100) for image in images}
+
+
+def test_pooled_ap_reproduces_cocoeval_accumulate() -> None:
+    # The bootstrap's per-resample AP is `_pooled_ap` over COCOeval's own matches; on the
+    # original images (each drawn once) it must equal COCOeval's AP50, category by category.
+    truths, predictions, sizes = _random_detections(np.random.default_rng(3), range(1, 41))
+    result = box_ap(truths, predictions, sizes)
+    assert 0.2 < result["map50"] < 0.95
+    evaluator = _coco_evaluator(truths, predictions, sizes, {"circle": 1, "square": 2}, 100)
+    per_image = _image_matches(evaluator, 0)  # IoU threshold 0 is .50
+    pooled = [_pooled_ap(list(rows.values()), np.asarray(evaluator.params.recThrs))
+              for rows in per_image]
+    assert pooled == pytest.approx([result["per_category_ap50"]["circle"],
+                                    result["per_category_ap50"]["square"]], abs=1e-12)
+
+
+def test_box_ap_bootstrap_half_width_shrinks_with_images() -> None:
+    # Sampling error falls as 1/sqrt(n): 160 images drawn like 40 give about half the width.
+    few = box_ap(*_random_detections(np.random.default_rng(5), range(1, 41)))["map50_ci95"]
+    many = box_ap(*_random_detections(np.random.default_rng(6), range(1, 161)))["map50_ci95"]
+    assert 0.02 < few < 0.3
+    assert 0.3 < many / few < 0.75
+    truths = [BoxTruth(i, "circle", [10, 10, 30, 30]) for i in (1, 2, 3)]
+    perfect = [BoxPrediction(t.image_id, t.category, t.box, 0.9) for t in truths]
+    assert box_ap(truths, perfect, SIZES)["map50_ci95"] == 0.0  # every resample scores 1
+    assert box_ap(truths, [], SIZES)["map50_ci95"] == 0.0
+    assert box_ap(truths[:1], perfect[:1], {1: (100, 100)})["map50_ci95"] is None
+    assert box_ap(truths, perfect, SIZES, resamples=0)["map50_ci95"] is None
 
 
 def test_box_ap_rejects_undefined_inputs() -> None:
