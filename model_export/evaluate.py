@@ -36,6 +36,7 @@ from model_export.metrics import (
     box_ap,
     caption_metrics,
     format_table,
+    match_caption_phrases,
     phrase_grounding_accuracy,
     proportion_ci95,
     referring_metrics,
@@ -172,11 +173,10 @@ def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TAS
             result = predictor.caption(scene.image)
             hyps.append(result.caption)
             refs.append(scene.caption)
-            predicted = {p.phrase: p.box for p in result.phrases}
-            for phrase in scene.caption_phrases:
-                start, end = phrase["span"]
-                box = predicted.get(scene.caption[start:end])
-                grounding_pairs.append((box, scene.objects[phrase["object"]].box))
+            grounding_pairs += match_caption_phrases(
+                [(scene.caption[slice(*p["span"])], scene.objects[p["object"]].box)
+                 for p in scene.caption_phrases],
+                [(p.phrase, p.box) for p in result.phrases])
 
     metrics: dict[str, dict] = {}
     if "detection" in tasks:

@@ -45,6 +45,7 @@ __all__ = [
     "corpus_bleu",
     "format_table",
     "mask_iou",
+    "match_caption_phrases",
     "mean_ci95",
     "phrase_grounding_accuracy",
     "proportion_ci95",
@@ -489,6 +490,25 @@ def phrase_grounding_accuracy(pairs: Sequence[tuple[Box | None, Box]]) -> float 
         return None
     hits = sum(pred is not None and box_iou(pred, gt) >= 0.5 for pred, gt in pairs)
     return hits / len(pairs)
+
+
+def match_caption_phrases(references: Sequence[tuple[str, Box]],
+                          predicted: Sequence[tuple[str, Box]]) -> list[tuple[Box | None, Box]]:
+    """Pairs each reference phrase `(text, gt box)` of a caption with the predicted box of the
+    same text, in caption order: the k-th "a small red circle" of the reference takes the k-th
+    of the generated caption, so two objects that read alike can both be grounded right. A
+    reference phrase the caption lacks (or has fewer times) gets `None`. Input to
+    `phrase_grounding_accuracy`."""
+    boxes: dict[str, list[Box]] = {}
+    for text, box in predicted:
+        boxes.setdefault(text, []).append(box)
+    taken: Counter = Counter()
+    pairs = []
+    for text, truth in references:
+        found = boxes.get(text, [])
+        pairs.append((found[taken[text]] if taken[text] < len(found) else None, truth))
+        taken[text] += 1
+    return pairs
 
 
 def _format_value(value: object) -> str:

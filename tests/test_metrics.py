@@ -19,6 +19,7 @@ from model_export.metrics import (
     corpus_bleu,
     format_table,
     mask_iou,
+    match_caption_phrases,
     mean_ci95,
     phrase_grounding_accuracy,
     proportion_ci95,
@@ -358,6 +359,20 @@ def test_box_iou_cases() -> None:
     assert box_iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0
     assert box_iou([0, 0, 10, 10], [30, 30, 40, 40]) == 0.0
     assert box_iou([5, 5, 5, 5], [5, 5, 5, 5]) == 0.0
+
+
+def test_match_caption_phrases_pairs_repeated_phrases_in_order() -> None:
+    # Reference "a small red circle" twice (left, right) and one square; the caption has both
+    # circles, in order, and no square. Each circle gets its own box, the square None.
+    left, right, square = [0, 0, 10, 10], [50, 0, 60, 10], [20, 20, 30, 30]
+    references = [("a small red circle", left), ("a small red circle", right),
+                  ("a large blue square", square)]
+    predicted = [("a small red circle", [1, 0, 10, 10]), ("a small red circle", [50, 1, 60, 10])]
+    pairs = match_caption_phrases(references, predicted)
+    assert pairs == [([1, 0, 10, 10], left), ([50, 1, 60, 10], right), (None, square)]
+    assert phrase_grounding_accuracy(pairs) == pytest.approx(2 / 3)
+    # Generated once, referenced twice: the second reference is unmatched, not reused.
+    assert match_caption_phrases(references[:2], predicted[:1])[1] == (None, right)
 
 
 def test_phrase_grounding_accuracy() -> None:
