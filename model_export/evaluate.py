@@ -186,12 +186,13 @@ def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TAS
     if "grounding" in tasks:
         seen = [t for t in grd_truth if t.category not in held_out_phrases]
         ap = box_ap(seen, [p for p in grd_pred if p.category not in held_out_phrases], sizes)
-        metrics["grounding"] = {"AP50": ap["map50"], HALF_WIDTH: {"AP50": ap["map50_ci95"]}}
+        grounding, widths = {"AP50": ap["map50"]}, {"AP50": ap["map50_ci95"]}
         unseen = [t for t in grd_truth if t.category in held_out_phrases]
         if unseen:
             ap = box_ap(unseen, [p for p in grd_pred if p.category in held_out_phrases], sizes)
-            metrics["grounding"]["AP50 held-out pairs"] = ap["map50"]
-            metrics["grounding"][HALF_WIDTH]["AP50 held-out pairs"] = ap["map50_ci95"]
+            grounding["AP50 held-out pairs"] = ap["map50"]
+            widths["AP50 held-out pairs"] = ap["map50_ci95"]
+        metrics["grounding"] = {**grounding, HALF_WIDTH: widths}
     if "referring" in tasks:
         ref = referring_metrics(referring)
         by_form = {form: referring_metrics(answers)["miou"]
