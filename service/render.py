@@ -48,7 +48,9 @@ def render_png(image: Image.Image, response: BaseModel, title: str | None = None
         raise TypeError(f"cannot render {type(response).__name__}")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=_FONT_PX)
-    for index, (box, label) in enumerate(labelled):
+    # Last drawn is on top: the response's first item (its best score) must not be covered by a
+    # weaker guess on the same object.
+    for index, (box, label) in reversed(list(enumerate(labelled))):
         color = PALETTE[index % len(PALETTE)]
         x0, y0, x1, y1 = (float(v) for v in box)
         draw.rectangle((x0, y0, x1, y1), outline=color, width=2)

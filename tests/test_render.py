@@ -73,6 +73,19 @@ def test_render_draws_each_box_in_its_colour() -> None:
     assert tuple(pixels[70, 30]) == (240, 240, 240)  # inside a box: untouched
 
 
+def test_render_draws_the_best_score_on_top() -> None:
+    # A weaker second guess on the same box must not cover the top label: the first detection
+    # (best score) is drawn last, so the shared edge and the label patch are its colour.
+    original = Image.new("RGB", (200, 120), (240, 240, 240))
+    detections = [Detection(label="square", score=0.8, box=[10, 40, 60, 100]),
+                  Detection(label="triangle", score=0.3, box=[10, 40, 60, 100])]
+    png = render_png(original, DetectResponse(model="m", image=ImageInfo(width=200, height=120),
+                                              detections=detections))
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert tuple(pixels[70, 10]) == PALETTE[0]  # the shared left edge
+    assert tuple(pixels[38, 11]) == PALETTE[0]  # the label patch just above the box
+
+
 def test_render_rejects_an_unknown_value(client: TestClient) -> None:
     image = base64.b64encode(WORLD_PNG.read_bytes()).decode()
     response = client.post("/v1/caption?render=gif", json={"image": image})
