@@ -61,13 +61,17 @@ def test_every_task_renders_its_answer_on_the_image(client: TestClient, path: st
         "content-type"] == "application/json"
 
 
-def test_render_draws_each_box_in_its_colour() -> None:
+def _rendered_detections(detections: list[Detection]) -> np.ndarray:
+    """`render_png` of `detections` on a blank 200x120 light-grey image, as (H, W, 3) pixels."""
     original = Image.new("RGB", (200, 120), (240, 240, 240))
-    detections = [Detection(label="circle", score=0.9, box=[10, 40, 60, 100]),
-                  Detection(label="star", score=0.5, box=[100, 30, 190, 110])]
     png = render_png(original, DetectResponse(model="m", image=ImageInfo(width=200, height=120),
                                               detections=detections))
-    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def test_render_draws_each_box_in_its_colour() -> None:
+    pixels = _rendered_detections([Detection(label="circle", score=0.9, box=[10, 40, 60, 100]),
+                                   Detection(label="star", score=0.5, box=[100, 30, 190, 110])])
     assert tuple(pixels[70, 10]) == PALETTE[0]  # left edge of the first box
     assert tuple(pixels[70, 100]) == PALETTE[1]  # left edge of the second box
     assert tuple(pixels[70, 30]) == (240, 240, 240)  # inside a box: untouched
@@ -76,12 +80,9 @@ def test_render_draws_each_box_in_its_colour() -> None:
 def test_render_draws_the_best_score_on_top() -> None:
     # A weaker second guess on the same box must not cover the top label: the first detection
     # (best score) is drawn last, so the shared edge and the label patch are its colour.
-    original = Image.new("RGB", (200, 120), (240, 240, 240))
-    detections = [Detection(label="square", score=0.8, box=[10, 40, 60, 100]),
-                  Detection(label="triangle", score=0.3, box=[10, 40, 60, 100])]
-    png = render_png(original, DetectResponse(model="m", image=ImageInfo(width=200, height=120),
-                                              detections=detections))
-    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    pixels = _rendered_detections([
+        Detection(label="square", score=0.8, box=[10, 40, 60, 100]),
+        Detection(label="triangle", score=0.3, box=[10, 40, 60, 100])])
     assert tuple(pixels[70, 10]) == PALETTE[0]  # the shared left edge
     assert tuple(pixels[38, 11]) == PALETTE[0]  # the label patch just above the box
 
