@@ -4,8 +4,9 @@ Tasks and metrics (issue 3's bars): detection box AP (mAP@0.5, mAP@[.5:.95]); at
 grounding AP50, separately for held-out colour-shape pairs (open-vocabulary composition);
 referring segmentation mIoU over expressions with referents and the share of no-referent
 expressions answered with no segment; VQA accuracy; caption exact match, BLEU-4 and phrase
-grounding accuracy (box IoU >= 0.5). Referring mIoU and VQA accuracy are also given per
-template (expression form, question type), which says where a model falls short. Means and
+grounding accuracy (box IoU >= 0.5). Referring mIoU, grounding AP50 and VQA accuracy are also
+given per template (expression or phrase form, question type), which says where a model falls
+short. Means and
 rates carry the half-width of their 95 % interval (`HALF_WIDTH`): how far they may move with
 the images drawn, which decides whether two models' figures differ at all. AP50 gets one from
 an image bootstrap; mAP@[.5:.95] and BLEU-4 get none.
@@ -187,6 +188,11 @@ def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TAS
         seen = [t for t in grd_truth if t.category not in held_out_phrases]
         ap = box_ap(seen, [p for p in grd_pred if p.category not in held_out_phrases], sizes)
         grounding, widths = {"AP50": ap["map50"]}, {"AP50": ap["map50_ci95"]}
+        by_phrase_form: dict[str, list[float]] = {}  # AP50 is a mean over phrases, so by form
+        for phrase, value in ap["per_category_ap50"].items():
+            by_phrase_form.setdefault(expression_form(phrase), []).append(value)
+        grounding["AP50 by form"] = {form: float(np.mean(values))
+                                     for form, values in sorted(by_phrase_form.items())}
         unseen = [t for t in grd_truth if t.category in held_out_phrases]
         if unseen:
             ap = box_ap(unseen, [p for p in grd_pred if p.category in held_out_phrases], sizes)

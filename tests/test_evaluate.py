@@ -18,7 +18,7 @@ from service.settings import DEFAULT_MODEL_DIR
 
 METRICS = {
     "detection": {"mAP@0.5", "mAP@[.5:.95]", HALF_WIDTH},
-    "grounding": {"AP50", "AP50 held-out pairs", HALF_WIDTH},
+    "grounding": {"AP50", "AP50 held-out pairs", "AP50 by form", HALF_WIDTH},
     "referring": {"mIoU", "empty-referent accuracy", "gIoU", "mIoU by form", HALF_WIDTH},
     "vqa": {"accuracy", "accuracy by type", HALF_WIDTH},
     "caption": {"exact match", "BLEU-4", "phrase grounding accuracy", HALF_WIDTH},
@@ -38,6 +38,10 @@ def test_eval_cli_scores_every_task_and_writes_json(tiny_model: Glipv2Model, tmp
     assert all(0.0 <= v <= 1.0 for v in scores)
     assert set(metrics["vqa"]["accuracy by type"]) <= set(QUESTION_TYPES)
     assert set(metrics["referring"]["mIoU by form"]) <= set(EXPRESSION_FORMS)
+    by_form = metrics["grounding"]["AP50 by form"]  # AP50 is the mean over both forms' phrases
+    assert set(by_form) <= {"color_shape", "size_shape"} and by_form
+    low, high = min(by_form.values()), max(by_form.values())
+    assert low - 1e-9 <= metrics["grounding"]["AP50"] <= high + 1e-9
     by_type = metrics["vqa"]["accuracy by type"].values()
     assert all(0.0 <= v <= 1.0 for v in by_type) and by_type
     for task in metrics:  # half-widths name the task's own figures
