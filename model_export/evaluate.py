@@ -6,10 +6,9 @@ referring segmentation mIoU over expressions with referents and the share of no-
 expressions answered with no segment; VQA accuracy; caption exact match, BLEU-4 and phrase
 grounding accuracy (box IoU >= 0.5). Referring mIoU, grounding AP50 and VQA accuracy are also
 given per template (expression or phrase form, question type), which says where a model falls
-short. Means and
-rates carry the half-width of their 95 % interval (`HALF_WIDTH`): how far they may move with
-the images drawn, which decides whether two models' figures differ at all. AP50 gets one from
-an image bootstrap; mAP@[.5:.95] and BLEU-4 get none.
+short. Means and rates carry the half-width of their 95 % interval (`HALF_WIDTH`): how far they
+may move with the images drawn, which decides whether two models' figures differ at all. AP50
+gets one from an image bootstrap; mAP@[.5:.95] and BLEU-4 get none.
 
 What is scored is whatever `Predictor` is given: the CLI passes the service's own path
 (`service.offline.ServingPredictor`) on the chosen runtime, so the metrics are those of the
