@@ -140,7 +140,7 @@ class WorldStream:
             scene = render_index(self.config.world_seed, self.index, self.exclude)
             self.index += self.stride
             samples = world_samples(scene, self.rng, COLOR_NAMES, SHAPES, self.distractors,
-                                    self.config.max_distractors)
+                                    self.config.max_distractors, self.exclude)
             task = self.rng.choices(self.tasks, self.weights)[0]
             candidates = [s for s in samples if s.task == task] or samples
             sample: GroundingSample = self.rng.choice(candidates)

@@ -25,7 +25,7 @@ from model_export.data.world import is_attribute_phrase, referring_grounding
 from model_export.preprocess import batch_images, preprocess_image
 from model_export.prompt import build_detection_prompt, positive_map, tokenize
 from model_export.vqa_head import vqa_target_scores
-from model_export.world import WorldImage, expression_targets, unique_anchor
+from model_export.world import Pairs, WorldImage, expression_targets, unique_anchor
 
 # Legacy box convention of the head: x1 is the last pixel, not one past it.
 _TO_REMOVE = 1.0
@@ -249,17 +249,49 @@ def distractor_words(tokenizer: Any, exclude: Sequence[str]) -> list[str]:
                   if word.isalpha() and len(word) >= 3 and word not in banned)
 
 
+def _grounding_phrases(scene: WorldImage, rng: random.Random, colors: Sequence[str],
+                       shapes: Sequence[str], exclude: Pairs) -> list[str]:
+    """Attribute phrases for one grounding prompt, never naming an `exclude` (held-out) pair.
+
+    Half the prompts mix 1 to 8 attribute phrases of present objects (60 %) and random
+    colour-shapes (40 %). The other half name every present object by colour and shape, as
+    `glipv2 eval` does, plus 1 to 4 hard negatives: a present shape in a colour no object of
+    that shape has. Random negatives rarely share a shape with a present object, so without
+    these the model is seldom asked to tell a red triangle from a blue one in the same prompt.
+    """
+    if rng.random() < 0.5:
+        present = {(o.color, o.shape) for o in scene.objects}
+        hard = sorted({(c, o.shape) for o in scene.objects for c in colors}
+                      - present - exclude)
+        chosen = sorted(present) + rng.sample(hard, min(len(hard), rng.randint(1, 4)))
+        rng.shuffle(chosen)
+        return [f"{c} {s}" for c, s in chosen]
+    phrases: list[str] = []
+    for _ in range(rng.randint(1, 8)):
+        if rng.random() < 0.6:
+            phrase = _attribute_phrase(rng.choice(scene.objects), rng)
+        else:
+            colour, shape = rng.choice(colors), rng.choice(shapes)
+            if (colour, shape) in exclude:
+                continue
+            phrase = f"{colour} {shape}"
+        if phrase not in phrases:
+            phrases.append(phrase)
+    return phrases
+
+
 def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
                   shapes: Sequence[str], distractors: Sequence[str] = (),
-                  max_distractors: int = 0) -> list[GroundingSample]:
+                  max_distractors: int = 0,
+                  exclude: Pairs = frozenset()) -> list[GroundingSample]:
     """Every training sample one rendered scene offers (the trainer picks among them).
 
     The detection prompt names the shapes plus 0 to `max_distractors` names drawn from
     `distractors` (sometimes numbered, as in "gadget 17"), which no object matches. Besides the
-    record's own tasks, builds an attribute-grounding prompt: several attribute phrases joined
-    by ". ", about half naming present objects and half absent ones, each object grounded to
-    every phrase it matches. A referring expression grounds its targets on the referent's words
-    (`referent_span`) and a relation's anchor on the anchor's words.
+    record's own tasks, builds an attribute-grounding prompt (`_grounding_phrases`, joined by
+    ". "), each object grounded to every phrase it matches. A referring expression grounds its
+    targets on the referent's words (`referent_span`) and a relation's anchor on the anchor's
+    words.
     """
     objects = [grounded_object(o) for o in scene.objects]
     base = {"image_path": None, "width": scene.width, "height": scene.height}
@@ -270,14 +302,7 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
     samples = [GroundingSample(task="detection", class_names=list(shapes) + negatives,
                                objects=objects, detection_prompt=True, **base)]
 
-    phrases: list[str] = []
-    for _ in range(rng.randint(1, 8)):
-        if rng.random() < 0.6:
-            phrase = _attribute_phrase(rng.choice(scene.objects), rng)
-        else:
-            phrase = f"{rng.choice(colors)} {rng.choice(shapes)}"
-        if phrase not in phrases:
-            phrases.append(phrase)
+    phrases = _grounding_phrases(scene, rng, colors, shapes, exclude)
     caption = ". ".join(phrases)
     starts = [caption.index(p) for p in phrases]
     members = [set(expression_targets(p, scene.objects)) for p in phrases]

@@ -30,7 +30,14 @@ from model_export.train_data import (
     distractor_words,
     world_samples,
 )
-from model_export.world import ANSWERS, COLOR_NAMES, HELD_OUT_PAIRS, SHAPES, render_index
+from model_export.world import (
+    ANSWERS,
+    COLOR_NAMES,
+    HELD_OUT_PAIRS,
+    SHAPES,
+    parse_pairs,
+    render_index,
+)
 
 PRE = PreprocessConfig(min_size=64, max_size=128)
 
@@ -141,6 +148,26 @@ def test_world_scene_offers_every_task() -> None:
         for start, end in spans:
             words = grounding.caption[start:end].split()
             assert words[-1] in (obj.label, "shapes")
+
+
+def test_grounding_prompts_carry_hard_colour_negatives_and_never_held_out_pairs() -> None:
+    held_out = parse_pairs(HELD_OUT_PAIRS)
+    names = {f"{c} {s}" for c, s in held_out}
+    full_prompts = 0
+    for index in range(40):
+        scene = render_index(7, index, held_out)
+        present = {f"{o.color} {o.shape}" for o in scene.objects}
+        shapes = {o.shape for o in scene.objects}
+        rng = random.Random(index)
+        for _ in range(5):
+            (grounding,) = [s for s in world_samples(scene, rng, COLOR_NAMES, SHAPES,
+                                                     exclude=held_out) if s.task == "grounding"]
+            phrases = set(grounding.caption.split(". "))
+            assert not phrases & names
+            if present <= phrases:
+                hard = phrases - present
+                full_prompts += bool(hard) and all(p.split()[-1] in shapes for p in hard)
+    assert full_prompts >= 50
 
 
 def test_detection_prompts_carry_distractor_names_no_object_matches() -> None:
