@@ -266,15 +266,13 @@ def _grounding_phrases(scene: WorldImage, rng: random.Random, colors: Sequence[s
         chosen = sorted(present) + rng.sample(hard, min(len(hard), rng.randint(1, 4)))
         rng.shuffle(chosen)
         return [f"{c} {s}" for c, s in chosen]
+    allowed = [(c, s) for c in colors for s in shapes if (c, s) not in exclude]
     phrases: list[str] = []
     for _ in range(rng.randint(1, 8)):
         if rng.random() < 0.6:
             phrase = _attribute_phrase(rng.choice(scene.objects), rng)
         else:
-            colour, shape = rng.choice(colors), rng.choice(shapes)
-            if (colour, shape) in exclude:
-                continue
-            phrase = f"{colour} {shape}"
+            phrase = "{} {}".format(*rng.choice(allowed))
         if phrase not in phrases:
             phrases.append(phrase)
     return phrases

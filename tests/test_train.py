@@ -168,6 +168,11 @@ def test_grounding_prompts_carry_hard_colour_negatives_and_never_held_out_pairs(
                 hard = phrases - present
                 full_prompts += bool(hard) and all(p.split()[-1] in shapes for p in hard)
     assert full_prompts >= 50
+    rng = random.Random(0)  # half the random pairs held out: a prompt still names something
+    for _ in range(300):
+        (grounding,) = [s for s in world_samples(scene, rng, ["purple", "red"], ["star"],
+                                                 exclude=held_out) if s.task == "grounding"]
+        assert grounding.caption and "purple star" not in grounding.caption
 
 
 def test_detection_prompts_carry_distractor_names_no_object_matches() -> None:
