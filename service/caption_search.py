@@ -12,6 +12,15 @@ penalty 1 (the mean log-probability per token), the default. More beams do not p
 images (step 21734) 8 beams scored 0.295 / 0.697 / 0.599 against 4 beams' 0.290 / 0.702 / 0.604,
 for twice the decoding time.
 
+The search returns each image's `beams` best finished captions. The service grounds them in that
+order and answers with the first that does not put the same words on one object twice
+(`names_a_region_twice`): the decoder often loses track of what it has named and repeats the
+last object ("... a small blue star and a small blue star."), while two alike objects, grounded
+apart, stay allowed. On 200 evaluation images (step 27110) exact match went 0.450 -> 0.510,
+BLEU-4 0.780 -> 0.761 and phrase grounding 0.713 -> 0.702: the next caption in line often drops
+an object where the best one repeated one. Weighting captions by their phrases' grounding scores
+as well gained nothing on 100 validation images.
+
 The search sees the model only through `step`: the next-token logits of a batch of prefixes, each
 on its own image, which the model runner computes with one caption-step graph call.
 """
@@ -24,10 +33,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from model_export.metrics import box_iou
+
 # The serving default (`ServiceSettings.caption_beams`, `glipv2 eval --caption-beams`).
 DEFAULT_BEAMS = 4
 DEFAULT_LENGTH_PENALTY = 1.0
 DEFAULT_MAX_TOKENS = 64
+# Two phrases on boxes overlapping this much are on one object: the phrase grounding bar's IoU.
+DUPLICATE_IOU = 0.5
 
 # rows' images (indices into the batch) and token prefixes ([CLS] first) -> (rows, vocab) logits
 StepFn = Callable[[list[int], list[list[int]]], Tensor]
@@ -69,8 +82,9 @@ class _Prefix:
 
 
 def beam_search(step: StepFn, searches: Sequence[CaptionSearch], cls_id: int, sep_id: int
-                ) -> list[list[int]]:
-    """The best-scoring caption per image, as generated token ids (no [CLS] or [SEP]).
+                ) -> list[list[list[int]]]:
+    """Per image, its `beams` best-scoring finished captions, best first, as generated token ids
+    (no [CLS] or [SEP]); the first is the search's answer, the rest are for `names_a_region_twice`.
 
     A prefix ends at [SEP] or at its image's `max_tokens`. An image stops searching once its
     best finished caption scores at least what every live prefix would if it ended at the next
@@ -110,5 +124,15 @@ def beam_search(step: StepFn, searches: Sequence[CaptionSearch], cls_id: int, se
             if best is not None and (not live[image] or best >= max(
                     p.score(penalty, more=1) for p in live[image])):
                 live[image] = []
-    return [max(finished, key=lambda p: p.score(search.length_penalty)).tokens[1:]
+    return [[p.tokens[1:] for p in sorted(
+                finished, key=lambda p: -p.score(search.length_penalty))[:search.beams]]
             for finished, search in zip(done, searches, strict=True)]
+
+
+def names_a_region_twice(phrases: Sequence[str], boxes: Sequence[Sequence[float]],
+                         min_iou: float = DUPLICATE_IOU) -> bool:
+    """Whether two phrases of a grounded caption are the same words on the same region (box IoU
+    at least `min_iou`): the caption names one object twice. The same words on two regions are
+    two objects, which a caption may well name alike."""
+    return any(phrases[a] == phrases[b] and box_iou(boxes[a], boxes[b]) >= min_iou
+               for a in range(len(phrases)) for b in range(a + 1, len(phrases)))

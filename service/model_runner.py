@@ -174,9 +174,11 @@ class ModelRunner:
                                           "attention_mask": mask})["answer_logits"]
         return list(logits)
 
-    def caption(self, plan: BatchPlan[CaptionWork]) -> list[CaptionDecoded]:
+    def caption(self, plan: BatchPlan[CaptionWork]) -> list[list[CaptionDecoded]]:
         """Beam search (`caption_search`) for every image of the batch together, the image side
-        computed once; each step runs all images' live prefixes as one batch."""
+        computed once; each step runs all images' live prefixes as one batch. Per image, its
+        best finished captions, best first, each with the head its phrases are grounded from (one
+        call for all of them)."""
         works = plan.payloads
         image_out = self.runtime.run("caption_image", self._stack_visual(works))
         state_names = sorted((n for n in image_out if n.startswith("state_")),
@@ -191,22 +193,26 @@ class ModelRunner:
                 **{n: s[index] for n, s in zip(state_names, states, strict=True)},
             })["next_token_logits"]
 
-        sequences = beam_search(step, [w.search for w in works], self.tokenizer.cls_token_id,
-                                self.tokenizer.sep_token_id)
+        ranked = beam_search(step, [w.search for w in works], self.tokenizer.cls_token_id,
+                             self.tokenizer.sep_token_id)
+        owners = [image for image, sequences in enumerate(ranked) for _ in sequences]
         with self._tokenizer_lock:
             captions = [self.tokenizer.decode(s, skip_special_tokens=True).strip()
-                        for s in sequences]
+                        for sequences in ranked for s in sequences]
         ids, mask, encodings = self._tokenize(captions)
+        index = torch.tensor(owners)
         fused_text = self.runtime.run("caption_step", {
             "input_ids": ids, "attention_mask": mask,
-            **dict(zip(state_names, states, strict=True))})["fused_text"]
+            **{n: s[index] for n, s in zip(state_names, states, strict=True)}})["fused_text"]
         head = self.runtime.run("caption_ground", {
-            **{f"fused_{level}": image_out[f"fused_{level}"] for level in LEVELS},
+            **{f"fused_{level}": image_out[f"fused_{level}"][index] for level in LEVELS},
             "fused_text": fused_text})
         lengths = mask.sum(dim=1).tolist()
-        return [CaptionDecoded(caption=captions[i], encoding=encodings[i],
-                               head=_head_row(head, i, lengths[i]))
-                for i in range(len(works))]
+        out: list[list[CaptionDecoded]] = [[] for _ in works]
+        for row, image in enumerate(owners):
+            out[image].append(CaptionDecoded(caption=captions[row], encoding=encodings[row],
+                                             head=_head_row(head, row, lengths[row])))
+        return out
 
 
 def _head_row(out: dict[str, Tensor], row: int, tokens: int) -> HeadOutputs:

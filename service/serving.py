@@ -50,7 +50,7 @@ from service.batching import (
     DeadlineExceededError,
     DynamicBatcher,
 )
-from service.caption_search import DEFAULT_SEARCH, CaptionSearch
+from service.caption_search import DEFAULT_SEARCH, CaptionSearch, names_a_region_twice
 from service.chunking import ChunkingError, name_token_counts, pack_chunks
 from service.errors import InvalidRequestError, TaskUnavailableError
 from service.metrics import ServiceMetrics
@@ -581,13 +581,25 @@ class Glipv2Serving:
                       priority: int = PRIORITY_ONLINE) -> CaptionResponse:
         request = _Request(self, image, priority)
         prepared, visual = await request.encode_image()
-        decoded: CaptionDecoded = await request.submit(
+        candidates: list[CaptionDecoded] = await request.submit(
             "caption", CaptionWork(visual, self.caption_search))
-        phrases = await asyncio.to_thread(self._ground_caption, decoded, prepared)
-        return CaptionResponse(model=self.model_id, image=_info(image), caption=decoded.caption,
+        caption, phrases = await asyncio.to_thread(self._ground_caption, candidates, prepared)
+        return CaptionResponse(model=self.model_id, image=_info(image), caption=caption,
                                phrases=phrases)
 
-    def _ground_caption(self, decoded: CaptionDecoded, image: PreparedImage
+    def _ground_caption(self, candidates: Sequence[CaptionDecoded], image: PreparedImage
+                        ) -> tuple[str, list[GroundedPhrase]]:
+        """The best-scoring candidate that does not name one region twice with the same words
+        (`names_a_region_twice`), else the best one, with its grounded phrases."""
+        grounded = []
+        for decoded in candidates:
+            phrases = self._ground_phrases(decoded, image)
+            if not names_a_region_twice([p.phrase for p in phrases], [p.box for p in phrases]):
+                return decoded.caption, phrases
+            grounded.append(phrases)
+        return candidates[0].caption, grounded[0]
+
+    def _ground_phrases(self, decoded: CaptionDecoded, image: PreparedImage
                         ) -> list[GroundedPhrase]:
         caption = decoded.caption
         spans = caption_phrase_spans(caption)
@@ -596,13 +608,13 @@ class Glipv2Serving:
         head = decoded.head
         pmap = positive_map(decoded.encoding, [[s] for s in spans],
                             head.token_logits[0].shape[2])
-        grounded = ground_phrases(head.box_regression, head.centerness, head.token_logits,
-                                  self._anchors(head), pmap, image.resized_hw, self.box_coder)
-        boxes = image.to_original(grounded.boxes)
+        found = ground_phrases(head.box_regression, head.centerness, head.token_logits,
+                               self._anchors(head), pmap, image.resized_hw, self.box_coder)
+        boxes = image.to_original(found.boxes)
         return [GroundedPhrase(phrase=caption[start:end], span=[start, end],
                                box=[rounded(v, BOX_DIGITS) for v in box],
                                score=rounded(float(score), SCORE_DIGITS))
-                for (start, end), box, score in zip(spans, boxes.tolist(), grounded.scores,
+                for (start, end), box, score in zip(spans, boxes.tolist(), found.scores,
                                                     strict=True)]
 
     # --- helpers ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from service.caption_search import CaptionSearch, beam_search
+from service.caption_search import CaptionSearch, beam_search, names_a_region_twice
 
 CLS, SEP = 0, 1
 VOCAB = 5  # [CLS], [SEP] and three words
@@ -45,8 +45,10 @@ def log_prob(image: int, tokens: list[int], limit: int) -> float:
 
 def search(step, limits: list[int], beams: list[int], length_penalty: float = 0.0
            ) -> list[list[int]]:
-    return beam_search(step, [CaptionSearch(limit, width, length_penalty)
-                              for limit, width in zip(limits, beams, strict=True)], CLS, SEP)
+    """Each image's best caption."""
+    return [ranked[0] for ranked in beam_search(
+        step, [CaptionSearch(limit, width, length_penalty)
+               for limit, width in zip(limits, beams, strict=True)], CLS, SEP)]
 
 
 def exhaustive_best(image: int, limit: int, length_penalty: float = 0.0) -> list[int]:
@@ -123,3 +125,25 @@ def test_bad_search_settings_are_refused() -> None:
                 {"max_tokens": 4, "length_penalty": -0.5}):
         with pytest.raises(ValueError, match="need max_tokens"):
             CaptionSearch(**bad)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_search_returns_up_to_beams_finished_captions_best_first(length_penalty: float) -> None:
+    limit, width = 4, 3
+    ranked = beam_search(toy_step(), [CaptionSearch(limit, width, length_penalty)] * 6, CLS, SEP)
+    for image, captions in enumerate(ranked):
+        assert 1 <= len(captions) <= width
+        assert len({tuple(c) for c in captions}) == len(captions)
+        scores = [log_prob(image, c, limit) / max(len(c) + (len(c) < limit), 1) ** length_penalty
+                  for c in captions]
+        assert scores == sorted(scores, reverse=True)
+    assert any(len(captions) > 1 for captions in ranked)
+
+
+def test_names_a_region_twice_only_for_the_same_words_on_the_same_box() -> None:
+    square, other = [10, 10, 50, 50], [60, 10, 100, 50]
+    assert names_a_region_twice(["a blue square", "a red star", "a blue square"],
+                                [square, other, [11, 10, 50, 51]])
+    assert not names_a_region_twice(["a blue square", "a blue square"], [square, other])
+    assert not names_a_region_twice(["a blue square", "a red square"], [square, square])
+    assert not names_a_region_twice([], [])
