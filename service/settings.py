@@ -107,8 +107,10 @@ class ServiceSettings(BaseSettings):
         DEFAULT_MAX_TOKENS, ge=1, le=256, description="Most tokens a generated caption may have.")
     caption_beams: int = Field(
         DEFAULT_BEAMS, ge=1, le=16,
-        description="Beam width of caption decoding: prefixes kept per image (1: greedy). Each "
-                    "decoding step runs beams x images rows through the caption-step graph.")
+        description="Beam width of caption decoding: prefixes kept per image (1: greedy), and "
+                    "the finished captions the answer is the best of that does not name one "
+                    "object twice. Each decoding step runs beams x images rows through the "
+                    "caption-step graph.")
     caption_length_penalty: float = Field(
         DEFAULT_LENGTH_PENALTY, ge=0, le=4, allow_inf_nan=False,
         description="A caption's beam-search score is its log-probability divided by its token "
