@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import math
 import re
@@ -591,13 +592,12 @@ class Glipv2Serving:
                         ) -> tuple[str, list[GroundedPhrase]]:
         """The best-scoring candidate that does not name one region twice with the same words
         (`names_a_region_twice`), else the best one, with its grounded phrases."""
-        grounded = []
-        for decoded in candidates:
-            phrases = self._ground_phrases(decoded, image)
+        grounded = ((d.caption, self._ground_phrases(d, image)) for d in candidates)
+        best = next(grounded)  # grounded lazily: most answers are the first candidate
+        for caption, phrases in itertools.chain([best], grounded):
             if not names_a_region_twice([p.phrase for p in phrases], [p.box for p in phrases]):
-                return decoded.caption, phrases
-            grounded.append(phrases)
-        return candidates[0].caption, grounded[0]
+                return caption, phrases
+        return best
 
     def _ground_phrases(self, decoded: CaptionDecoded, image: PreparedImage
                         ) -> list[GroundedPhrase]:
