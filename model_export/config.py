@@ -117,6 +117,9 @@ class TaskHeadsConfig:
     vqa_glimpses: int = 1  # attention poolings over the fused tokens, side by side into the MLP
     vqa_answers: tuple[str, ...] = ()  # the closed answer vocabulary, index = logit
     contrastive_dim: int = 0  # projection width of L_inter's region/token features; 0: none
+    # Classes whose detections a caption names one phrase each (a world caption names every
+    # object): caption search then makes exactly that many phrases. (): the decoder picks.
+    caption_classes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -142,6 +145,8 @@ class PostprocessConfig:
     # Score a referring segment needs when a request names no threshold: a property of the
     # model's score calibration, set by `glipv2 calibrate` (best gIoU on a validation world).
     segment_threshold: float = 0.3
+    # Score a detection of `tasks.caption_classes` needs to count as an object to caption.
+    caption_object_threshold: float = 0.5
 
 
 @dataclass
@@ -196,6 +201,8 @@ class Glipv2Config:
             raise ValueError("tasks.vqa_glimpses must be at least 1")
         if not 0.0 <= self.postprocess.segment_threshold <= 1.0:
             raise ValueError("postprocess.segment_threshold must be between 0 and 1")
+        if not 0.0 <= self.postprocess.caption_object_threshold <= 1.0:
+            raise ValueError("postprocess.caption_object_threshold must be between 0 and 1")
         p = self.preprocess
         if p.min_size > p.max_size or p.size_divisibility <= 0:
             raise ValueError("preprocess needs min_size <= max_size and size_divisibility > 0")
@@ -270,11 +277,13 @@ def _small() -> Glipv2Config:
                             pixel_colours=True),
         head=HeadConfig(mlm_head=True, tie_mlm_decoder=True),
         tasks=TaskHeadsConfig(mask_head=True, vqa_head=True, vqa_answers=WORLD_ANSWERS,
-                              vqa_glimpses=2, contrastive_dim=64),
+                              vqa_glimpses=2, contrastive_dim=64, caption_classes=WORLD_SHAPES),
         preprocess=PreprocessConfig(min_size=288, max_size=576),
     )
 
 
+# The grounded shapes world's shapes (WORLD.md), the classes its captions name.
+WORLD_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "hexagon")
 # The grounded shapes world's closed VQA answer set (WORLD.md): 7 colours, 6 shapes, yes, no,
 # 0 to 6, small, large. Kept here so a config does not depend on the world generator.
 WORLD_ANSWERS: tuple[str, ...] = (

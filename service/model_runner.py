@@ -22,7 +22,7 @@ from torch import Tensor
 from model_export.export import LEVELS, vision_outputs
 from model_export.prompt import load_tokenizer, tokenize
 from service.batching import BatchPlan
-from service.caption_search import CaptionSearch, beam_search
+from service.caption_search import CaptionGrammar, CaptionSearch, beam_search
 from service.runtimes import Runtime
 from service.text_cache import TextFeatures
 
@@ -102,6 +102,8 @@ class ModelRunner:
         self.runtime = runtime
         self.config = runtime.config
         self.tokenizer = load_tokenizer(self.config.language.tokenizer)
+        self.caption_grammar = (CaptionGrammar.from_tokenizer(self.tokenizer)
+                                if self.config.tasks.caption_classes else None)
         self.max_tokens = self.config.language.max_query_len
         self.vision_names = vision_outputs(self.config)
         self._tokenizer_lock = threading.Lock()
@@ -194,7 +196,7 @@ class ModelRunner:
             })["next_token_logits"]
 
         ranked = beam_search(step, [w.search for w in works], self.tokenizer.cls_token_id,
-                             self.tokenizer.sep_token_id)
+                             self.tokenizer.sep_token_id, self.caption_grammar)
         owners = [image for image, sequences in enumerate(ranked) for _ in sequences]
         with self._tokenizer_lock:
             captions = [self.tokenizer.decode(s, skip_special_tokens=True).strip()

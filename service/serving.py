@@ -239,7 +239,9 @@ class Glipv2Serving:
     """The four tasks over one runtime: checks, the engines' batchers, responses.
 
     `start()`/`stop()` run on the event loop (the app's lifespan). Every request method is a
-    coroutine that awaits its engines without blocking the loop.
+    coroutine that awaits its engines without blocking the loop. `count_caption_objects`: a
+    caption names one phrase per detected object of the model's `tasks.caption_classes`
+    (`CaptionSearch.objects`); off, or without such classes, the decoder picks how many.
     """
 
     def __init__(
@@ -250,6 +252,7 @@ class Glipv2Serving:
         batcher_config: BatcherConfig,
         metrics: ServiceMetrics | None = None,
         caption_search: CaptionSearch = DEFAULT_SEARCH,
+        count_caption_objects: bool = True,
         text_cache_bytes: int = 256 * 1024 * 1024,
         max_segments: int = 20,
         prompts: Mapping[str, TunedPrompt] | None = None,
@@ -294,6 +297,11 @@ class Glipv2Serving:
                 name=engine)
         self._default_deadline_ms = batcher_config.default_deadline_ms
         self._chunk_plan = lru_cache(maxsize=256)(self._plan_chunks)
+        # What a caption counts its objects with (`CaptionSearch.objects`), if anything.
+        classes = self.config.tasks.caption_classes
+        self._caption_objects = (self.prepare_detect(DetectParams(
+            classes=list(classes), threshold=self.config.postprocess.caption_object_threshold))
+            if count_caption_objects and classes and "caption" in self.tasks else None)
 
     @property
     def tasks(self) -> list[str]:
@@ -418,12 +426,17 @@ class Glipv2Serving:
         labels indexing `query.names`, scores descending."""
         request = _Request(self, image, priority)
         prepared, visual = await request.encode_image()
+        if self.metrics is not None:
+            self.metrics.prompt_chunks.observe(len(query.chunks))
+        return await self._detect_encoded(request, query, prepared, visual)
+
+    async def _detect_encoded(self, request: _Request, query: DetectQuery,
+                              prepared: PreparedImage, visual: list[torch.Tensor]
+                              ) -> Detections:
         texts = await request.encode_texts([c.caption for c in query.chunks])
         if query.offset is not None:  # after the cache, which holds the plain encoder features
             texts = [TextFeatures(t.input_ids, t.hidden + query.offset) for t in texts]
         rows = await request.fuse(visual, texts)
-        if self.metrics is not None:
-            self.metrics.prompt_chunks.observe(len(query.chunks))
         return await asyncio.to_thread(self._merge_chunks, query, rows, prepared)
 
     async def detect(self, query: DetectQuery, image: Image.Image,
@@ -582,8 +595,13 @@ class Glipv2Serving:
                       priority: int = PRIORITY_ONLINE) -> CaptionResponse:
         request = _Request(self, image, priority)
         prepared, visual = await request.encode_image()
+        search = self.caption_search
+        if self._caption_objects is not None:
+            found = await self._detect_encoded(request, self._caption_objects, prepared, visual)
+            objects = int((found.scores >= self._caption_objects.threshold).sum())
+            search = dataclasses.replace(search, objects=objects or None)
         candidates: list[CaptionDecoded] = await request.submit(
-            "caption", CaptionWork(visual, self.caption_search))
+            "caption", CaptionWork(visual, search))
         caption, phrases = await asyncio.to_thread(self._ground_caption, candidates, prepared)
         return CaptionResponse(model=self.model_id, image=_info(image), caption=caption,
                                phrases=phrases)

@@ -116,6 +116,11 @@ class ServiceSettings(BaseSettings):
         description="A caption's beam-search score is its log-probability divided by its token "
                     "count to this power: 0 ranks by probability (short captions win), 1 by "
                     "the mean per token.")
+    caption_count_objects: bool = Field(
+        True,
+        description="Detect the model's caption classes first (config tasks.caption_classes, "
+                    "at postprocess.caption_object_threshold) and make the caption name exactly "
+                    "that many objects; off, the decoder picks how many.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="Accepted API keys for /v1/* (Authorization: Bearer or X-API-Key); "

@@ -10,7 +10,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from service.caption_search import CaptionSearch, beam_search, names_a_region_twice
+from service.caption_search import (
+    CaptionGrammar,
+    CaptionSearch,
+    beam_search,
+    names_a_region_twice,
+)
 
 CLS, SEP = 0, 1
 VOCAB = 5  # [CLS], [SEP] and three words
@@ -147,3 +152,65 @@ def test_names_a_region_twice_only_for_the_same_words_on_the_same_box() -> None:
     assert not names_a_region_twice(["a blue square", "a blue square"], [square, other])
     assert not names_a_region_twice(["a blue square", "a red square"], [square, square])
     assert not names_a_region_twice([], [])
+
+
+# A toy caption vocabulary: [CLS], [SEP], the joints "a" "," "and" "." and two words.
+A, COMMA, AND, DOT = 2, 3, 4, 5
+GRAMMAR = CaptionGrammar(article=A, comma=COMMA, conjunction=AND, period=DOT, end=SEP)
+
+
+def caption_step(images: list[int], prefixes: list[list[int]]) -> Tensor:
+    """Pseudo-random logits over the toy caption vocabulary, [SEP] and "." made likely."""
+    rows = []
+    for image, prefix in zip(images, prefixes, strict=True):
+        rng = random.Random(f"caption:{image}:{prefix}")
+        rows.append([-1e9, 2.0, *(rng.gauss(0.0, 1.0) for _ in range(3)), 2.0,
+                     *(rng.gauss(0.0, 1.0) for _ in range(2))])
+    return torch.tensor(rows)
+
+
+def joints(tokens: list[int]) -> list[int]:
+    return [t for t in tokens if t in (A, COMMA, AND, DOT)]
+
+
+@pytest.mark.parametrize("objects", [1, 2, 3, 5])
+def test_captions_with_objects_name_exactly_that_many_in_the_caption_grammar(objects: int
+                                                                              ) -> None:
+    limit = 40
+    ranked = beam_search(caption_step, [CaptionSearch(limit, 3, 1.0, objects)] * 8, CLS, SEP,
+                         GRAMMAR)
+    # "a .., a .., a .. and a .." then "." and [SEP]: the joints in order, whatever the words
+    expected = [A] + [COMMA, A] * max(objects - 2, 0) + [AND, A] * (objects > 1) + [DOT]
+    for captions in ranked:
+        assert len(captions[0]) < limit
+        for caption in captions:
+            if len(caption) < limit:
+                assert joints(caption) == expected and caption[-1] == DOT
+    free = beam_search(caption_step, [CaptionSearch(limit, 3, 1.0)] * 8, CLS, SEP)
+    assert any(joints(captions[0]) != expected for captions in free)  # the grammar did work
+
+
+def test_images_without_objects_are_searched_freely_beside_constrained_ones() -> None:
+    searches = [CaptionSearch(12, 3, 1.0, objects=2), CaptionSearch(12, 3, 1.0)]
+    together = beam_search(caption_step, searches, CLS, SEP, GRAMMAR)
+    alone = beam_search(caption_step, [CaptionSearch(12, 3, 1.0)] * 2, CLS, SEP)
+    assert together[1] == alone[1]
+    assert joints(together[0][0]) == [A, AND, A, DOT]
+
+
+def test_objects_need_a_grammar_and_at_least_one_object() -> None:
+    with pytest.raises(ValueError, match="needs a CaptionGrammar"):
+        beam_search(caption_step, [CaptionSearch(8, 2, 1.0, objects=2)], CLS, SEP)
+    with pytest.raises(ValueError, match="objects must be at least 1"):
+        CaptionSearch(8, objects=0)
+
+
+def test_caption_grammar_from_the_model_tokenizer() -> None:
+    from model_export.prompt import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    grammar = CaptionGrammar.from_tokenizer(tokenizer)
+    ids = tokenizer("a small red circle, a blue star and a square.")["input_ids"]
+    assert [grammar.article, grammar.comma, grammar.conjunction, grammar.period] == [
+        ids[1], ids[5], ids[9], ids[-2]]
+    assert grammar.end == ids[-1] == tokenizer.sep_token_id

@@ -34,10 +34,14 @@ from pycocotools import mask as mask_utils
 from model_export.model import Glipv2Model
 from model_export.weights import save_model
 from service.app import create_app
+from service.batching import BatcherConfig
+from service.caption_search import CaptionSearch
 from service.errors import PayloadTooLargeError, UnsupportedMediaTypeError
 from service.images import decode_base64, decode_image_bytes, sniff_format
+from service.model_runner import ModelRunner
 from service.openapi import OPENAPI_PATH, app_schema, load_openapi
 from service.runtimes.torch_eager import TorchRuntime
+from service.schemas import DetectParams
 from service.serving import Glipv2Serving, split_phrases
 from service.settings import ServiceSettings
 
@@ -247,6 +251,42 @@ def test_vqa_grounds_an_answer_that_names_something(client: TestClient, png_b64:
     monkeypatch.setattr(serving.config.tasks, "vqa_answers", ["2"] * len(vocabulary))
     body = client.post("/v1/vqa", json={"image": png_b64, "question": "how many?"}).json()
     assert body["answer"] == "2" and body["answer_grounding"] == []
+
+
+@pytest.mark.parametrize(("count", "threshold", "objects"),
+                         [(True, 0.0, 5), (True, 1.0, None), (False, 0.0, None)])
+def test_caption_search_names_as_many_objects_as_detection_finds(
+        runtime: TorchRuntime, monkeypatch: pytest.MonkeyPatch, count: bool, threshold: float,
+        objects: int | None) -> None:
+    """The caption search gets the number of the model's caption classes detected over
+    `caption_object_threshold` (here every one of the tiny model's 5 detections, or none),
+    and no count when nothing is found or counting is off."""
+    searches: list[CaptionSearch] = []
+    caption = ModelRunner.caption
+
+    def spy(self: ModelRunner, plan: Any) -> Any:
+        searches.extend(work.search for work in plan.payloads)
+        return caption(self, plan)
+
+    monkeypatch.setattr(ModelRunner, "caption", spy)
+    monkeypatch.setattr(runtime.config.postprocess, "caption_object_threshold", threshold)
+    image = Image.open(WORLD_PNG).convert("RGB")
+
+    async def run() -> int:
+        serving = Glipv2Serving(runtime, model_id="tiny", count_caption_objects=count,
+                                caption_search=CaptionSearch(max_tokens=8),
+                                batcher_config=BatcherConfig(max_batch_size=4))
+        await serving.start()
+        try:
+            found = await serving.detections(
+                serving.prepare_detect(DetectParams(classes=CLASSES)), image)
+            await serving.caption(image)
+        finally:
+            await serving.stop()
+        return len(found.scores)
+
+    assert asyncio.run(run()) == 5
+    assert [search.objects for search in searches] == [objects]
 
 
 def test_caption(client: TestClient, png_b64: str) -> None:

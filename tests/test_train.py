@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_export.config import WORLD_ANSWERS, PreprocessConfig, get_preset
+from model_export.config import WORLD_ANSWERS, WORLD_SHAPES, PreprocessConfig, get_preset
 from model_export.data.types import GroundedObject, GroundingSample
 from model_export.model import Glipv2Model
 from model_export.prompt import load_tokenizer
@@ -52,8 +52,9 @@ def _image():
     return Image.new("RGB", (100, 50), (230, 230, 230))
 
 
-def test_world_answers_match_the_world() -> None:
+def test_world_vocabulary_in_the_config_matches_the_world() -> None:
     assert WORLD_ANSWERS == ANSWERS
+    assert WORLD_SHAPES == SHAPES
 
 
 def test_detection_example_targets_follow_the_shuffled_prompt() -> None:
