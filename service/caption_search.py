@@ -24,11 +24,12 @@ as well gained nothing on 100 validation images.
 Where the model's config names caption classes, the service first detects them and the search
 makes exactly one phrase per object found (`objects`), like constrained beam search with detected
 objects (Anderson et al., 2017): `CaptionGrammar` allows only captions of that many phrases,
-joined as "p, p and p.". The decoder's
-commonest error was an object left out: on 60 validation images (seed 2000, step 27110), 28 of
-the 32 wrong captions named too few or too many objects, while detection at score 0.5 counted
-the objects right on 59. The decoder still chooses every word; the count only bounds the
-grammar.
+joined as "p, p and p.". The decoder's commonest error was an object left out: on 60
+validation images (seed 2000, step 27110), 28 of the 32 wrong captions named too few or too
+many objects, while detection at score 0.5 counted the objects right on 59. The decoder still
+chooses every word; the count only bounds the grammar. On 200 evaluation images (seed 1000,
+step 27110) exact match went 0.510 -> 0.605, BLEU-4 0.761 -> 0.862 and phrase grounding
+0.702 -> 0.758.
 
 The search sees the model only through `step`: the next-token logits of a batch of prefixes, each
 on its own image, which the model runner computes with one caption-step graph call.
