@@ -426,9 +426,10 @@ class Glipv2Serving:
         labels indexing `query.names`, scores descending."""
         request = _Request(self, image, priority)
         prepared, visual = await request.encode_image()
+        found = await self._detect_encoded(request, query, prepared, visual)
         if self.metrics is not None:
             self.metrics.prompt_chunks.observe(len(query.chunks))
-        return await self._detect_encoded(request, query, prepared, visual)
+        return found
 
     async def _detect_encoded(self, request: _Request, query: DetectQuery,
                               prepared: PreparedImage, visual: list[torch.Tensor]
