@@ -97,7 +97,7 @@ def _eval(args: argparse.Namespace) -> int:
     predictor = ServingPredictor(open_runtime(RuntimeOptions(
         kind=args.runtime, model_dir=Path(args.model) if args.model else None,
         engine_dir=Path(args.engines) if args.engines else None, provider=args.provider,
-        precision=args.precision)), search, args.caption_count_objects)
+        precision=args.precision)), search, args.caption_objects)
     try:
         metrics = evaluate(predictor, args.n, args.seed, tasks, held_out=held_out)
     finally:
@@ -368,10 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--caption-length-penalty", type=float,
                           help="length normalisation of caption beam search; default: the "
                                "service's GLIPV2_CAPTION_LENGTH_PENALTY default")
-    evaluate.add_argument("--caption-count-objects", action=argparse.BooleanOptionalAction,
+    evaluate.add_argument("--caption-objects", action=argparse.BooleanOptionalAction,
                           default=True,
-                          help="captions name as many objects as detection finds, as the "
-                               "service does by default (GLIPV2_CAPTION_COUNT_OBJECTS)")
+                          help="captions name the objects detection finds, left to right, "
+                               "as the service does by default (GLIPV2_CAPTION_OBJECTS)")
     evaluate.add_argument("--out", help="write the metrics as JSON here")
     evaluate.set_defaults(func=_eval)
 

@@ -117,8 +117,9 @@ class TaskHeadsConfig:
     vqa_glimpses: int = 1  # attention poolings over the fused tokens, side by side into the MLP
     vqa_answers: tuple[str, ...] = ()  # the closed answer vocabulary, index = logit
     contrastive_dim: int = 0  # projection width of L_inter's region/token features; 0: none
-    # Classes whose detections a caption names one phrase each (a world caption names every
-    # object): caption search then makes exactly that many phrases. (): the decoder picks.
+    # Classes whose detections a caption names one phrase each, left to right (a world caption
+    # names every object so): caption search then makes one phrase per object, ending in its
+    # class name, grounded to its box. (): the decoder picks the phrases.
     caption_classes: tuple[str, ...] = ()
 
 
@@ -145,7 +146,7 @@ class PostprocessConfig:
     # Score a referring segment needs when a request names no threshold: a property of the
     # model's score calibration, set by `glipv2 calibrate` (best gIoU on a validation world).
     segment_threshold: float = 0.3
-    # Score a detection of `tasks.caption_classes` needs to count as an object to caption.
+    # Score a detection of `tasks.caption_classes` needs to be an object a caption names.
     caption_object_threshold: float = 0.5
 
 

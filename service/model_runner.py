@@ -86,12 +86,13 @@ class CaptionDecoded:
     """A decoded caption and what grounding its phrases needs.
 
     caption: decoded text; encoding: its tokenisation ([CLS] caption [SEP]) for character to
-    token maps; head: the ATSS head on the fused caption tokens.
+    token maps; head: the ATSS head on the fused caption tokens. Both None for a caption of
+    given objects (`CaptionSearch.objects`), whose phrases are grounded to those objects.
     """
 
     caption: str
-    encoding: object
-    head: HeadOutputs
+    encoding: object | None = None
+    head: HeadOutputs | None = None
 
 
 class ModelRunner:
@@ -102,8 +103,9 @@ class ModelRunner:
         self.runtime = runtime
         self.config = runtime.config
         self.tokenizer = load_tokenizer(self.config.language.tokenizer)
-        self.caption_grammar = (CaptionGrammar.from_tokenizer(self.tokenizer)
-                                if self.config.tasks.caption_classes else None)
+        classes = self.config.tasks.caption_classes
+        self.caption_grammar = (CaptionGrammar.from_tokenizer(self.tokenizer, classes)
+                                if classes else None)
         self.max_tokens = self.config.language.max_query_len
         self.vision_names = vision_outputs(self.config)
         self._tokenizer_lock = threading.Lock()
@@ -180,7 +182,8 @@ class ModelRunner:
         """Beam search (`caption_search`) for every image of the batch together, the image side
         computed once; each step runs all images' live prefixes as one batch. Per image, its
         best finished captions, best first, each with the head its phrases are grounded from (one
-        call for all of them)."""
+        call for all of them); for an image with given objects only the best caption, whose
+        phrases are grounded to those objects."""
         works = plan.payloads
         image_out = self.runtime.run("caption_image", self._stack_visual(works))
         state_names = sorted((n for n in image_out if n.startswith("state_")),
@@ -197,10 +200,18 @@ class ModelRunner:
 
         ranked = beam_search(step, [w.search for w in works], self.tokenizer.cls_token_id,
                              self.tokenizer.sep_token_id, self.caption_grammar)
-        owners = [image for image, sequences in enumerate(ranked) for _ in sequences]
         with self._tokenizer_lock:
-            captions = [self.tokenizer.decode(s, skip_special_tokens=True).strip()
-                        for sequences in ranked for s in sequences]
+            texts = [[self.tokenizer.decode(s, skip_special_tokens=True).strip()
+                      for s in sequences] for sequences in ranked]
+        out: list[list[CaptionDecoded]] = [
+            [CaptionDecoded(captions[0])] if work.search.objects is not None else []
+            for work, captions in zip(works, texts, strict=True)]
+        owners = [image for image, work in enumerate(works) if work.search.objects is None
+                  for _ in texts[image]]
+        if not owners:
+            return out
+        captions = [c for work, captions in zip(works, texts, strict=True)
+                    if work.search.objects is None for c in captions]
         ids, mask, encodings = self._tokenize(captions)
         index = torch.tensor(owners)
         fused_text = self.runtime.run("caption_step", {
@@ -210,7 +221,6 @@ class ModelRunner:
             **{f"fused_{level}": image_out[f"fused_{level}"][index] for level in LEVELS},
             "fused_text": fused_text})
         lengths = mask.sum(dim=1).tolist()
-        out: list[list[CaptionDecoded]] = [[] for _ in works]
         for row, image in enumerate(owners):
             out[image].append(CaptionDecoded(caption=captions[row], encoding=encodings[row],
                                              head=_head_row(head, row, lengths[row])))

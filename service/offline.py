@@ -39,14 +39,14 @@ class ServingPredictor:
     """`Glipv2Serving` on its own event loop thread, called synchronously."""
 
     def __init__(self, runtime: Runtime, caption_search: CaptionSearch = DEFAULT_SEARCH,
-                 count_caption_objects: bool = True) -> None:
+                 caption_objects: bool = True) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="serving-loop")
         self._thread.start()
         self.serving = Glipv2Serving(
             runtime, model_id="offline", caption_search=caption_search,
-            count_caption_objects=count_caption_objects,
+            caption_objects=caption_objects,
             batcher_config=BatcherConfig(max_batch_size=8, max_queue_delay_ms=0.0,
                                          max_queue_size=64))
         self._call(self.serving.start())

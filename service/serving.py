@@ -51,7 +51,13 @@ from service.batching import (
     DeadlineExceededError,
     DynamicBatcher,
 )
-from service.caption_search import DEFAULT_SEARCH, CaptionSearch, names_a_region_twice
+from service.caption_search import (
+    DEFAULT_SEARCH,
+    CaptionSearch,
+    left_to_right,
+    names_a_region_twice,
+    object_phrase_spans,
+)
 from service.chunking import ChunkingError, name_token_counts, pack_chunks
 from service.errors import InvalidRequestError, TaskUnavailableError
 from service.metrics import ServiceMetrics
@@ -239,9 +245,10 @@ class Glipv2Serving:
     """The four tasks over one runtime: checks, the engines' batchers, responses.
 
     `start()`/`stop()` run on the event loop (the app's lifespan). Every request method is a
-    coroutine that awaits its engines without blocking the loop. `count_caption_objects`: a
-    caption names one phrase per detected object of the model's `tasks.caption_classes`
-    (`CaptionSearch.objects`); off, or without such classes, the decoder picks how many.
+    coroutine that awaits its engines without blocking the loop. `caption_objects`: a caption
+    names the detected objects of the model's `tasks.caption_classes`, one phrase each, left to
+    right, each phrase ending in its object's class name and grounded to its box
+    (`CaptionSearch.objects`); off, or without such classes, the decoder picks the phrases.
     """
 
     def __init__(
@@ -252,7 +259,7 @@ class Glipv2Serving:
         batcher_config: BatcherConfig,
         metrics: ServiceMetrics | None = None,
         caption_search: CaptionSearch = DEFAULT_SEARCH,
-        count_caption_objects: bool = True,
+        caption_objects: bool = True,
         text_cache_bytes: int = 256 * 1024 * 1024,
         max_segments: int = 20,
         prompts: Mapping[str, TunedPrompt] | None = None,
@@ -297,11 +304,14 @@ class Glipv2Serving:
                 name=engine)
         self._default_deadline_ms = batcher_config.default_deadline_ms
         self._chunk_plan = lru_cache(maxsize=256)(self._plan_chunks)
-        # What a caption counts its objects with (`CaptionSearch.objects`), if anything.
+        # What finds a caption's objects (`CaptionSearch.objects`), if anything.
         classes = self.config.tasks.caption_classes
         self._caption_objects = (self.prepare_detect(DetectParams(
             classes=list(classes), threshold=self.config.postprocess.caption_object_threshold))
-            if count_caption_objects and classes and "caption" in self.tasks else None)
+            if caption_objects and classes and "caption" in self.tasks else None)
+        grammar = self.runner.caption_grammar
+        self._caption_class_texts = ([self.runner.tokenizer.decode(ids) for ids in grammar.classes]
+                                     if grammar is not None else [])
 
     @property
     def tasks(self) -> list[str]:
@@ -596,16 +606,32 @@ class Glipv2Serving:
                       priority: int = PRIORITY_ONLINE) -> CaptionResponse:
         request = _Request(self, image, priority)
         prepared, visual = await request.encode_image()
-        search = self.caption_search
+        search, objects = self.caption_search, None
         if self._caption_objects is not None:
-            found = await self._detect_encoded(request, self._caption_objects, prepared, visual)
-            objects = int((found.scores >= self._caption_objects.threshold).sum())
-            search = dataclasses.replace(search, objects=objects or None)
+            objects = left_to_right(await self._detect_encoded(
+                request, self._caption_objects, prepared, visual), self._caption_objects.threshold)
+            if len(objects.labels):
+                search = dataclasses.replace(search, objects=tuple(objects.labels.tolist()))
         candidates: list[CaptionDecoded] = await request.submit(
             "caption", CaptionWork(visual, search))
-        caption, phrases = await asyncio.to_thread(self._ground_caption, candidates, prepared)
+        if search.objects is not None and objects is not None:
+            caption = candidates[0].caption
+            phrases = self._object_phrases(caption, objects)
+        else:
+            caption, phrases = await asyncio.to_thread(self._ground_caption, candidates, prepared)
         return CaptionResponse(model=self.model_id, image=_info(image), caption=caption,
                                phrases=phrases)
+
+    def _object_phrases(self, caption: str, objects: Detections) -> list[GroundedPhrase]:
+        """A caption of given objects, each phrase grounded to the object it was made for (a
+        caption cut short at `max_tokens` has fewer phrases)."""
+        names = [self._caption_class_texts[label] for label in objects.labels.tolist()]
+        boxes = to_exclusive(objects.boxes).tolist()
+        return [GroundedPhrase(phrase=caption[start:end], span=[start, end],
+                               box=[rounded(v, BOX_DIGITS) for v in box],
+                               score=rounded(score, SCORE_DIGITS))
+                for (start, end), box, score in zip(object_phrase_spans(caption, names), boxes,
+                                                    objects.scores.tolist(), strict=False)]
 
     def _ground_caption(self, candidates: Sequence[CaptionDecoded], image: PreparedImage
                         ) -> tuple[str, list[GroundedPhrase]]:

@@ -116,11 +116,13 @@ class ServiceSettings(BaseSettings):
         description="A caption's beam-search score is its log-probability divided by its token "
                     "count to this power: 0 ranks by probability (short captions win), 1 by "
                     "the mean per token.")
-    caption_count_objects: bool = Field(
+    caption_objects: bool = Field(
         True,
         description="Detect the model's caption classes first (config tasks.caption_classes, "
-                    "at postprocess.caption_object_threshold) and make the caption name exactly "
-                    "that many objects; off, the decoder picks how many.")
+                    "at postprocess.caption_object_threshold) and make the caption name those "
+                    "objects, one phrase each, left to right, each phrase ending in its class "
+                    "name and grounded to its box; off, the decoder picks the phrases and the "
+                    "caption head grounds them.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="Accepted API keys for /v1/* (Authorization: Bearer or X-API-Key); "

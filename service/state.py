@@ -106,7 +106,7 @@ class ServiceState:
             metrics=self.metrics, caption_search=CaptionSearch(
                 settings.caption_max_tokens, settings.caption_beams,
                 settings.caption_length_penalty),
-            count_caption_objects=settings.caption_count_objects,
+            caption_objects=settings.caption_objects,
             text_cache_bytes=settings.text_cache_bytes, max_segments=settings.max_segments,
             prompts=prompts)
         await serving.start()

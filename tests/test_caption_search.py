@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -10,11 +11,14 @@ import pytest
 import torch
 from torch import Tensor
 
+from model_export.postprocess import Detections
 from service.caption_search import (
     CaptionGrammar,
     CaptionSearch,
     beam_search,
+    left_to_right,
     names_a_region_twice,
+    object_phrase_spans,
 )
 
 CLS, SEP = 0, 1
@@ -154,9 +158,12 @@ def test_names_a_region_twice_only_for_the_same_words_on_the_same_box() -> None:
     assert not names_a_region_twice([], [])
 
 
-# A toy caption vocabulary: [CLS], [SEP], the joints "a" "," "and" "." and two words.
+# A toy caption vocabulary: [CLS], [SEP], the joints "a" "," "and" ".", two words and two
+# class names, one of one token (8) and one of two (9 10).
 A, COMMA, AND, DOT = 2, 3, 4, 5
-GRAMMAR = CaptionGrammar(article=A, comma=COMMA, conjunction=AND, period=DOT, end=SEP)
+CLASS_TOKENS = ((8,), (9, 10))
+GRAMMAR = CaptionGrammar(article=A, comma=COMMA, conjunction=AND, period=DOT, end=SEP,
+                         classes=CLASS_TOKENS)
 
 
 def caption_step(images: list[int], prefixes: list[list[int]]) -> Tensor:
@@ -165,7 +172,7 @@ def caption_step(images: list[int], prefixes: list[list[int]]) -> Tensor:
     for image, prefix in zip(images, prefixes, strict=True):
         rng = random.Random(f"caption:{image}:{prefix}")
         rows.append([-1e9, 2.0, *(rng.gauss(0.0, 1.0) for _ in range(3)), 2.0,
-                     *(rng.gauss(0.0, 1.0) for _ in range(2))])
+                     *(rng.gauss(0.0, 1.0) for _ in range(5))])
     return torch.tensor(rows)
 
 
@@ -173,44 +180,103 @@ def joints(tokens: list[int]) -> list[int]:
     return [t for t in tokens if t in (A, COMMA, AND, DOT)]
 
 
-@pytest.mark.parametrize("objects", [1, 2, 3, 5])
-def test_captions_with_objects_name_exactly_that_many_in_the_caption_grammar(objects: int
-                                                                              ) -> None:
+def phrases(tokens: list[int]) -> list[list[int]]:
+    """The words of each phrase: what follows each article up to the next joint."""
+    out: list[list[int]] = []
+    for token in tokens:
+        if token == A:
+            out.append([])
+        elif token not in (COMMA, AND, DOT):
+            out[-1].append(token)
+    return out
+
+
+@pytest.mark.parametrize("objects", [(0,), (1, 0), (0, 1, 1), (1, 1, 0, 0, 1)])
+def test_captions_with_objects_name_each_in_order_in_the_caption_grammar(
+        objects: tuple[int, ...]) -> None:
     limit = 40
     ranked = beam_search(caption_step, [CaptionSearch(limit, 3, 1.0, objects)] * 8, CLS, SEP,
                          GRAMMAR)
     # "a .., a .., a .. and a .." then "." and [SEP]: the joints in order, whatever the words
-    expected = [A] + [COMMA, A] * max(objects - 2, 0) + [AND, A] * (objects > 1) + [DOT]
-    for captions in ranked:
-        assert len(captions[0]) < limit
-        for caption in captions:
-            if len(caption) < limit:
-                assert joints(caption) == expected and caption[-1] == DOT
+    count = len(objects)
+    expected = [A] + [COMMA, A] * max(count - 2, 0) + [AND, A] * (count > 1) + [DOT]
+    finished = [caption for captions in ranked for caption in captions if len(caption) < limit]
+    assert finished
+    for caption in finished:
+        assert joints(caption) == expected and caption[-1] == DOT
+        for words, label in zip(phrases(caption), objects, strict=True):
+            name = list(CLASS_TOKENS[label])
+            # each phrase ends with its own class name, and names no other class before it
+            assert words[-len(name):] == name
+            assert not {8, 9} & set(words[:-len(name)])
     free = beam_search(caption_step, [CaptionSearch(limit, 3, 1.0)] * 8, CLS, SEP)
     assert any(joints(captions[0]) != expected for captions in free)  # the grammar did work
 
 
+def test_a_class_name_once_begun_runs_to_its_end() -> None:
+    allowed = GRAMMAR.allowed([A, 6, 9], (1,), 11)
+    assert allowed.nonzero().flatten().tolist() == [10]
+    assert GRAMMAR.allowed([A, 6, 9, 10], (1,), 11).nonzero().flatten().tolist() == [DOT]
+    # before the name: any word but the joints, [SEP] and the other class's name
+    assert GRAMMAR.allowed([A, 6], (1,), 11).nonzero().flatten().tolist() == [0, 6, 7, 9, 10]
+    # and no piece that would glue onto the article ("a" "##km" reads "akm")
+    glued = dataclasses.replace(GRAMMAR, continuations=(7, 10))
+    assert glued.allowed([A], (1,), 11).nonzero().flatten().tolist() == [0, 6, 9]
+    assert glued.allowed([A, 6], (1,), 11).nonzero().flatten().tolist() == [0, 6, 7, 9, 10]
+
+
 def test_images_without_objects_are_searched_freely_beside_constrained_ones() -> None:
-    searches = [CaptionSearch(12, 3, 1.0, objects=2), CaptionSearch(12, 3, 1.0)]
+    searches = [CaptionSearch(12, 3, 1.0, objects=(0, 0)), CaptionSearch(12, 3, 1.0)]
     together = beam_search(caption_step, searches, CLS, SEP, GRAMMAR)
     alone = beam_search(caption_step, [CaptionSearch(12, 3, 1.0)] * 2, CLS, SEP)
     assert together[1] == alone[1]
     assert joints(together[0][0]) == [A, AND, A, DOT]
 
 
-def test_objects_need_a_grammar_and_at_least_one_object() -> None:
+def test_objects_need_a_grammar_with_their_classes_and_at_least_one_object() -> None:
     with pytest.raises(ValueError, match="needs a CaptionGrammar"):
-        beam_search(caption_step, [CaptionSearch(8, 2, 1.0, objects=2)], CLS, SEP)
-    with pytest.raises(ValueError, match="objects must be at least 1"):
-        CaptionSearch(8, objects=0)
+        beam_search(caption_step, [CaptionSearch(8, 2, 1.0, objects=(0, 1))], CLS, SEP)
+    with pytest.raises(ValueError, match="needs a CaptionGrammar"):
+        beam_search(caption_step, [CaptionSearch(8, 2, 1.0, objects=(2,))], CLS, SEP, GRAMMAR)
+    for objects in ((), (-1,)):
+        with pytest.raises(ValueError, match="objects must be class indices"):
+            CaptionSearch(8, objects=objects)
 
 
 def test_caption_grammar_from_the_model_tokenizer() -> None:
     from model_export.prompt import load_tokenizer
 
     tokenizer = load_tokenizer()
-    grammar = CaptionGrammar.from_tokenizer(tokenizer)
-    ids = tokenizer("a small red circle, a blue star and a square.")["input_ids"]
+    grammar = CaptionGrammar.from_tokenizer(tokenizer, ["circle", "hexagon"])
+    ids = tokenizer("a small red circle, a blue hexagon and a square.")["input_ids"]
     assert [grammar.article, grammar.comma, grammar.conjunction, grammar.period] == [
-        ids[1], ids[5], ids[9], ids[-2]]
+        ids[1], ids[5], ids[11], ids[-2]]
     assert grammar.end == ids[-1] == tokenizer.sep_token_id
+    assert grammar.classes == (tuple(ids[4:5]), tuple(ids[8:11]))  # "hexagon" is 3 tokens
+    assert tokenizer.decode(grammar.classes[1]) == "hexagon"
+    assert tokenizer.convert_ids_to_tokens(ids[9]) in {
+        tokenizer.convert_ids_to_tokens(i) for i in grammar.continuations}
+    assert all(tokenizer.convert_ids_to_tokens(i).startswith("##")
+               for i in grammar.continuations)
+
+
+def test_left_to_right_keeps_the_objects_over_the_threshold_by_box_centre() -> None:
+    found = Detections(torch.tensor([[50.0, 0, 60, 10], [0, 30, 10, 40], [0, 0, 10, 10],
+                                     [20, 0, 30, 10]]),
+                       torch.tensor([0.9, 0.8, 0.7, 0.2]), torch.tensor([0, 1, 2, 3]))
+    ordered = left_to_right(found, 0.5)
+    # same centre x: the upper one first; the 0.2 detection is not an object
+    assert ordered.labels.tolist() == [2, 1, 0]
+    assert ordered.scores.tolist() == pytest.approx([0.7, 0.8, 0.9])
+    assert ordered.boxes[0].tolist() == [0, 0, 10, 10]
+    assert len(left_to_right(found, 0.95).labels) == 0
+
+
+def test_object_phrase_spans_run_from_each_article_to_its_class_name() -> None:
+    caption = "a large gray star, a small red hexagon and a star."
+    spans = object_phrase_spans(caption, ["star", "hexagon", "star"])
+    assert [caption[a:b] for a, b in spans] == [
+        "a large gray star", "a small red hexagon", "a star"]
+    # a caption cut short at max_tokens: the phrases it finished
+    cut = "a large gray star, a small red hex"
+    assert object_phrase_spans(cut, ["star", "hexagon"]) == [(0, 17)]

@@ -31,7 +31,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from model_export.inference import to_exclusive
 from model_export.model import Glipv2Model
+from model_export.postprocess import Detections
 from model_export.weights import save_model
 from service.app import create_app
 from service.batching import BatcherConfig
@@ -253,14 +255,14 @@ def test_vqa_grounds_an_answer_that_names_something(client: TestClient, png_b64:
     assert body["answer"] == "2" and body["answer_grounding"] == []
 
 
-@pytest.mark.parametrize(("count", "threshold", "objects"),
-                         [(True, 0.0, 5), (True, 1.0, None), (False, 0.0, None)])
-def test_caption_search_names_as_many_objects_as_detection_finds(
-        runtime: TorchRuntime, monkeypatch: pytest.MonkeyPatch, count: bool, threshold: float,
-        objects: int | None) -> None:
-    """The caption search gets the number of the model's caption classes detected over
-    `caption_object_threshold` (here every one of the tiny model's 5 detections, or none),
-    and no count when nothing is found or counting is off."""
+@pytest.mark.parametrize(("on", "threshold"), [(True, 0.0), (True, 1.0), (False, 0.0)])
+def test_caption_search_names_the_detected_objects_left_to_right(
+        runtime: TorchRuntime, monkeypatch: pytest.MonkeyPatch, on: bool, threshold: float
+        ) -> None:
+    """The caption search gets the classes of the model's caption classes detected over
+    `caption_object_threshold` (here every one of the tiny model's 5 detections, or none), by
+    box centre x; none when nothing is found or it is off. The phrases it finishes are
+    grounded to those objects' boxes."""
     searches: list[CaptionSearch] = []
     caption = ModelRunner.caption
 
@@ -272,21 +274,50 @@ def test_caption_search_names_as_many_objects_as_detection_finds(
     monkeypatch.setattr(runtime.config.postprocess, "caption_object_threshold", threshold)
     image = Image.open(WORLD_PNG).convert("RGB")
 
-    async def run() -> int:
-        serving = Glipv2Serving(runtime, model_id="tiny", count_caption_objects=count,
-                                caption_search=CaptionSearch(max_tokens=8),
+    async def run() -> tuple[Any, Any]:
+        serving = Glipv2Serving(runtime, model_id="tiny", caption_objects=on,
+                                caption_search=CaptionSearch(max_tokens=24),
                                 batcher_config=BatcherConfig(max_batch_size=4))
         await serving.start()
         try:
             found = await serving.detections(
                 serving.prepare_detect(DetectParams(classes=CLASSES)), image)
-            await serving.caption(image)
+            return found, await serving.caption(image)
         finally:
             await serving.stop()
-        return len(found.scores)
 
-    assert asyncio.run(run()) == 5
-    assert [search.objects for search in searches] == [objects]
+    found, response = asyncio.run(run())
+    assert len(found.scores) == 5
+    boxes = to_exclusive(found.boxes).tolist()
+    order = sorted(range(5), key=lambda i: (boxes[i][0] + boxes[i][2], boxes[i][1] + boxes[i][3]))
+    if on and threshold == 0.0:
+        assert [search.objects for search in searches] == [
+            tuple(found.labels[order].tolist())]
+        for phrase, i in zip(response.phrases, order, strict=False):
+            assert phrase.box == pytest.approx(boxes[i], abs=0.01)
+            assert phrase.phrase.endswith(CLASSES[found.labels[i]])
+    else:
+        assert [search.objects for search in searches] == [None]
+
+
+def test_caption_phrases_of_detected_objects_are_grounded_to_their_boxes(
+        runtime: TorchRuntime) -> None:
+    objects = Detections(torch.tensor([[0.0, 0, 10, 10], [20, 0, 31, 10], [40, 0, 50, 10]]),
+                         torch.tensor([0.9, 0.7, 0.8]), torch.tensor([4, 5, 4]))
+
+    async def phrases(caption: str) -> list[Any]:
+        serving = Glipv2Serving(runtime, model_id="tiny",
+                                batcher_config=BatcherConfig(max_batch_size=4))
+        return serving._object_phrases(caption, objects)
+
+    caption = "a large gray star, a small red hexagon and a red star."
+    found = asyncio.run(phrases(caption))
+    assert [(p.phrase, p.span, p.box, p.score) for p in found] == [
+        ("a large gray star", [0, 17], [0.0, 0.0, 11.0, 11.0], 0.9),
+        ("a small red hexagon", [19, 38], [20.0, 0.0, 32.0, 11.0], 0.7),
+        ("a red star", [43, 53], [40.0, 0.0, 51.0, 11.0], 0.8)]
+    assert [p.phrase for p in asyncio.run(phrases("a large gray star, a sma"))] == [
+        "a large gray star"]
 
 
 def test_caption(client: TestClient, png_b64: str) -> None:
