@@ -42,8 +42,9 @@ SAMPLES = Path(__file__).parent / "fixtures" / "world"
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "hexagon"]
 THRESHOLD = 0.3
 # Floors under the shipped step-29443 model's figures on the three samples: VQA 12 of 15 right;
-# caption phrases (4 beams, objects counted first) on an object of their shape 15 of 15 (step
-# 27110, objects not counted: 11 / 15, 13 / 13; step 25172: 12 / 15, 14 / 14;
+# caption phrases (4 beams, detected objects named in turn) on an object of their shape 15 of 15
+# (objects only counted: 15 / 15; step 27110, objects not counted: 11 / 15, 13 / 13; step 25172:
+# 12 / 15, 14 / 14;
 # step 23549: 12 / 15, 12 / 13; step 21734: 10 / 15, 12 / 13; step 20237: 10 / 15, 14 / 14;
 # step 18570: 9 / 15, 13 / 14; step 17511: 12 / 15, 12 / 13; step 15843, greedy: 12 / 15,
 # 16 / 17; step 14943: 10 / 15, 24 / 25; step 14500: 9 / 15, 20 / 22). 15 questions are few:
