@@ -200,9 +200,10 @@ class ModelRunner:
 
         ranked = beam_search(step, [w.search for w in works], self.tokenizer.cls_token_id,
                              self.tokenizer.sep_token_id, self.caption_grammar)
-        with self._tokenizer_lock:
+        with self._tokenizer_lock:  # of a search with objects, only the best is answered
             texts = [[self.tokenizer.decode(s, skip_special_tokens=True).strip()
-                      for s in sequences] for sequences in ranked]
+                      for s in (sequences[:1] if work.search.objects is not None else sequences)]
+                     for work, sequences in zip(works, ranked, strict=True)]
         out: list[list[CaptionDecoded]] = [
             [CaptionDecoded(captions[0])] if work.search.objects is not None else []
             for work, captions in zip(works, texts, strict=True)]

@@ -608,13 +608,14 @@ class Glipv2Serving:
         prepared, visual = await request.encode_image()
         search, objects = self.caption_search, None
         if self._caption_objects is not None:
-            objects = left_to_right(await self._detect_encoded(
+            found = left_to_right(await self._detect_encoded(
                 request, self._caption_objects, prepared, visual), self._caption_objects.threshold)
-            if len(objects.labels):
-                search = dataclasses.replace(search, objects=tuple(objects.labels.tolist()))
+            if len(found.labels):  # nothing found: the decoder picks the phrases
+                objects = found
+                search = dataclasses.replace(search, objects=tuple(found.labels.tolist()))
         candidates: list[CaptionDecoded] = await request.submit(
             "caption", CaptionWork(visual, search))
-        if search.objects is not None and objects is not None:
+        if objects is not None:
             caption = candidates[0].caption
             phrases = self._object_phrases(caption, objects)
         else:
