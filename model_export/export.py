@@ -224,8 +224,11 @@ def _optional(colours: tuple[Tensor, ...]) -> Tensor | None:
 
 
 class CaptionStepGraph(nn.Module):
-    """input_ids, attention_mask (N, T), region states -> next-token logits (N, vocab) and the
-    fused caption tokens (N, T, D).
+    """input_ids, attention_mask (N, T), token_boxes (N, T, 4), region states -> next-token
+    logits (N, vocab) and the fused caption tokens (N, T, D).
+
+    token_boxes: the box each token's attention over regions stays inside, in resized-image
+    pixels; zeros for none (`Glipv2FusionTower.caption_text`).
 
     The logits are those of each row's last real token (position sum(mask) - 1), so a batch of
     right-padded captions of different lengths decodes together; with causal attention, padded
@@ -236,10 +239,10 @@ class CaptionStepGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, *states: Tensor
-                ) -> tuple[Tensor, Tensor]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_boxes: Tensor,
+                *states: Tensor) -> tuple[Tensor, Tensor]:
         text = self.model.encode_text(input_ids, attention_mask, causal=True)
-        fused_text = self.model.fusion.caption_text(list(states), text)
+        fused_text = self.model.fusion.caption_text(list(states), text, token_boxes)
         last = attention_mask.sum(dim=1) - 1  # (N,) index of each row's last real token
         index = last.view(-1, 1, 1).expand(-1, 1, fused_text.shape[2])  # (N, 1, D)
         fused_last = fused_text.gather(1, index)[:, 0]  # (N, T, D) -> (N, 1, D) -> (N, D)
@@ -327,6 +330,14 @@ def _dummy_text(model: Glipv2Model) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
+def _dummy_token_boxes(shape: torch.Size) -> Tensor:
+    """(N, T, 4) token boxes for (N, T) tokens: tokens 1-3 on a box, the rest on none, so the
+    traced graph keeps both branches of `box_bias`."""
+    boxes = torch.zeros(*shape, 4)
+    boxes[:, 1:4] = torch.tensor([40.0, 32.0, 200.0, 160.0])
+    return boxes
+
+
 def graph_signatures(model: Glipv2Model) -> list[GraphSignature]:
     """Every graph `model` has, without running it (the PyTorch runtime's start-up)."""
     token_axes = {0: "batch", 1: "tokens"}
@@ -365,7 +376,8 @@ def graph_signatures(model: Glipv2Model) -> list[GraphSignature]:
              "answer_logits": {0: "batch"}}))
     if model.mlm_head is not None:
         fusion = model.fusion
-        states = len(fusion.layers) + int(fusion.image_values) + int(fusion.pixel_colours)
+        # each layer's regions [, input regions] [, colours], the region centres
+        states = len(fusion.layers) + int(fusion.image_values) + int(fusion.pixel_colours) + 1
         state_names = [f"state_{i}" for i in range(states)]
         state_axes = {name: {0: "batch", 1: "regions"} for name in state_names}
         graphs += [
@@ -373,9 +385,10 @@ def graph_signatures(model: Glipv2Model) -> list[GraphSignature]:
                            [*state_names, *fused_level_names],
                            {**vision_axes, **state_axes, **fused_level_axes}),
             GraphSignature("caption_step", CaptionStepGraph(model),
-                           ["input_ids", "attention_mask", *state_names],
+                           ["input_ids", "attention_mask", "token_boxes", *state_names],
                            ["next_token_logits", "fused_text"],
-                           {"input_ids": token_axes, "attention_mask": token_axes, **state_axes,
+                           {"input_ids": token_axes, "attention_mask": token_axes,
+                            "token_boxes": token_axes, **state_axes,
                             "next_token_logits": {0: "batch"}, "fused_text": token_axes}),
             GraphSignature("caption_ground", CaptionGroundGraph(model),
                            [*fused_level_names, "fused_text"], _head_names(),
@@ -415,7 +428,7 @@ def graph_specs(model: Glipv2Model) -> list[GraphSpec]:
         states, caption_visual = model.fusion.caption_image_states(visual, colours)
         caption_text = model.encode_text(ids, mask, causal=True)
         inputs["caption_image"] = (*visual, *extra)
-        inputs["caption_step"] = (ids, mask, *states)
+        inputs["caption_step"] = (ids, mask, _dummy_token_boxes(ids.shape), *states)
         inputs["caption_ground"] = (*caption_visual,
                                     model.fusion.caption_text(states, caption_text))
     specs = []

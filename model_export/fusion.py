@@ -17,12 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model_export.config import FusionConfig, LanguageConfig
+from model_export.config import FusionConfig, HeadConfig, LanguageConfig
 from model_export.dyconv import Glipv2DyConv
 from model_export.language import TextFeatures, extended_attention_mask
 
 # Additive score for padded tokens when regions attend to text (reference value).
 _TEXT_PAD_SCORE = -9e15
+# Additive score, in captioning, for the regions outside the box a token is about (`box_bias`):
+# exp(-1e4) is 0 in fp32 and fp16 alike, and -1e4 is within fp16's range.
+_OUTSIDE_BOX_SCORE = -1e4
 
 
 class Glipv2BiAttention(nn.Module):
@@ -81,14 +84,15 @@ class Glipv2BiAttention(nn.Module):
         return x.reshape(n, length, self.num_heads * self.head_dim)
 
     def forward(self, v: Tensor, lang: Tensor, mask: Tensor, update_visual: bool = True,
-                image: Tensor | None = None, colours: Tensor | None = None
-                ) -> tuple[Tensor | None, Tensor]:
+                image: Tensor | None = None, colours: Tensor | None = None,
+                region_bias: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
         """v: (N, R, Cv) regions, lang: (N, T, Cl) tokens, mask: (N, T) -> (delta_v, delta_l).
 
         With `update_visual` False (captioning: the image never attends to text) delta_v is
         None and only tokens attend to regions. `image` (N, R, Cv), with `image_values`: the
         regions as they entered the tower, which tokens also read with the same attention;
         `colours` (N, R, 3), with `pixel_colours`: each region's mean input pixel, read with them.
+        `region_bias` (N, T, R): added to the tokens' scores over regions (`box_bias`).
         """
         n, regions, _ = v.shape
         tokens = lang.shape[1]
@@ -103,6 +107,9 @@ class Glipv2BiAttention(nn.Module):
         scores_t = scores.transpose(1, 2)  # (N*h, T, R)
         scores_t = scores_t - scores_t.max(dim=-1, keepdim=True).values
         scores_t = scores_t.clamp(min=-self.clamp, max=self.clamp)
+        if region_bias is not None:  # (N, T, R) -> (N, h, T, R) over (N*h, T, R)
+            scores_t = (scores_t.view(n, self.num_heads, tokens, regions)
+                        + region_bias[:, None]).view(n * self.num_heads, tokens, regions)
         probs_l = scores_t.softmax(dim=-1)
         if self.text_attention is not None:
             self.text_attention.append(probs_l.view(n, self.num_heads, tokens, regions))
@@ -157,14 +164,40 @@ class LevelPositions(nn.Module):
 
     def forward(self, sizes: Sequence[tuple[int, int]]) -> Tensor:
         """Per level (H_l, W_l), in `flatten_levels` order -> (1, R, channels)."""
-        levels = []
-        for (height, width), stride in zip(sizes, self.strides, strict=True):
-            ys = (torch.arange(height, device=self.angular.device) + 0.5) * stride
-            xs = (torch.arange(width, device=self.angular.device) + 0.5) * stride
-            y = _sinusoids(ys, self.angular)[:, None].expand(-1, width, -1)
-            x = _sinusoids(xs, self.angular)[None].expand(height, -1, -1)
-            levels.append(torch.cat([y, x], dim=-1).reshape(height * width, -1))
-        return self.proj(torch.cat(levels)).unsqueeze(0)
+        centres = region_centres(sizes, self.strides, self.angular.device)  # (R, 2) x, y
+        y = _sinusoids(centres[:, 1], self.angular)
+        x = _sinusoids(centres[:, 0], self.angular)
+        return self.proj(torch.cat([y, x], dim=-1)).unsqueeze(0)
+
+
+def region_centres(sizes: Sequence[tuple[int, int]], strides: Sequence[int],
+                   device: torch.device | None = None) -> Tensor:
+    """The centre (x, y) of every region of every level, in resized-image pixels, in
+    `flatten_levels` order: cell (i, j) of a level of stride s is at ((j + 0.5) s, (i + 0.5) s).
+    -> (R, 2)."""
+    levels = []
+    for (height, width), stride in zip(sizes, strides, strict=True):
+        ys = (torch.arange(height, device=device) + 0.5) * stride
+        xs = (torch.arange(width, device=device) + 0.5) * stride
+        levels.append(torch.stack([xs[None].expand(height, -1), ys[:, None].expand(-1, width)],
+                                  dim=-1).reshape(height * width, 2))
+    return torch.cat(levels)
+
+
+def box_bias(centres: Tensor, boxes: Tensor) -> Tensor:
+    """Additive token-to-region scores that keep each token's attention inside its box.
+
+    centres: (N, R, 2) regions' (x, y) (`region_centres`); boxes: (N, T, 4) each token's
+    [x0, y0, x1, y1) in the same pixels, all zeros (x1 <= x0) for a token about no box. A
+    region whose centre is outside its token's box gets `_OUTSIDE_BOX_SCORE`; a token with no
+    box, or whose box holds no centre, gets the same score everywhere: its attention unchanged.
+    -> (N, T, R).
+    """
+    x, y = centres[:, None, :, 0], centres[:, None, :, 1]  # (N, 1, R)
+    x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))  # (N, T, 1)
+    inside = (x >= x0) & (x < x1) & (y >= y0) & (y < y1)  # (N, T, R)
+    free = (x1 <= x0) | (y1 <= y0)
+    return torch.where(inside | free, 0.0, _OUTSIDE_BOX_SCORE).to(centres.dtype)
 
 
 def _sinusoids(positions: Tensor, angular: Tensor) -> Tensor:
@@ -339,9 +372,11 @@ class Glipv2FusionTower(nn.Module):
     """Enc_VL: `num_layers` fusion layers; returns fused FPN features and fused token features."""
 
     def __init__(self, fusion: FusionConfig, language: LanguageConfig,
-                 strides: Sequence[int] = ()) -> None:
-        """strides: each level's stride in pixels (P3..P7), for `fusion.position_encoding`."""
+                 strides: Sequence[int] = HeadConfig.anchor_strides) -> None:
+        """strides: each level's stride in pixels (P3..P7), for `fusion.position_encoding` and
+        the caption's region centres."""
         super().__init__()
+        self.strides = tuple(strides)
         self.layers = nn.ModuleList(
             Glipv2FusionLayer(fusion, language, strides) for _ in range(fusion.num_layers)
         )
@@ -395,14 +430,16 @@ class Glipv2FusionTower(nn.Module):
 
         Returns the region sequence (N, R, C) each layer's text attends to (normalised, plus
         positions if any), then with `image_values` the tower's input regions (one more
-        state), with `pixel_colours` the regions' colours (N, R, 3, one more), and the final
+        state), with `pixel_colours` the regions' colours (N, R, 3, one more), then the regions'
+        centres (N, R, 2, `region_centres`, for `caption_text`'s token boxes), and the final
         fused levels; `caption_text` then runs only the text side per decoding step.
         """
         image = flatten_levels(visual) if self.image_values else None
         regions = self._colour_regions(visual, colours)
+        sizes = [feature.shape[-2:] for feature in visual]
+        centres = region_centres(sizes, self.strides, visual[0].device).to(visual[0].dtype)
         states = []
         for layer in self.layers:
-            sizes = [feature.shape[-2:] for feature in visual]
             v = layer.vl_fuse.layer_norm_v(flatten_levels(visual))
             states.append(layer.vl_fuse.attended(v, sizes))
             visual = layer.dyconv(unflatten_levels(v, sizes))
@@ -410,18 +447,29 @@ class Glipv2FusionTower(nn.Module):
             states.append(image)
         if regions is not None:
             states.append(regions)
+        states.append(centres.unsqueeze(0).expand(visual[0].shape[0], -1, -1))
         return states, visual
 
-    def caption_text(self, states: list[Tensor], text: TextFeatures) -> Tensor:
-        """Causal text side against cached image states -> fused tokens (N, T, D)."""
+    def caption_text(self, states: list[Tensor], text: TextFeatures,
+                     token_boxes: Tensor | None = None) -> Tensor:
+        """Causal text side against cached image states -> fused tokens (N, T, D).
+
+        token_boxes (N, T, 4): a box per token, in resized-image pixels, that its attention
+        over regions stays inside (`box_bias`; zeros: anywhere). Captioning given objects
+        puts each phrase's tokens on its object's box, so "a small red" reads the colour
+        and size of that object and not of another one the decoder also looks at.
+        """
         extra = iter(states[len(self.layers):])
         image = next(extra) if self.image_values else None
         colours = next(extra) if self.pixel_colours else None
+        centres = next(extra)
+        bias = box_bias(centres, token_boxes) if token_boxes is not None else None
         hidden = text.hidden
         for layer, v in zip(self.layers, states[:len(self.layers)], strict=True):
             fuse = layer.vl_fuse
             lang = fuse.layer_norm_l(hidden)
             _, delta_l = fuse.attn(v, lang, text.mask, update_visual=False,
-                                   image=fuse.image_regions(image), colours=colours)
+                                   image=fuse.image_regions(image), colours=colours,
+                                   region_bias=bias)
             hidden = layer.text_layer(lang + fuse.gamma_l * delta_l, text.mask, causal=True)
         return hidden

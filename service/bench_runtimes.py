@@ -81,6 +81,7 @@ def graph_inputs(runtime: Runtime, height: int, width: int) -> dict[str, dict[st
     if "caption_image" in runtime.graphs:
         states = runtime.run("caption_image", visual)
         inputs["caption_step"] = {"input_ids": ids[:, :8], "attention_mask": mask[:, :8],
+                                  "token_boxes": torch.zeros(1, 8, 4),
                                   **{k: v for k, v in states.items() if k.startswith("state_")}}
     return inputs
 

@@ -161,6 +161,17 @@ class CaptionGrammar:
         return allowed
 
 
+    def phrase_of_tokens(self, tokens: Sequence[int]) -> list[int]:
+        """For each token of a caption prefix ([CLS] first), the index of the object phrase it
+        is in (its article to its class name), or -1: [CLS], the joints, the period, [SEP]."""
+        joints = (self.comma, self.conjunction, self.period, self.end)
+        phrases, phrase = [], -1
+        for token in tokens:
+            phrase += token == self.article
+            phrases.append(-1 if token in joints else phrase)
+        return phrases
+
+
 # The service's defaults (`ServiceSettings.caption_*`).
 DEFAULT_SEARCH = CaptionSearch(max_tokens=DEFAULT_MAX_TOKENS)
 

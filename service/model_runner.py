@@ -75,10 +75,15 @@ class MaskWork:
 
 @dataclass(frozen=True)
 class CaptionWork:
-    """One image to caption: its vision features and how to search for its caption."""
+    """One image to caption: its vision features and how to search for its caption.
+
+    object_boxes: with `search.objects`, each object's box (K, 4), model-input frame,
+    end-exclusive: the tokens of phrase k attend to the image inside box k only.
+    """
 
     visual: VisionFeatures
     search: CaptionSearch
+    object_boxes: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,8 @@ class ModelRunner:
             index = torch.tensor(images)
             return self.runtime.run("caption_step", {
                 "input_ids": ids, "attention_mask": mask,
+                "token_boxes": self._token_boxes([works[i].object_boxes for i in images],
+                                                 prefixes, ids.shape[1]),
                 **{n: s[index] for n, s in zip(state_names, states, strict=True)},
             })["next_token_logits"]
 
@@ -216,7 +223,7 @@ class ModelRunner:
         ids, mask, encodings = self._tokenize(captions)
         index = torch.tensor(owners)
         fused_text = self.runtime.run("caption_step", {
-            "input_ids": ids, "attention_mask": mask,
+            "input_ids": ids, "attention_mask": mask, "token_boxes": torch.zeros(*ids.shape, 4),
             **{n: s[index] for n, s in zip(state_names, states, strict=True)}})["fused_text"]
         head = self.runtime.run("caption_ground", {
             **{f"fused_{level}": image_out[f"fused_{level}"][index] for level in LEVELS},
@@ -225,6 +232,19 @@ class ModelRunner:
         for row, image in enumerate(owners):
             out[image].append(CaptionDecoded(caption=captions[row], encoding=encodings[row],
                                              head=_head_row(head, row, lengths[row])))
+        return out
+
+    def _token_boxes(self, object_boxes: Sequence[Tensor | None], prefixes: list[list[int]],
+                     tokens: int) -> Tensor:
+        """(rows, tokens, 4): each token of an object phrase on its object's box, the rest
+        zeros (anywhere); `CaptionGrammar.phrase_of_tokens` says which phrase a token is in."""
+        out = torch.zeros(len(prefixes), tokens, 4)
+        for row, (boxes, prefix) in enumerate(zip(object_boxes, prefixes, strict=True)):
+            if boxes is None or self.caption_grammar is None:
+                continue
+            for position, phrase in enumerate(self.caption_grammar.phrase_of_tokens(prefix)):
+                if 0 <= phrase < len(boxes):
+                    out[row, position] = boxes[phrase]
         return out
 
 

@@ -606,15 +606,18 @@ class Glipv2Serving:
                       priority: int = PRIORITY_ONLINE) -> CaptionResponse:
         request = _Request(self, image, priority)
         prepared, visual = await request.encode_image()
-        search, objects = self.caption_search, None
+        work = CaptionWork(visual, self.caption_search)
+        objects = None
         if self._caption_objects is not None:
             found = left_to_right(await self._detect_encoded(
                 request, self._caption_objects, prepared, visual), self._caption_objects.threshold)
             if len(found.labels):  # nothing found: the decoder picks the phrases
                 objects = found
-                search = dataclasses.replace(search, objects=tuple(found.labels.tolist()))
-        candidates: list[CaptionDecoded] = await request.submit(
-            "caption", CaptionWork(visual, search))
+                work = CaptionWork(
+                    visual, dataclasses.replace(work.search, objects=tuple(found.labels.tolist())),
+                    to_exclusive(rescale_boxes(found.boxes, prepared.original_hw,
+                                               prepared.resized_hw)))
+        candidates: list[CaptionDecoded] = await request.submit("caption", work)
         if objects is not None:
             caption = candidates[0].caption
             phrases = self._object_phrases(caption, objects)

@@ -243,6 +243,12 @@ def test_objects_need_a_grammar_with_their_classes_and_at_least_one_object() -> 
             CaptionSearch(8, objects=objects)
 
 
+def test_phrase_of_tokens_runs_from_each_article_to_its_class_name() -> None:
+    tokens = [CLS, A, 6, 8, COMMA, A, 7, 9, 10, AND, A, 9, DOT, SEP]
+    assert GRAMMAR.phrase_of_tokens(tokens) == [-1, 0, 0, 0, -1, 1, 1, 1, 1, -1, 2, 2, -1, -1]
+    assert GRAMMAR.phrase_of_tokens([CLS]) == [-1]
+
+
 def test_caption_grammar_from_the_model_tokenizer() -> None:
     from model_export.prompt import load_tokenizer
 

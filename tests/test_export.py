@@ -261,20 +261,28 @@ def test_caption(exported: Exported, case: tuple[Case, Glipv2Output]) -> None:
         _assert_close(f"caption_image output {i}", value, expected)
 
     ids, mask = inputs.input_ids, inputs.attention_mask
-    feeds = {"input_ids": ids, "attention_mask": mask,
+    # Row 0's tokens 1-2 read only a box, as a caption phrase given its object does.
+    token_boxes = torch.zeros(*ids.shape, 4)
+    token_boxes[0, 1:3] = torch.tensor([16.0, 8.0, 120.0, 100.0])
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_boxes": token_boxes,
              **{f"state_{i}": state for i, state in enumerate(states)}}
     next_logits, fused_text = _run(exported.sessions["caption_step"], feeds)
     with torch.no_grad():
-        batched = fusion.caption_text(states, model.encode_text(ids, mask, causal=True))
+        batched = fusion.caption_text(states, model.encode_text(ids, mask, causal=True),
+                                      token_boxes)
     _assert_close("caption_step fused_text", fused_text, batched)
     for row, count in enumerate(inputs.token_counts):
         # What the PyTorch predictor computes for this caption alone, unpadded.
         row_ids = ids[row:row + 1, :count]
         with torch.no_grad():
             text = model.encode_text(row_ids, torch.ones_like(row_ids), causal=True)
-            alone = fusion.caption_text([s[row:row + 1] for s in states], text)
+            alone = fusion.caption_text([s[row:row + 1] for s in states], text,
+                                        token_boxes[row:row + 1, :count])
             expected = model.lm_logits(alone[:, -1:])[0, -1]
         _assert_close(f"caption_step logits row {row}", next_logits[row], expected)
+    with torch.no_grad():
+        free = fusion.caption_text(states, model.encode_text(ids, mask, causal=True))
+    assert not torch.allclose(free[0, 1:3], batched[0, 1:3], atol=1e-3), "the box changed nothing"
 
     with torch.no_grad():
         expected = model.head(fused_visual, batched)

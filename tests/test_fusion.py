@@ -15,7 +15,9 @@ from model_export.fusion import (
     Glipv2TextLayer,
     Glipv2VLFuse,
     LevelPositions,
+    box_bias,
     colour_regions,
+    region_centres,
 )
 from model_export.language import TextFeatures, bert_config, extended_attention_mask
 
@@ -125,6 +127,52 @@ def test_caption_cache_equals_full_causal_pass() -> None:
         torch.testing.assert_close(a, b)
 
 
+def test_region_centres_are_cell_centres_in_flatten_order() -> None:
+    centres = region_centres([(2, 3), (1, 2)], (8, 16))
+    assert centres.tolist() == [[4.0, 4.0], [12.0, 4.0], [20.0, 4.0], [4.0, 12.0], [12.0, 12.0],
+                                [20.0, 12.0], [8.0, 8.0], [24.0, 8.0]]
+
+
+def test_box_bias_keeps_a_token_inside_its_box() -> None:
+    """A boxed token scores 0 at the centres inside [x0, x1) x [y0, y1) and far below
+    elsewhere; an all-zero box, or a box holding no centre, changes no token's attention."""
+    centres = region_centres([(2, 3)], (8,)).unsqueeze(0)  # (1, 6, 2)
+    boxes = torch.tensor([[[0.0, 0.0, 12.0, 16.0], [0.0, 0.0, 0.0, 0.0], [5.0, 5.0, 6.0, 6.0]]])
+    bias = box_bias(centres, boxes)
+    assert bias.shape == (1, 3, 6)
+    assert (bias[0, 0] == 0).tolist() == [True, False, False, True, False, False]
+    assert bias[0, 0].min() <= -1e4
+    outside = bias[0, 2]
+    assert bool((bias[0, 1] == 0).all()) and bool((outside == outside[0]).all())
+
+
+def test_caption_text_token_boxes_read_only_their_box() -> None:
+    """A token on a box reads the regions inside it only: changing the image outside the box
+    leaves its features alone but changes a free token's; zero boxes are the plain pass."""
+    from model_export.fusion import Glipv2FusionTower
+    from model_export.language import TextFeatures
+
+    torch.manual_seed(5)
+    # One layer: its regions are the input's, which DyConv has not mixed with their neighbours.
+    tower = Glipv2FusionTower(dataclasses.replace(FUSION, num_layers=1), LANG).eval()
+    visual = [torch.randn(1, 16, 8, 8), torch.randn(1, 16, 4, 4), torch.randn(1, 16, 2, 2),
+              torch.randn(1, 16, 1, 1), torch.randn(1, 16, 1, 1)]
+    text = TextFeatures(torch.randn(1, 3, 32), torch.randn(1, 3, 32), _mask([3], 3))
+    boxes = torch.zeros(1, 3, 4)
+    boxes[0, 0] = torch.tensor([0.0, 0.0, 32.0, 32.0])  # the top-left P3 and P4 cells only
+    changed = [v.clone() for v in visual]
+    changed[0][..., 4:, 4:] = torch.randn(1, 16, 4, 4)  # P3 cells outside the box
+    with torch.no_grad():
+        states, _ = tower.caption_image_states(visual)
+        moved, _ = tower.caption_image_states(changed)
+        fused = tower.caption_text(states, text, boxes)
+        fused_moved = tower.caption_text(moved, text, boxes)
+        torch.testing.assert_close(tower.caption_text(states, text, torch.zeros(1, 3, 4)),
+                                   tower.caption_text(states, text))
+    torch.testing.assert_close(fused[0, 0], fused_moved[0, 0])
+    assert (fused[0, 1] - fused_moved[0, 1]).abs().max() > 1e-3
+
+
 def _positions(channels: int = 16) -> LevelPositions:
     torch.manual_seed(0)
     positions = LevelPositions(channels, strides=(8, 16, 32, 64, 128))
@@ -196,7 +244,7 @@ def test_fresh_image_values_compute_what_the_fusion_did_without() -> None:
     for causal in (False, True):
         torch.testing.assert_close(grown(visual, text, causal)[1], plain(visual, text, causal)[1])
     states, _ = grown.caption_image_states(visual)
-    assert len(states) == 3  # one per layer, then the input regions
+    assert len(states) == 4  # one per layer, then the input regions, the region centres
     torch.testing.assert_close(grown.caption_text(states, text), grown(visual, text, True)[1])
     with torch.no_grad():
         grown.layers[1].vl_fuse.attn.out_image_proj.bias.fill_(1.0)
@@ -236,7 +284,7 @@ def test_fresh_pixel_colours_compute_what_the_fusion_did_without() -> None:
     assert not torch.allclose(grown(visual, text, False, red)[1],
                               grown(visual, text, False, blue)[1])
     states, _ = grown.caption_image_states(visual, colours)
-    assert len(states) == 4 and states[-1].shape == (2, 8 * 12 + 4 * 6 + 2 * 3 + 2 + 1, 3)
+    assert len(states) == 5 and states[-2].shape == (2, 8 * 12 + 4 * 6 + 2 * 3 + 2 + 1, 3)
     torch.testing.assert_close(grown.caption_text(states, text),
                                grown(visual, text, True, colours)[1])
 

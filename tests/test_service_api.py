@@ -31,13 +31,16 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from model_export.box_coding import rescale_boxes
 from model_export.inference import to_exclusive
 from model_export.model import Glipv2Model
 from model_export.postprocess import Detections
+from model_export.preprocess import resized_size
+from model_export.prompt import load_tokenizer
 from model_export.weights import save_model
 from service.app import create_app
 from service.batching import BatcherConfig
-from service.caption_search import CaptionSearch
+from service.caption_search import CaptionGrammar, CaptionSearch
 from service.errors import PayloadTooLargeError, UnsupportedMediaTypeError
 from service.images import decode_base64, decode_image_bytes, sniff_format
 from service.model_runner import ModelRunner
@@ -261,16 +264,24 @@ def test_caption_search_names_the_detected_objects_left_to_right(
         ) -> None:
     """The caption search gets the classes of the model's caption classes detected over
     `caption_object_threshold` (here every one of the tiny model's 5 detections, or none), by
-    box centre x; none when nothing is found or it is off. The phrases it finishes are
+    box centre x; none when nothing is found or it is off. The decoder's steps put each
+    phrase's tokens on its object's box (model-input frame), and the phrases it finishes are
     grounded to those objects' boxes."""
-    searches: list[CaptionSearch] = []
-    caption = ModelRunner.caption
+    works: list[Any] = []
+    steps: list[dict[str, torch.Tensor]] = []
+    caption, run_graph = ModelRunner.caption, runtime.run
 
     def spy(self: ModelRunner, plan: Any) -> Any:
-        searches.extend(work.search for work in plan.payloads)
+        works.extend(plan.payloads)
         return caption(self, plan)
 
+    def spy_run(graph: str, inputs: Any) -> Any:
+        if graph == "caption_step":
+            steps.append(dict(inputs))
+        return run_graph(graph, inputs)
+
     monkeypatch.setattr(ModelRunner, "caption", spy)
+    monkeypatch.setattr(runtime, "run", spy_run)
     monkeypatch.setattr(runtime.config.postprocess, "caption_object_threshold", threshold)
     image = Image.open(WORLD_PNG).convert("RGB")
 
@@ -290,14 +301,34 @@ def test_caption_search_names_the_detected_objects_left_to_right(
     assert len(found.scores) == 5
     boxes = to_exclusive(found.boxes).tolist()
     order = sorted(range(5), key=lambda i: (boxes[i][0] + boxes[i][2], boxes[i][1] + boxes[i][3]))
+    searches = [work.search for work in works]
     if on and threshold == 0.0:
         assert [search.objects for search in searches] == [
             tuple(found.labels[order].tolist())]
+        resized = resized_size(image.width, image.height, runtime.config.preprocess.min_size,
+                               runtime.config.preprocess.max_size)
+        object_boxes = to_exclusive(rescale_boxes(found.boxes[order], (image.height, image.width),
+                                                  resized))
+        torch.testing.assert_close(works[0].object_boxes, object_boxes)
+        grammar = CaptionGrammar.from_tokenizer(load_tokenizer(runtime.config.language.tokenizer),
+                                                runtime.config.tasks.caption_classes)
+        boxed = 0
+        for step in steps:
+            for ids, mask, token_boxes in zip(step["input_ids"], step["attention_mask"],
+                                              step["token_boxes"], strict=True):
+                for position, phrase in enumerate(
+                        grammar.phrase_of_tokens(ids[:int(mask.sum())].tolist())):
+                    expected = object_boxes[phrase] if phrase >= 0 else torch.zeros(4)
+                    torch.testing.assert_close(token_boxes[position], expected)
+                    boxed += phrase >= 0
+        assert boxed
         for phrase, i in zip(response.phrases, order, strict=False):
             assert phrase.box == pytest.approx(boxes[i], abs=0.01)
             assert phrase.phrase.endswith(CLASSES[found.labels[i]])
     else:
         assert [search.objects for search in searches] == [None]
+        assert works[0].object_boxes is None
+        assert all(not step["token_boxes"].any() for step in steps)
 
 
 def test_caption_phrases_of_detected_objects_are_grounded_to_their_boxes(
