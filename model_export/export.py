@@ -65,7 +65,8 @@ __all__ = [
 
 DEFAULT_OPSET = 19  # the first opset with DeformConv
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "glipv2-onnx/1"
+# The graphs' interface: 2 added caption_step's token_boxes and caption_image's region centres.
+MANIFEST_FORMAT = "glipv2-onnx/2"
 LEVELS = ("p3", "p4", "p5", "p6", "p7")  # FPN levels, strides 8..128
 COLOURS = "colours"  # the vision graph's mean pixel per P3 cell, with fusion.pixel_colours
 
