@@ -160,7 +160,6 @@ class CaptionGrammar:
             allowed[list(self.continuations)] = False
         return allowed
 
-
     def phrase_of_tokens(self, tokens: Sequence[int]) -> list[int]:
         """For each token of a caption prefix ([CLS] first), the index of the object phrase it
         is in (its article to its class name), or -1: [CLS], the joints, the period, [SEP]."""

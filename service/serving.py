@@ -247,7 +247,8 @@ class Glipv2Serving:
     `start()`/`stop()` run on the event loop (the app's lifespan). Every request method is a
     coroutine that awaits its engines without blocking the loop. `caption_objects`: a caption
     names the detected objects of the model's `tasks.caption_classes`, one phrase each, left to
-    right, each phrase ending in its object's class name and grounded to its box
+    right, each phrase ending in its object's class name, its tokens attending inside its
+    object's box (`CaptionWork.object_boxes`) and grounded to that box
     (`CaptionSearch.objects`); off, or without such classes, the decoder picks the phrases.
     """
 

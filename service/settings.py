@@ -121,8 +121,8 @@ class ServiceSettings(BaseSettings):
         description="Detect the model's caption classes first (config tasks.caption_classes, "
                     "at postprocess.caption_object_threshold) and make the caption name those "
                     "objects, one phrase each, left to right, each phrase ending in its class "
-                    "name and grounded to its box; off, the decoder picks the phrases and the "
-                    "caption head grounds them.")
+                    "name, read from inside its box and grounded to it; off, the decoder picks "
+                    "the phrases and the caption head grounds them.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="Accepted API keys for /v1/* (Authorization: Bearer or X-API-Key); "
