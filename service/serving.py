@@ -176,6 +176,11 @@ class PreparedImage:
         """Model-input-frame boxes (legacy +1) -> end-exclusive boxes in original pixels."""
         return to_exclusive(rescale_boxes(boxes, self.resized_hw, self.original_hw))
 
+    def to_input(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Original-pixel boxes (legacy +1, as `Detections` carry them) -> end-exclusive boxes
+        in the model-input frame: `to_original`'s rescaling the other way."""
+        return to_exclusive(rescale_boxes(boxes, self.original_hw, self.resized_hw))
+
 
 # --- phrases of free text ---------------------------------------------------------------------
 
@@ -616,8 +621,7 @@ class Glipv2Serving:
                 objects = found
                 work = CaptionWork(
                     visual, dataclasses.replace(work.search, objects=tuple(found.labels.tolist())),
-                    to_exclusive(rescale_boxes(found.boxes, prepared.original_hw,
-                                               prepared.resized_hw)))
+                    prepared.to_input(found.boxes))
         candidates: list[CaptionDecoded] = await request.submit("caption", work)
         if objects is not None:
             caption = candidates[0].caption
