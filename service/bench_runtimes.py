@@ -80,8 +80,11 @@ def graph_inputs(runtime: Runtime, height: int, width: int) -> dict[str, dict[st
                       "box_valid": torch.ones(1, 1, 5, dtype=torch.bool)}
     if "caption_image" in runtime.graphs:
         states = runtime.run("caption_image", visual)
+        # Served captions name detected objects: every token after [CLS] on one object's box.
+        token_boxes = torch.zeros(1, 8, 4)
+        token_boxes[:, 1:] = torch.tensor([0.0, 0.0, width / 2, height / 2])
         inputs["caption_step"] = {"input_ids": ids[:, :8], "attention_mask": mask[:, :8],
-                                  "token_boxes": torch.zeros(1, 8, 4),
+                                  "token_boxes": token_boxes,
                                   **{k: v for k, v in states.items() if k.startswith("state_")}}
     return inputs
 
