@@ -302,7 +302,9 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
 
     phrases = _grounding_phrases(scene, rng, colors, shapes, exclude)
     caption = ". ".join(phrases)
-    starts = [caption.index(p) for p in phrases]
+    # Each phrase's own position: "red hexagon" may also occur inside an earlier "small red
+    # hexagon", where a text search would find it.
+    starts = [sum(len(p) + 2 for p in phrases[:i]) for i in range(len(phrases))]
     members = [set(expression_targets(p, scene.objects)) for p in phrases]
     grounded, spans = [], []
     for obj, world_obj in zip(objects, scene.objects, strict=True):

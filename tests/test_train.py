@@ -151,6 +151,28 @@ def test_world_scene_offers_every_task() -> None:
             assert words[-1] in (obj.label, "shapes")
 
 
+def test_grounding_spans_are_whole_phrases_even_inside_longer_ones() -> None:
+    """A phrase that also occurs inside an earlier one ("red hexagon" after "small red
+    hexagon") is grounded at its own position, not inside the other phrase."""
+    nested = 0
+    for index in range(60):
+        scene = render_index(7, index)
+        rng = random.Random(index)
+        for _ in range(5):
+            (grounding,) = [s for s in world_samples(scene, rng, COLOR_NAMES, SHAPES)
+                            if s.task == "grounding"]
+            phrases = grounding.caption.split(". ")
+            bounds, start = set(), 0
+            for phrase in phrases:
+                bounds.add((start, start + len(phrase)))
+                start += len(phrase) + 2
+            nested += any(p in q and q.index(p) and i < j for j, p in enumerate(phrases)
+                          for i, q in enumerate(phrases))
+            for spans in grounding.spans:
+                assert set(spans) <= bounds, (grounding.caption, spans)
+    assert nested  # the case the text search got wrong was exercised
+
+
 def test_grounding_prompts_carry_hard_colour_negatives_and_never_held_out_pairs() -> None:
     held_out = parse_pairs(HELD_OUT_PAIRS)
     names = {f"{c} {s}" for c, s in held_out}
