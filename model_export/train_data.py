@@ -301,14 +301,14 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
                                objects=objects, detection_prompt=True, **base)]
 
     phrases = _grounding_phrases(scene, rng, colors, shapes, exclude)
-    caption = ". ".join(phrases)
-    # Each phrase's own position: "red hexagon" may also occur inside an earlier "small red
-    # hexagon", where a text search would find it.
-    starts = [sum(len(p) + 2 for p in phrases[:i]) for i in range(len(phrases))]
+    # Spans as the prompt builder records them: "red hexagon" may also occur inside an earlier
+    # "small red hexagon", where a text search would find it.
+    prompt = build_detection_prompt(phrases, clean=False)
+    caption = prompt.caption
     members = [set(expression_targets(p, scene.objects)) for p in phrases]
     grounded, spans = [], []
     for obj, world_obj in zip(objects, scene.objects, strict=True):
-        own = [(s, s + len(p)) for p, s, ids in zip(phrases, starts, members, strict=True)
+        own = [span for (span,), ids in zip(prompt.spans, members, strict=True)
                if world_obj.id in ids]
         if own:
             grounded.append(obj)
