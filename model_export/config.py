@@ -89,6 +89,10 @@ class FusionConfig:
     # zero-initialised projection; not in GLIP): linear probes found colour at 0.96 in the
     # backbone's stride-8 map but 0.55-0.61 in P3, and caption colour words near chance.
     pixel_colours: bool = False
+    # The fused P3-P5 levels also get each cell's mean input pixel through a zero-initialised
+    # two-layer MLP (not in GLIP), so region-token logits and masks read colour directly: the
+    # detection head scored colour-shape phrases at AP50 0.83 vs 0.997 for size-shape ones.
+    colour_levels: bool = False
 
 
 @dataclass
@@ -185,6 +189,8 @@ class Glipv2Config:
             raise ValueError("fusion.embed_dim must be divisible by fusion.num_heads")
         if self.fusion.pixel_colours and not self.fusion.image_values:
             raise ValueError("fusion.pixel_colours needs fusion.image_values")
+        if self.fusion.colour_levels and not self.fusion.pixel_colours:
+            raise ValueError("fusion.colour_levels needs fusion.pixel_colours (the colour map)")
         if self.fusion.channels % self.fusion.group_norm_groups:
             raise ValueError("fusion.channels must be divisible by fusion.group_norm_groups")
         lang = self.language
@@ -275,7 +281,7 @@ def _small() -> Glipv2Config:
         ),
         fusion=FusionConfig(num_layers=2, channels=64, embed_dim=256, num_heads=4,
                             group_norm_groups=8, position_encoding=True, image_values=True,
-                            pixel_colours=True),
+                            pixel_colours=True, colour_levels=True),
         head=HeadConfig(mlm_head=True, tie_mlm_decoder=True),
         tasks=TaskHeadsConfig(mask_head=True, vqa_head=True, vqa_answers=WORLD_ANSWERS,
                               vqa_glimpses=2, contrastive_dim=64, caption_classes=WORLD_SHAPES),

@@ -260,22 +260,57 @@ class Glipv2VLFuse(nn.Module):
 def colour_regions(colours: Tensor, sizes: Sequence[tuple[int, int]]) -> Tensor:
     """The mean input pixel under every region of every level, in `flatten_levels` order.
 
+    P3-P5 as `colour_maps` gives them; P6 and P7 cells (64 and 128 px) mostly mix an object
+    with its background and get zeros: the objects whose colour is asked about are read at
+    P3-P5. -> (N, R, 3).
+    """
+    levels = [pooled.flatten(2).transpose(1, 2) for pooled in colour_maps(colours, sizes)]
+    for height, width in sizes[len(levels):]:
+        levels.append(colours.new_zeros(colours.shape[0], height * width, 3))
+    return torch.cat(levels, dim=1)
+
+
+def colour_maps(colours: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """The mean input pixel of every P3, P4 and P5 cell: (N, 3, H_l, W_l) per level.
+
     colours: (N, 3, H_3, W_3), the normalised image averaged over each P3 cell
     (`Glipv2Model.image_colours`); P4 and P5 average 2x2 and 4x4 of them (their sides divide
-    exactly). P6 and P7 cells (64 and 128 px) mostly mix an object with its background and get
-    zeros: the objects whose colour is asked about are read at P3-P5. -> (N, R, 3).
+    exactly).
     """
-    levels = []
-    for level, (height, width) in enumerate(sizes):
-        if level < 3:
-            pooled = F.avg_pool2d(colours, 2**level) if level else colours
-            if tuple(pooled.shape[-2:]) != (height, width):
-                raise ValueError(f"colour map {tuple(colours.shape[-2:])} does not match "
-                                 f"level P{level + 3} {(height, width)}")
-            levels.append(pooled.flatten(2).transpose(1, 2))
-        else:
-            levels.append(colours.new_zeros(colours.shape[0], height * width, 3))
-    return torch.cat(levels, dim=1)
+    maps = []
+    for level, (height, width) in enumerate(sizes[:3]):
+        pooled = F.avg_pool2d(colours, 2**level) if level else colours
+        if tuple(pooled.shape[-2:]) != (height, width):
+            raise ValueError(f"colour map {tuple(colours.shape[-2:])} does not match "
+                             f"level P{level + 3} {(height, width)}")
+        maps.append(pooled)
+    return maps
+
+
+class ColourLevels(nn.Module):
+    """Each P3-P5 cell's mean input pixel, through a two-layer MLP, added to the fused level.
+
+    The head's region-token logits and the mask head read the fused levels only, where colour
+    survives weakly (probes 0.30 at the tower output): colour-shape phrases scored AP50 0.83
+    against 0.997 for size-shape ones. A colour name is a non-linear region of pixel space
+    (orange lies between red and yellow), hence the hidden layer. The output layer starts at
+    zero, so a model grown with it computes exactly what it did. P6 and P7 cells (64 and
+    128 px) mostly mix an object with its background and are left as they are.
+    """
+
+    def __init__(self, channels: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Conv2d(3, hidden, 1), nn.GELU(),
+                                   nn.Conv2d(hidden, channels, 1))
+        nn.init.zeros_(self.embed[2].weight)
+        nn.init.zeros_(self.embed[2].bias)
+
+    def forward(self, visual: list[Tensor], colours: Tensor) -> list[Tensor]:
+        """visual: fused levels (N, C, H_l, W_l); colours: (N, 3, H_3, W_3) (`image_colours`)."""
+        sizes = [tuple(feature.shape[-2:]) for feature in visual]
+        coloured = [feature + self.embed(pooled).to(feature.dtype)
+                    for feature, pooled in zip(visual, colour_maps(colours, sizes), strict=False)]
+        return coloured + visual[len(coloured):]
 
 
 def flatten_levels(visual: list[Tensor]) -> Tensor:
@@ -380,6 +415,7 @@ class Glipv2FusionTower(nn.Module):
         self.layers = nn.ModuleList(
             Glipv2FusionLayer(fusion, language, strides) for _ in range(fusion.num_layers)
         )
+        self.colour_levels = ColourLevels(fusion.channels) if fusion.colour_levels else None
 
     def forward(self, visual: list[Tensor], text: TextFeatures, causal: bool = False,
                 colours: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
@@ -387,14 +423,15 @@ class Glipv2FusionTower(nn.Module):
 
         `causal` runs the captioning mode: unidirectional text, image never attends to text.
         `colours` (N, 3, H_3, W_3): the image's mean pixel per P3 cell, which a tower with
-        `pixel_colours` needs (`Glipv2Model.image_colours`).
+        `pixel_colours` needs (`Glipv2Model.image_colours`); with `colour_levels` the fused
+        P3-P5 levels also carry it (`ColourLevels`).
         """
         hidden = text.hidden
         image = flatten_levels(visual) if self.image_values else None
         regions = self._colour_regions(visual, colours)
         for layer in self.layers:
             visual, hidden = layer(visual, hidden, text.mask, causal, image, regions)
-        return visual, hidden
+        return self._with_colours(visual, colours), hidden
 
     @property
     def image_values(self) -> bool:
@@ -403,6 +440,14 @@ class Glipv2FusionTower(nn.Module):
     @property
     def pixel_colours(self) -> bool:
         return self.layers[0].vl_fuse.attn.values_colour_proj is not None
+
+    def _with_colours(self, visual: list[Tensor], colours: Tensor | None) -> list[Tensor]:
+        """The fused levels, plus their cells' colours with `colour_levels`."""
+        if self.colour_levels is None:
+            return visual
+        if colours is None:
+            raise ValueError("this fusion reads pixel colours: pass the image's colour map")
+        return self.colour_levels(visual, colours)
 
     def _colour_regions(self, visual: list[Tensor], colours: Tensor | None) -> Tensor | None:
         if not self.pixel_colours:
@@ -448,7 +493,7 @@ class Glipv2FusionTower(nn.Module):
         if regions is not None:
             states.append(regions)
         states.append(centres.unsqueeze(0).expand(visual[0].shape[0], -1, -1))
-        return states, visual
+        return states, self._with_colours(visual, colours)
 
     def caption_text(self, states: list[Tensor], text: TextFeatures,
                      token_boxes: Tensor | None = None) -> Tensor:

@@ -55,14 +55,16 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     model = Glipv2Model(get_preset("small"))
     load_pretrained_language(model)
     # Zero in a fresh model: weight them so parity covers positions, the image values, the
-    # pixel colours and the FPN's lateral skips.
-    grown = (".positions.", ".out_image_proj.", ".values_colour_proj.", ".skip_blocks.")
+    # pixel colours, the coloured levels and the FPN's lateral skips.
+    grown = (".positions.", ".out_image_proj.", ".values_colour_proj.", ".skip_blocks.",
+             ".colour_levels.")
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if any(part in name for part in grown):
                 parameter.normal_(std=0.5 if ".positions." in name else 0.05)
     fusion = model.config.fusion
     assert fusion.image_values and fusion.position_encoding and fusion.pixel_colours
+    assert fusion.colour_levels
     assert model.config.fpn.lateral_skip
     model.eval()
     root = tmp_path_factory.mktemp("export")

@@ -289,6 +289,46 @@ def test_fresh_pixel_colours_compute_what_the_fusion_did_without() -> None:
                                grown(visual, text, True, colours)[1])
 
 
+def test_fresh_colour_levels_compute_what_the_fusion_did_without() -> None:
+    """Zero-initialised: a tower grown with colour_levels starts out unchanged; once trained,
+    the fused P3-P5 levels carry their cells' colours in both modes (P6, P7 and the tokens do
+    not change), and the colour map is required."""
+    torch.manual_seed(0)
+    with_colours = dataclasses.replace(FUSION, image_values=True, pixel_colours=True)
+    plain = Glipv2FusionTower(with_colours, LANG).eval()
+    grown = Glipv2FusionTower(dataclasses.replace(with_colours, colour_levels=True), LANG).eval()
+    missing = set(grown.load_state_dict(plain.state_dict(), strict=False).missing_keys)
+    assert missing == {f"colour_levels.embed.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    visual = [torch.randn(2, 16, h, w) for h, w in [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]]
+    colours = torch.randn(2, 3, 8, 12)
+    hidden, mask = torch.randn(2, 5, 32), _mask([5, 3], 5)
+    text = TextFeatures(hidden=hidden, embedded=hidden * mask[..., None], mask=mask)
+    for causal in (False, True):
+        for got, want in zip(grown(visual, text, causal, colours)[0],
+                             plain(visual, text, causal, colours)[0], strict=True):
+            torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        grown.colour_levels.embed[2].weight.normal_()
+    red, blue = colours.clone(), colours.clone()
+    red[:, :, :4, :6], blue[:, :, :4, :6] = 2.0, -2.0
+    for causal in (False, True):
+        (red_levels, red_text), (blue_levels, blue_text) = (
+            grown(visual, text, causal, c) for c in (red, blue))
+        for level in range(3):  # the changed cells are under P3-P5's top-left quarter
+            assert not torch.allclose(red_levels[level][..., :1, :1],
+                                      blue_levels[level][..., :1, :1])
+            torch.testing.assert_close(red_levels[level][..., -1:, -1:],
+                                       blue_levels[level][..., -1:, -1:])
+        for level in (3, 4):
+            torch.testing.assert_close(red_levels[level], blue_levels[level])
+        torch.testing.assert_close(red_text, blue_text)
+    _, fused = grown.caption_image_states(visual, red)
+    for got, want in zip(fused, grown(visual, text, True, red)[0], strict=True):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="pass the image's colour map"):
+        grown(visual, text)
+
+
 def test_colour_regions_average_p3_cells_per_level() -> None:
     """P3 cells as they are, P4 and P5 the mean of 2x2 and 4x4 of them, P6 and P7 zeros; a colour
     map of another size than P3 is an error."""
@@ -305,4 +345,8 @@ def test_colour_regions_average_p3_cells_per_level() -> None:
     with pytest.raises(ValueError, match=r"pixel_colours needs fusion\.image_values"):
         small = get_preset("small")
         small.fusion = dataclasses.replace(small.fusion, image_values=False)
+        small.validate()
+    with pytest.raises(ValueError, match=r"colour_levels needs fusion\.pixel_colours"):
+        small = get_preset("small")
+        small.fusion = dataclasses.replace(small.fusion, pixel_colours=False)
         small.validate()

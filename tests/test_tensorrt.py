@@ -55,7 +55,8 @@ def _tiny_config() -> Glipv2Config:
     config.language = LanguageConfig(hidden_size=32, num_layers=1, num_heads=2,
                                      intermediate_size=64)
     config.fusion = FusionConfig(num_layers=1, channels=16, embed_dim=32, num_heads=2,
-                                 group_norm_groups=4, image_values=True, pixel_colours=True)
+                                 group_norm_groups=4, image_values=True, pixel_colours=True,
+                                 colour_levels=True)
     config.tasks = TaskHeadsConfig()  # no mask / VQA heads: their dims have no profile rule
     config.validate()
     return config
