@@ -7,6 +7,10 @@
 - `L_inter`: GLIPv2's inter-image region-word contrastive loss on features *before* fusion,
   all sampled regions of the batch against all tokens of the batch, with label propagation.
 - `L_mlm`: masked-language modelling on the fused text features (BERT's 80/10/10 masking).
+- soft token prediction (MDETR's, not in GLIP; off unless weighted): each positive anchor's
+  softmax over the prompt's tokens against its box's positive tokens. Unlike the per-pair
+  sigmoid, it only asks which tokens score highest, so its gradient is the difference between
+  competing tokens ("red" vs "blue" at a blue circle) rather than a push on all of them.
 
 Reference: microsoft/GLIP `modeling/rpn/loss.py` (`ATSSLossComputation`: `prepare_targets`,
 `GIoULoss`, `compute_centerness_targets`, the dot-product token loss and the shallow contrastive
@@ -344,6 +348,29 @@ def token_sigmoid_focal_loss(
     return loss.sum()
 
 
+def soft_token_loss(logits: Tensor, targets: Tensor, text_mask: Tensor) -> Tensor:
+    """MDETR's soft token prediction on the region-token logits, mean over positive anchors.
+
+    Each anchor with a positive token gets `-sum_t q_t log softmax(logits)_t` over its
+    image's valid tokens, `q` its targets normalised to sum 1; background anchors and padding
+    take no part. 0 (connected to the graph) when no anchor is positive.
+
+    Args:
+        logits: (N, A, T) region-token logits.
+        targets: (N, A, T) 0/1 targets.
+        text_mask: (N, T) attention mask, nonzero = real token.
+    """
+    valid = (text_mask > 0)[:, None, :].expand_as(logits)
+    targets = targets.to(logits.dtype) * valid
+    positive = targets.sum(dim=-1) > 0  # (N, A)
+    if not bool(positive.any()):
+        return logits.sum() * 0.0
+    log_prob = logits.masked_fill(~valid, -math.inf)[positive].log_softmax(dim=-1)  # (P, T)
+    q = targets[positive]
+    q = q / q.sum(dim=-1, keepdim=True)
+    return -torch.where(q > 0, q * log_prob, torch.zeros_like(log_prob)).sum(dim=-1).mean()
+
+
 # --------------------------------------------------------------------------------------------
 # L_loc + L_intra over the head outputs
 # --------------------------------------------------------------------------------------------
@@ -359,6 +386,8 @@ class DetectionLosses:
         loss_centerness: scalar, BCE-with-logits on positive anchors / number of positives.
         loss_token: scalar, token focal loss over all anchors and valid tokens / number of
             positives (L_intra).
+        loss_soft_token: scalar, `soft_token_loss` over the positive anchors (the trainer adds
+            it only with a weight).
         num_positives: positive anchors of the batch, averaged over processes, clamped >= 1 (the
             normaliser used).
         matched_gt: per image (A,) int64 matched box index of every anchor (levels concatenated,
@@ -369,6 +398,7 @@ class DetectionLosses:
     loss_box_giou: Tensor
     loss_centerness: Tensor
     loss_token: Tensor
+    loss_soft_token: Tensor
     num_positives: float
     matched_gt: list[Tensor] = field(default_factory=list)
 
@@ -520,6 +550,7 @@ def detection_losses(
         loss_box_giou=loss_box,
         loss_centerness=loss_ctr,
         loss_token=loss_token,
+        loss_soft_token=soft_token_loss(token_logits, token_targets, text_mask),
         num_positives=num_pos,
         matched_gt=list(matched_gt),
     )

@@ -74,7 +74,8 @@ class TrainConfig:
         "detection": 0.25, "grounding": 0.25, "referring": 0.2, "vqa": 0.15, "caption": 0.15})
     # "attend" (off unless set): tokens' attention onto their boxes, `text_attention_loss`;
     # "glimpse" (off unless set, needs tasks.vqa_glimpses >= 2): the VQA head's last glimpse
-    # onto the words naming the question's objects, `glimpse_grounding_loss`
+    # onto the words naming the question's objects, `glimpse_grounding_loss`; "soft_token" (off
+    # unless set): each positive anchor's softmax over the prompt's tokens, `soft_token_loss`
     loss_weights: dict[str, float] = field(default_factory=lambda: {
         "inter": 0.5, "mask": 1.0, "vqa": 1.0, "caption": 1.0, "mlm": 0.1})
     mlm_probability: float = 0.15  # chance each grounding/referring token is masked for L_mlm
@@ -288,6 +289,8 @@ class Glipv2Trainer:
             result["box"] = det.loss_box_giou
             result["centerness"] = det.loss_centerness
             result["token"] = det.loss_token
+            if weights.get("soft_token", 0) > 0:
+                result["soft_token"] = weights["soft_token"] * det.loss_soft_token
             if maps:
                 centres = torch.cat(anchors)
                 centres = (centres[:, :2] + centres[:, 2:]) / 2

@@ -25,6 +25,7 @@ from model_export.losses import (
     inter_image_contrastive_targets,
     mask_tokens,
     mlm_loss,
+    soft_token_loss,
     text_attention_loss,
     token_sigmoid_focal_loss,
 )
@@ -187,6 +188,38 @@ def test_token_focal_loss_matches_formula_and_ignores_padding() -> None:
     assert token_sigmoid_focal_loss(logits2, targets2, text_mask).item() == pytest.approx(
         loss.item(), rel=1e-6
     )
+
+
+def test_soft_token_loss_matches_formula_over_positive_anchors_only() -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 4, generator=gen) * 2
+    targets = torch.zeros(2, 3, 4)
+    targets[0, 0, 1] = 1.0  # one positive token
+    targets[0, 2, 0] = targets[0, 2, 2] = 1.0  # two: half the mass each
+    targets[1, 1, 0] = 1.0
+    targets[1, 1, 3] = 1.0  # padding: takes no mass and is no target
+    text_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    expected = [
+        -logits[0, 0].log_softmax(0)[1],
+        -(logits[0, 2].log_softmax(0)[0] + logits[0, 2].log_softmax(0)[2]) / 2,
+        -logits[1, 1, :3].log_softmax(0)[0],
+    ]
+    loss = soft_token_loss(logits, targets, text_mask)
+    assert loss.item() == pytest.approx(float(sum(expected) / 3), rel=1e-5)
+    # Background anchors (rows without a target) do not count, whatever their logits.
+    changed = logits.clone()
+    changed[0, 1] = changed[1, 0] = 50.0
+    assert soft_token_loss(changed, targets, text_mask).item() == pytest.approx(loss.item())
+    assert soft_token_loss(logits, torch.zeros_like(targets), text_mask).item() == 0.0
+
+
+def test_soft_token_gradient_is_the_difference_between_competing_tokens() -> None:
+    """Raising every token's logit alike leaves the loss unchanged; only the gap counts."""
+    logits = torch.tensor([[[1.0, 1.0, -2.0]]], requires_grad=True)
+    targets = torch.tensor([[[1.0, 0.0, 0.0]]])
+    soft_token_loss(logits, targets, torch.ones(1, 3)).backward()
+    assert logits.grad.sum().item() == pytest.approx(0.0, abs=1e-6)
+    assert logits.grad[0, 0, 0] < 0 < logits.grad[0, 0, 1]
 
 
 # --- L_inter ------------------------------------------------------------------------------
