@@ -351,8 +351,8 @@ def token_sigmoid_focal_loss(
 def soft_token_loss(logits: Tensor, targets: Tensor, text_mask: Tensor) -> Tensor:
     """MDETR's soft token prediction on the region-token logits, mean over positive anchors.
 
-    Each anchor with a positive token gets `-sum_t q_t log softmax(logits)_t` over its
-    image's valid tokens, `q` its targets normalised to sum 1; background anchors and padding
+    Each anchor with a positive token gets `-mean_{positives} log softmax(logits)` over its
+    image's valid tokens (`_multi_positive_nll`, L_inter's too); background anchors and padding
     take no part. 0 (connected to the graph) when no anchor is positive.
 
     Args:
@@ -361,14 +361,7 @@ def soft_token_loss(logits: Tensor, targets: Tensor, text_mask: Tensor) -> Tenso
         text_mask: (N, T) attention mask, nonzero = real token.
     """
     valid = (text_mask > 0)[:, None, :].expand_as(logits)
-    targets = targets.to(logits.dtype) * valid
-    positive = targets.sum(dim=-1) > 0  # (N, A)
-    if not bool(positive.any()):
-        return logits.sum() * 0.0
-    log_prob = logits.masked_fill(~valid, -math.inf)[positive].log_softmax(dim=-1)  # (P, T)
-    q = targets[positive]
-    q = q / q.sum(dim=-1, keepdim=True)
-    return -torch.where(q > 0, q * log_prob, torch.zeros_like(log_prob)).sum(dim=-1).mean()
+    return _multi_positive_nll(logits.flatten(0, 1), targets.flatten(0, 1), valid.flatten(0, 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,8 +379,8 @@ class DetectionLosses:
         loss_centerness: scalar, BCE-with-logits on positive anchors / number of positives.
         loss_token: scalar, token focal loss over all anchors and valid tokens / number of
             positives (L_intra).
-        loss_soft_token: scalar, `soft_token_loss` over the positive anchors (the trainer adds
-            it only with a weight).
+        loss_soft_token: scalar, `soft_token_loss` over the positive anchors; None unless
+            asked for (`soft_token=True`).
         num_positives: positive anchors of the batch, averaged over processes, clamped >= 1 (the
             normaliser used).
         matched_gt: per image (A,) int64 matched box index of every anchor (levels concatenated,
@@ -398,9 +391,9 @@ class DetectionLosses:
     loss_box_giou: Tensor
     loss_centerness: Tensor
     loss_token: Tensor
-    loss_soft_token: Tensor
     num_positives: float
     matched_gt: list[Tensor] = field(default_factory=list)
+    loss_soft_token: Tensor | None = None
 
     def total(self) -> Tensor:
         """Unweighted sum of the three losses."""
@@ -459,6 +452,7 @@ def detection_losses(
     focal_gamma: float = 2.0,
     giou_weight: float = GIOU_LOSS_WEIGHT,
     matched_gt: Sequence[Tensor] | None = None,
+    soft_token: bool = False,
 ) -> DetectionLosses:
     """L_loc and L_intra of a batch, normalised as the reference `ATSSLossComputation`.
 
@@ -484,6 +478,7 @@ def detection_losses(
         focal_alpha, focal_gamma: token focal loss parameters (reference TOKEN_ALPHA, _GAMMA).
         giou_weight: factor on the box loss (reference ATSS.REG_LOSS_WEIGHT).
         matched_gt: precomputed `match_anchors(anchors, targets, top_k)`, to skip re-matching.
+        soft_token: also compute `soft_token_loss` (off: the trainer weights it only if set).
 
     Returns:
         The three losses, the normaliser and the per-image matches.
@@ -550,9 +545,10 @@ def detection_losses(
         loss_box_giou=loss_box,
         loss_centerness=loss_ctr,
         loss_token=loss_token,
-        loss_soft_token=soft_token_loss(token_logits, token_targets, text_mask),
         num_positives=num_pos,
         matched_gt=list(matched_gt),
+        loss_soft_token=(soft_token_loss(token_logits, token_targets, text_mask)
+                         if soft_token else None),
     )
 
 
@@ -672,15 +668,15 @@ def inter_image_contrastive_targets(
 def _multi_positive_nll(logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
     """Mean over rows with a positive of `-mean_{positives} log softmax(row over valid cols)`.
 
-    logits, targets: (R, C); valid: (C,) bool. Invalid columns take no softmax mass and are
-    never positives. Returns 0 (connected to the graph) when no row has a positive.
+    logits, targets: (R, C); valid: (C,) or (R, C) bool. Invalid columns take no softmax mass
+    and are never positives. Returns 0 (connected to the graph) when no row has a positive.
     """
-    positives = (targets > 0) & valid[None, :]
+    valid = valid.expand_as(logits)
+    positives = (targets > 0) & valid
     has_pos = positives.any(dim=1)
     if not bool(has_pos.any()):
         return logits.sum() * 0.0
-    logits = logits.masked_fill(~valid[None, :], -math.inf)
-    log_prob = logits[has_pos].log_softmax(dim=1)  # (R', C)
+    log_prob = logits[has_pos].masked_fill(~valid[has_pos], -math.inf).log_softmax(dim=1)  # (R', C)
     pos = positives[has_pos]
     pos_log_prob = torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
     return (-pos_log_prob / pos.sum(dim=1)).mean()

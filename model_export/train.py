@@ -285,11 +285,11 @@ class Glipv2Trainer:
             det = detection_losses(
                 [b[grounded] for b in out.box_regression], [c[grounded] for c in out.centerness],
                 [t[grounded] for t in out.token_logits], anchors, targets, mask[grounded],
-                self.box_coder)
+                self.box_coder, soft_token=weights.get("soft_token", 0) > 0)
             result["box"] = det.loss_box_giou
             result["centerness"] = det.loss_centerness
             result["token"] = det.loss_token
-            if weights.get("soft_token", 0) > 0:
+            if det.loss_soft_token is not None:
                 result["soft_token"] = weights["soft_token"] * det.loss_soft_token
             if maps:
                 centres = torch.cat(anchors)

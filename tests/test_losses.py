@@ -416,6 +416,11 @@ def test_detection_losses_normalisation_matches_reference_formulas() -> None:
     assert losses.loss_box_giou.item() == pytest.approx(expected_box.item(), rel=1e-5)
     assert losses.loss_centerness.item() == pytest.approx(expected_ctr.item(), rel=1e-5)
     assert losses.loss_token.item() == pytest.approx(expected_tok.item(), rel=1e-5)
+    assert losses.loss_soft_token is None  # only computed when asked for
+    with_soft = detection_losses(box, ctr, tok, anchors, targets, text_mask, coder, top_k=3,
+                                 soft_token=True)
+    expected_soft = soft_token_loss(torch.cat(tok, 1), token_targets, text_mask)
+    assert with_soft.loss_soft_token.item() == pytest.approx(expected_soft.item(), rel=1e-5)
 
 
 def test_detection_losses_without_any_box() -> None:
