@@ -175,14 +175,34 @@ def _bench_runtimes(args: argparse.Namespace) -> int:
 
 
 def _bench_load(args: argparse.Namespace) -> int:
+    from service.bench_load import format_sweep, sweep
+
+    if (args.url is None) != (args.unbatched_url is None):
+        print("give both --url and --unbatched-url (two running servers), or neither",
+              file=sys.stderr)
+        return 2
+    serve_args = [*(["--runtime", args.runtime] if args.runtime else []),
+                  *(["--engines", args.engines] if args.engines else []),
+                  *(["--threads", str(args.threads)] if args.threads else []),
+                  *(["--max-queue-delay-ms", str(args.max_queue_delay_ms)]
+                    if args.max_queue_delay_ms is not None else [])]
+    levels = [int(v) for v in args.concurrency.split(",")]
+    on, off = sweep(levels, args.requests, max_batch_size=args.max_batch_size,
+                    distinct_images=args.images, model_dir=args.model, serve_args=serve_args,
+                    urls=(args.url, args.unbatched_url) if args.url else None)
+    print(format_sweep(on, off))
+    return 0
+
+
+def _bench_jobs(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
-    from service.bench_load import bench_load, format_phases
+    from service.bench_jobs import bench_jobs, format_phases
     from service.local_server import local_server
 
     server = nullcontext(args.url) if args.url else local_server(args.model)
     with server as url:
-        alone, with_job = bench_load(url, args.requests, args.concurrency, args.job_images)
+        alone, with_job = bench_jobs(url, args.requests, args.concurrency, args.job_images)
     print(format_phases(alone, with_job, args.concurrency))
     return 0
 
@@ -425,13 +445,33 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also split ONNX Runtime's vision and fusion time by operator type")
     runtimes.set_defaults(func=_bench_runtimes)
     load = bench_sub.add_parser(
-        "load", help="online p50/p99 latency with and without a batch job running")
-    load.add_argument("--url", help="a running server (default: start one on --model)")
-    load.add_argument("--model", help="model folder for the server started here")
-    load.add_argument("--requests", type=int, default=80, help="online requests per phase")
-    load.add_argument("--concurrency", type=int, default=4, help="online clients")
-    load.add_argument("--job-images", type=int, default=500, help="images in the batch job")
+        "load", help="closed-loop concurrency sweep, batcher on vs max_batch_size=1, as ratios")
+    load.add_argument("--url", help="a running server with the batcher on (with --unbatched-url; "
+                                    "default: start both servers here)")
+    load.add_argument("--unbatched-url", help="a running server with --max-batch-size 1")
+    load.add_argument("--model", help="model folder for the servers started here")
+    load.add_argument("--runtime", choices=["pytorch", "onnxruntime", "tensorrt"],
+                      help="runtime of the servers started here (default: serve's)")
+    load.add_argument("--engines", help="engine folder for --runtime onnxruntime / tensorrt")
+    load.add_argument("--threads", type=int, default=0, help="servers' intra-op threads")
+    load.add_argument("--max-batch-size", type=int, default=8,
+                      help="the batched server's max_batch_size (8)")
+    load.add_argument("--max-queue-delay-ms", type=float,
+                      help="the servers' max_queue_delay_ms (default: serve's)")
+    load.add_argument("--concurrency", default="1,2,4,8,16,32", help="client counts to measure")
+    load.add_argument("--requests", type=int, default=64, help="requests per level")
+    load.add_argument("--images", type=int, default=16,
+                      help="distinct world images cycled through (of varying sizes; 1: every "
+                           "request the same image, so batches always share a shape)")
     load.set_defaults(func=_bench_load)
+    jobs_bench = bench_sub.add_parser(
+        "jobs", help="online p50/p90/p99 latency with and without a batch job running")
+    jobs_bench.add_argument("--url", help="a running server (default: start one on --model)")
+    jobs_bench.add_argument("--model", help="model folder for the server started here")
+    jobs_bench.add_argument("--requests", type=int, default=80, help="online requests per phase")
+    jobs_bench.add_argument("--concurrency", type=int, default=4, help="online clients")
+    jobs_bench.add_argument("--job-images", type=int, default=500, help="images in the batch job")
+    jobs_bench.set_defaults(func=_bench_jobs)
     report = bench_sub.add_parser(
         "report", help="run the benchmarks, write a Markdown report with PNG plots")
     report.add_argument("--out", default="docs/bench", help="report folder (docs/bench)")
@@ -483,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(glipv2 tune-prompt)")
     serve.add_argument("--max-batch-size", type=int, help="most requests per engine batch (8)")
     serve.add_argument("--max-queue-delay-ms", type=float,
-                       help="how long a partial batch waits for company (5)")
+                       help="how long a partial batch waits for company (0)")
     serve.add_argument("--max-queue-size", type=int,
                        help="most waiting requests per engine before 429 (64)")
     serve.add_argument("--request-timeout-ms", type=float,

@@ -67,14 +67,17 @@ _COMPUTE_EMA_WEIGHT = 0.2
 class BatcherConfig:
     """The batcher's knobs; units are in the names.
 
-    Defaults: `max_batch_size=8`, `max_queue_delay_ms=5.0`, `max_queue_size=64`,
+    Defaults: `max_batch_size=8`, `max_queue_delay_ms=0.0`, `max_queue_size=64`,
     `default_deadline_ms=None` (no deadline unless a request brings one),
     `batch_max_wait_ms=1000.0`.
 
     - `max_batch_size`: most requests in one `run_batch` call.
     - `max_queue_delay_ms`: how long the oldest request of a partial batch may wait for company.
       It applies only when a full batch cannot be formed: a full batch goes at once, and so does
-      the batch an arrival completes. 0 sends whatever is queued as soon as the engine is free.
+      the batch an arrival completes. 0 (the default, as Triton's) sends whatever is queued as
+      soon as the engine is free, so batches form only while the engine is busy and a lone
+      request never waits; on a compute-bound CPU a delay costs latency and buys no throughput
+      (`glipv2 bench load`).
     - `max_queue_size`: most requests waiting (not counting the batch being computed); a request
       arriving at a full queue is rejected at once (`QueueFullError`), so the queue never grows
       without bound and clients hear "retry later" instead of timing out.
@@ -87,7 +90,7 @@ class BatcherConfig:
     Tuning order for operators (as Triton's guide):
     1. `max_batch_size`: the largest batch the engine runs within memory (for TensorRT, the
        optimisation profile's maximum); with `glipv2 bench`, stop where throughput flattens.
-    2. `max_queue_delay_ms`: raise it from small values under the target concurrency until
+    2. `max_queue_delay_ms`: raise it from 0 under the target concurrency until
        throughput stops improving or p99 latency leaves the budget; it is the most extra latency a
        lone request pays.
     3. `max_queue_size`: about latency budget / per-batch compute time x `max_batch_size`;
@@ -96,7 +99,7 @@ class BatcherConfig:
     """
 
     max_batch_size: int = 8
-    max_queue_delay_ms: float = 5.0
+    max_queue_delay_ms: float = 0.0
     max_queue_size: int = 64
     default_deadline_ms: float | None = None
     batch_max_wait_ms: float = 1000.0

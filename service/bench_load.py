@@ -1,13 +1,14 @@
-"""`glipv2 bench load`: online latency with and without a batch job running, side by side.
+"""`glipv2 bench load`: a closed-loop concurrency sweep, batcher on vs `max_batch_size=1`.
 
-Phase 1 sends `requests` detection requests at `concurrency` (closed loop: each worker sends
-the next when its answer arrives) to an idle server. Phase 2 submits a job of `job_images` world
-images, waits until it is running, and sends the same online load while it runs. Both phases use
-the same images and prompt; the report gives p50 / p90 / p99 per phase, their ratio (the
-target: p99 with the job <= 2x without) and the job's throughput meanwhile.
+Like perf_analyzer: at each level, `concurrency` clients each send a detection request, wait for
+its answer, then send the next, until `requests` have been answered. Two servers that differ
+only in `max_batch_size` are measured one after the other on the same images and prompt; the
+report gives throughput and p50 / p90 / p99 per level side by side, their ratios, and the mean
+`vision` batch the batched server formed (from its `/metrics`), so a ratio near 1 can be told
+apart from a batcher that never batched.
 
-Without `--url` it starts `glipv2 serve` on the default model (a temporary job store) and stops
-it afterwards.
+Without URLs it starts both servers itself (`glipv2 serve`, the default model unless `model_dir`
+is given, extra serve flags such as `--runtime onnxruntime --engines DIR` passed through).
 """
 
 from __future__ import annotations
@@ -16,28 +17,24 @@ import asyncio
 import base64
 import io
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from model_export.world import SHAPES, render_index
-from service.jobs.client import JobClient
+from service.local_server import local_server
 
 _WORLD_SEED = 5
-
-
-@dataclass
-class Phase:
-    name: str
-    latencies_s: list[float]
-    job_rate_per_s: float | None = None
-
-    def quantile_ms(self, q: float) -> float:
-        return float(np.quantile(np.asarray(self.latencies_s), q)) * 1000.0
+LEVELS = (1, 2, 4, 8, 16, 32)
+TARGET_LEVEL = 16
 
 
 def world_pngs(count: int, offset: int = 0) -> list[bytes]:
+    """World images (seed 5) of their own, varying sizes, as PNG bytes."""
     images = []
     for index in range(offset, offset + count):
         buffer = io.BytesIO()
@@ -63,46 +60,106 @@ async def online_load(url: str, images: list[bytes], requests: int, concurrency:
                                    f"{response.text[:200]}")
             latencies.append(time.perf_counter() - started)
 
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         (await client.post("/v1/detect", json=bodies[0])).raise_for_status()
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     return latencies, time.perf_counter() - started
 
 
-def bench_load(url: str, requests: int = 80, concurrency: int = 4, job_images: int = 500
-               ) -> tuple[Phase, Phase]:
-    online_images = world_pngs(16)
-    alone = Phase("online alone", asyncio.run(online_load(url, online_images, requests,
-                                                          concurrency))[0])
-    jobs = JobClient(url)
-    try:
-        job = jobs.submit("detect", {"classes": list(SHAPES)}, world_pngs(job_images, 1000))
-        while jobs.status(job["id"])["progress"]["done"] == 0:
-            time.sleep(0.1)
-        before = jobs.status(job["id"])["progress"]["done"]
-        started = time.perf_counter()
-        latencies, _ = asyncio.run(online_load(url, online_images, requests, concurrency))
-        status = jobs.status(job["id"])
-        elapsed = time.perf_counter() - started
-        if status["state"] == "done":
-            raise RuntimeError("the job finished before the online load did: raise job_images")
-        with_job = Phase(f"online + {job_images}-image job", latencies,
-                         job_rate_per_s=(status["progress"]["done"] - before) / elapsed)
-        jobs.cancel(job["id"])
-    finally:
-        jobs.close()
-    return alone, with_job
+def vision_batch_totals(metrics_text: str) -> tuple[float, float]:
+    """(batches, requests) the `vision` engine has run, from a Prometheus exposition text."""
+    totals = {"_count": 0.0, "_sum": 0.0}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "glipv2_engine_batch_size":
+            continue
+        for sample in family.samples:
+            suffix = sample.name.removeprefix(family.name)
+            if sample.labels.get("engine") == "vision" and suffix in totals:
+                totals[suffix] += sample.value
+    return totals["_count"], totals["_sum"]
 
 
-def format_phases(alone: Phase, with_job: Phase, concurrency: int) -> str:
-    lines = [f"online detection at concurrency {concurrency}, {len(alone.latencies_s)} requests "
-             "per phase (ms)", "phase | p50 | p90 | p99 | job inputs/s",
-             "--- | --- | --- | --- | ---"]
-    for phase in (alone, with_job):
-        rate = "-" if phase.job_rate_per_s is None else f"{phase.job_rate_per_s:.2f}"
-        lines.append(f"{phase.name} | {phase.quantile_ms(0.5):.0f} | {phase.quantile_ms(0.9):.0f} "
-                     f"| {phase.quantile_ms(0.99):.0f} | {rate}")
-    ratio = with_job.quantile_ms(0.99) / alone.quantile_ms(0.99)
-    lines.append(f"p99 with the job / alone: {ratio:.2f}x (target <= 2x)")
+def _vision_batches(url: str) -> tuple[float, float]:
+    return vision_batch_totals(httpx.get(f"{url}/metrics", timeout=30).text)
+
+
+@dataclass
+class LoadCurve:
+    """One server configuration: per concurrency level, throughput, latency quantiles and the
+    mean `vision` batch size."""
+
+    name: str
+    concurrency: list[int] = field(default_factory=list)
+    throughput_rps: list[float] = field(default_factory=list)
+    p50_ms: list[float] = field(default_factory=list)
+    p90_ms: list[float] = field(default_factory=list)
+    p99_ms: list[float] = field(default_factory=list)
+    mean_batch: list[float] = field(default_factory=list)
+
+
+def measure_curve(name: str, url: str, images: list[bytes], levels: Sequence[int],
+                  requests: int) -> LoadCurve:
+    curve = LoadCurve(name)
+    for level in levels:
+        batches_before, served_before = _vision_batches(url)
+        latencies, elapsed = asyncio.run(online_load(url, images, requests, level))
+        batches, served = _vision_batches(url)
+        milliseconds = np.asarray(latencies) * 1000.0
+        curve.concurrency.append(level)
+        curve.throughput_rps.append(len(latencies) / elapsed)
+        curve.p50_ms.append(float(np.quantile(milliseconds, 0.5)))
+        curve.p90_ms.append(float(np.quantile(milliseconds, 0.9)))
+        curve.p99_ms.append(float(np.quantile(milliseconds, 0.99)))
+        # The warm-up request is in the deltas too; it ran alone, as a batch of one.
+        curve.mean_batch.append((served - served_before) / max(batches - batches_before, 1.0))
+    return curve
+
+
+@contextmanager
+def _server(url: str | None, model_dir: str | None, serve_args: Sequence[str],
+            max_batch_size: int) -> Iterator[str]:
+    if url is not None:
+        with nullcontext(url) as given:
+            yield given
+        return
+    with local_server(model_dir, [*serve_args, "--max-batch-size", str(max_batch_size)]) as own:
+        yield own
+
+
+def sweep(levels: Sequence[int] = LEVELS, requests: int = 64, *, max_batch_size: int = 8,
+          distinct_images: int = 16, model_dir: str | None = None,
+          serve_args: Sequence[str] = (), urls: tuple[str, str] | None = None
+          ) -> tuple[LoadCurve, LoadCurve]:
+    """(batched, unbatched) curves. `urls`: two running servers, the first with the batcher on,
+    the second with `max_batch_size=1`; otherwise both are started here, one at a time.
+    `distinct_images`: world images cycled through (1: every request posts the same image, so
+    every request shares a shape bucket and batches can always form)."""
+    images = world_pngs(distinct_images)
+    curves = []
+    configurations = ((f"batcher on (max_batch_size {max_batch_size})", max_batch_size),
+                      ("batcher off (max_batch_size 1)", 1))
+    for index, (name, batch) in enumerate(configurations):
+        with _server(urls[index] if urls else None, model_dir, serve_args, batch) as url:
+            curves.append(measure_curve(name, url, images, levels, requests))
+    return curves[0], curves[1]
+
+
+def format_sweep(on: LoadCurve, off: LoadCurve) -> str:
+    """Both curves side by side per level, with throughput and p99 ratios (on / off)."""
+    lines = [f"closed-loop detection sweep; on = {on.name}, off = {off.name}",
+             "clients | on req/s | p50 | p90 | p99 ms | mean vision batch | off req/s | p50 | "
+             "p90 | p99 ms | throughput on/off | p99 on/off",
+             "--- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---"]
+    for i, level in enumerate(on.concurrency):
+        lines.append(
+            f"{level} | {on.throughput_rps[i]:.2f} | {on.p50_ms[i]:.0f} | {on.p90_ms[i]:.0f} | "
+            f"{on.p99_ms[i]:.0f} | {on.mean_batch[i]:.2f} | {off.throughput_rps[i]:.2f} | "
+            f"{off.p50_ms[i]:.0f} | {off.p90_ms[i]:.0f} | {off.p99_ms[i]:.0f} | "
+            f"{on.throughput_rps[i] / off.throughput_rps[i]:.2f}x | "
+            f"{on.p99_ms[i] / off.p99_ms[i]:.2f}x")
+    if TARGET_LEVEL in on.concurrency:
+        i = on.concurrency.index(TARGET_LEVEL)
+        lines.append(f"throughput at {TARGET_LEVEL} clients, batcher on / off: "
+                     f"{on.throughput_rps[i] / off.throughput_rps[i]:.2f}x (target >= 1.5x)")
     return "\n".join(lines)

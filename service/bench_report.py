@@ -1,7 +1,8 @@
 """`glipv2 bench report`: run the benchmarks and write a Markdown report with PNG plots.
 
-1. Online serving, batcher on (`max_batch_size` 8) vs off (1): throughput and p50 / p99 latency of
-   detection requests against concurrency, each configuration on its own fresh server.
+1. Online serving, batcher on (`max_batch_size` 8) vs off (1), as `glipv2 bench load`: throughput,
+   p50 / p90 / p99 latency and mean batch of detection requests against concurrency, each
+   configuration on its own fresh server.
 2. Runtimes: every graph on PyTorch and ONNX Runtime (fp32, int8), as `glipv2 bench runtimes`.
 
 Each figure comes from one run, side by side; the report says which machine and settings.
@@ -9,49 +10,15 @@ Each figure comes from one run, side by side; the report says which machine and 
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from service.bench_load import online_load, world_pngs
+from service.bench_load import LoadCurve, format_sweep, sweep
 from service.bench_runtimes import BenchResult, bench_runtimes, machine_description
-from service.local_server import local_server
 from service.settings import DEFAULT_MODEL_DIR
-
-
-@dataclass
-class LoadCurve:
-    """One server configuration: per concurrency level, throughput and latency quantiles."""
-
-    name: str
-    concurrency: list[int] = field(default_factory=list)
-    throughput_rps: list[float] = field(default_factory=list)
-    p50_ms: list[float] = field(default_factory=list)
-    p99_ms: list[float] = field(default_factory=list)
-
-
-def measure_curve(name: str, url: str, levels: list[int], requests: int) -> LoadCurve:
-    images = world_pngs(16)
-    curve = LoadCurve(name)
-    for level in levels:
-        latencies, elapsed = asyncio.run(online_load(url, images, requests, level))
-        curve.concurrency.append(level)
-        curve.throughput_rps.append(len(latencies) / elapsed)
-        curve.p50_ms.append(float(np.quantile(latencies, 0.5)) * 1000)
-        curve.p99_ms.append(float(np.quantile(latencies, 0.99)) * 1000)
-    return curve
-
-
-def batcher_curves(levels: list[int], requests: int, model_dir: str | None) -> list[LoadCurve]:
-    curves = []
-    for name, batch in (("batcher on (max_batch_size 8)", "8"),
-                        ("batcher off (max_batch_size 1)", "1")):
-        with local_server(model_dir, ["--max-batch-size", batch]) as url:
-            curves.append(measure_curve(name, url, levels, requests))
-    return curves
 
 
 def plot_curves(curves: list[LoadCurve], out: Path) -> list[str]:
@@ -112,12 +79,13 @@ def write_report(out: Path, curves: list[LoadCurve], runtimes: BenchResult | Non
              "## Online detection: batcher on vs off", ""]
     for name in plot_curves(curves, out):
         lines.append(f"![{name}]({name})")
-    lines += ["", "| configuration | clients | requests/s | p50 ms | p99 ms |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += ["", "| configuration | clients | requests/s | p50 ms | p90 ms | p99 ms | "
+              "mean vision batch |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for curve in curves:
         for i, level in enumerate(curve.concurrency):
             lines.append(f"| {curve.name} | {level} | {curve.throughput_rps[i]:.2f} | "
-                         f"{curve.p50_ms[i]:.0f} | {curve.p99_ms[i]:.0f} |")
+                         f"{curve.p50_ms[i]:.0f} | {curve.p90_ms[i]:.0f} | "
+                         f"{curve.p99_ms[i]:.0f} | {curve.mean_batch[i]:.2f} |")
     if runtimes is not None:
         lines += ["", "## Runtimes, per graph", "", f"![runtimes]({plot_runtimes(runtimes, out)})",
                   "", "| graph | " + " | ".join(runtimes.runtimes) + " |",
@@ -136,9 +104,10 @@ def write_report(out: Path, curves: list[LoadCurve], runtimes: BenchResult | Non
 
 
 def bench_report(out: Path, model_dir: str | None = None, engines: str | None = None,
-                 levels: tuple[int, ...] = (1, 2, 4, 8), requests: int = 32,
+                 levels: Sequence[int] = (1, 2, 4, 8), requests: int = 32,
                  runtimes: bool = True) -> Path:
-    curves = batcher_curves(list(levels), requests, model_dir)
+    curves = sweep(levels, requests, model_dir=model_dir)
+    print(format_sweep(*curves))
     result = None
     if runtimes:
         model = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
@@ -151,4 +120,4 @@ def bench_report(out: Path, model_dir: str | None = None, engines: str | None = 
         result = bench_runtimes(model, engine_dir, 288, 448)
     settings = (f"{requests} closed-loop detection requests per level (6 classes, world images "
                 "of varying sizes); runtimes at 288x448, median of 5.")
-    return write_report(out, curves, result, settings)
+    return write_report(out, list(curves), result, settings)

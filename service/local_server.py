@@ -1,7 +1,7 @@
 """`glipv2 serve` in a subprocess on a free port, returned once `/readyz` says 200.
 
-The benchmarks (`glipv2 bench load`, `bench report`) and the end-to-end tests start real servers
-the same way; this is that one way.
+The benchmarks (`glipv2 bench load`, `bench jobs`, `bench report`) and the end-to-end tests start
+real servers the same way; this is that one way.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ class BatcherSettings(BaseModel):
 
     max_batch_size: int = Field(8, ge=1, description="Most requests in one engine batch.")
     max_queue_delay_ms: float = Field(
-        5.0, ge=0, allow_inf_nan=False,
+        0.0, ge=0, allow_inf_nan=False,
         description="How long the oldest request of a partial batch waits for company.")
     max_queue_size: int = Field(
         64, ge=1,

@@ -127,7 +127,7 @@ async def started(
 
 def test_config_defaults() -> None:
     config = BatcherConfig()
-    assert (config.max_batch_size, config.max_queue_delay_ms, config.max_queue_size) == (8, 5.0, 64)
+    assert (config.max_batch_size, config.max_queue_delay_ms, config.max_queue_size) == (8, 0.0, 64)
     assert config.default_deadline_ms is None
 
 

@@ -1,4 +1,5 @@
-"""`glipv2 bench report` output: the Markdown report and its plots (from given measurements)."""
+"""`glipv2 bench` output: the load sweep table, the jobs phases, the Markdown report and its
+plots (from given measurements)."""
 
 from __future__ import annotations
 
@@ -6,24 +7,27 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from prometheus_client import generate_latest
 
-from service.bench_load import Phase, format_phases
-from service.bench_report import LoadCurve, write_report
+from service.bench_jobs import Phase, format_phases
+from service.bench_load import LoadCurve, format_sweep, vision_batch_totals
+from service.bench_report import write_report
 from service.bench_runtimes import BenchResult
+from service.metrics import ServiceMetrics
 
 
 def test_report_has_tables_and_real_plots(tmp_path: Path) -> None:
     curves = [LoadCurve("batcher on", [1, 2, 4], [1.5, 2.8, 4.9], [600, 700, 800],
-                        [700, 900, 1000]),
+                        [650, 800, 900], [700, 900, 1000], [1.0, 1.8, 3.2]),
               LoadCurve("batcher off", [1, 2, 4], [1.5, 1.9, 2.0], [600, 1000, 2000],
-                        [700, 1300, 2600])]
+                        [650, 1200, 2300], [700, 1300, 2600], [1.0, 1.0, 1.0])]
     runtimes = BenchResult(runtimes=["pytorch fp32", "onnxruntime fp32"],
                            latency_ms={"vision": {"pytorch fp32": 80.0,
                                                   "onnxruntime fp32": 40.0},
                                        "fusion": {"pytorch fp32": 70.0}})
     path = write_report(tmp_path, curves, runtimes, "Synthetic numbers.")
     text = path.read_text()
-    assert "| batcher on | 4 | 4.90 | 800 | 1000 |" in text
+    assert "| batcher on | 4 | 4.90 | 800 | 900 | 1000 | 3.20 |" in text
     assert "| vision | 80.0 | 40.0 (0.50x) |" in text and "| fusion | 70.0 | - |" in text
     for name in ("throughput_vs_concurrency.png", "p99_vs_concurrency.png", "runtimes.png"):
         assert f"]({name})" in text
@@ -37,3 +41,26 @@ def test_load_phases_report_the_p99_ratio() -> None:
     with_job = Phase("online + job", [0.15] * 99 + [0.3], job_rate_per_s=2.5)
     text = format_phases(alone, with_job, 4)
     assert "p99 with the job / alone: 1.50x" in text and "| 2.50" in text
+
+
+def test_vision_batch_totals_read_the_services_own_metrics() -> None:
+    metrics = ServiceMetrics()
+    on_batch, _ = metrics.engine_callbacks("vision")
+    on_fusion, _ = metrics.engine_callbacks("fusion")
+    for size in (1, 3, 4):
+        on_batch(size, [0.0] * size, 0.01)
+    on_fusion(8, [0.0] * 8, 0.01)
+    text = generate_latest(metrics.registry).decode()
+    assert vision_batch_totals(text) == (3.0, 8.0)
+    assert vision_batch_totals("") == (0.0, 0.0)
+
+
+def test_sweep_table_sets_the_configurations_side_by_side() -> None:
+    on = LoadCurve("batcher on", [1, 16], [4.0, 9.0], [250, 1700], [260, 1800], [270, 1900],
+                   [1.0, 5.5])
+    off = LoadCurve("batcher off", [1, 16], [4.0, 6.0], [250, 2600], [260, 2700], [270, 3800],
+                    [1.0, 1.0])
+    text = format_sweep(on, off)
+    assert "16 | 9.00 | 1700 | 1800 | 1900 | 5.50 | 6.00 | 2600 | 2700 | 3800 | 1.50x | 0.50x" \
+        in text
+    assert "throughput at 16 clients, batcher on / off: 1.50x (target >= 1.5x)" in text

@@ -31,6 +31,7 @@ from model_export.config import WORLD_ANSWERS
 from model_export.metrics import box_iou
 from model_export.prompt import load_tokenizer
 from model_export.world import WorldObject, expression_targets
+from service.bench_load import sweep
 from service.chunking import name_token_counts, pack_chunks
 
 from conftest import start_server
@@ -268,6 +269,19 @@ def test_64_concurrent_mixed_requests_answer_as_alone(server: str) -> None:
         if key not in alone:
             alone[key] = post(item).json()
         assert_same_answer(alone[key], response.json())
+
+
+def test_bench_load_sweeps_a_running_server(server: str) -> None:
+    """`glipv2 bench load` against running servers (here the same one twice): every level's
+    figures come from real answered requests and the server's own batch metrics."""
+    on, off = sweep([1, 4], requests=8, distinct_images=1, urls=(server, server))
+    for curve in (on, off):
+        assert curve.concurrency == [1, 4]
+        assert all(rate > 0 for rate in curve.throughput_rps)
+        assert all(a <= b <= c for a, b, c in zip(curve.p50_ms, curve.p90_ms, curve.p99_ms,
+                                                   strict=True))
+        assert curve.mean_batch[0] == 1.0  # one client at a time: every vision batch is alone
+        assert 1.0 <= curve.mean_batch[1] <= 4.0
 
 
 def assert_same_answer(a: dict[str, Any], b: dict[str, Any]) -> None:
