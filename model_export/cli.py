@@ -477,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="docs/bench", help="report folder (docs/bench)")
     report.add_argument("--model", help="model folder (default: the embedded model)")
     report.add_argument("--engines", help="exported engines (default: export to a temp dir)")
-    report.add_argument("--concurrency", default="1,2,4,8", help="client counts to measure")
-    report.add_argument("--requests", type=int, default=32, help="requests per level")
+    report.add_argument("--concurrency", default="1,2,4,8,16,32", help="client counts to measure")
+    report.add_argument("--requests", type=int, default=64, help="requests per level")
     report.add_argument("--no-runtimes", action="store_true", help="skip the runtime section")
     report.set_defaults(func=_bench_report)
 

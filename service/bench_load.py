@@ -8,7 +8,8 @@ report gives throughput and p50 / p90 / p99 per level side by side, their ratios
 apart from a batcher that never batched.
 
 Without URLs it starts both servers itself (`glipv2 serve`, the default model unless `model_dir`
-is given, extra serve flags such as `--runtime onnxruntime --engines DIR` passed through).
+is given, extra serve flags such as `--runtime onnxruntime --engines DIR` passed through) and
+alternates between them level by level.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import asyncio
 import base64
 import io
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import httpx
@@ -98,33 +99,20 @@ class LoadCurve:
     mean_batch: list[float] = field(default_factory=list)
 
 
-def measure_curve(name: str, url: str, images: list[bytes], levels: Sequence[int],
-                  requests: int) -> LoadCurve:
-    curve = LoadCurve(name)
-    for level in levels:
-        batches_before, served_before = _vision_batches(url)
-        latencies, elapsed = asyncio.run(online_load(url, images, requests, level))
-        batches, served = _vision_batches(url)
-        milliseconds = np.asarray(latencies) * 1000.0
-        curve.concurrency.append(level)
-        curve.throughput_rps.append(len(latencies) / elapsed)
-        curve.p50_ms.append(float(np.quantile(milliseconds, 0.5)))
-        curve.p90_ms.append(float(np.quantile(milliseconds, 0.9)))
-        curve.p99_ms.append(float(np.quantile(milliseconds, 0.99)))
-        # The warm-up request is in the deltas too; it ran alone, as a batch of one.
-        curve.mean_batch.append((served - served_before) / max(batches - batches_before, 1.0))
-    return curve
-
-
-@contextmanager
-def _server(url: str | None, model_dir: str | None, serve_args: Sequence[str],
-            max_batch_size: int) -> Iterator[str]:
-    if url is not None:
-        with nullcontext(url) as given:
-            yield given
-        return
-    with local_server(model_dir, [*serve_args, "--max-batch-size", str(max_batch_size)]) as own:
-        yield own
+def measure_level(curve: LoadCurve, url: str, images: list[bytes], level: int,
+                  requests: int) -> None:
+    """Append one concurrency level's figures to `curve`."""
+    batches_before, served_before = _vision_batches(url)
+    latencies, elapsed = asyncio.run(online_load(url, images, requests, level))
+    batches, served = _vision_batches(url)
+    milliseconds = np.asarray(latencies) * 1000.0
+    curve.concurrency.append(level)
+    curve.throughput_rps.append(len(latencies) / elapsed)
+    curve.p50_ms.append(float(np.quantile(milliseconds, 0.5)))
+    curve.p90_ms.append(float(np.quantile(milliseconds, 0.9)))
+    curve.p99_ms.append(float(np.quantile(milliseconds, 0.99)))
+    # The warm-up request is in the deltas too; it ran alone, as a batch of one.
+    curve.mean_batch.append((served - served_before) / max(batches - batches_before, 1.0))
 
 
 def sweep(levels: Sequence[int] = LEVELS, requests: int = 64, *, max_batch_size: int = 8,
@@ -132,17 +120,24 @@ def sweep(levels: Sequence[int] = LEVELS, requests: int = 64, *, max_batch_size:
           serve_args: Sequence[str] = (), urls: tuple[str, str] | None = None
           ) -> tuple[LoadCurve, LoadCurve]:
     """(batched, unbatched) curves. `urls`: two running servers, the first with the batcher on,
-    the second with `max_batch_size=1`; otherwise both are started here, one at a time.
+    the second with `max_batch_size=1`; otherwise both are started here and run side by side.
+    Each level is measured on one server, then at once on the other (only one is loaded at a
+    time), so a slow spell of a shared machine falls on both sides of a ratio, not on one curve.
     `distinct_images`: world images cycled through (1: every request posts the same image, so
     every request shares a shape bucket and batches can always form)."""
     images = world_pngs(distinct_images)
-    curves = []
-    configurations = ((f"batcher on (max_batch_size {max_batch_size})", max_batch_size),
-                      ("batcher off (max_batch_size 1)", 1))
-    for index, (name, batch) in enumerate(configurations):
-        with _server(urls[index] if urls else None, model_dir, serve_args, batch) as url:
-            curves.append(measure_curve(name, url, images, levels, requests))
-    return curves[0], curves[1]
+    on = LoadCurve(f"batcher on (max_batch_size {max_batch_size})")
+    off = LoadCurve("batcher off (max_batch_size 1)")
+    with ExitStack() as stack:
+        if urls is None:
+            urls = (stack.enter_context(local_server(
+                        model_dir, [*serve_args, "--max-batch-size", str(max_batch_size)])),
+                    stack.enter_context(local_server(
+                        model_dir, [*serve_args, "--max-batch-size", "1"])))
+        for level in levels:
+            for curve, url in ((on, urls[0]), (off, urls[1])):
+                measure_level(curve, url, images, level, requests)
+    return on, off
 
 
 def format_sweep(on: LoadCurve, off: LoadCurve) -> str:

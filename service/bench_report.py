@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.bench_load import LoadCurve, format_sweep, sweep
+from service.bench_load import LEVELS, LoadCurve, format_sweep, sweep
 from service.bench_runtimes import BenchResult, bench_runtimes, machine_description
 from service.settings import DEFAULT_MODEL_DIR
 
@@ -104,7 +104,7 @@ def write_report(out: Path, curves: list[LoadCurve], runtimes: BenchResult | Non
 
 
 def bench_report(out: Path, model_dir: str | None = None, engines: str | None = None,
-                 levels: Sequence[int] = (1, 2, 4, 8), requests: int = 32,
+                 levels: Sequence[int] = LEVELS, requests: int = 64,
                  runtimes: bool = True) -> Path:
     curves = sweep(levels, requests, model_dir=model_dir)
     print(format_sweep(*curves))
