@@ -1,12 +1,13 @@
 """`glipv2 bench runtimes`: each graph's latency on every runtime, side by side in one run.
 
 Same inputs for every runtime (an image at the preset's serving size, a detection prompt), the
-median of `repeats` timed runs after a warm-up, so the ratios compare like with like on a noisy
-machine. Also prints the achieved GFLOP/s of `vision` and `fusion` (matrix-product and
-convolution FLOPs counted by PyTorch's FLOP counter on the eager graph) beside the machine's own
-measured matrix-product rate in fp32 and bf16. With `profile`, ONNX Runtime's own profiler
-splits `vision` and `fusion` time by operator type: what share is matrix products (which int8
-and a faster GEMM can speed up) and what share is memory-bound glue (layout, norms, softmax).
+median of `repeats` timed runs after a warm-up, the runtimes taking turns run by run, so the
+ratios compare like with like on a noisy machine. Also prints the achieved GFLOP/s of `vision`
+and `fusion` (matrix-product and convolution FLOPs counted by PyTorch's FLOP counter on the eager
+graph) beside the machine's own measured matrix-product rate in fp32 and bf16. With `profile`,
+ONNX Runtime's own profiler splits `vision` and `fusion` time by operator type: what share is
+matrix products (which int8 and a faster GEMM can speed up) and what share is memory-bound glue
+(layout, norms, softmax).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,13 +91,21 @@ def graph_inputs(runtime: Runtime, height: int, width: int) -> dict[str, dict[st
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: allocations, ONNX Runtime's first-run optimisations
-    times = []
+    return side_by_side_ms({"": fn}, repeats)[""]
+
+
+def side_by_side_ms(calls: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median ms per call of each function, timed in rounds (each function once per round) so
+    that a slow spell of a shared machine falls on every function alike, not on one of them."""
+    for fn in calls.values():
+        fn()  # warm-up: allocations, ONNX Runtime's first-run optimisations
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def machine_description() -> str:
@@ -180,9 +189,9 @@ def bench_runtimes(model_dir: Path, engine_dir: Path | None, height: int, width:
     for graph in GRAPHS:
         if graph not in inputs:
             continue
-        result.latency_ms[graph] = {
-            runtime.name: median_ms(lambda r=runtime, g=graph: r.run(g, inputs[g]), repeats)
-            for runtime in runtimes if graph in runtime.graphs}
+        result.latency_ms[graph] = side_by_side_ms(
+            {runtime.name: (lambda r=runtime, g=graph: r.run(g, inputs[g]))
+             for runtime in runtimes if graph in runtime.graphs}, repeats)
     for graph in ("vision", "fusion"):
         counter = FlopCounterMode(display=False)
         with counter:

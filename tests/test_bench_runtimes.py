@@ -14,6 +14,7 @@ from service.bench_runtimes import (
     machine_description,
     op_time_by_type,
     ort_op_profile,
+    side_by_side_ms,
 )
 
 
@@ -50,3 +51,11 @@ def test_machine_description_names_the_kernels_isa() -> None:
     text = machine_description()
     assert f"{os.cpu_count()} CPUs" in text
     assert f"PyTorch kernels: {torch.backends.cpu.get_cpu_capability()}" in text
+
+
+def test_side_by_side_timing_takes_turns() -> None:
+    calls: list[str] = []
+    medians = side_by_side_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                              repeats=3)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds
+    assert set(medians) == {"a", "b"} and all(ms >= 0 for ms in medians.values())
