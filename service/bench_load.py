@@ -2,8 +2,8 @@
 
 Like perf_analyzer: at each level, `concurrency` clients each send a detection request, wait for
 its answer, then send the next, until `requests` have been answered. Two servers that differ
-only in `max_batch_size` are measured one after the other on the same images and prompt; the
-report gives throughput and p50 / p90 / p99 per level side by side, their ratios, and the mean
+only in `max_batch_size` take turns level by level on the same images and prompt; the report
+gives throughput and p50 / p90 / p99 per level side by side, their ratios, and the mean
 `vision` batch the batched server formed (from its `/metrics`), so a ratio near 1 can be told
 apart from a batcher that never batched.
 
