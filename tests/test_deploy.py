@@ -117,6 +117,16 @@ def test_dockerfiles_run_unprivileged_with_a_readiness_healthcheck(name: str) ->
         assert (REPO / source).exists(), source
 
 
+def test_cpu_image_serves_onnx_runtime_graphs_exported_at_build() -> None:
+    text = (DOCKER / "Dockerfile").read_text()
+    export = re.search(r"glipv2 export --model (\S+) \\\s+--out (\S+)", text)
+    assert export, "the build stage exports the default model"
+    copies = dict(re.findall(r"^COPY --from=build (\S+) (\S+)$", text, re.MULTILINE))
+    assert export.group(2) in copies, "the exported graphs reach the final image"
+    assert "GLIPV2_RUNTIME=onnxruntime" in text
+    assert f"GLIPV2_ENGINE_DIR={copies[export.group(2)]}" in text
+
+
 def test_gpu_image_builds_engines_at_first_start() -> None:
     text = (DOCKER / "gpu-entrypoint.sh").read_text()
     assert "glipv2 export" in text and "glipv2 build-engines" in text
