@@ -181,6 +181,14 @@ def _bench_load(args: argparse.Namespace) -> int:
         print("give both --url and --unbatched-url (two running servers), or neither",
               file=sys.stderr)
         return 2
+    server_flags = {"--model": args.model, "--runtime": args.runtime, "--engines": args.engines,
+                    "--threads": args.threads or None,
+                    "--max-queue-delay-ms": args.max_queue_delay_ms}
+    ignored = [flag for flag, value in server_flags.items() if value is not None]
+    if args.url and ignored:
+        print(f"{', '.join(ignored)} configure the servers this command starts; with --url the "
+              "running servers keep their own settings", file=sys.stderr)
+        return 2
     serve_args = [*(["--runtime", args.runtime] if args.runtime else []),
                   *(["--engines", args.engines] if args.engines else []),
                   *(["--threads", str(args.threads)] if args.threads else []),

@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from prometheus_client import generate_latest
 
+from model_export.cli import main
 from service.bench_jobs import Phase, format_phases
 from service.bench_load import LoadCurve, format_sweep, vision_batch_totals
 from service.bench_report import write_report
@@ -64,3 +66,13 @@ def test_sweep_table_sets_the_configurations_side_by_side() -> None:
     assert "16 | 9.00 | 1700 | 1800 | 1900 | 5.50 | 6.00 | 2600 | 2700 | 3800 | 1.50x | 0.50x" \
         in text
     assert "throughput at 16 clients, batcher on / off: 1.50x (target >= 1.5x)" in text
+
+
+@pytest.mark.parametrize("flags", [["--unbatched-url", "http://b", "--runtime", "onnxruntime"],
+                                   ["--unbatched-url", "http://b", "--threads", "1"],
+                                   []])
+def test_bench_load_refuses_flags_it_cannot_apply(flags: list[str],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Two URLs or none; server flags only for servers it starts (nothing is contacted)."""
+    assert main(["bench", "load", "--url", "http://a", *flags]) == 2
+    assert "--url" in capsys.readouterr().err
