@@ -182,7 +182,7 @@ def _bench_load(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     server_flags = {"--model": args.model, "--runtime": args.runtime, "--engines": args.engines,
-                    "--threads": args.threads or None,
+                    "--threads": args.threads or None, "--max-batch-size": args.max_batch_size,
                     "--max-queue-delay-ms": args.max_queue_delay_ms}
     ignored = [flag for flag, value in server_flags.items() if value is not None]
     if args.url and ignored:
@@ -195,7 +195,7 @@ def _bench_load(args: argparse.Namespace) -> int:
                   *(["--max-queue-delay-ms", str(args.max_queue_delay_ms)]
                     if args.max_queue_delay_ms is not None else [])]
     levels = [int(v) for v in args.concurrency.split(",")]
-    on, off = sweep(levels, args.requests, max_batch_size=args.max_batch_size,
+    on, off = sweep(levels, args.requests, max_batch_size=args.max_batch_size or 8,
                     distinct_images=args.images, model_dir=args.model, serve_args=serve_args,
                     urls=(args.url, args.unbatched_url) if args.url else None)
     print(format_sweep(on, off))
@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="runtime of the servers started here (default: serve's)")
     load.add_argument("--engines", help="engine folder for --runtime onnxruntime / tensorrt")
     load.add_argument("--threads", type=int, default=0, help="servers' intra-op threads")
-    load.add_argument("--max-batch-size", type=int, default=8,
+    load.add_argument("--max-batch-size", type=int,
                       help="the batched server's max_batch_size (8)")
     load.add_argument("--max-queue-delay-ms", type=float,
                       help="the servers' max_queue_delay_ms (default: serve's)")

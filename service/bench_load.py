@@ -120,14 +120,18 @@ def sweep(levels: Sequence[int] = LEVELS, requests: int = 64, *, max_batch_size:
           serve_args: Sequence[str] = (), urls: tuple[str, str] | None = None
           ) -> tuple[LoadCurve, LoadCurve]:
     """(batched, unbatched) curves. `urls`: two running servers, the first with the batcher on,
-    the second with `max_batch_size=1`; otherwise both are started here and run side by side.
+    the second with `max_batch_size=1` (`max_batch_size` then unused); otherwise both are started
+    here and run side by side.
     Each level is measured on one server, then at once on the other (only one is loaded at a
     time), so a slow spell of a shared machine falls on both sides of a ratio, not on one curve.
     `distinct_images`: world images cycled through (1: every request posts the same image, so
     every request shares a shape bucket and batches can always form)."""
     images = world_pngs(distinct_images)
-    on = LoadCurve(f"batcher on (max_batch_size {max_batch_size})")
-    off = LoadCurve("batcher off (max_batch_size 1)")
+    if urls is None:
+        on = LoadCurve(f"batcher on (max_batch_size {max_batch_size})")
+        off = LoadCurve("batcher off (max_batch_size 1)")
+    else:  # their settings are the running servers' own
+        on, off = LoadCurve(f"batcher on ({urls[0]})"), LoadCurve(f"batcher off ({urls[1]})")
     with ExitStack() as stack:
         if urls is None:
             urls = (stack.enter_context(local_server(

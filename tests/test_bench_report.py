@@ -70,6 +70,7 @@ def test_sweep_table_sets_the_configurations_side_by_side() -> None:
 
 @pytest.mark.parametrize("flags", [["--unbatched-url", "http://b", "--runtime", "onnxruntime"],
                                    ["--unbatched-url", "http://b", "--threads", "1"],
+                                   ["--unbatched-url", "http://b", "--max-batch-size", "4"],
                                    []])
 def test_bench_load_refuses_flags_it_cannot_apply(flags: list[str],
                                                   capsys: pytest.CaptureFixture[str]) -> None:
