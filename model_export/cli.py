@@ -181,19 +181,19 @@ def _bench_load(args: argparse.Namespace) -> int:
         print("give both --url and --unbatched-url (two running servers), or neither",
               file=sys.stderr)
         return 2
-    server_flags = {"--model": args.model, "--runtime": args.runtime, "--engines": args.engines,
-                    "--threads": args.threads or None, "--max-batch-size": args.max_batch_size,
-                    "--max-queue-delay-ms": args.max_queue_delay_ms}
-    ignored = [flag for flag, value in server_flags.items() if value is not None]
-    if args.url and ignored:
-        print(f"{', '.join(ignored)} configure the servers this command starts; with --url the "
+    # Flags passed on to `glipv2 serve` as they are; --model and --max-batch-size go to `sweep`.
+    serve_flags = {"--runtime": args.runtime, "--engines": args.engines,
+                   "--threads": args.threads or None,
+                   "--max-queue-delay-ms": args.max_queue_delay_ms}
+    given = [flag for flag, value in {**serve_flags, "--model": args.model,
+                                      "--max-batch-size": args.max_batch_size}.items()
+             if value is not None]
+    if args.url and given:
+        print(f"{', '.join(given)} configure the servers this command starts; with --url the "
               "running servers keep their own settings", file=sys.stderr)
         return 2
-    serve_args = [*(["--runtime", args.runtime] if args.runtime else []),
-                  *(["--engines", args.engines] if args.engines else []),
-                  *(["--threads", str(args.threads)] if args.threads else []),
-                  *(["--max-queue-delay-ms", str(args.max_queue_delay_ms)]
-                    if args.max_queue_delay_ms is not None else [])]
+    serve_args = [str(part) for flag, value in serve_flags.items() if value is not None
+                  for part in (flag, value)]
     levels = [int(v) for v in args.concurrency.split(",")]
     on, off = sweep(levels, args.requests, max_batch_size=args.max_batch_size or 8,
                     distinct_images=args.images, model_dir=args.model, serve_args=serve_args,

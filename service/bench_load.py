@@ -127,17 +127,16 @@ def sweep(levels: Sequence[int] = LEVELS, requests: int = 64, *, max_batch_size:
     `distinct_images`: world images cycled through (1: every request posts the same image, so
     every request shares a shape bucket and batches can always form)."""
     images = world_pngs(distinct_images)
-    if urls is None:
-        on = LoadCurve(f"batcher on (max_batch_size {max_batch_size})")
-        off = LoadCurve("batcher off (max_batch_size 1)")
-    else:  # their settings are the running servers' own
-        on, off = LoadCurve(f"batcher on ({urls[0]})"), LoadCurve(f"batcher off ({urls[1]})")
     with ExitStack() as stack:
         if urls is None:
+            on = LoadCurve(f"batcher on (max_batch_size {max_batch_size})")
+            off = LoadCurve("batcher off (max_batch_size 1)")
             urls = (stack.enter_context(local_server(
                         model_dir, [*serve_args, "--max-batch-size", str(max_batch_size)])),
                     stack.enter_context(local_server(
                         model_dir, [*serve_args, "--max-batch-size", "1"])))
+        else:  # their settings are the running servers' own
+            on, off = LoadCurve(f"batcher on ({urls[0]})"), LoadCurve(f"batcher off ({urls[1]})")
         for level in levels:
             for curve, url in ((on, urls[0]), (off, urls[1])):
                 measure_level(curve, url, images, level, requests)
