@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model_export.fusion import flatten_levels
-from model_export.preprocess import batch_images, preprocess_image
-from model_export.prompt import load_tokenizer, tokenize
-from model_export.weights import load_model
-from model_export.world import COLOR_NAMES, render_index
+from model_export.checkpoints.weights import load_model
+from model_export.data.world.generator import COLOR_NAMES, render_index
+from model_export.modeling.fusion import flatten_levels
+from model_export.processing.preprocess import batch_images, preprocess_image
+from model_export.processing.prompt import load_tokenizer, tokenize
 
 SEED = 3000  # a world seed no training or evaluation uses
 COMPONENTS = 48

@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model_export.config import get_preset
-from model_export.export import LEVELS
-from model_export.model import Glipv2Model
-from service.runtimes.torch_eager import TorchRuntime
+from engines.export import LEVELS
+from engines.runtimes.torch_eager import TorchRuntime
+from model_export.modeling.config import get_preset
+from model_export.modeling.model import Glipv2Model
 
 
 def text_inputs(batch: int, tokens: int, vocab: int) -> dict[str, torch.Tensor]:

@@ -16,14 +16,19 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from model_export.anchors import AnchorGenerator
-from model_export.box_coding import BoxCoder, rescale_boxes
-from model_export.model import Glipv2Model, Glipv2Output
-from model_export.postprocess import Detections, postprocess_detections
-from model_export.preprocess import batch_images, preprocess_image
-from model_export.prompt import DetectionPrompt, build_detection_prompt, load_tokenizer, tokenize
-from model_export.prompt import positive_map as build_positive_map
-from model_export.weights import load_model
+from model_export.checkpoints.weights import load_model
+from model_export.modeling.model import Glipv2Model, Glipv2Output
+from model_export.processing.anchors import AnchorGenerator
+from model_export.processing.box_coding import BoxCoder, rescale_boxes
+from model_export.processing.postprocess import Detections, postprocess_detections
+from model_export.processing.preprocess import batch_images, preprocess_image
+from model_export.processing.prompt import (
+    DetectionPrompt,
+    build_detection_prompt,
+    load_tokenizer,
+    tokenize,
+)
+from model_export.processing.prompt import positive_map as build_positive_map
 
 
 @dataclass

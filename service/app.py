@@ -11,15 +11,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
+from engines.runtimes import Runtime
 from service.dependencies import require_api_key
 from service.errors import install_error_handlers
-from service.images import configure_pillow
 from service.limits import BodySizeLimitMiddleware
-from service.metrics import HttpMetricsMiddleware, ServiceMetrics
+from service.pipeline.images import configure_pillow
 from service.routers import caption, detect, health, jobs, metrics, models, segment, vqa
-from service.runtimes import Runtime
 from service.settings import ServiceSettings
 from service.state import RuntimeLoader, ServiceState
+from service.telemetry import HttpMetricsMiddleware, ServiceMetrics
 
 API_TITLE = "GLIPv2 serving"
 API_VERSION = "0.1.0"

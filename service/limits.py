@@ -9,7 +9,7 @@ more than `max_body_bytes` (+ one chunk) is ever held, whatever a handler does w
 from __future__ import annotations
 
 from service.errors import PayloadTooLargeError, error_response
-from service.metrics import ASGIApp, Message, Receive, Scope, Send
+from service.telemetry import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodySizeLimitMiddleware:

@@ -19,15 +19,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model_export.export import LEVELS, vision_outputs
-from model_export.prompt import load_tokenizer, tokenize
+from engines.export import LEVELS, vision_outputs
+from engines.runtimes import Runtime
+from model_export.processing.prompt import load_tokenizer, tokenize
 from service.batching import BatchPlan
-from service.caption_search import CaptionGrammar, CaptionSearch, beam_search
-from service.runtimes import Runtime
-from service.text_cache import TextFeatures
+from service.pipeline.caption_search import CaptionGrammar, CaptionSearch, beam_search
+from service.pipeline.text_cache import TextFeatures
 
 Levels = list[Tensor]  # per FPN level P3..P7, (1, C, h, w)
-# The vision graph's outputs of one image (`model_export.export.vision_outputs`): P3..P7, then
+# The vision graph's outputs of one image (`engines.export.vision_outputs`): P3..P7, then
 # the colour map (1, 3, h3, w3) for a fusion with `pixel_colours`.
 VisionFeatures = list[Tensor]
 

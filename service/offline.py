@@ -1,8 +1,9 @@
 """The serving path without HTTP, one image at a time: what `glipv2 eval` scores.
 
-`ServingPredictor` offers the four tasks as `model_export.evaluate.Predictor`, so the metrics of
-any runtime (PyTorch, ONNX Runtime, a reduced-precision variant, TensorRT) are measured through
-exactly the code the service runs: chunking, the engines' batchers, post-processing.
+`ServingPredictor` offers the four tasks as `model_export.evaluation.evaluate.Predictor`, so
+the metrics of any runtime (PyTorch, ONNX Runtime, a reduced-precision variant, TensorRT) are
+measured through exactly the code the service runs: chunking, the engines' batchers,
+post-processing.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
-from model_export.evaluate import CaptionPhrase, CaptionResult, Segment, VqaAnswer
-from model_export.postprocess import Detections
-from model_export.rle import decode_mask
+from engines.runtimes import Runtime
+from model_export.evaluation.evaluate import CaptionPhrase, CaptionResult, Segment, VqaAnswer
+from model_export.processing.postprocess import Detections
+from model_export.processing.rle import decode_mask
 from service.batching import BatcherConfig
-from service.caption_search import DEFAULT_SEARCH, CaptionSearch
-from service.runtimes import Runtime
+from service.pipeline.caption_search import DEFAULT_SEARCH, CaptionSearch
 from service.schemas import DetectParams, SegmentParams, VqaParams
 from service.serving import Glipv2Serving
 

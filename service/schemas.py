@@ -17,7 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from model_export.prompt import clean_name
+from model_export.processing.prompt import clean_name
 
 # Bounds on request sizes that keep one request's cost bounded before any model work.
 MAX_CLASSES = 5000  # class names in one detect request (LVIS has 1203)

@@ -30,37 +30,29 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
-from model_export.anchors import AnchorGenerator
-from model_export.box_coding import BoxCoder, rescale_boxes
+from engines.runtimes import Runtime
+from model_export.checkpoints.tuned_prompts import TunedPrompt
 from model_export.inference import caption_phrase_spans, to_exclusive
-from model_export.mask_head import masks_for_image
-from model_export.postprocess import (
+from model_export.modeling.mask_head import masks_for_image
+from model_export.processing.anchors import AnchorGenerator
+from model_export.processing.box_coding import BoxCoder, rescale_boxes
+from model_export.processing.postprocess import (
     Detections,
     ground_phrases,
     merge_detections,
     postprocess_detections,
 )
-from model_export.preprocess import batch_images, preprocess_image, resized_size
-from model_export.prompt import build_detection_prompt, clean_name, positive_map
-from model_export.referring import referent_span
-from model_export.rle import encode_mask
-from model_export.tuned_prompts import TunedPrompt
+from model_export.processing.preprocess import batch_images, preprocess_image, resized_size
+from model_export.processing.prompt import build_detection_prompt, clean_name, positive_map
+from model_export.processing.referring import referent_span
+from model_export.processing.rle import encode_mask
 from service.batching import (
     PRIORITY_ONLINE,
     BatcherConfig,
     DeadlineExceededError,
     DynamicBatcher,
 )
-from service.caption_search import (
-    DEFAULT_SEARCH,
-    CaptionSearch,
-    left_to_right,
-    names_a_region_twice,
-    object_phrase_spans,
-)
-from service.chunking import ChunkingError, name_token_counts, pack_chunks
 from service.errors import InvalidRequestError, TaskUnavailableError
-from service.metrics import ServiceMetrics
 from service.model_runner import (
     CaptionDecoded,
     CaptionWork,
@@ -70,7 +62,15 @@ from service.model_runner import (
     MaskWork,
     ModelRunner,
 )
-from service.runtimes import Runtime
+from service.pipeline.caption_search import (
+    DEFAULT_SEARCH,
+    CaptionSearch,
+    left_to_right,
+    names_a_region_twice,
+    object_phrase_spans,
+)
+from service.pipeline.chunking import ChunkingError, name_token_counts, pack_chunks
+from service.pipeline.text_cache import TextFeatureCache, TextFeatures
 from service.schemas import (
     AnswerScore,
     CaptionResponse,
@@ -90,7 +90,7 @@ from service.schemas import (
     VqaResponse,
     rounded,
 )
-from service.text_cache import TextFeatureCache, TextFeatures
+from service.telemetry import ServiceMetrics
 
 log = logging.getLogger(__name__)
 

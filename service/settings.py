@@ -15,9 +15,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from engines.runtimes.base import RuntimeOptions
 from service.batching import BatcherConfig
-from service.caption_search import DEFAULT_BEAMS, DEFAULT_LENGTH_PENALTY, DEFAULT_MAX_TOKENS
-from service.runtimes.base import RuntimeOptions
+from service.pipeline.caption_search import (
+    DEFAULT_BEAMS,
+    DEFAULT_LENGTH_PENALTY,
+    DEFAULT_MAX_TOKENS,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "default"

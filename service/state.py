@@ -14,17 +14,17 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from model_export.tuned_prompts import load_tuned_prompts
-from service.caption_search import CaptionSearch
+from engines.runtimes import Runtime, open_runtime
+from model_export.checkpoints.tuned_prompts import load_tuned_prompts
 from service.errors import InvalidRequestError, NotReadyError
-from service.image_urls import ImageUrlFetcher
-from service.images import decode_base64, decode_image_bytes
 from service.jobs.runner import JobRunner
 from service.jobs.store import SqliteJobStore
-from service.metrics import ServiceMetrics
-from service.runtimes import Runtime, open_runtime
+from service.pipeline.caption_search import CaptionSearch
+from service.pipeline.image_urls import ImageUrlFetcher
+from service.pipeline.images import decode_base64, decode_image_bytes
 from service.serving import Glipv2Serving
 from service.settings import ServiceSettings
+from service.telemetry import ServiceMetrics
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from types import ModuleType
 import pytest
 import torch
 
-from model_export.config import PreprocessConfig, get_preset
-from model_export.model import Glipv2Model
-from model_export.weights import load_pretrained_language
-from service.local_server import spawn_server
+from benchmarks.local_server import spawn_server
+from model_export.checkpoints.weights import load_pretrained_language
+from model_export.modeling.config import PreprocessConfig, get_preset
+from model_export.modeling.model import Glipv2Model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -51,7 +51,7 @@ def glip_t_vector_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def start_server(args: list[str], env_overrides: dict[str, str], ready_timeout_s: float
                  ) -> tuple[subprocess.Popen[str], str]:
-    """`glipv2 serve ARGS` on a free port, once ready (`service.local_server.spawn_server`).
+    """`glipv2 serve ARGS` on a free port, once ready (`benchmarks.local_server.spawn_server`).
 
     GLIPV2_* variables of the test environment are dropped, so only `env_overrides` configure
     it. Returns the process (stdout and stderr piped together) and its base URL.

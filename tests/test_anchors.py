@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_export.anchors import AnchorGenerator, generate_cell_anchor
-from model_export.config import HeadConfig, get_preset
+from model_export.modeling.config import HeadConfig, get_preset
+from model_export.processing.anchors import AnchorGenerator, generate_cell_anchor
 
 GLIP_T_CELL_ANCHORS = [
     [-28.0, -28.0, 35.0, 35.0],

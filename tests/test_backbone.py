@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_export.backbone import (
+from model_export.modeling.backbone import (
     Glipv2SwinBackbone,
     Glipv2SwinBlock,
     relative_position_index,
     shifted_window_mask,
 )
-from model_export.config import SwinConfig, get_preset
-from model_export.fpn import Glipv2FPN
+from model_export.modeling.config import SwinConfig, get_preset
+from model_export.modeling.fpn import Glipv2FPN
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 BODY = "backbone.body."

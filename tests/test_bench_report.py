@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 from prometheus_client import generate_latest
 
-from model_export.cli import main
-from service.bench_jobs import Phase, format_phases
-from service.bench_load import LoadCurve, format_sweep, vision_batch_totals
-from service.bench_report import write_report
-from service.bench_runtimes import BenchResult
-from service.metrics import ServiceMetrics
+from benchmarks.jobs import Phase, format_phases
+from benchmarks.load import LoadCurve, format_sweep, vision_batch_totals
+from benchmarks.report import write_report
+from benchmarks.runtimes import BenchResult
+from cli.main import main
+from service.telemetry import ServiceMetrics
 
 
 def test_report_has_tables_and_real_plots(tmp_path: Path) -> None:

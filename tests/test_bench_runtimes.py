@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from service.bench_runtimes import (
+from benchmarks.runtimes import (
     MATRIX_PRODUCT_OPS,
     machine_description,
     op_time_by_type,

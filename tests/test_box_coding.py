@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from model_export.box_coding import BoxCoder, clip_boxes_to_image, rescale_boxes
-from model_export.config import HeadConfig
+from model_export.modeling.config import HeadConfig
+from model_export.processing.box_coding import BoxCoder, clip_boxes_to_image, rescale_boxes
 
 
 def test_decode_hand_computed() -> None:

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from model_export.calibrate import THRESHOLDS, best_threshold, segment_threshold_sweep
-from model_export.cli import main
-from model_export.evaluate import Segment
-from model_export.model import Glipv2Model
-from model_export.weights import load_config, save_model
-from model_export.world import render_index
+from cli.main import main
+from model_export.checkpoints.weights import load_config, save_model
+from model_export.data.world.generator import render_index
+from model_export.evaluation.calibrate import THRESHOLDS, best_threshold, segment_threshold_sweep
+from model_export.evaluation.evaluate import Segment
+from model_export.modeling.model import Glipv2Model
 
 SEED = 2000
 

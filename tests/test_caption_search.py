@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from model_export.postprocess import Detections
-from service.caption_search import (
+from model_export.processing.postprocess import Detections
+from service.pipeline.caption_search import (
     CaptionGrammar,
     CaptionSearch,
     beam_search,
@@ -250,7 +250,7 @@ def test_phrase_of_tokens_runs_from_each_article_to_its_class_name() -> None:
 
 
 def test_caption_grammar_from_the_model_tokenizer() -> None:
-    from model_export.prompt import load_tokenizer
+    from model_export.processing.prompt import load_tokenizer
 
     tokenizer = load_tokenizer()
     grammar = CaptionGrammar.from_tokenizer(tokenizer, ["circle", "hexagon"])

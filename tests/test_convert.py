@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model_export.cli import main as cli_main
-from model_export.convert import config_for_checkpoint, map_state_dict
-from model_export.model import Glipv2Model
-from model_export.weights import load_model
+from cli.main import main as cli_main
+from model_export.checkpoints.convert import config_for_checkpoint, map_state_dict
+from model_export.checkpoints.weights import load_model
+from model_export.modeling.model import Glipv2Model
 
 from conftest import fake_state
 

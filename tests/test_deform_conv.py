@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_export.deform_conv import (
+from model_export.modeling.deform_conv import (
     ModulatedDeformConv2d,
     modulated_deform_conv2d,
     offset_mask_for_output,

@@ -17,9 +17,9 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from model_export.model import Glipv2Model
+from engines.runtimes.torch_eager import TorchRuntime
+from model_export.modeling.model import Glipv2Model
 from service.app import create_app
-from service.runtimes.torch_eager import TorchRuntime
 from service.settings import ServiceSettings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model_export.deform_conv import modulated_deform_conv2d
-from model_export.dyconv import Glipv2DyConv, Glipv2DyReLU, dyrelu_squeeze_channels
+from model_export.modeling.deform_conv import modulated_deform_conv2d
+from model_export.modeling.dyconv import Glipv2DyConv, Glipv2DyReLU, dyrelu_squeeze_channels
 
 REFERENCE_SHAPES = Path(__file__).parent / "fixtures" / "reference" / "glip_t_state_dict.json"
 PREFIX = "rpn.head.dyhead_tower.2."  # the DyConv of the first fusion layer

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from model_export.cli import main
-from model_export.evaluate import HALF_WIDTH, evaluate
-from model_export.model import Glipv2Model
-from model_export.weights import save_model
-from model_export.world import EXPRESSION_FORMS, QUESTION_TYPES
+from cli.main import main
+from engines.runtimes.torch_eager import TorchRuntime
+from model_export.checkpoints.weights import save_model
+from model_export.data.world.generator import EXPRESSION_FORMS, QUESTION_TYPES
+from model_export.evaluation.evaluate import HALF_WIDTH, evaluate
+from model_export.modeling.model import Glipv2Model
 from service.offline import ServingPredictor
-from service.runtimes.torch_eager import TorchRuntime
 from service.settings import DEFAULT_MODEL_DIR
 
 METRICS = {

@@ -20,17 +20,17 @@ import pytest
 import torch
 from torch import Tensor
 
-from model_export.config import get_preset
-from model_export.deform_conv import ModulatedDeformConv2d, modulated_deform_conv2d
-from model_export.export import (
+from engines.export import (
     LEVELS,
     MANIFEST_FILE,
     export_mode,
     export_model,
     onnx_deform_conv2d,
 )
-from model_export.model import Glipv2Model, Glipv2Output
-from model_export.weights import load_pretrained_language, save_model
+from model_export.checkpoints.weights import load_pretrained_language, save_model
+from model_export.modeling.config import get_preset
+from model_export.modeling.deform_conv import ModulatedDeformConv2d, modulated_deform_conv2d
+from model_export.modeling.model import Glipv2Model, Glipv2Output
 
 # Export (~40 s) dominates: > 60 s in all on this 2-core machine under load.
 pytestmark = pytest.mark.slow

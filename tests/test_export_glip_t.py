@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_export.config import get_preset
-from model_export.export import export_model
-from model_export.model import Glipv2Model
-from model_export.weights import save_model
-from service.runtimes.onnx import OnnxRuntime
-from service.runtimes.torch_eager import TorchRuntime
+from engines.export import export_model
+from engines.runtimes.onnx_runtime import OnnxRuntime
+from engines.runtimes.torch_eager import TorchRuntime
+from model_export.checkpoints.weights import save_model
+from model_export.modeling.config import get_preset
+from model_export.modeling.model import Glipv2Model
 
 pytestmark = pytest.mark.slow  # exports ~0.7 GB of graphs and runs GLIP-T twice (~3 min)
 

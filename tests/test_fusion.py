@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers.models.bert.modeling_bert import BertLayer
 
-from model_export.config import FusionConfig, LanguageConfig, get_preset
-from model_export.fusion import (
+from model_export.modeling.config import FusionConfig, LanguageConfig, get_preset
+from model_export.modeling.fusion import (
     Glipv2BiAttention,
     Glipv2FusionTower,
     Glipv2TextLayer,
@@ -19,7 +19,7 @@ from model_export.fusion import (
     colour_regions,
     region_centres,
 )
-from model_export.language import TextFeatures, bert_config, extended_attention_mask
+from model_export.modeling.language import TextFeatures, bert_config, extended_attention_mask
 
 LANG = LanguageConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 FUSION = FusionConfig(num_layers=2, channels=16, embed_dim=32, num_heads=4, group_norm_groups=4)
@@ -86,8 +86,8 @@ def test_text_layer_clamps_overflow() -> None:
 
 def test_causal_mode_is_unidirectional_and_image_ignores_text() -> None:
     """Captioning mode: token i sees only tokens <= i; the image side never depends on text."""
-    from model_export.fusion import Glipv2FusionTower
-    from model_export.language import TextFeatures
+    from model_export.modeling.fusion import Glipv2FusionTower
+    from model_export.modeling.language import TextFeatures
 
     torch.manual_seed(3)
     tower = Glipv2FusionTower(FUSION, LANG).eval()
@@ -110,8 +110,8 @@ def test_causal_mode_is_unidirectional_and_image_ignores_text() -> None:
 
 def test_caption_cache_equals_full_causal_pass() -> None:
     """Decoding with the image side computed once gives the full causal pass's outputs."""
-    from model_export.fusion import Glipv2FusionTower
-    from model_export.language import TextFeatures
+    from model_export.modeling.fusion import Glipv2FusionTower
+    from model_export.modeling.language import TextFeatures
 
     torch.manual_seed(4)
     tower = Glipv2FusionTower(FUSION, LANG).eval()
@@ -149,8 +149,8 @@ def test_box_bias_keeps_a_token_inside_its_box() -> None:
 def test_caption_text_token_boxes_read_only_their_box() -> None:
     """A token on a box reads the regions inside it only: changing the image outside the box
     leaves its features alone but changes a free token's; zero boxes are the plain pass."""
-    from model_export.fusion import Glipv2FusionTower
-    from model_export.language import TextFeatures
+    from model_export.modeling.fusion import Glipv2FusionTower
+    from model_export.modeling.language import TextFeatures
 
     torch.manual_seed(5)
     # One layer: its regions are the input's, which DyConv has not mixed with their neighbours.

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import PayloadTooLargeError
-from service.image_urls import (
+from service.pipeline.image_urls import (
     ImageUrlError,
     ImageUrlFetcher,
     host_allowed,

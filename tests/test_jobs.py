@@ -16,12 +16,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from model_export.model import Glipv2Model
-from model_export.weights import save_model
-from model_export.world import render_index
+from engines.runtimes.torch_eager import TorchRuntime
+from model_export.checkpoints.weights import save_model
+from model_export.data.world.generator import render_index
+from model_export.modeling.model import Glipv2Model
 from service.app import create_app
 from service.jobs.store import JobInput, JobResult, JobState, SqliteJobStore
-from service.runtimes.torch_eager import TorchRuntime
 from service.settings import ServiceSettings
 
 from conftest import start_server

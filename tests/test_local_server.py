@@ -1,4 +1,4 @@
-"""`service.local_server.spawn_server`'s job store, with the subprocess and HTTP faked (fast)."""
+"""`benchmarks.local_server.spawn_server`'s job store, with the subprocess and HTTP faked (fast)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import local_server
+from benchmarks import local_server
 
 
 class _ReadyProcess:

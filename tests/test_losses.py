@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_export.anchors import AnchorGenerator
-from model_export.box_coding import BoxCoder
-from model_export.losses import (
+from model_export.processing.anchors import AnchorGenerator
+from model_export.processing.box_coding import BoxCoder
+from model_export.training.losses import (
     ImageTargets,
     PromptInfo,
     SpecialTokenIds,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from model_export.metrics import (
+from model_export.evaluation.metrics import (
     BoxPrediction,
     BoxTruth,
     _coco_evaluator,

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from model_export import postprocess as postprocess_module
-from model_export.anchors import AnchorGenerator
-from model_export.box_coding import BoxCoder
-from model_export.config import PostprocessConfig
-from model_export.postprocess import (
+from model_export.modeling.config import PostprocessConfig
+from model_export.processing import postprocess as postprocess_module
+from model_export.processing.anchors import AnchorGenerator
+from model_export.processing.box_coding import BoxCoder
+from model_export.processing.postprocess import (
     Detections,
     batched_nms,
     class_scores_from_token_logits,

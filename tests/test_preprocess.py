@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model_export.config import PreprocessConfig
-from model_export.preprocess import batch_images, preprocess_image, resized_size
+from model_export.modeling.config import PreprocessConfig
+from model_export.processing.preprocess import batch_images, preprocess_image, resized_size
 
 from conftest import REFERENCE
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from model_export.prompt import (
+from model_export.processing.prompt import (
     DetectionPrompt,
     build_detection_prompt,
     clean_name,

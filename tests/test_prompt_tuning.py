@@ -12,19 +12,19 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
-from model_export.config import get_preset
-from model_export.model import Glipv2Model
-from model_export.prompt import build_detection_prompt, load_tokenizer
-from model_export.prompt_tuning import TuningConfig, tune_prompt
-from model_export.tuned_prompts import (
+from engines.runtimes.torch_eager import TorchRuntime
+from model_export.checkpoints.tuned_prompts import (
     PromptRegistryError,
     TunedPrompt,
     load_tuned_prompts,
     save_tuned_prompt,
 )
-from model_export.weights import save_model
+from model_export.checkpoints.weights import save_model
+from model_export.modeling.config import get_preset
+from model_export.modeling.model import Glipv2Model
+from model_export.processing.prompt import build_detection_prompt, load_tokenizer
+from model_export.training.prompt_tuning import TuningConfig, tune_prompt
 from service.app import create_app
-from service.runtimes.torch_eager import TorchRuntime
 from service.settings import ServiceSettings
 
 WORLD_PNG = Path(__file__).parent / "fixtures" / "world" / "000000.png"

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from model_export.cli import main as cli_main
+from cli.main import main as cli_main
 from model_export.inference import DetectionRun, Glipv2Detector
-from model_export.preprocess import batch_images, preprocess_image
-from model_export.prompt import label_to_tokens
+from model_export.processing.preprocess import batch_images, preprocess_image
+from model_export.processing.prompt import label_to_tokens
 
 from conftest import REFERENCE
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model_export.referring import referent_span
+from model_export.processing.referring import referent_span
 
 
 @pytest.mark.parametrize(

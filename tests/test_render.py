@@ -12,10 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from model_export.model import Glipv2Model
+from engines.runtimes.torch_eager import TorchRuntime
+from model_export.modeling.model import Glipv2Model
 from service.app import create_app
-from service.render import PALETTE, render_png
-from service.runtimes.torch_eager import TorchRuntime
+from service.pipeline.render import PALETTE, render_png
 from service.schemas import Detection, DetectResponse, ImageInfo
 from service.settings import ServiceSettings
 

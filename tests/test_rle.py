@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from model_export.rle import decode_mask, encode_mask, mask_area
+from model_export.processing.rle import decode_mask, encode_mask, mask_area
 
 
 def test_round_trip_with_json_ready_counts() -> None:

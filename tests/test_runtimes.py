@@ -20,22 +20,22 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from model_export.export import MANIFEST_FILE, export_model
-from service.batching import BatcherConfig
-from service.caption_search import CaptionSearch
-from service.metrics import ServiceMetrics
-from service.runtimes import (
+from engines.export import MANIFEST_FILE, export_model
+from engines.runtimes import (
     ManifestError,
     RuntimeOptions,
     RuntimeUnavailableError,
     load_manifest,
     open_runtime,
 )
-from service.runtimes.onnx import OnnxRuntime
-from service.runtimes.torch_eager import TorchRuntime
+from engines.runtimes.onnx_runtime import OnnxRuntime
+from engines.runtimes.torch_eager import TorchRuntime
+from service.batching import BatcherConfig
+from service.pipeline.caption_search import CaptionSearch
 from service.schemas import DetectParams, SegmentParams, VqaParams
 from service.serving import Glipv2Serving
 from service.settings import DEFAULT_MODEL_DIR
+from service.telemetry import ServiceMetrics
 
 pytestmark = pytest.mark.slow  # exports the default model (~1 min) and runs it twice
 

@@ -31,21 +31,21 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from model_export.box_coding import rescale_boxes
+from engines.runtimes.torch_eager import TorchRuntime
+from model_export.checkpoints.weights import save_model
 from model_export.inference import to_exclusive
-from model_export.model import Glipv2Model
-from model_export.postprocess import Detections
-from model_export.preprocess import resized_size
-from model_export.prompt import load_tokenizer
-from model_export.weights import save_model
+from model_export.modeling.model import Glipv2Model
+from model_export.processing.box_coding import rescale_boxes
+from model_export.processing.postprocess import Detections
+from model_export.processing.preprocess import resized_size
+from model_export.processing.prompt import load_tokenizer
 from service.app import create_app
 from service.batching import BatcherConfig
-from service.caption_search import CaptionGrammar, CaptionSearch
 from service.errors import PayloadTooLargeError, UnsupportedMediaTypeError
-from service.images import decode_base64, decode_image_bytes, sniff_format
 from service.model_runner import ModelRunner
 from service.openapi import OPENAPI_PATH, app_schema, load_openapi
-from service.runtimes.torch_eager import TorchRuntime
+from service.pipeline.caption_search import CaptionGrammar, CaptionSearch
+from service.pipeline.images import decode_base64, decode_image_bytes, sniff_format
 from service.schemas import DetectParams
 from service.serving import Glipv2Serving, split_phrases
 from service.settings import ServiceSettings
@@ -739,7 +739,7 @@ def test_openapi_yaml_matches_the_app() -> None:
 
 def test_serve_without_a_model_exits_2(tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from model_export.cli import main
+    from cli.main import main
 
     assert main(["serve", "--model", str(tmp_path / "absent")]) == 2
     message = capsys.readouterr().err

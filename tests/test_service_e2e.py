@@ -27,12 +27,12 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from model_export.config import WORLD_ANSWERS
-from model_export.metrics import box_iou
-from model_export.prompt import load_tokenizer
-from model_export.world import WorldObject, expression_targets
-from service.bench_load import sweep
-from service.chunking import name_token_counts, pack_chunks
+from benchmarks.load import sweep
+from model_export.data.world.generator import WorldObject, expression_targets
+from model_export.evaluation.metrics import box_iou
+from model_export.modeling.config import WORLD_ANSWERS
+from model_export.processing.prompt import load_tokenizer
+from service.pipeline.chunking import name_token_counts, pack_chunks
 
 from conftest import start_server
 

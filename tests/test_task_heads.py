@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from model_export.mask_head import (
+from model_export.modeling.mask_head import (
     OUTSIDE_BOX_LOGIT,
     Glipv2MaskHead,
     box_region_mask,
@@ -15,7 +15,7 @@ from model_export.mask_head import (
     mask_loss,
     masks_for_image,
 )
-from model_export.vqa_head import (
+from model_export.modeling.vqa_head import (
     Glipv2VqaHead,
     glimpse_grounding_loss,
     vqa_accuracy,

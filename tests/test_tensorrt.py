@@ -23,7 +23,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from model_export.config import (
+from engines.export import MANIFEST_FILE, export_model
+from engines.runtimes import RuntimeOptions, RuntimeUnavailableError, open_runtime
+from engines.runtimes.onnx_runtime import OnnxRuntime
+from engines.runtimes.tensorrt import TensorRtRuntime
+from engines.tensorrt import build_engines, engine_profiles
+from model_export.checkpoints.weights import save_model
+from model_export.modeling.config import (
     FPNConfig,
     FusionConfig,
     Glipv2Config,
@@ -32,13 +38,7 @@ from model_export.config import (
     TaskHeadsConfig,
     get_preset,
 )
-from model_export.export import MANIFEST_FILE, export_model
-from model_export.model import Glipv2Model
-from model_export.tensorrt_build import build_engines, engine_profiles
-from model_export.weights import save_model
-from service.runtimes import RuntimeOptions, RuntimeUnavailableError, open_runtime
-from service.runtimes.onnx import OnnxRuntime
-from service.runtimes.tensorrt import TensorRtRuntime
+from model_export.modeling.model import Glipv2Model
 
 MAX_BATCH = 4
 # FP16 engines: max abs difference relative to the output's largest magnitude. FP32 engines still

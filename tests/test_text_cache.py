@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import torch
 
-from service.text_cache import TextFeatureCache, TextFeatures
+from service.pipeline.text_cache import TextFeatureCache, TextFeatures
 
 
 def features(text: str, tokens: int = 4) -> TextFeatures:

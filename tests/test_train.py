@@ -12,31 +12,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_export.config import WORLD_ANSWERS, WORLD_SHAPES, PreprocessConfig, get_preset
 from model_export.data.types import GroundedObject, GroundingSample
-from model_export.model import Glipv2Model
-from model_export.prompt import load_tokenizer
-from model_export.train import (
-    Glipv2Trainer,
-    TrainConfig,
-    WorldStream,
-    example_batches,
-    train,
-)
-from model_export.train_data import (
-    Example,
-    build_example,
-    collate,
-    distractor_words,
-    world_samples,
-)
-from model_export.world import (
+from model_export.data.world.generator import (
     ANSWERS,
     COLOR_NAMES,
     HELD_OUT_PAIRS,
     SHAPES,
     parse_pairs,
     render_index,
+)
+from model_export.modeling.config import WORLD_ANSWERS, WORLD_SHAPES, PreprocessConfig, get_preset
+from model_export.modeling.model import Glipv2Model
+from model_export.processing.prompt import load_tokenizer
+from model_export.training.examples import (
+    Example,
+    build_example,
+    collate,
+    distractor_words,
+    world_samples,
+)
+from model_export.training.trainer import (
+    Glipv2Trainer,
+    TrainConfig,
+    WorldStream,
+    example_batches,
+    train,
 )
 
 PRE = PreprocessConfig(min_size=64, max_size=128)
@@ -432,7 +432,7 @@ def test_examples_move_to_a_device_with_every_tensor_field() -> None:
     """`Batch.to` is what puts training on a GPU: no tensor field may stay behind."""
     import dataclasses
 
-    from model_export.train_data import collate
+    from model_export.training.examples import collate
 
     config = TrainConfig(min_sizes=(64,))
     model_config = get_preset("small")

@@ -8,9 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model_export.config import get_preset
-from model_export.model import Glipv2Model
-from model_export.weights import WEIGHTS_FILE, load_model, load_pretrained_language, save_model
+from model_export.checkpoints.weights import (
+    WEIGHTS_FILE,
+    load_model,
+    load_pretrained_language,
+    save_model,
+)
+from model_export.modeling.config import get_preset
+from model_export.modeling.model import Glipv2Model
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_export import world
-from model_export.rle import decode_mask, encode_mask
-from model_export.world import (
+from model_export.data.world import generator as world
+from model_export.data.world.generator import (
     ANSWERS,
     COLORS,
     EXPRESSION_FORMS,
@@ -39,6 +38,7 @@ from model_export.world import (
     tight_box,
     to_record,
 )
+from model_export.processing.rle import decode_mask, encode_mask
 
 SAMPLES = Path(__file__).parent / "fixtures" / "world"
 N_SCENES = 150

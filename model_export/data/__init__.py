@@ -17,7 +17,7 @@ from model_export.data.types import (
     Task,
 )
 from model_export.data.vqa import load_vqa_v2
-from model_export.data.world import is_attribute_phrase, load_world
+from model_export.data.world.records import is_attribute_phrase, load_world
 
 __all__ = [
     "BOX_TOLERANCE_PX",

@@ -7,7 +7,7 @@ Box convention: `[x0, y0, x1, y1]` float pixels of the original image, end-exclu
 `[x, y, w, h]` becomes `[x, y, x + w, y + h]`, and the world's `[x_min, y_min, x_max + 1,
 y_max + 1]` is already in this form. This is the HTTP API's convention. The reference
 (maskrcnn_benchmark `BoxList`) stores `x + w - 1` internally (legacy "+1" widths, see
-`model_export.box_coding.TO_REMOVE`); the trainer converts when it builds targets.
+`model_export.processing.box_coding.TO_REMOVE`); the trainer converts when it builds targets.
 
 Masks are kept as compressed COCO RLE and decoded on access: decoded boolean masks of all COCO
 instances would take hundreds of GB, their RLE a few hundred MB.
@@ -22,7 +22,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-from model_export.rle import decode_mask, encode_mask, mask_area
+from model_export.processing.rle import decode_mask, encode_mask, mask_area
 
 Task = Literal["detection", "grounding", "referring", "vqa", "caption"]
 TASKS: tuple[str, ...] = get_args(Task)

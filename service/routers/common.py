@@ -141,7 +141,7 @@ def png_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 async def rendered(image: Any, response: BaseModel, title: str | None = None) -> Response:
     """The `?render=png` answer, drawn off the event loop."""
-    from service.render import render_png
+    from service.pipeline.render import render_png
 
     png = await asyncio.to_thread(render_png, image, response, title)
     return Response(content=png, media_type="image/png")

@@ -1,0 +1,1 @@
+"""`glipv2 bench`: load, jobs, runtimes and report benchmarks, and probes."""

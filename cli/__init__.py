@@ -1,0 +1,1 @@
+"""The one `glipv2` command line, composed of each package's commands."""

@@ -1,0 +1,1 @@
+"""Weights on disk: our format, GLIP checkpoint conversion, packaged encoders, tuned prompts."""

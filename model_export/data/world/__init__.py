@@ -1,0 +1,1 @@
+"""The grounded shapes world (WORLD.md): the scene generator and its records' loader."""

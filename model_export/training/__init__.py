@@ -1,0 +1,1 @@
+"""Training: losses by term, examples and batches, the trainer, prompt tuning."""
