@@ -10,14 +10,19 @@ $(BIN)/glipv2: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-.PHONY: install serve test lint
+.PHONY: install serve test lint typecheck
 install: $(BIN)/glipv2
 
 serve: $(BIN)/glipv2
 	$(BIN)/glipv2 serve
 
+# ruff; the import layers (cli -> benchmarks -> service -> engines -> model_export)
 lint: $(BIN)/glipv2
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
-test: lint
+typecheck: $(BIN)/glipv2
+	$(BIN)/mypy
+
+test: lint typecheck
 	$(BIN)/python -m pytest -q

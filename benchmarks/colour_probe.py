@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from model_export.checkpoints.weights import load_model
-from model_export.data.world.generator import COLOR_NAMES, render_index
-from model_export.modeling.fusion import flatten_levels
+from model_export.data.world import COLOR_NAMES, render_index
+from model_export.modeling.cross_attention import flatten_levels
 from model_export.processing.preprocess import batch_images, preprocess_image
 from model_export.processing.prompt import load_tokenizer, tokenize
 

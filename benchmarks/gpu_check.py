@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engines.export import LEVELS
+from engines.graphs import LEVELS
 from engines.runtimes.torch_eager import TorchRuntime
 from model_export.modeling.config import get_preset
 from model_export.modeling.model import Glipv2Model

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchmarks.load import online_load, world_pngs
-from model_export.data.world.generator import SHAPES
+from model_export.data.world import SHAPES
 from service.jobs.client import JobClient
 
 

@@ -27,7 +27,8 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.local_server import local_server
-from model_export.data.world.generator import SHAPES, render_index
+from model_export.data.world import SHAPES, render_index
+from service.batching import BatcherConfig
 
 _WORLD_SEED = 5
 LEVELS = (1, 2, 4, 8, 16, 32)
@@ -115,7 +116,8 @@ def measure_level(curve: LoadCurve, url: str, images: list[bytes], level: int,
     curve.mean_batch.append((served - served_before) / max(batches - batches_before, 1.0))
 
 
-def sweep(levels: Sequence[int] = LEVELS, requests: int = 64, *, max_batch_size: int = 8,
+def sweep(levels: Sequence[int] = LEVELS, requests: int = 64, *,
+          max_batch_size: int = BatcherConfig.max_batch_size,
           distinct_images: int = 16, model_dir: str | None = None,
           serve_args: Sequence[str] = (), urls: tuple[str, str] | None = None
           ) -> tuple[LoadCurve, LoadCurve]:

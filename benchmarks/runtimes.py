@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from engines.export import LEVELS
+from engines.graphs import HEAVY_GRAPHS, LEVELS
 from engines.runtimes import (
     Runtime,
     RuntimeOptions,
@@ -192,7 +192,7 @@ def bench_runtimes(model_dir: Path, engine_dir: Path | None, height: int, width:
         result.latency_ms[graph] = side_by_side_ms(
             {runtime.name: (lambda r=runtime, g=graph: r.run(g, inputs[g]))
              for runtime in runtimes if graph in runtime.graphs}, repeats)
-    for graph in ("vision", "fusion"):
+    for graph in HEAVY_GRAPHS:
         counter = FlopCounterMode(display=False)
         with counter:
             reference.run(graph, inputs[graph])
@@ -201,7 +201,7 @@ def bench_runtimes(model_dir: Path, engine_dir: Path | None, height: int, width:
                             "bf16": matmul_gflops(torch.bfloat16)}
     if profile and engine_dir is not None:
         manifest = load_manifest(engine_dir)
-        for graph in ("vision", "fusion"):
+        for graph in HEAVY_GRAPHS:
             for precision in ("fp32", "int8"):
                 if manifest.has_variant(graph, precision):
                     result.op_ms[f"{graph} {precision}"] = ort_op_profile(

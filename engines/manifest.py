@@ -1,4 +1,4 @@
-"""Loading and validating an engine folder's `manifest.json` (written by `glipv2 export`).
+"""An engine folder's `manifest.json`: written by `glipv2 export`, read and checked by runtimes.
 
 A runtime refuses a folder it cannot trust, before building any session, with one message that
 says what is wrong and how to fix it: a missing or altered file (checksum), an opset it was not
@@ -7,15 +7,26 @@ exported for, a preset other than the one asked for, a config that does not matc
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engines.export import DEFAULT_OPSET, MANIFEST_FILE, MANIFEST_FORMAT, sha256_file
+import torch
+
 from model_export.checkpoints.weights import CONFIG_FILE, load_config
 from model_export.modeling.config import Glipv2Config
 
+if TYPE_CHECKING:
+    import onnx
+
+DEFAULT_OPSET = 19  # the first opset with DeformConv
+MANIFEST_FILE = "manifest.json"
+# The graphs' interface: 2 added caption_step's token_boxes and caption_image's region centres.
+MANIFEST_FORMAT = "glipv2-onnx/2"
 REQUIRED_GRAPHS = ("vision", "language", "fusion")
 
 
@@ -52,6 +63,79 @@ class EngineManifest:
     def tensorrt_engines(self) -> dict[str, dict[str, Any]]:
         """Graph -> built TensorRT engine entry (`glipv2 build-engines`), empty if none."""
         return self.data.get("tensorrt", {}).get("engines", {})
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (graphs can be hundreds of MB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensor_entries(values: Sequence[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
+    import onnx
+
+    """ONNX graph inputs/outputs -> [{name, dtype, shape}]; a dynamic axis is its name."""
+    entries = []
+    for value in values:
+        tensor_type = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+        shape: list[int | str] = [
+            dim.dim_param if dim.HasField("dim_param") else int(dim.dim_value)
+            for dim in tensor_type.shape.dim
+        ]
+        entries.append({"name": value.name, "dtype": dtype, "shape": shape})
+    return entries
+
+
+def graph_entry(path: Path, opset: int) -> dict[str, Any]:
+    """One exported graph's manifest entry: file, checksum, opset, tensors and dynamic axes."""
+    import onnx  # here, not at module level: runtimes read manifests without onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inputs, outputs = _tensor_entries(graph.input), _tensor_entries(graph.output)
+    return {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "opset": opset,
+        "inputs": inputs,
+        "outputs": outputs,
+        "dynamic_axes": {
+            entry["name"]: {str(axis): dim for axis, dim in enumerate(entry["shape"])
+                            if isinstance(dim, str)}
+            for entry in (*inputs, *outputs)
+        },
+    }
+
+
+def write_manifest(out: Path, model_id: str, config: Glipv2Config, opset: int,
+                   graphs: dict[str, Any]) -> Path:
+    """Write `out/manifest.json` for graphs exported into `out` (beside a copy of the model's
+    `config.json`); returns its path."""
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "model_id": model_id,
+        "preset": config.preset,
+        "tokenizer": config.language.tokenizer,
+        "max_query_len": config.language.max_query_len,
+        "preprocess": dataclasses.asdict(config.preprocess),
+        "opset": opset,
+        "config": CONFIG_FILE,
+        "config_sha256": sha256_file(out / CONFIG_FILE),
+        "exporter": f"torch {torch.__version__} (TorchScript-based torch.onnx.export)",
+        "graphs": graphs,
+    }
+    path = out / MANIFEST_FILE
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+# --- reading ------------------------------------------------------------------------------------
 
 
 def load_manifest(directory: str | Path, *, expected_preset: str | None = None,

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from engines.errors import RuntimeUnavailableError
-from engines.export import MANIFEST_FILE, sha256_file
-from engines.manifest import load_manifest
+from engines.graphs import HEAVY_GRAPHS
+from engines.manifest import MANIFEST_FILE, load_manifest, sha256_file
 from model_export.modeling.config import Glipv2Config
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
     "require_cuda",
 ]
 
-DEFAULT_ENGINE_GRAPHS = ("vision", "fusion")  # the GPU-heavy graphs (DESIGN.md, "Engines")
+DEFAULT_ENGINE_GRAPHS = HEAVY_GRAPHS  # the GPU-heavy graphs (DESIGN.md, "Engines")
 TIMING_CACHE_FILE = "tensorrt-timing.cache"  # kernel timings, reused by the next build
 PLAN_SUFFIX = ".plan"
 DEFAULT_WORKSPACE_BYTES = 4 << 30  # scratch memory a layer may use while running, 4 GiB
@@ -100,7 +100,7 @@ def engine_profiles(manifest_data: Mapping[str, Any], config: Glipv2Config, grap
 
 
 def _dim_ranges(config: Glipv2Config, max_batch: int) -> dict[str, tuple[int, int, int]]:
-    """Dynamic dimension name (as `engines.export` names them) -> (min, opt, max)."""
+    """Dynamic dimension name (as `engines.graphs` names them) -> (min, opt, max)."""
     pre = config.preprocess
     step = pre.size_divisibility
     longest = _round_up(pre.max_size, step)

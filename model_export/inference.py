@@ -7,7 +7,6 @@ the service's own path (`service.offline`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import Tensor
 from model_export.checkpoints.weights import load_model
 from model_export.modeling.model import Glipv2Model, Glipv2Output
 from model_export.processing.anchors import AnchorGenerator
-from model_export.processing.box_coding import BoxCoder, rescale_boxes
+from model_export.processing.box_coding import BoxCoder, rescale_boxes, to_exclusive
 from model_export.processing.postprocess import Detections, postprocess_detections
 from model_export.processing.preprocess import batch_images, preprocess_image
 from model_export.processing.prompt import (
@@ -102,16 +101,3 @@ class Glipv2Detector:
             padded_hw=(int(batch.shape[-2]), int(batch.shape[-1])), outputs=outputs,
             detections=in_original,
         )
-
-
-def to_exclusive(boxes: Tensor) -> Tensor:
-    """Legacy boxes (x1, y1 = last pixel) -> the API's end-exclusive [x0, y0, x1, y1]."""
-    return boxes + torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=boxes.dtype)
-
-
-_CAPTION_PHRASE = re.compile(r"\ba (?:small|large) \w+ \w+")
-
-
-def caption_phrase_spans(caption: str) -> list[tuple[int, int]]:
-    """Character spans of a caption's object phrases ("a small red circle"), to ground."""
-    return [(m.start(), m.end()) for m in _CAPTION_PHRASE.finditer(caption)]

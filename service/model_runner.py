@@ -19,15 +19,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engines.export import LEVELS, vision_outputs
+from engines.graphs import LEVELS, vision_outputs
 from engines.runtimes import Runtime
-from model_export.processing.prompt import load_tokenizer, tokenize
+from model_export.processing.prompt import CharToToken, load_tokenizer, tokenize
 from service.batching import BatchPlan
 from service.pipeline.caption_search import CaptionGrammar, CaptionSearch, beam_search
-from service.pipeline.text_cache import TextFeatures
+from service.pipeline.text_cache import PromptFeatures
 
 Levels = list[Tensor]  # per FPN level P3..P7, (1, C, h, w)
-# The vision graph's outputs of one image (`engines.export.vision_outputs`): P3..P7, then
+# The vision graph's outputs of one image (`engines.graphs.vision_outputs`): P3..P7, then
 # the colour map (1, 3, h3, w3) for a fusion with `pixel_colours`.
 VisionFeatures = list[Tensor]
 
@@ -37,7 +37,7 @@ class FusionWork:
     """One row of the fusion engine: an image's features with one prompt's text features."""
 
     visual: VisionFeatures
-    text: TextFeatures
+    text: PromptFeatures
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class CaptionDecoded:
     """
 
     caption: str
-    encoding: object | None = None
+    encoding: CharToToken | None = None
     head: HeadOutputs | None = None
 
 
@@ -115,7 +115,7 @@ class ModelRunner:
         self.vision_names = vision_outputs(self.config)
         self._tokenizer_lock = threading.Lock()
 
-    def _tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor, list[object]]:
+    def _tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor, list[CharToToken]]:
         with self._tokenizer_lock:
             return tokenize(self.tokenizer, list(texts), self.max_tokens)
 
@@ -130,12 +130,12 @@ class ModelRunner:
         return {name: torch.cat([w.visual[i] for w in works])
                 for i, name in enumerate(self.vision_names)}
 
-    def language(self, plan: BatchPlan[str]) -> list[TextFeatures]:
+    def language(self, plan: BatchPlan[str]) -> list[PromptFeatures]:
         """Texts -> token ids and bidirectional encoder features (unpadded, owned copies)."""
         ids, mask, _ = self._tokenize(plan.payloads)
         hidden = self.runtime.run("language", {"input_ids": ids, "attention_mask": mask})["hidden"]
         lengths = mask.sum(dim=1).tolist()
-        return [TextFeatures(input_ids=ids[i, :n].clone(), hidden=hidden[i, :n].clone())
+        return [PromptFeatures(input_ids=ids[i, :n].clone(), hidden=hidden[i, :n].clone())
                 for i, n in enumerate(lengths)]
 
     def fusion(self, plan: BatchPlan[FusionWork]) -> list[FusionResult]:

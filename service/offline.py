@@ -18,7 +18,12 @@ import torch
 from PIL import Image
 
 from engines.runtimes import Runtime
-from model_export.evaluation.evaluate import CaptionPhrase, CaptionResult, Segment, VqaAnswer
+from model_export.evaluation.evaluate import (
+    CaptionPhrase,
+    CaptionResult,
+    PredictedSegment,
+    VqaAnswer,
+)
 from model_export.processing.postprocess import Detections
 from model_export.processing.rle import decode_mask
 from service.batching import BatcherConfig
@@ -48,8 +53,7 @@ class ServingPredictor:
         self.serving = Glipv2Serving(
             runtime, model_id="offline", caption_search=caption_search,
             caption_objects=caption_objects,
-            batcher_config=BatcherConfig(max_batch_size=8, max_queue_delay_ms=0.0,
-                                         max_queue_size=64))
+            batcher_config=BatcherConfig())
         self._call(self.serving.start())
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
@@ -65,11 +69,11 @@ class ServingPredictor:
         return OfflineDetection(self._call(self.serving.detections(query, image)))
 
     def segment(self, image: Image.Image, expressions: Sequence[str],
-                threshold: float | None = None) -> list[list[Segment]]:
+                threshold: float | None = None) -> list[list[PredictedSegment]]:
         """Segments per expression over `threshold` (None: the model's calibrated one)."""
         response = self._call(self.serving.segment(
             SegmentParams(expressions=list(expressions), threshold=threshold), image))
-        return [[Segment(box=s.box, score=s.score, mask=torch.from_numpy(decode_mask(
+        return [[PredictedSegment(box=s.box, score=s.score, mask=torch.from_numpy(decode_mask(
                     {"size": s.mask.size, "counts": s.mask.counts})))
                  for s in result.segments]
                 for result in response.results]

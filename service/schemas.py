@@ -328,7 +328,7 @@ class CaptionResponse(BaseModel):
 
 # --- jobs -------------------------------------------------------------------------------------
 
-JobTask = Literal["detect", "segment", "vqa", "caption"]
+TaskName = Literal["detect", "segment", "vqa", "caption"]
 TASK_PARAMS: dict[str, type[_Body]] = {
     "detect": DetectParams, "segment": SegmentParams, "vqa": VqaParams, "caption": CaptionParams}
 
@@ -349,7 +349,7 @@ class JobInputItem(_Body):
 
 
 class JobRequest(_Body):
-    task: JobTask = Field(description="The online endpoint each input goes through.")
+    task: TaskName = Field(description="The online endpoint each input goes through.")
     params: dict[str, Any] = Field(
         default_factory=dict,
         description="That endpoint's fields except the image (e.g. classes, threshold).")
@@ -367,7 +367,7 @@ class JobProgress(BaseModel):
 
 class JobStatus(BaseModel):
     id: str
-    task: JobTask
+    task: TaskName
     state: Literal["queued", "running", "done", "failed", "cancelled"]
     created_s: float = Field(description="Unix time the job was accepted.")
     finished_s: float | None = Field(None, description="Unix time the job finished.")
@@ -386,7 +386,7 @@ class ModelInfo(BaseModel):
     id: str
     preset: str
     runtime: str
-    tasks: list[Literal["detect", "segment", "vqa", "caption"]]
+    tasks: list[TaskName]
     max_prompt_tokens: int = Field(description="Token limit of one prompt, special tokens "
                                                "included.")
     image_min_size: int = Field(description="Shorter side the model resizes images to.")

@@ -10,12 +10,13 @@ Units are in the names (`_ms`, `_bytes`, `_pixels`, `_s`), as in the batcher's c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from engines.runtimes.base import RuntimeOptions
+from engines.kinds import OrtProvider, Precision, RuntimeKind
+from engines.runtimes import RuntimeOptions
 from service.batching import BatcherConfig
 from service.pipeline.caption_search import (
     DEFAULT_BEAMS,
@@ -31,15 +32,16 @@ class BatcherSettings(BaseModel):
     """Dynamic-batcher knobs, applied to every engine's batcher (see `BatcherConfig` for the
     semantics and the tuning order)."""
 
-    max_batch_size: int = Field(8, ge=1, description="Most requests in one engine batch.")
+    max_batch_size: int = Field(BatcherConfig.max_batch_size, ge=1,
+                                description="Most requests in one engine batch.")
     max_queue_delay_ms: float = Field(
-        0.0, ge=0, allow_inf_nan=False,
+        BatcherConfig.max_queue_delay_ms, ge=0, allow_inf_nan=False,
         description="How long the oldest request of a partial batch waits for company.")
     max_queue_size: int = Field(
-        64, ge=1,
+        BatcherConfig.max_queue_size, ge=1,
         description="Most requests waiting per engine; beyond it requests get 429 + Retry-After.")
     batch_max_wait_ms: float = Field(
-        1000.0, ge=0, allow_inf_nan=False,
+        BatcherConfig.batch_max_wait_ms, ge=0, allow_inf_nan=False,
         description="How long batch-job work waits behind online requests before it is "
                     "served as one of them (so a job progresses under any online load).")
 
@@ -72,17 +74,17 @@ class ServiceSettings(BaseSettings):
         description="Model folder (config.json + model.safetensors) served by the app.")
     model_name: str | None = Field(
         None, description="Model id in responses and /v1/models; default: the folder's name.")
-    runtime: Literal["pytorch", "onnxruntime", "tensorrt"] = Field(
-        "pytorch",
+    runtime: RuntimeKind = Field(
+        RuntimeKind.PYTORCH,
         description="Inference runtime: PyTorch eager on model_dir, or the exported graphs in "
                     "engine_dir on ONNX Runtime or TensorRT.")
     engine_dir: Path | None = Field(
         None, description="Engine folder (`glipv2 export`, `glipv2 build-engines`) for the "
                           "onnxruntime and tensorrt runtimes.")
-    ort_provider: Literal["cpu", "cuda", "tensorrt"] = Field(
-        "cpu", description="ONNX Runtime execution provider.")
-    precision: Literal["fp32", "bf16", "int8"] = Field(
-        "fp32", description="ONNX Runtime variant of the vision and fusion graphs.")
+    ort_provider: OrtProvider = Field(
+        OrtProvider.CPU, description="ONNX Runtime execution provider.")
+    precision: Precision = Field(
+        Precision.FP32, description="ONNX Runtime variant of the vision and fusion graphs.")
     threads: int = Field(0, ge=0, description="Intra-op compute threads; 0: one per core.")
     text_cache_bytes: int = Field(
         256 * 1024 * 1024, ge=0,
@@ -186,7 +188,7 @@ class ServiceSettings(BaseSettings):
     def model_id(self) -> str:
         if self.model_name:
             return self.model_name
-        if self.runtime != "pytorch" and self.engine_dir is not None:
+        if self.runtime != RuntimeKind.PYTORCH and self.engine_dir is not None:
             return self.engine_dir.name
         return self.model_dir.name
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -32,6 +32,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+StateT = TypeVar("StateT", bound=str)  # a job state (a StrEnum), as the store counts them
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Seconds: from a cached small detect (~10 ms) to a long caption on a busy CPU.
@@ -99,7 +100,7 @@ class ServiceMetrics:
         self.text_cache.labels("hit").inc(hits)
         self.text_cache.labels("miss").inc(misses)
 
-    def on_job_counts(self, counts: Mapping[str, int]) -> None:
+    def on_job_counts(self, counts: Mapping[StateT, int]) -> None:
         for state, count in counts.items():
             self.jobs.labels(str(state)).set(count)
 

@@ -23,6 +23,14 @@ REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 VECTOR_OPTIONS = {"log_scale": -2.0, "bias0": -32.0, "head_std": 0.8}
 
 
+def label_to_tokens(positive_map: torch.Tensor) -> dict[int, list[int]]:
+    """0-based class index -> sorted token positions where its (C, T) positive map is non-zero."""
+    return {
+        class_index: torch.nonzero(row, as_tuple=True)[0].tolist()
+        for class_index, row in enumerate(positive_map)
+    }
+
+
 def fake_ckpt_module() -> ModuleType:
     spec = importlib.util.spec_from_file_location("fake_glip_ckpt", REFERENCE / "fake_glip_ckpt.py")
     module = importlib.util.module_from_spec(spec)

@@ -7,7 +7,15 @@ import math
 import torch
 
 from model_export.modeling.config import HeadConfig
-from model_export.processing.box_coding import BoxCoder, clip_boxes_to_image, rescale_boxes
+from model_export.processing.box_coding import (
+    BoxCoder,
+    clip_boxes_to_image,
+    legacy_areas,
+    legacy_sizes,
+    rescale_boxes,
+    to_exclusive,
+    to_legacy,
+)
 
 
 def test_decode_hand_computed() -> None:
@@ -89,3 +97,13 @@ def test_rescale_scales_coordinates_without_plus_one() -> None:
     boxes = torch.tensor([[10.0, 20.0, 109.0, 59.0]])
     scaled = rescale_boxes(boxes, (100, 200), (50, 50))
     torch.testing.assert_close(scaled, torch.tensor([[2.5, 10.0, 27.25, 29.5]]))
+
+
+def test_legacy_conversions_round_trip_with_plus_one_sizes() -> None:
+    exclusive = torch.tensor([[0.0, 2.0, 10.0, 7.0]])  # 10 x 5 pixels, end-exclusive
+    legacy = to_legacy(exclusive)
+    assert legacy.tolist() == [[0.0, 2.0, 9.0, 6.0]]
+    widths, heights = legacy_sizes(legacy)
+    assert (widths.item(), heights.item()) == (10.0, 5.0)
+    assert legacy_areas(legacy).item() == 50.0
+    assert torch.equal(to_exclusive(legacy), exclusive)

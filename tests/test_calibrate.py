@@ -12,9 +12,9 @@ from PIL import Image
 
 from cli.main import main
 from model_export.checkpoints.weights import load_config, save_model
-from model_export.data.world.generator import render_index
+from model_export.data.world import render_index
 from model_export.evaluation.calibrate import THRESHOLDS, best_threshold, segment_threshold_sweep
-from model_export.evaluation.evaluate import Segment
+from model_export.evaluation.evaluate import PredictedSegment
 from model_export.modeling.model import Glipv2Model
 
 SEED = 2000
@@ -35,17 +35,17 @@ class ScriptedPredictor:
         self.thresholds: list[float | None] = []
 
     def segment(self, image: Image.Image, expressions: Sequence[str],
-                threshold: float | None = None) -> list[list[Segment]]:
+                threshold: float | None = None) -> list[list[PredictedSegment]]:
         self.thresholds.append(threshold)
         key = image.tobytes()
         objects = self.objects[key]
         out = []
         for targets in self.truth[key]:
             if targets:
-                out.append([Segment([0, 0, 1, 1], 0.8, torch.from_numpy(objects[i].mask))
+                out.append([PredictedSegment([0, 0, 1, 1], 0.8, torch.from_numpy(objects[i].mask))
                             for i in targets])
             else:
-                out.append([Segment([0, 0, 1, 1], 0.4, torch.from_numpy(objects[0].mask))])
+                out.append([PredictedSegment([0, 0, 1, 1], 0.4, torch.from_numpy(objects[0].mask))])
         return out
 
 

@@ -26,7 +26,7 @@ from model_export.data import (
     load_vqa_v2,
     load_world,
 )
-from model_export.data.world.generator import ANSWERS, SHAPES
+from model_export.data.world import ANSWERS, SHAPES
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 WORLD = DATA / "world" / "annotations.jsonl"

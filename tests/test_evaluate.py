@@ -10,8 +10,8 @@ import pytest
 from cli.main import main
 from engines.runtimes.torch_eager import TorchRuntime
 from model_export.checkpoints.weights import save_model
-from model_export.data.world.generator import EXPRESSION_FORMS, QUESTION_TYPES
-from model_export.evaluation.evaluate import HALF_WIDTH, evaluate
+from model_export.data.world import EXPRESSION_FORMS, QUESTION_TYPES
+from model_export.evaluation.evaluate import HALF_WIDTH, evaluate, format_table
 from model_export.modeling.model import Glipv2Model
 from service.offline import ServingPredictor
 from service.settings import DEFAULT_MODEL_DIR
@@ -73,3 +73,20 @@ def test_shipped_model_finds_the_shapes_on_unseen_images() -> None:
     assert set(metrics) == {"detection"}
     assert metrics["detection"]["mAP@0.5"] >= 0.85  # 0.95 for the step-5500 model
 
+
+def test_format_table() -> None:
+    table = format_table(
+        {
+            "detection": {"map": 0.91234, "map50": 1.0, "per_category_ap50": {"circle": 0.5}},
+            "referring": {"miou": None, "n_empty": 3},
+        }
+    )
+    assert table == (
+        "| task | metric | value |\n"
+        "| --- | --- | --- |\n"
+        "| detection | map | 0.9123 |\n"
+        "| detection | map50 | 1.0000 |\n"
+        "| detection | per_category_ap50[circle] | 0.5000 |\n"
+        "| referring | miou | n/a |\n"
+        "| referring | n_empty | 3 |\n"
+    )

@@ -20,13 +20,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from engines.export import (
-    LEVELS,
-    MANIFEST_FILE,
-    export_mode,
-    export_model,
-    onnx_deform_conv2d,
-)
+from engines.export import export_mode, export_model, onnx_deform_conv2d
+from engines.graphs import LEVELS
+from engines.manifest import MANIFEST_FILE
 from model_export.checkpoints.weights import load_pretrained_language, save_model
 from model_export.modeling.config import get_preset
 from model_export.modeling.deform_conv import ModulatedDeformConv2d, modulated_deform_conv2d

@@ -9,17 +9,15 @@ import torch
 from transformers.models.bert.modeling_bert import BertLayer
 
 from model_export.modeling.config import FusionConfig, LanguageConfig, get_preset
-from model_export.modeling.fusion import (
+from model_export.modeling.cross_attention import (
     Glipv2BiAttention,
-    Glipv2FusionTower,
-    Glipv2TextLayer,
     Glipv2VLFuse,
     LevelPositions,
-    box_bias,
-    colour_regions,
     region_centres,
 )
+from model_export.modeling.fusion import Glipv2FusionTower, box_bias, colour_regions
 from model_export.modeling.language import TextFeatures, bert_config, extended_attention_mask
+from model_export.modeling.text_layer import Glipv2TextLayer
 
 LANG = LanguageConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 FUSION = FusionConfig(num_layers=2, channels=16, embed_dim=32, num_heads=4, group_norm_groups=4)

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from engines.runtimes.torch_eager import TorchRuntime
 from model_export.checkpoints.weights import save_model
-from model_export.data.world.generator import render_index
+from model_export.data.world import render_index
 from model_export.modeling.model import Glipv2Model
 from service.app import create_app
 from service.jobs.store import JobInput, JobResult, JobState, SqliteJobStore

@@ -9,14 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from model_export.processing.anchors import AnchorGenerator
-from model_export.processing.box_coding import BoxCoder
+from model_export.processing.box_coding import BoxCoder, box_iou_legacy
 from model_export.training.losses import (
     ImageTargets,
     PromptInfo,
     SpecialTokenIds,
     atss_assign,
     atss_assign_batch,
-    box_iou_legacy,
     centerness_targets,
     contrastive_region_inputs,
     detection_losses,

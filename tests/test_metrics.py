@@ -10,14 +10,10 @@ import pytest
 from model_export.evaluation.metrics import (
     BoxPrediction,
     BoxTruth,
-    _coco_evaluator,
-    _image_matches,
-    _pooled_ap,
     box_ap,
     box_iou,
     caption_metrics,
     corpus_bleu,
-    format_table,
     mask_iou,
     match_caption_phrases,
     mean_ci95,
@@ -27,6 +23,7 @@ from model_export.evaluation.metrics import (
     tokenize_caption,
     vqa_exact_accuracy,
 )
+from model_export.evaluation.metrics.detection import _coco_evaluator, _image_matches, _pooled_ap
 
 SIZES = {1: (100, 100), 2: (100, 100), 3: (100, 100)}
 
@@ -385,24 +382,3 @@ def test_phrase_grounding_accuracy() -> None:
     ]
     assert phrase_grounding_accuracy(pairs) == pytest.approx(0.5)
     assert phrase_grounding_accuracy([]) is None
-
-
-# --- table -------------------------------------------------------------------------------------
-
-
-def test_format_table() -> None:
-    table = format_table(
-        {
-            "detection": {"map": 0.91234, "map50": 1.0, "per_category_ap50": {"circle": 0.5}},
-            "referring": {"miou": None, "n_empty": 3},
-        }
-    )
-    assert table == (
-        "| task | metric | value |\n"
-        "| --- | --- | --- |\n"
-        "| detection | map | 0.9123 |\n"
-        "| detection | map50 | 1.0000 |\n"
-        "| detection | per_category_ap50[circle] | 0.5000 |\n"
-        "| referring | miou | n/a |\n"
-        "| referring | n_empty | 3 |\n"
-    )

@@ -11,13 +11,12 @@ from model_export.processing.prompt import (
     DetectionPrompt,
     build_detection_prompt,
     clean_name,
-    label_to_tokens,
     load_tokenizer,
     positive_map,
     tokenize,
 )
 
-from conftest import REFERENCE
+from conftest import REFERENCE, label_to_tokens
 
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "hexagon"]
 EVAL_CAPTION = "circle. square. triangle. diamond. star. hexagon"

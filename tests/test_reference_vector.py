@@ -18,9 +18,8 @@ from PIL import Image
 from cli.main import main as cli_main
 from model_export.inference import DetectionRun, Glipv2Detector
 from model_export.processing.preprocess import batch_images, preprocess_image
-from model_export.processing.prompt import label_to_tokens
 
-from conftest import REFERENCE
+from conftest import REFERENCE, label_to_tokens
 
 pytestmark = pytest.mark.slow
 

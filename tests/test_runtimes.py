@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from engines.export import MANIFEST_FILE, export_model
+from engines.export import export_model
+from engines.manifest import MANIFEST_FILE
 from engines.runtimes import (
     ManifestError,
     RuntimeOptions,

@@ -33,9 +33,8 @@ from pycocotools import mask as mask_utils
 
 from engines.runtimes.torch_eager import TorchRuntime
 from model_export.checkpoints.weights import save_model
-from model_export.inference import to_exclusive
 from model_export.modeling.model import Glipv2Model
-from model_export.processing.box_coding import rescale_boxes
+from model_export.processing.box_coding import rescale_boxes, to_exclusive
 from model_export.processing.postprocess import Detections
 from model_export.processing.preprocess import resized_size
 from model_export.processing.prompt import load_tokenizer
@@ -46,9 +45,11 @@ from service.model_runner import ModelRunner
 from service.openapi import OPENAPI_PATH, app_schema, load_openapi
 from service.pipeline.caption_search import CaptionGrammar, CaptionSearch
 from service.pipeline.images import decode_base64, decode_image_bytes, sniff_format
+from service.pipeline.phrases import split_phrases
 from service.schemas import DetectParams
-from service.serving import Glipv2Serving, split_phrases
+from service.serving import Glipv2Serving
 from service.settings import ServiceSettings
+from service.tasks.common import TaskContext
 
 from conftest import start_server
 
@@ -191,13 +192,13 @@ def test_segment_scores_the_words_naming_the_referent(
     """"circle left of the red square" is scored on "circle left of", not on the anchor's
     words (which name another object); an expression without a relation on all its words."""
     scored: list[tuple[str, list[tuple[int, int]]]] = []
-    phrase_detections = Glipv2Serving._phrase_detections
+    phrase_detections = TaskContext.phrase_detections
 
     def spy(self, text, spans, *args, **kwargs):
         scored.append((text, list(spans)))
         return phrase_detections(self, text, spans, *args, **kwargs)
 
-    monkeypatch.setattr(Glipv2Serving, "_phrase_detections", spy)
+    monkeypatch.setattr(TaskContext, "phrase_detections", spy)
     response = client.post("/v1/segment", json={
         "image": png_b64, "expressions": ["circle left of the red square", "small red circle"]})
     assert response.status_code == 200, response.text
@@ -239,14 +240,14 @@ def test_vqa_grounds_an_answer_that_names_something(client: TestClient, png_b64:
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The answer's boxes are what detecting the answer as a class finds; counts are not
     grounded."""
-    import service.serving as serving_module
-    from service.serving import answer_names_something
+    import service.tasks.vqa as vqa_module
+    from service.pipeline.phrases import answer_names_something
 
     assert answer_names_something("square") and answer_names_something("red")
     assert not any(map(answer_names_something, ["3", "yes", "no", " "]))
     serving = client.app.state.service.serving
     vocabulary = serving.config.tasks.vqa_answers
-    monkeypatch.setattr(serving_module, "VQA_GROUNDING_THRESHOLD", 0.0)
+    monkeypatch.setattr(vqa_module, "VQA_GROUNDING_THRESHOLD", 0.0)
     monkeypatch.setattr(serving.config.tasks, "vqa_answers", ["circle"] * len(vocabulary))
     body = client.post("/v1/vqa", json={"image": png_b64, "question": "what is red?"}).json()
     assert body["answer"] == "circle" and body["answer_grounding"]
@@ -339,7 +340,7 @@ def test_caption_phrases_of_detected_objects_are_grounded_to_their_boxes(
     async def phrases(caption: str) -> list[Any]:
         serving = Glipv2Serving(runtime, model_id="tiny",
                                 batcher_config=BatcherConfig(max_batch_size=4))
-        return serving._object_phrases(caption, objects)
+        return serving.caption_task.object_phrases(caption, objects)
 
     caption = "a large gray star, a small red hexagon and a red star."
     found = asyncio.run(phrases(caption))
@@ -671,7 +672,7 @@ def test_queue_full_is_429_with_retry_after(tiny_model: Glipv2Model, png_b64: st
         first = asyncio.create_task(http.post("/v1/detect", json=body))
         await _until(gated.entered.is_set)
         second = asyncio.create_task(http.post("/v1/detect", json=body))
-        batcher = app.state.service.serving.batchers["vision"]
+        batcher = app.state.service.serving.engines.batchers["vision"]
         await _until(lambda: batcher.queue_depth == 1)
         rejected = await http.post("/v1/detect", json=body)
         assert_error(rejected, 429, "queue_full", "queue is full")
@@ -693,7 +694,8 @@ def test_deadline_is_504_and_the_service_recovers(tiny_model: Glipv2Model,
         assert_error(await http.post("/v1/detect", json=body), 504, "deadline_exceeded",
                      "deadline passed")
         gated.gate.set()
-        await _until(lambda: app.state.service.serving.batchers["vision"]._in_flight is None)
+        vision = app.state.service.serving.engines.batchers["vision"]
+        await _until(lambda: vision._in_flight is None)
         assert (await http.post("/v1/detect", json=body)).status_code == 200
 
     asyncio.run(_with_app(app, scenario))
@@ -703,7 +705,7 @@ def test_stopped_engine_is_503(runtime: TorchRuntime, png_b64: str) -> None:
     app = create_app(make_settings(), runtime)
 
     async def scenario(http: httpx.AsyncClient) -> None:
-        await app.state.service.serving.batchers["vqa"].stop()
+        await app.state.service.serving.engines.batchers["vqa"].stop()
         response = await http.post("/v1/vqa", json={"image": png_b64, "question": "what?"})
         assert_error(response, 503, "unavailable")
         assert response.headers["retry-after"] == "1"
@@ -777,10 +779,10 @@ def test_serve_end_to_end(tiny_model: Glipv2Model, tmp_path: Path, png_b64: str)
 
 def test_rle_round_trip_helper_agrees_with_numpy() -> None:
     """The service's RLE is pycocotools' own (counts as str) and decodes to the same mask."""
-    from service.serving import _encode_segment
+    from service.tasks.segment import encode_segment
 
     mask = torch.zeros(7, 9, dtype=torch.bool)
     mask[2:5, 3:8] = True
-    encoded = _encode_segment([3.0, 2.0, 8.0, 5.0], 0.5, mask)
+    encoded = encode_segment([3.0, 2.0, 8.0, 5.0], 0.5, mask)
     decoded = mask_utils.decode({"size": encoded.size, "counts": encoded.counts.encode()})
     assert np.array_equal(decoded.astype(bool), mask.numpy())

@@ -28,7 +28,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from benchmarks.load import sweep
-from model_export.data.world.generator import WorldObject, expression_targets
+from model_export.data.world import WorldObject, expression_targets
 from model_export.evaluation.metrics import box_iou
 from model_export.modeling.config import WORLD_ANSWERS
 from model_export.processing.prompt import load_tokenizer

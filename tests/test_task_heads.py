@@ -18,7 +18,6 @@ from model_export.modeling.mask_head import (
 from model_export.modeling.vqa_head import (
     Glipv2VqaHead,
     glimpse_grounding_loss,
-    vqa_accuracy,
     vqa_loss,
     vqa_target_scores,
 )
@@ -329,21 +328,6 @@ def test_vqa_loss_is_bce_times_num_answers() -> None:
     per_answer = [math.log(2.0), math.log(2.0), 0.5 * (softplus - 2.0) + 0.5 * softplus]
     expected = sum(per_answer) / 3 * 3  # element mean times A = 3
     assert vqa_loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
-
-
-def test_vqa_accuracy_hand_computed() -> None:
-    vocab = ["yes", "no", "2", "red"]
-    answers = [
-        ["yes"] * 2 + ["no"] * 8,  # predicted "yes": 2 humans -> 2/3
-        ["2"] * 4 + ["3"] * 6,  # predicted "2": 4 humans -> 1
-        ["red"],  # single reference, predicted "no": exact match fails -> 0
-        [" Red "],  # single reference matched ignoring case/spaces -> 1
-    ]
-    accuracy = vqa_accuracy(torch.tensor([0, 2, 1, 3]), answers, vocab)
-    assert accuracy == pytest.approx((2 / 3 + 1 + 0 + 1) / 4)
-    assert vqa_accuracy([], [], vocab) == 0.0
-    with pytest.raises(ValueError):
-        vqa_accuracy([0], [], vocab)
 
 
 def test_vqa_target_scores_hand_computed() -> None:

@@ -23,7 +23,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from engines.export import MANIFEST_FILE, export_model
+from engines.export import export_model
+from engines.manifest import MANIFEST_FILE
 from engines.runtimes import RuntimeOptions, RuntimeUnavailableError, open_runtime
 from engines.runtimes.onnx_runtime import OnnxRuntime
 from engines.runtimes.tensorrt import TensorRtRuntime

@@ -8,11 +8,11 @@ import asyncio
 import pytest
 import torch
 
-from service.pipeline.text_cache import TextFeatureCache, TextFeatures
+from service.pipeline.text_cache import PromptFeatures, TextFeatureCache
 
 
-def features(text: str, tokens: int = 4) -> TextFeatures:
-    return TextFeatures(input_ids=torch.zeros(tokens, dtype=torch.long),
+def features(text: str, tokens: int = 4) -> PromptFeatures:
+    return PromptFeatures(input_ids=torch.zeros(tokens, dtype=torch.long),
                         hidden=torch.full((tokens, 8), float(len(text))))
 
 
@@ -24,7 +24,7 @@ class Encoder:
         self.calls: list[list[str]] = []
         self.gate: asyncio.Event | None = None
 
-    async def __call__(self, texts: list[str]) -> list[TextFeatures]:
+    async def __call__(self, texts: list[str]) -> list[PromptFeatures]:
         self.calls.append(list(texts))
         if self.gate is not None:
             await self.gate.wait()
@@ -71,7 +71,7 @@ def test_concurrent_misses_compute_once() -> None:
 def test_failures_reach_every_waiter_and_are_not_cached() -> None:
     cache = TextFeatureCache(max_bytes=10**6)
 
-    async def broken(texts: list[str]) -> list[TextFeatures]:
+    async def broken(texts: list[str]) -> list[PromptFeatures]:
         await asyncio.sleep(0.01)
         raise RuntimeError("engine down")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from model_export.data.types import GroundedObject, GroundingSample
-from model_export.data.world.generator import (
+from model_export.data.world import (
     ANSWERS,
     COLOR_NAMES,
     HELD_OUT_PAIRS,
@@ -24,6 +24,7 @@ from model_export.data.world.generator import (
 from model_export.modeling.config import WORLD_ANSWERS, WORLD_SHAPES, PreprocessConfig, get_preset
 from model_export.modeling.model import Glipv2Model
 from model_export.processing.prompt import load_tokenizer
+from model_export.training.config import TrainConfig
 from model_export.training.examples import (
     Example,
     build_example,
@@ -31,13 +32,8 @@ from model_export.training.examples import (
     distractor_words,
     world_samples,
 )
-from model_export.training.trainer import (
-    Glipv2Trainer,
-    TrainConfig,
-    WorldStream,
-    example_batches,
-    train,
-)
+from model_export.training.trainer import Glipv2Trainer, train
+from model_export.training.world_stream import WorldStream, example_batches
 
 PRE = PreprocessConfig(min_size=64, max_size=128)
 

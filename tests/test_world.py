@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_export.data.world import generator as world
-from model_export.data.world.generator import (
+from model_export.data import world
+from model_export.data.world import (
     ANSWERS,
     COLORS,
     EXPRESSION_FORMS,

@@ -8,7 +8,15 @@ built by `glipv2 build-engines`). `open_runtime` picks one from configuration.
 
 from engines.errors import RuntimeUnavailableError
 from engines.manifest import EngineManifest, ManifestError, load_manifest
-from engines.runtimes.base import GRAPHS, Runtime, RuntimeOptions, open_runtime
+from engines.runtimes.base import (
+    OrtProvider,
+    Precision,
+    Runtime,
+    RuntimeKind,
+    RuntimeOptions,
+    open_runtime,
+)
 
-__all__ = ["GRAPHS", "EngineManifest", "ManifestError", "Runtime", "RuntimeOptions",
-           "RuntimeUnavailableError", "load_manifest", "open_runtime"]
+__all__ = ["EngineManifest", "ManifestError", "OrtProvider", "Precision", "Runtime",
+           "RuntimeKind", "RuntimeOptions", "RuntimeUnavailableError", "load_manifest",
+           "open_runtime"]

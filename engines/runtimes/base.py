@@ -1,6 +1,6 @@
 """The runtime interface: named graphs in, named tensors out, whatever runs them.
 
-The graphs and their tensor names are those of `engines.export` (the ONNX boundary), so a
+The graphs and their tensor names are those of `engines.graphs` (the ONNX boundary), so a
 caller written against one runtime runs unchanged on every other, and parity is checked graph by
 graph. Tensors cross the interface as CPU `torch.Tensor`s (zero-copy to and from NumPy); a GPU
 runtime copies in and out itself.
@@ -12,18 +12,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from torch import Tensor
 
+from engines.kinds import OrtProvider, Precision, RuntimeKind
 from model_export.modeling.config import Glipv2Config
-
-GRAPHS = ("vision", "language", "fusion", "mask", "vqa", "caption_image", "caption_step",
-          "caption_ground")
-
-RuntimeKind = Literal["pytorch", "onnxruntime", "tensorrt"]
-OrtProvider = Literal["cpu", "cuda", "tensorrt"]
-Precision = Literal["fp32", "bf16", "int8"]
 
 
 @dataclass(frozen=True)
@@ -39,11 +32,11 @@ class RuntimeOptions:
     device: PyTorch device ("cpu", "cuda").
     """
 
-    kind: RuntimeKind = "pytorch"
+    kind: RuntimeKind = RuntimeKind.PYTORCH
     model_dir: Path | None = None
     engine_dir: Path | None = None
-    provider: OrtProvider = "cpu"
-    precision: Precision = "fp32"
+    provider: OrtProvider = OrtProvider.CPU
+    precision: Precision = Precision.FP32
     threads: int = 0
     device: str = "cpu"
 
@@ -73,7 +66,7 @@ class Runtime(ABC):
 
 def open_runtime(options: RuntimeOptions) -> Runtime:
     """The runtime `options` ask for, loaded and validated (clear errors, nothing half-built)."""
-    if options.kind == "pytorch":
+    if options.kind == RuntimeKind.PYTORCH:
         from engines.runtimes.torch_eager import TorchRuntime
 
         if options.model_dir is None:
@@ -82,12 +75,12 @@ def open_runtime(options: RuntimeOptions) -> Runtime:
                                      threads=options.threads, precision=options.precision)
     if options.engine_dir is None:
         raise ValueError(f"the {options.kind} runtime needs an engine folder (glipv2 export)")
-    if options.kind == "onnxruntime":
+    if options.kind == RuntimeKind.ONNXRUNTIME:
         from engines.runtimes.onnx_runtime import OnnxRuntime
 
         return OnnxRuntime(options.engine_dir, provider=options.provider,
                            precision=options.precision, threads=options.threads)
-    if options.kind == "tensorrt":
+    if options.kind == RuntimeKind.TENSORRT:
         from engines.runtimes.tensorrt import TensorRtRuntime
 
         return TensorRtRuntime(options.engine_dir)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from engines.errors import RuntimeUnavailableError
-from engines.export import VARIANT_GRAPHS
+from engines.graphs import HEAVY_GRAPHS
 from engines.manifest import load_manifest
 from engines.runtimes.base import OrtProvider, Precision, Runtime
 
@@ -21,10 +21,6 @@ PROVIDERS: dict[str, list[str]] = {
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
-# Graphs that have reduced-precision variants (the compute-heavy ones, issue 4).
-REDUCED_PRECISION_GRAPHS = VARIANT_GRAPHS
-
-
 class OnnxRuntime(Runtime):
     """One `InferenceSession` per graph of a validated engine folder.
 
@@ -36,8 +32,8 @@ class OnnxRuntime(Runtime):
         runtime does not cover.
     """
 
-    def __init__(self, engine_dir: str | Path, provider: OrtProvider = "cpu",
-                 precision: Precision = "fp32", threads: int = 0,
+    def __init__(self, engine_dir: str | Path, provider: OrtProvider = OrtProvider.CPU,
+                 precision: Precision = Precision.FP32, threads: int = 0,
                  graphs: Sequence[str] | None = None) -> None:
         import onnxruntime as ort
 
@@ -50,7 +46,7 @@ class OnnxRuntime(Runtime):
                 f"ONNX Runtime provider {provider!r} ({wanted[0]}) is not available here; this "
                 f"onnxruntime build has {available} (CUDA and TensorRT need onnxruntime-gpu and "
                 "an NVIDIA GPU)")
-        for graph in REDUCED_PRECISION_GRAPHS:
+        for graph in HEAVY_GRAPHS:
             if (graphs is None or graph in graphs) and not self.manifest.has_variant(
                     graph, precision):
                 raise RuntimeUnavailableError(
@@ -61,7 +57,7 @@ class OnnxRuntime(Runtime):
                      for name in wanted if name in available]
         self._sessions: dict[str, Any] = {}
         for graph in self.manifest.graphs if graphs is None else graphs:
-            variant = precision if graph in REDUCED_PRECISION_GRAPHS else "fp32"
+            variant = precision if graph in HEAVY_GRAPHS else "fp32"
             path = self.manifest.graph_path(graph, variant)
             self._sessions[graph] = ort.InferenceSession(str(path), options, providers=providers)
         self._inputs = {g: {i.name: i.type for i in s.get_inputs()}

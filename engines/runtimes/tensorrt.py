@@ -182,4 +182,5 @@ def _fallback_provider() -> OrtProvider:
     engines use), else its CPU provider."""
     import onnxruntime as ort
 
-    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    available = ort.get_available_providers()
+    return OrtProvider.CUDA if "CUDAExecutionProvider" in available else OrtProvider.CPU

@@ -10,15 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from engines.errors import RuntimeUnavailableError
-from engines.export import graph_signatures
+from engines.graphs import HEAVY_GRAPHS, graph_signatures
 from engines.runtimes.base import Runtime
-from engines.runtimes.onnx_runtime import REDUCED_PRECISION_GRAPHS
 from model_export.checkpoints.weights import load_model
 from model_export.modeling.model import Glipv2Model
 
 
 class TorchRuntime(Runtime):
-    """Runs each graph's export wrapper (`engines.export`) on the model in eval mode.
+    """Runs each graph's wrapper (`engines.graphs`) on the model in eval mode.
 
     The wrappers are exactly what ONNX export traces, so this runtime's outputs are the
     reference the others are compared with, tensor name by tensor name.
@@ -62,7 +61,7 @@ class TorchRuntime(Runtime):
         missing = [name for name in input_names if name not in inputs]
         if missing:
             raise KeyError(f"graph {graph!r} needs inputs {missing}")
-        reduced = self.precision == "bf16" and graph in REDUCED_PRECISION_GRAPHS
+        reduced = self.precision == "bf16" and graph in HEAVY_GRAPHS
         context = (torch.autocast(self.device.type, dtype=torch.bfloat16) if reduced
                    else contextlib.nullcontext())
         with context:

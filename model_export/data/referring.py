@@ -82,9 +82,10 @@ def load_referring(
     refs = _read_refs(refs_path)
     images, categories, annotations, _ = coco_index(instances_path)
     annotations_by_id: dict[Any, dict] = {}
-    for index, ann in enumerate(annotations):
-        require_keys(ann, ("id", "image_id", "bbox"), instances_path, f"annotations[{index}]")
-        annotations_by_id[ann["id"]] = ann
+    for index, annotation in enumerate(annotations):
+        require_keys(annotation, ("id", "image_id", "bbox"), instances_path,
+                     f"annotations[{index}]")
+        annotations_by_id[annotation["id"]] = annotation
 
     samples = []
     for index, ref in enumerate(refs):
@@ -109,7 +110,9 @@ def load_referring(
         if box is None:
             raise DataFormatError(instances_path, f"{ann_where}: referred box has zero area")
         rle = segmentation_to_rle(ann.get("segmentation"), width, height, instances_path, ann_where)
-        obj = GroundedObject(box=box, label=categories.get(ann.get("category_id")), rle=rle)
+        category_id = ann.get("category_id")
+        label = categories.get(category_id) if category_id is not None else None
+        obj = GroundedObject(box=box, label=label, rle=rle)
         image_path = image_file(Path(image_dir), image["file_name"], check_images, refs_path, where)
         for sent_index, sentence in enumerate(require_list(ref["sentences"], refs_path, where)):
             sent_where = f"{where} sentences[{sent_index}]"

@@ -71,7 +71,8 @@ def load_vqa_v2(
         if image_path not in sizes:
             sizes[image_path] = read_image_size(image_path, questions_path, where)
         width, height = sizes[image_path]
-        answer, answers = None, []
+        answer: str | None = None
+        answers: list[str] = []
         if annotations is not None:
             answer, answers = _answers(annotations, question, annotations_json, where)
         sample = GroundingSample(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from model_export.data.world.generator import render_index
+from model_export.data.world import render_index
 from model_export.evaluation.evaluate import Predictor, referring_answers
 from model_export.evaluation.metrics import referring_metrics
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -29,7 +29,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from model_export.data.world.generator import (
+from model_export.data.world import (
     COLOR_NAMES,
     HELD_OUT_PAIRS,
     SHAPES,
@@ -44,14 +44,13 @@ from model_export.evaluation.metrics import (
     BoxTruth,
     box_ap,
     caption_metrics,
-    format_table,
     match_caption_phrases,
     phrase_grounding_accuracy,
     proportion_ci95,
     referring_metrics,
     vqa_exact_accuracy,
 )
-from model_export.inference import to_exclusive
+from model_export.processing.box_coding import to_exclusive
 from model_export.processing.postprocess import Detections
 
 TASKS = ("detection", "grounding", "referring", "vqa", "caption")
@@ -59,7 +58,7 @@ HALF_WIDTH = "95% half-width"  # the key of a task's sampling errors (module doc
 
 
 @dataclass
-class Segment:
+class PredictedSegment:
     """One segment of a referring expression, in original-image pixels (end-exclusive box)."""
 
     box: list[float]
@@ -100,7 +99,7 @@ class Predictor(Protocol):
     def detect(self, image: Image.Image, class_names: Sequence[str]) -> DetectionResult: ...
 
     def segment(self, image: Image.Image, expressions: Sequence[str],
-                threshold: float | None = None) -> list[list[Segment]]: ...
+                threshold: float | None = None) -> list[list[PredictedSegment]]: ...
 
     def vqa(self, image: Image.Image, question: str) -> VqaAnswer: ...
 
@@ -230,6 +229,36 @@ def _predictions(index: int, run: DetectionResult, names: list[str]) -> list[Box
     return [BoxPrediction(index, names[int(label)], box.tolist(), float(score))
             for box, score, label in zip(boxes, run.detections.scores, run.detections.labels,
                                          strict=True)]
+
+
+def _format_value(value: object) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        return f"{float(value):.4f}"
+    return str(value)
+
+
+def format_table(metrics: Mapping[str, Mapping[str, object]]) -> str:
+    """A Markdown table `| task | metric | value |` of `{task: {metric: value}}` for the README.
+
+    Floats print with 4 decimals, `None` as "n/a"; a nested dict (e.g. `per_category_ap50`) is
+    flattened to one row per key, named `metric[key]`, so no number is silently dropped. Rows
+    keep the mapping order. Ends with a newline.
+    """
+    lines = ["| task | metric | value |", "| --- | --- | --- |"]
+    for task, values in metrics.items():
+        for metric, value in values.items():
+            if isinstance(value, Mapping):
+                for key, inner in value.items():
+                    lines.append(f"| {task} | {metric}[{key}] | {_format_value(inner)} |")
+            else:
+                lines.append(f"| {task} | {metric} | {_format_value(value)} |")
+    return "\n".join(lines) + "\n"
 
 
 def write_report(metrics: dict[str, dict], out: str | Path) -> None:

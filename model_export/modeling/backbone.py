@@ -119,6 +119,8 @@ class Glipv2SwinMlp(nn.Module):
 class Glipv2WindowAttention(nn.Module):
     """Multi-head self-attention inside each window, with a learned relative position bias."""
 
+    relative_position_index: Tensor  # (ws*ws, ws*ws) rows of the bias table: a buffer
+
     def __init__(self, dim: int, window_size: int, num_heads: int) -> None:
         super().__init__()
         self.dim = dim

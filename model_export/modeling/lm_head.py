@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_export.modeling.config import LanguageConfig
+from model_export.modeling.language import BertDenseNorm
 
 
 class Glipv2LMHead(nn.Module):
@@ -20,9 +21,7 @@ class Glipv2LMHead(nn.Module):
     def __init__(self, config: LanguageConfig, tied: bool) -> None:
         super().__init__()
         hidden = config.hidden_size
-        self.transform = nn.Module()
-        self.transform.dense = nn.Linear(hidden, hidden)
-        self.transform.LayerNorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.transform = BertDenseNorm(hidden, hidden, config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.decoder = None if tied else nn.Linear(hidden, config.vocab_size)
         if self.decoder is not None:

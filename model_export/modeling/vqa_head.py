@@ -85,7 +85,7 @@ def vqa_target_scores(answers_per_question: Sequence[Sequence[str]],
     """Soft targets (N, A) in [0, 1]: min(#annotators who gave the answer / n, 1).
 
     n = min(3, number of reference answers of the question): 3 for VQAv2's 10 annotators, and
-    a question with one or two references gets score 1 for them (see `vqa_accuracy`). Answers
+    a question with one or two references gets score 1 for them (VQA accuracy). Answers
     outside the vocabulary are dropped (their question may end with an all-zero row). Matching
     ignores case and surrounding spaces.
     """
@@ -127,29 +127,3 @@ def glimpse_grounding_loss(weights: Tensor, named: Tensor) -> Tensor:
         return weights.new_zeros(())
     mass = (weights[rows] * named[rows].to(weights.dtype)).sum(dim=1)
     return -mass.clamp(min=1e-6).log().mean()
-
-
-def vqa_accuracy(pred_indices: Tensor | Sequence[int],
-                 answers_per_question: Sequence[Sequence[str]],
-                 answer_vocab: Sequence[str]) -> float:
-    """Mean VQA accuracy of predicted answers, in [0, 1].
-
-    A question's accuracy is min(#annotators who gave the predicted answer / n, 1) with
-    n = min(3, number of reference answers): with VQAv2's 10 annotators that is the standard
-    min(#humans / 3, 1), 1 when at least three humans agree; with a single reference answer it
-    is exact match (a question without references scores 0). The official evaluator also
-    averages this over the 10 leave-one-out subsets of its 10 annotators and normalises
-    punctuation and number words; here answers are only compared ignoring case and surrounding
-    spaces. Returns 0.0 for no questions.
-    """
-    indices = [int(i) for i in pred_indices]
-    if len(indices) != len(answers_per_question):
-        raise ValueError(f"{len(indices)} predictions for {len(answers_per_question)} questions")
-    if not indices:
-        return 0.0
-    total = 0.0
-    for index, answers in zip(indices, answers_per_question, strict=True):
-        predicted = _normalize_answer(answer_vocab[index])
-        matches = sum(_normalize_answer(answer) == predicted for answer in answers)
-        total += min(matches / _agreement_needed(answers), 1.0)
-    return total / len(indices)

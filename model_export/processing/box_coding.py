@@ -2,7 +2,9 @@
 
 All boxes are `xyxy` in pixels of one image frame. The reference (maskrcnn_benchmark) uses the
 legacy "+1" pixel convention: a box covering pixels x0..x1 inclusive has width `x1 - x0 + 1`, and
-an image of width w has valid x coordinates in [0, w - 1].
+an image of width w has valid x coordinates in [0, w - 1]. This module is the one place that
+convention is written down: `TO_REMOVE`, `legacy_sizes`, `legacy_areas`, `box_iou_legacy`, and
+`to_legacy` / `to_exclusive` between it and the end-exclusive boxes of the data and the API.
 
 Reference: microsoft/GLIP `modeling/rpn/vldyhead.py` (`BoxCoder`, the ATSS coder, which differs
 from `modeling/box_coder.py`: its centre is `(x0 + x1) / 2`, not `x0 + 0.5 * width`) and
@@ -21,6 +23,54 @@ from model_export.modeling.config import HeadConfig
 
 # Legacy pixel convention of maskrcnn_benchmark: widths are x1 - x0 + 1.
 TO_REMOVE = 1.0
+
+
+def legacy_sizes(boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """(..., 4) xyxy boxes -> their (...,) widths and heights with the legacy +1."""
+    return boxes[..., 2] - boxes[..., 0] + TO_REMOVE, boxes[..., 3] - boxes[..., 1] + TO_REMOVE
+
+
+def legacy_areas(boxes: Tensor) -> Tensor:
+    """(..., 4) xyxy boxes -> their (...,) areas with the legacy +1 widths and heights."""
+    widths, heights = legacy_sizes(boxes)
+    return widths * heights
+
+
+def box_iou_legacy(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Pairwise IoU with the legacy +1 widths of maskrcnn_benchmark's `boxlist_iou`.
+
+    Also the IoU of the reference NMS kernel (ml_nms.cu's devIoU) on float32 boxes: the same
+    float operations in the same order.
+
+    Args:
+        boxes1: (N, 4) xyxy.
+        boxes2: (M, 4) xyxy.
+
+    Returns:
+        (N, M) IoU in [0, 1]; NaN where both boxes have zero +1 area (0 / 0).
+    """
+    area1 = legacy_areas(boxes1)
+    area2 = legacy_areas(boxes2)
+    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])  # (N, M, 2)
+    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])  # (N, M, 2)
+    wh = (bottom_right - top_left + TO_REMOVE).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area1[:, None] + area2[None, :] - inter)
+
+
+def _end_offset(boxes: Tensor) -> Tensor:
+    """(4,) offset of the end corner between the two conventions, in `boxes`' dtype and device."""
+    return torch.tensor([0.0, 0.0, TO_REMOVE, TO_REMOVE], dtype=boxes.dtype, device=boxes.device)
+
+
+def to_legacy(boxes: Tensor) -> Tensor:
+    """End-exclusive (..., 4) [x0, y0, x1, y1] -> legacy boxes (x1, y1 = last pixel)."""
+    return boxes - _end_offset(boxes)
+
+
+def to_exclusive(boxes: Tensor) -> Tensor:
+    """Legacy (..., 4) boxes (x1, y1 = last pixel) -> the API's end-exclusive [x0, y0, x1, y1]."""
+    return boxes + _end_offset(boxes)
 
 
 class BoxCoder:
@@ -62,13 +112,11 @@ class BoxCoder:
             (..., 4) deltas (dx, dy, dw, dh), weighted by `weights`.
         """
         wx, wy, ww, wh = self.weights
-        ex_widths = anchors[..., 2] - anchors[..., 0] + TO_REMOVE
-        ex_heights = anchors[..., 3] - anchors[..., 1] + TO_REMOVE
+        ex_widths, ex_heights = legacy_sizes(anchors)
         ex_ctr_x = (anchors[..., 2] + anchors[..., 0]) / 2
         ex_ctr_y = (anchors[..., 3] + anchors[..., 1]) / 2
 
-        gt_widths = gt_boxes[..., 2] - gt_boxes[..., 0] + TO_REMOVE
-        gt_heights = gt_boxes[..., 3] - gt_boxes[..., 1] + TO_REMOVE
+        gt_widths, gt_heights = legacy_sizes(gt_boxes)
         gt_ctr_x = (gt_boxes[..., 2] + gt_boxes[..., 0]) / 2
         gt_ctr_y = (gt_boxes[..., 3] + gt_boxes[..., 1]) / 2
 
@@ -92,8 +140,7 @@ class BoxCoder:
         """
         anchors = anchors.to(deltas.dtype)
         wx, wy, ww, wh = self.weights
-        widths = anchors[..., 2] - anchors[..., 0] + TO_REMOVE
-        heights = anchors[..., 3] - anchors[..., 1] + TO_REMOVE
+        widths, heights = legacy_sizes(anchors)
         ctr_x = (anchors[..., 2] + anchors[..., 0]) / 2
         ctr_y = (anchors[..., 3] + anchors[..., 1]) / 2
 
@@ -108,10 +155,10 @@ class BoxCoder:
         pred_w = torch.exp(dw) * widths
         pred_h = torch.exp(dh) * heights
 
-        x0 = pred_ctr_x - 0.5 * (pred_w - 1)
-        y0 = pred_ctr_y - 0.5 * (pred_h - 1)
-        x1 = pred_ctr_x + 0.5 * (pred_w - 1)
-        y1 = pred_ctr_y + 0.5 * (pred_h - 1)
+        x0 = pred_ctr_x - 0.5 * (pred_w - TO_REMOVE)
+        y0 = pred_ctr_y - 0.5 * (pred_h - TO_REMOVE)
+        x1 = pred_ctr_x + 0.5 * (pred_w - TO_REMOVE)
+        y1 = pred_ctr_y + 0.5 * (pred_h - TO_REMOVE)
         return torch.stack((x0, y0, x1, y1), dim=-1)
 
 
@@ -166,3 +213,4 @@ def rescale_boxes(
         ),
         dim=-1,
     )
+

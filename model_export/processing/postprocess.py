@@ -31,7 +31,12 @@ import torch
 from torch import Tensor
 
 from model_export.modeling.config import PostprocessConfig
-from model_export.processing.box_coding import TO_REMOVE, BoxCoder, clip_boxes_to_image
+from model_export.processing.box_coding import (
+    BoxCoder,
+    box_iou_legacy,
+    clip_boxes_to_image,
+    legacy_sizes,
+)
 
 
 @dataclass
@@ -79,21 +84,9 @@ def class_scores_from_token_logits(token_probs: Tensor, positive_map: Tensor) ->
     return torch.matmul(token_probs, mask.t()) / num_tokens
 
 
-# Rows of a label's (K, K) IoU matrix computed at once: bounds the float intermediates to
-# _IOU_ROW_CHUNK * K values (K is at most levels * pre_nms_top_n, 5000 for GLIP-T).
+# Rows of a label's (K, K) IoU matrix computed at once: bounds each float intermediate to
+# 2 * _IOU_ROW_CHUNK * K values (K is at most levels * pre_nms_top_n, 5000 for GLIP-T).
 _IOU_ROW_CHUNK = 512
-
-
-def _legacy_iou(rows: Tensor, cols: Tensor) -> Tensor:
-    """(R, K) IoU of xyxy boxes with +1 widths and heights, as ml_nms.cu's devIoU (float32)."""
-    left = torch.maximum(rows[:, None, 0], cols[None, :, 0])
-    right = torch.minimum(rows[:, None, 2], cols[None, :, 2])
-    top = torch.maximum(rows[:, None, 1], cols[None, :, 1])
-    bottom = torch.minimum(rows[:, None, 3], cols[None, :, 3])
-    inter = (right - left + TO_REMOVE).clamp(min=0) * (bottom - top + TO_REMOVE).clamp(min=0)
-    row_areas = (rows[:, 2] - rows[:, 0] + TO_REMOVE) * (rows[:, 3] - rows[:, 1] + TO_REMOVE)
-    col_areas = (cols[:, 2] - cols[:, 0] + TO_REMOVE) * (cols[:, 3] - cols[:, 1] + TO_REMOVE)
-    return inter / (row_areas[:, None] + col_areas[None, :] - inter)
 
 
 def _greedy_keep(boxes: Tensor, iou_threshold: float) -> list[int]:
@@ -108,7 +101,7 @@ def _greedy_keep(boxes: Tensor, iou_threshold: float) -> list[int]:
     for start in range(0, num_boxes, _IOU_ROW_CHUNK):
         stop = min(start + _IOU_ROW_CHUNK, num_boxes)
         # Rows start..stop against columns start..K: only later boxes can be suppressed.
-        iou = _legacy_iou(boxes[start:stop], boxes[start:])  # (R, K - start)
+        iou = box_iou_legacy(boxes[start:stop], boxes[start:])  # (R, K - start)
         later = torch.ones_like(iou, dtype=torch.bool).triu(diagonal=1)
         # NaN IoU (0 / 0) compares False, as in the kernel.
         suppresses = ((iou > iou_threshold) & later).cpu().numpy()
@@ -164,8 +157,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """Indices (ascending) of xyxy boxes whose +1 width and height are both >= `min_size`."""
-    widths = boxes[:, 2] - boxes[:, 0] + TO_REMOVE
-    heights = boxes[:, 3] - boxes[:, 1] + TO_REMOVE
+    widths, heights = legacy_sizes(boxes)
     return torch.nonzero((widths >= min_size) & (heights >= min_size)).squeeze(1)
 
 

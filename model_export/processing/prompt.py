@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 Span = tuple[int, int]
 
 EVAL_SEPARATOR = ". "  # reference cfg.DATASETS.SEPARATION_TOKENS, no trailing separator
-DEMO_SEPARATOR = " . "  # reference GLIPDemo: added after every name, the last one included
 
 
 class CharToToken(Protocol):
@@ -236,11 +235,3 @@ def positive_map(
                 )
             result[class_index, tokens.start : tokens.stop] = 1.0
     return result
-
-
-def label_to_tokens(positive_map: torch.Tensor) -> dict[int, list[int]]:
-    """0-based class index -> sorted token positions where its (C, T) positive map is non-zero."""
-    return {
-        class_index: torch.nonzero(row, as_tuple=True)[0].tolist()
-        for class_index, row in enumerate(positive_map)
-    }

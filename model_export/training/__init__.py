@@ -1,1 +1,2 @@
-"""Training: losses by term, examples and batches, the trainer, prompt tuning."""
+"""Training: the config, examples and batches, the world stream, losses by term, the trainer,
+prompt tuning."""

@@ -12,7 +12,7 @@ import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -20,15 +20,20 @@ from PIL import Image
 from torch import Tensor
 
 from model_export.data.types import GroundedObject, GroundingSample
-from model_export.data.world.generator import Pairs, WorldImage, expression_targets, unique_anchor
+from model_export.data.world import (
+    Pairs,
+    WorldImage,
+    WorldObject,
+    expression_targets,
+    unique_anchor,
+)
 from model_export.data.world.records import is_attribute_phrase, referring_grounding
 from model_export.modeling.config import PreprocessConfig
 from model_export.modeling.vqa_head import vqa_target_scores
+from model_export.processing.box_coding import to_legacy
 from model_export.processing.preprocess import batch_images, preprocess_image
 from model_export.processing.prompt import build_detection_prompt, positive_map, tokenize
-
-# Legacy box convention of the head: x1 is the last pixel, not one past it.
-_TO_REMOVE = 1.0
+from model_export.training.losses import MLM_IGNORE_INDEX
 
 
 @dataclass
@@ -42,9 +47,9 @@ class Example:
     phrase_objects: per phrase, the indices of the objects it names (mask head supervision).
     vqa_scores: (A,) soft answer targets or None. answer_tokens: (T,) bool, the tokens of the
     sample's `answer_span` (what the VQA head's steered glimpse reads) or None.
-    lm_labels: (T,) next-token targets (-100 elsewhere) for captioning, which runs the model in
-    causal mode. grounded: boxes and positive_map supervise the grounding losses (False for
-    VQA without question grounding).
+    lm_labels: (T,) next-token targets (MLM_IGNORE_INDEX elsewhere) for captioning, which runs
+    the model in causal mode. grounded: boxes and positive_map supervise the grounding losses
+    (False for VQA without question grounding).
     """
 
     task: str
@@ -106,8 +111,7 @@ def _object_boxes(objects: Sequence[GroundedObject], scale_xy: tuple[float, floa
     """End-exclusive original-pixel boxes -> legacy boxes in the resized frame."""
     if not objects:
         return torch.zeros(0, 4)
-    boxes = torch.tensor([obj.box for obj in objects], dtype=torch.float32)
-    boxes[:, 2:] -= _TO_REMOVE
+    boxes = to_legacy(torch.tensor([obj.box for obj in objects], dtype=torch.float32))
     sx, sy = scale_xy
     return boxes * torch.tensor([sx, sy, sx, sy])
 
@@ -152,7 +156,8 @@ def build_example(sample: GroundingSample, image: Image.Image, tokenizer,
         prompt = build_detection_prompt(names)
         text = prompt.caption
         span_of = {name: prompt.spans[i] for i, name in enumerate(names)}
-        spans = [list(span_of[obj.label]) for obj in objects]
+        # Detection objects are labelled with one of the class names (`GroundingSample.validate`).
+        spans = [list(span_of[cast(str, obj.label)]) for obj in objects]
         class_of_token = {span_of[name][0]: name for name in names}
     elif sample.task == "caption":
         text = sample.caption_target or sample.caption
@@ -171,7 +176,9 @@ def build_example(sample: GroundingSample, image: Image.Image, tokenizer,
 
     masks = None
     if objects and all(obj.rle is not None for obj in objects):
-        masks = torch.from_numpy(np.stack([_resize_mask(obj.mask, resized_hw) for obj in objects]))
+        # Every object has an RLE, hence a mask.
+        resized = [_resize_mask(cast(np.ndarray, obj.mask), resized_hw) for obj in objects]
+        masks = torch.from_numpy(np.stack(resized))
     phrases, members = _phrases(spans, encodings[0], num_tokens) if spans else (None, [])
 
     vqa_scores = None
@@ -183,7 +190,7 @@ def build_example(sample: GroundingSample, image: Image.Image, tokenizer,
         answer_tokens = positive_map(encodings[0], [[sample.answer_span]], num_tokens)[0].bool()
     lm_labels = None
     if sample.task == "caption":
-        lm_labels = torch.full_like(ids, -100)
+        lm_labels = torch.full_like(ids, MLM_IGNORE_INDEX)
         lm_labels[:-1] = ids[1:]
 
     return Example(
@@ -292,7 +299,7 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
     words.
     """
     objects = [grounded_object(o) for o in scene.objects]
-    base = {"image_path": None, "width": scene.width, "height": scene.height}
+    base: dict[str, Any] = {"image_path": None, "width": scene.width, "height": scene.height}
     negatives = []
     if distractors and max_distractors:
         for word in rng.sample(list(distractors), rng.randint(0, max_distractors)):
@@ -320,7 +327,9 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
         text = expression["text"]
         targets, spans = referring_grounding(
             text, [objects[i] for i in expression["targets"]],
-            lambda colour, shape: objects[unique_anchor(scene.objects, colour, shape).id])
+            # The world writes only relations whose anchor is unique in the scene.
+            lambda colour, shape: objects[
+                cast(WorldObject, unique_anchor(scene.objects, colour, shape)).id])
         samples.append(GroundingSample(
             task="referring", caption=text, objects=targets, spans=spans,
             detection_prompt=is_attribute_phrase(text), **base))

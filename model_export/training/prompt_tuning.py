@@ -12,18 +12,20 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from model_export.checkpoints.tuned_prompts import TunedPrompt
 from model_export.checkpoints.weights import load_model
 from model_export.data.types import GroundingSample
-from model_export.data.world.generator import HELD_OUT_PAIRS, SHAPES, parse_pairs, render_index
+from model_export.data.world import HELD_OUT_PAIRS, SHAPES, parse_pairs, render_index
 from model_export.processing.prompt import build_detection_prompt, load_tokenizer
+from model_export.training.config import TrainConfig
 from model_export.training.examples import build_example, collate, grounded_object
-from model_export.training.trainer import Glipv2Trainer, TrainConfig
+from model_export.training.trainer import Glipv2Trainer
 
 
 @dataclass
@@ -76,15 +78,17 @@ def tune_prompt(model_dir: str | Path, name: str, classes: Sequence[str],
                                  index % config.scenes if config.scenes else index, exclude)
             index += 1
             objects = [grounded_object(o) for o in scene.objects if o.shape in classes]
-            sample = GroundingSample(image_path=None, width=scene.width, height=scene.height,
-                                     task="detection", class_names=classes, objects=objects,
-                                     detection_prompt=True)
+            sample = GroundingSample(
+                # A rendered scene has no file; `GroundingSample.image_path` is typed `Path`.
+                image_path=None,  # type: ignore[arg-type]
+                width=scene.width, height=scene.height, task="detection", class_names=classes,
+                objects=objects, detection_prompt=True)
             examples.append(build_example(
                 sample, scene.image, tokenizer, model.config.preprocess,
                 model.config.tasks.vqa_answers, model.config.language.max_query_len, rng,
                 min_size=config.min_size, shuffle=False))
         batch = collate(examples, model.config.preprocess.size_divisibility)
-        loss = sum(trainer.losses(batch).values())
+        loss = cast(Tensor, sum(trainer.losses(batch).values()))  # always the detection terms
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trainer.optimizer.step()

@@ -5,6 +5,7 @@ others bidirectionally (two forward passes when both are present). Losses: L_loc
 centerness), L_intra (token focal), L_inter (batch-wide region-token contrast on pre-fusion
 features, label propagation to class-name prompts only), L_mlm, and the mask, VQA and caption
 losses. Checkpoints are safetensors model files plus the optimiser state; `--resume` continues.
+The knobs are `config.TrainConfig`; the examples come from `world_stream.example_batches`.
 """
 
 from __future__ import annotations
@@ -12,13 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import time
-import tomllib
-from collections.abc import Iterator
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -26,23 +24,17 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from model_export.checkpoints.weights import load_model, load_pretrained_language, save_model
-from model_export.data.types import GroundingSample
-from model_export.data.world.generator import (
-    COLOR_NAMES,
-    HELD_OUT_PAIRS,
-    SHAPES,
-    parse_pairs,
-    render_index,
-)
 from model_export.modeling.config import get_preset
-from model_export.modeling.mask_head import downsample_masks, mask_loss
-from model_export.modeling.model import Glipv2Model
+from model_export.modeling.mask_head import Glipv2MaskHead, downsample_masks, mask_loss
+from model_export.modeling.model import Glipv2ContrastiveProjection, Glipv2Model
 from model_export.modeling.vqa_head import glimpse_grounding_loss, vqa_loss
 from model_export.processing.anchors import AnchorGenerator
-from model_export.processing.box_coding import BoxCoder
+from model_export.processing.box_coding import BoxCoder, to_exclusive
 from model_export.processing.prompt import load_tokenizer
-from model_export.training.examples import Batch, Example, build_example, collate, pad_tokens
+from model_export.training.config import TrainConfig
+from model_export.training.examples import Batch, Example, collate, pad_tokens
 from model_export.training.losses import (
+    MLM_IGNORE_INDEX,
     ImageTargets,
     PromptInfo,
     SpecialTokenIds,
@@ -54,136 +46,7 @@ from model_export.training.losses import (
     mlm_loss,
     text_attention_loss,
 )
-
-
-@dataclass
-class TrainConfig:
-    """Knobs of a training run; a TOML file sets any of them, `--set key=value` overrides."""
-
-    preset: str = "small"  # model preset to train
-    steps: int = 20000  # optimiser steps
-    batch_size: int = 8  # examples per step
-    lr: float = 5e-4  # peak learning rate (AdamW), after a linear warm-up
-    # parameter-name prefix -> factor on `lr` (the first matching prefix applies), e.g. to let
-    # zero-initialised layers of a grown model catch up: {"fpn.skip_blocks." = 10}
-    lr_multipliers: dict[str, float] = field(default_factory=dict)
-    warmup_steps: int = 300  # linear warm-up length
-    # > 0: a warm restart (SGDR): the cosine starts again at this step, from `lr` down to 0 at
-    # `steps`, so a finished schedule can go on with new objectives and still end annealed.
-    # 0 with init_from: the weights' own step (fresh moments, so a fresh cosine)
-    restart_at: int = 0
-    weight_decay: float = 0.01  # AdamW weight decay
-    grad_clip: float = 1.0  # max gradient norm
-    freeze_language: bool = True  # keep the packaged text encoder frozen
-    min_sizes: tuple[int, ...] = (256, 288, 320)  # shorter-side sizes drawn per example
-    task_weights: dict[str, float] = field(default_factory=lambda: {
-        "detection": 0.25, "grounding": 0.25, "referring": 0.2, "vqa": 0.15, "caption": 0.15})
-    # "attend" (off unless set): tokens' attention onto their boxes, `text_attention_loss`;
-    # "glimpse" (off unless set, needs tasks.vqa_glimpses >= 2): the VQA head's last glimpse
-    # onto the words naming the question's objects, `glimpse_grounding_loss`; "soft_token" (off
-    # unless set): each positive anchor's softmax over the prompt's tokens, `soft_token_loss`
-    loss_weights: dict[str, float] = field(default_factory=lambda: {
-        "inter": 0.5, "mask": 1.0, "vqa": 1.0, "caption": 1.0, "mlm": 0.1})
-    mlm_probability: float = 0.15  # chance each grounding/referring token is masked for L_mlm
-    inter_regions_per_image: int = 48  # anchors sampled per image for L_inter (half positives)
-    inter_temperature: float = 0.1  # softmax temperature of L_inter
-    max_distractors: int = 0  # up to this many non-world class names in detection prompts
-    held_out_pairs: str = HELD_OUT_PAIRS  # never rendered in training
-    world_seed: int = 1  # seed of the training world (evaluation uses other seeds)
-    seed: int = 0  # seed of sampling and initialisation
-    checkpoint_every: int = 500  # steps between checkpoints
-    threads: int = 0  # torch threads; 0 keeps torch's default
-    device: str = "cpu"  # where the model trains: "cpu" or "cuda" (TF32 matrix products)
-    workers: int = 0  # processes rendering the world in parallel; 0 renders in this one
-    time_limit_s: float = 0  # > 0: after 30 steps, fit `steps` to this wall-clock budget
-
-    @classmethod
-    def load(cls, path: str | Path | None, overrides: list[str]) -> TrainConfig:
-        values = tomllib.loads(Path(path).read_text()) if path else {}
-        for item in overrides:
-            key, _, raw = item.partition("=")
-            if not _:
-                raise ValueError(f"override {item!r} is not key=value")
-            values[key] = json.loads(raw) if raw[:1] in "[{0123456789-tf" else raw
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise ValueError(f"unknown training settings {sorted(unknown)}")
-        if "min_sizes" in values:
-            values["min_sizes"] = tuple(values["min_sizes"])
-        config = cls(**values)
-        if config.restart_at >= config.steps:
-            raise ValueError(f"restart_at ({config.restart_at}) must come before steps "
-                             f"({config.steps})")
-        return config
-
-
-class WorldStream:
-    """Endless training examples from the shapes world, rendered on the fly: scenes
-    `start_index`, `start_index + stride`, ... (a stride > 1 splits the world across workers)."""
-
-    def __init__(self, config: TrainConfig, model_config, tokenizer, start_index: int = 0,
-                 stride: int = 1) -> None:
-        self.config = config
-        self.model_config = model_config
-        self.tokenizer = tokenizer
-        self.distractors: list[str] = []
-        if config.max_distractors:
-            from model_export.training.examples import distractor_words
-
-            words = [*COLOR_NAMES, *SHAPES, "small", "large", "shape", "object"]
-            self.distractors = distractor_words(tokenizer, words)
-        self.rng = random.Random(config.seed * 1000003 + start_index)
-        self.index = start_index
-        self.stride = stride
-        self.exclude = parse_pairs(config.held_out_pairs) if config.held_out_pairs else frozenset()
-        self.tasks = list(config.task_weights)
-        self.weights = [config.task_weights[t] for t in self.tasks]
-
-    def __iter__(self) -> Iterator[Example]:
-        from model_export.training.examples import world_samples
-
-        while True:
-            scene = render_index(self.config.world_seed, self.index, self.exclude)
-            self.index += self.stride
-            samples = world_samples(scene, self.rng, COLOR_NAMES, SHAPES, self.distractors,
-                                    self.config.max_distractors, self.exclude)
-            task = self.rng.choices(self.tasks, self.weights)[0]
-            candidates = [s for s in samples if s.task == task] or samples
-            sample: GroundingSample = self.rng.choice(candidates)
-            yield build_example(
-                sample, scene.image, self.tokenizer, self.model_config.preprocess,
-                self.model_config.tasks.vqa_answers, self.model_config.language.max_query_len,
-                self.rng, min_size=self.rng.choice(self.config.min_sizes))
-
-
-class WorldDataset(torch.utils.data.IterableDataset):
-    """`WorldStream` for a DataLoader: worker k of W renders scenes start + k, start + k + W, ..."""
-
-    def __init__(self, config: TrainConfig, model_config, tokenizer, start_index: int) -> None:
-        super().__init__()
-        self.config, self.model_config, self.tokenizer = config, model_config, tokenizer
-        self.start_index = start_index
-
-    def __iter__(self) -> Iterator[Example]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return iter(WorldStream(self.config, self.model_config, self.tokenizer,
-                                self.start_index + worker, stride=workers))
-
-
-def example_batches(config: TrainConfig, model_config, tokenizer, start_index: int
-                    ) -> Iterator[list[Example]]:
-    """Endless lists of `config.batch_size` examples, rendered by `config.workers` processes."""
-    if config.workers <= 0:
-        stream = iter(WorldStream(config, model_config, tokenizer, start_index))
-        while True:
-            yield [next(stream) for _ in range(config.batch_size)]
-    loader = torch.utils.data.DataLoader(
-        WorldDataset(config, model_config, tokenizer, start_index),
-        batch_size=config.batch_size, collate_fn=list, num_workers=config.workers,
-        prefetch_factor=4, persistent_workers=True)
-    yield from loader
+from model_export.training.world_stream import example_batches
 
 
 class Glipv2Trainer:
@@ -253,7 +116,7 @@ class Glipv2Trainer:
                 weight = len(members) / len(examples)
                 for name, value in part.items():
                     losses[name] = losses.get(name, 0.0) + weight * value
-        total = sum(losses.values())
+        total = cast(Tensor, sum(losses.values()))  # every batch has at least one term
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(
@@ -274,7 +137,9 @@ class Glipv2Trainer:
         visual = model.encode_image(batch.images)
         text = model.encode_text(input_ids, mask, causal=batch.causal)
         attend = weights.get("attend", 0) > 0
-        with (model.fusion.recording_text_attention() if attend else nullcontext([])) as maps:
+        recording: AbstractContextManager[list[Tensor]] = (
+            model.fusion.recording_text_attention() if attend else nullcontext([]))
+        with recording as maps:
             out = model.fuse(visual, text, causal=batch.causal,
                              colours=model.image_colours(batch.images))
         num_tokens = input_ids.shape[1]
@@ -282,7 +147,7 @@ class Glipv2Trainer:
 
         grounded = [i for i, e in enumerate(batch.examples) if e.grounded]
         if grounded:
-            sizes = [tuple(level.shape[-2:]) for level in out.box_regression]
+            sizes = [(level.shape[-2], level.shape[-1]) for level in out.box_regression]
             anchors = self.anchor_generator.grid_anchors(sizes, device=self.device)
             targets = [ImageTargets(boxes=batch.examples[i].boxes,
                                     positive_map=pad_tokens(batch.examples[i].positive_map,
@@ -314,7 +179,7 @@ class Glipv2Trainer:
         if vqa_rows and model.vqa_head is not None:
             fused, vqa_mask = out.fused_text[vqa_rows], mask[vqa_rows]
             logits = model.vqa_head(fused, vqa_mask)
-            scores = torch.stack([batch.examples[i].vqa_scores for i in vqa_rows])
+            scores = torch.stack([e.vqa_scores for e in batch.examples if e.vqa_scores is not None])
             result["vqa"] = weights.get("vqa", 1.0) * vqa_loss(logits, scores)
             if weights.get("glimpse", 0) > 0:
                 named = torch.stack([self._glimpse_tokens(batch.examples[i], num_tokens)
@@ -322,11 +187,12 @@ class Glipv2Trainer:
                 last = model.vqa_head.pool_weights(fused, vqa_mask)[:, -1]
                 result["glimpse"] = weights["glimpse"] * glimpse_grounding_loss(last, named)
         if batch.causal and model.mlm_head is not None:
-            labels = torch.stack([pad_tokens(e.lm_labels, num_tokens, -100)
-                                  for e in batch.examples])
+            # Causal batches hold captioning examples only, and every one has lm_labels.
+            labels = torch.stack([pad_tokens(cast(Tensor, e.lm_labels), num_tokens,
+                                             MLM_IGNORE_INDEX) for e in batch.examples])
             logits = model.lm_logits(out.fused_text)
             result["caption"] = weights.get("caption", 1.0) * F.cross_entropy(
-                logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+                logits.flatten(0, 1), labels.flatten(), ignore_index=MLM_IGNORE_INDEX)
         if mlm_labels is not None and out.mlm_logits is not None:
             result["mlm"] = weights["mlm"] * mlm_loss(out.mlm_logits, mlm_labels)
         return result
@@ -344,7 +210,7 @@ class Glipv2Trainer:
     def _mask_for_mlm(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Mask tokens of the grounding/referring texts only (class-name prompts stay intact)."""
         input_ids = batch.input_ids.clone()
-        labels = torch.full_like(input_ids, -100)
+        labels = torch.full_like(input_ids, MLM_IGNORE_INDEX)
         rows = [i for i, e in enumerate(batch.examples) if e.task in ("grounding", "referring")]
         if rows:
             masked, row_labels = mask_tokens(
@@ -377,7 +243,9 @@ class Glipv2Trainer:
         target = inter_image_contrastive_targets(labels, positives, prompts)
         region_features = torch.cat([regions[i, pick] for i, pick in enumerate(picks)])
         token_features = hidden[rows].reshape(n * mask.shape[1], -1)
-        region_proj, token_proj = self.model.contrastive(region_features, token_features)
+        # `losses` computes L_inter only for a model with the projection.
+        contrastive = cast(Glipv2ContrastiveProjection, self.model.contrastive)
+        region_proj, token_proj = contrastive(region_features, token_features)
         return inter_image_contrastive_loss(region_proj, token_proj, target,
                                             mask[rows].flatten().bool(),
                                             self.config.inter_temperature)
@@ -399,20 +267,22 @@ class Glipv2Trainer:
                             device=self.device)
         phrases = torch.zeros(len(members), num_phrases, num_tokens, device=self.device)
         slots, targets = [], []  # per pair: (row, phrase, slot) of the head output; its mask
-        padded_hw = tuple(batch.images.shape[-2:])
+        padded_hw = (batch.images.shape[-2], batch.images.shape[-1])
+        # Every member has phrases and masks (the filter above), hence the casts below.
         for n, example in enumerate(examples):
             pairs = torch.tensor([(n, p, k, obj) for p, objects in enumerate(example.phrase_objects)
                                   for k, obj in enumerate(objects)], device=self.device)
             slot, objects = tuple(pairs[:, :3].T), pairs[:, 3]
-            exclusive = example.boxes[objects].clone()
-            exclusive[:, 2:] += 1.0
-            boxes[slot], valid[slot] = exclusive, True
-            phrases[n, :len(example.phrase_objects)] = pad_tokens(example.phrases, num_tokens)
+            boxes[slot], valid[slot] = to_exclusive(example.boxes[objects]), True
+            phrases[n, :len(example.phrase_objects)] = pad_tokens(cast(Tensor, example.phrases),
+                                                                  num_tokens)
             slots.append(pairs[:, :3])
-            targets.append(downsample_masks(example.masks, padded_hw)[objects])
+            targets.append(downsample_masks(cast(Tensor, example.masks), padded_hw)[objects])
         rows_index = torch.tensor(members, device=self.device)
-        logits = self.model.mask_head([level[rows_index] for level in out.fused_visual],
-                                      out.fused_text[rows_index], phrases, boxes, valid)
+        # `losses` computes the mask loss only for a model with the head.
+        mask_head = cast(Glipv2MaskHead, self.model.mask_head)
+        logits = mask_head([level[rows_index] for level in out.fused_visual],
+                           out.fused_text[rows_index], phrases, boxes, valid)
         n, p, k = torch.cat(slots).T
         return mask_loss(logits[n, p, k], torch.cat(targets))
 

@@ -52,9 +52,10 @@ def validate_params(task: str, params: dict[str, Any], serving: Glipv2Serving) -
         for error in errors:
             error["loc"] = ("params", *error["loc"])
         raise InvalidRequestError(format_validation_errors(errors)) from None
-    prepare = {"detect": serving.prepare_detect, "segment": serving.prepare_segment,
-               "vqa": serving.prepare_vqa, "caption": lambda _: serving.prepare_caption()}[task]
-    query = prepare(parsed)
+    prepare: dict[str, Callable[[Any], Any]] = {
+        "detect": serving.prepare_detect, "segment": serving.prepare_segment,
+        "vqa": serving.prepare_vqa, "caption": lambda _: serving.prepare_caption()}
+    query = prepare[task](parsed)
     return query if task == "detect" else parsed
 
 

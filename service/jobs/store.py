@@ -81,7 +81,7 @@ class JobStore(ABC):
     def get(self, job_id: str) -> JobRecord | None: ...
 
     @abstractmethod
-    def list(self, limit: int = 100) -> list[JobRecord]:
+    def recent(self, limit: int = 100) -> list[JobRecord]:
         """Newest first."""
 
     @abstractmethod
@@ -175,7 +175,7 @@ class SqliteJobStore(JobStore):
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return None if row is None else self._record(row)
 
-    def list(self, limit: int = 100) -> list[JobRecord]:
+    def recent(self, limit: int = 100) -> list[JobRecord]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM jobs ORDER BY created_s DESC, id LIMIT ?",
                                     (limit,)).fetchall()

@@ -114,7 +114,8 @@ class CaptionGrammar:
     @classmethod
     def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, class_names: Sequence[str]
                        ) -> CaptionGrammar:
-        ids = tokenizer.convert_tokens_to_ids(["a", ",", "and", "."])
+        article, comma, conjunction, period = ids = tokenizer.convert_tokens_to_ids(
+            ["a", ",", "and", "."])
         if tokenizer.unk_token_id in ids:
             raise ValueError("the tokenizer has no single tokens for 'a', ',', 'and' and '.'")
         classes = tuple(tuple(tokenizer(name, add_special_tokens=False)["input_ids"])
@@ -123,8 +124,8 @@ class CaptionGrammar:
             raise ValueError(f"a caption class name has no tokens: {list(class_names)}")
         continuations = tuple(sorted(i for t, i in tokenizer.get_vocab().items()
                                      if t.startswith("##")))
-        return cls(*ids, end=tokenizer.sep_token_id, classes=classes,
-                   continuations=continuations)
+        return cls(article, comma, conjunction, period, end=tokenizer.sep_token_id,
+                   classes=classes, continuations=continuations)
 
     def allowed(self, generated: Sequence[int], objects: Sequence[int], vocab_size: int
                 ) -> Tensor:
@@ -293,7 +294,7 @@ def object_phrase_spans(caption: str, names: Sequence[str]) -> list[tuple[int, i
     for name in names:
         article = _ARTICLE.search(caption, start)
         end = caption.find(name, article.end()) if article is not None else -1
-        if end < 0:
+        if article is None or end < 0:
             break
         spans.append((article.start(), end + len(name)))
         start = end + len(name)

@@ -74,7 +74,8 @@ def _overlay_mask(canvas: Image.Image, counts: str, size: Sequence[int],
     return Image.fromarray(pixels.round().astype(np.uint8))
 
 
-def _with_band(canvas: Image.Image, text: str, font: ImageFont.ImageFont) -> Image.Image:
+def _with_band(canvas: Image.Image, text: str,
+               font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> Image.Image:
     """A white band above the image holding `text` (wrapped to the image's width)."""
     draw = ImageDraw.Draw(canvas)
     lines, current = [], ""

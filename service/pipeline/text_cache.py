@@ -16,7 +16,7 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
-class TextFeatures:
+class PromptFeatures:
     """One text as the fusion engine takes it: (T,) token ids and (T, D) encoder features."""
 
     input_ids: Tensor
@@ -28,20 +28,20 @@ class TextFeatures:
                 + self.hidden.element_size() * self.hidden.nelement())
 
 
-Compute = Callable[[list[str]], Awaitable[Sequence[TextFeatures]]]
+Compute = Callable[[list[str]], Awaitable[Sequence[PromptFeatures]]]
 OnLookup = Callable[[int, int], None]  # (hits, misses)
 
 
 class TextFeatureCache:
-    """Text -> `TextFeatures`, least recently used evicted past `max_bytes` (0 disables it)."""
+    """Text -> `PromptFeatures`, least recently used evicted past `max_bytes` (0 disables it)."""
 
     def __init__(self, max_bytes: int, on_lookup: OnLookup | None = None) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, TextFeatures] = OrderedDict()
+        self._entries: OrderedDict[str, PromptFeatures] = OrderedDict()
         self._bytes = 0
-        self._pending: dict[str, asyncio.Future[TextFeatures]] = {}
+        self._pending: dict[str, asyncio.Future[PromptFeatures]] = {}
         self._on_lookup = on_lookup
 
     def __len__(self) -> int:
@@ -51,15 +51,15 @@ class TextFeatureCache:
     def nbytes(self) -> int:
         return self._bytes
 
-    async def get(self, texts: Sequence[str], compute: Compute) -> list[TextFeatures]:
+    async def get(self, texts: Sequence[str], compute: Compute) -> list[PromptFeatures]:
         """Features of each text; the missing ones computed by one `compute` call.
 
         A text already being computed for another request is awaited, not computed twice. If
         `compute` fails, the texts it was computing are not cached and every waiter gets the
         error.
         """
-        found: dict[str, TextFeatures] = {}
-        waiting: dict[str, asyncio.Future[TextFeatures]] = {}
+        found: dict[str, PromptFeatures] = {}
+        waiting: dict[str, asyncio.Future[PromptFeatures]] = {}
         missing: list[str] = []
         for text in dict.fromkeys(texts):  # unique, in order
             entry = self._entries.get(text)
@@ -95,7 +95,7 @@ class TextFeatureCache:
             found[text] = await future
         return [found[text] for text in texts]
 
-    def _put(self, text: str, features: TextFeatures) -> None:
+    def _put(self, text: str, features: PromptFeatures) -> None:
         size = features.nbytes
         if size > self.max_bytes:
             return

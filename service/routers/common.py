@@ -65,7 +65,7 @@ async def _read_json(request: Request, model: type[ParamsT]) -> TaskInput[Params
             raise InvalidJsonError(f"body is not valid JSON: {errors[0]['msg']}") from None
         raise RequestValidationError(_in_body(errors)) from None
     # Every *Request is its *Params plus `image: str`, so it serves as the params itself.
-    image: str = parsed.image  # type: ignore[attr-defined]
+    image: str = parsed.image  # type: ignore[attr-defined]  # typed as the base model
     return TaskInput(params=parsed, image=image)
 
 

@@ -37,7 +37,7 @@ def job_status(job: JobRecord, now_s: float | None = None) -> JobStatus:
             rate = job.done_since_start / elapsed
             eta = (job.total - job.done) / rate
     return JobStatus(
-        id=job.id, task=job.task, state=job.state.value,  # type: ignore[arg-type]
+        id=job.id, task=job.task, state=job.state.value,
         created_s=job.created_s, finished_s=job.finished_s, error=job.error,
         progress=JobProgress(total=job.total, done=job.done, succeeded=job.succeeded,
                              failed=job.failed, rate_per_s=_round(rate), eta_s=_round(eta)))
@@ -83,7 +83,7 @@ async def submit_job(job: JobRequest, response: Response, state: StateDep,
 @router.get("/v1/jobs", response_model=JobList, response_model_exclude_none=True,
             summary="List jobs, newest first", responses=error_responses(401, 503))
 async def list_jobs(jobs: JobsDep) -> JobList:
-    records = await asyncio.to_thread(jobs.store.list, 100)
+    records = await asyncio.to_thread(jobs.store.recent, 100)
     return JobList(jobs=[job_status(r) for r in records])
 
 

@@ -1,1 +1,103 @@
-"""The grounded shapes world (WORLD.md): the scene generator and its records' loader."""
+"""The grounded shapes world: a procedural scene generator with exact ground truth.
+
+No public GLIPv2 weights exist, so the project trains on scenes rendered from the specification in
+`WORLD.md` (kept in `shared/`). The generator follows that page exactly and is organised in layers,
+one module each:
+
+- `vocabulary`: `SHAPES`, `COLORS`, `SIZES`, `RELATIONS`, the 24-answer VQA set `ANSWERS`, the
+  spec's numbers and the held-out pairs (`parse_pairs`);
+- `scene`: the data classes `WorldObject` and `WorldImage`;
+- `geometry`: `shape_extent`, `shape_vertices` (a shape's outline relative to its tight-box
+  corner) and `rasterize` (5x5 supersampled coverage; mask = pixels at least half covered);
+- `render`: `render_scene` (background, objects, placement with margins and gaps), `render_index`;
+- `language`: `relation_holds`, `expression_targets`, `answer_question`, `caption_for`;
+- `sampling`: the samplers that turn a scene into referring expressions and VQA pairs;
+- `dataset`: `to_record`, `read_records`, `objects_from_record`, `generate_world`.
+
+`records` (not re-exported here) turns the written records into training samples.
+
+Box convention everywhere: `[x0, y0, x1, y1]` in pixels, integers, end exclusive.
+Held-out pairs are `(colour, shape)` tuples, e.g. `("red", "circle")`.
+"""
+
+from model_export.data.world.dataset import (
+    generate_world,
+    objects_from_record,
+    read_records,
+    to_record,
+)
+from model_export.data.world.geometry import rasterize, shape_extent, shape_vertices, tight_box
+from model_export.data.world.language import (
+    EXPRESSION_FORMS,
+    QUESTION_TYPES,
+    answer_question,
+    caption_for,
+    caption_phrase_spans,
+    expression_form,
+    expression_targets,
+    related,
+    relation_anchor,
+    relation_holds,
+    select,
+    unique_anchor,
+)
+from model_export.data.world.render import render_index, render_scene
+from model_export.data.world.sampling import sample_expressions, sample_questions
+from model_export.data.world.scene import WorldImage, WorldObject
+from model_export.data.world.vocabulary import (
+    ANSWER_INDEX,
+    ANSWERS,
+    COLOR_NAMES,
+    COLORS,
+    HELD_OUT_PAIRS,
+    MAX_COUNT,
+    RELATIONS,
+    SHAPES,
+    SIZE_RANGES,
+    SIZES,
+    Pairs,
+    parse_pairs,
+    validate_pairs,
+)
+
+__all__ = [
+    "ANSWERS",
+    "ANSWER_INDEX",
+    "COLORS",
+    "COLOR_NAMES",
+    "EXPRESSION_FORMS",
+    "HELD_OUT_PAIRS",
+    "MAX_COUNT",
+    "QUESTION_TYPES",
+    "RELATIONS",
+    "SHAPES",
+    "SIZES",
+    "SIZE_RANGES",
+    "Pairs",
+    "WorldImage",
+    "WorldObject",
+    "answer_question",
+    "caption_for",
+    "caption_phrase_spans",
+    "expression_form",
+    "expression_targets",
+    "generate_world",
+    "objects_from_record",
+    "parse_pairs",
+    "rasterize",
+    "read_records",
+    "related",
+    "relation_anchor",
+    "relation_holds",
+    "render_index",
+    "render_scene",
+    "sample_expressions",
+    "sample_questions",
+    "select",
+    "shape_extent",
+    "shape_vertices",
+    "tight_box",
+    "to_record",
+    "unique_anchor",
+    "validate_pairs",
+]

@@ -24,18 +24,12 @@ from model_export.data._common import (
     validated,
 )
 from model_export.data.types import Box, GroundedObject, GroundingSample, Span
-from model_export.data.world.generator import (
-    ANSWERS,
-    COLOR_NAMES,
-    RELATIONS,
-    SHAPES,
-    SIZES,
-    relation_anchor,
-)
+from model_export.data.world.language import relation_anchor
+from model_export.data.world.vocabulary import ANSWERS, COLOR_NAMES, RELATIONS, SHAPES, SIZES
 from model_export.processing.referring import referent_span
 
-# The vocabulary comes from the generator, the one source of truth for WORLD.md; SHAPES (in
-# WORLD.md order) is the detection class list.
+# The vocabulary comes from the generator's `vocabulary`, the one source of truth for WORLD.md;
+# SHAPES (in WORLD.md order) is the detection class list.
 _SHAPE = "|".join(SHAPES)
 _COLOR = "|".join(COLOR_NAMES)
 _SIZE = "|".join(SIZES)
@@ -210,8 +204,8 @@ def _record_samples(
                 _object(objects, target, path, question_where)
                 for target in require_list(question["objects"], path, f"{question_where} objects")
             ]
-            spans = check_spans([question["span"]], text, path, question_where)
-            grounding = {"objects": named, "spans": [spans for _ in named],
+            named_spans = check_spans([question["span"]], text, path, question_where)
+            grounding = {"objects": named, "spans": [named_spans for _ in named],
                          "question_grounded": True}
             if "answer_object" in question and "answer_span" in question:
                 answer_span = check_spans([question["answer_span"]], text, path,
@@ -232,8 +226,8 @@ def _record_samples(
         phrase_where = f"{where} caption_phrases[{index}]"
         require_keys(phrase, ("span", "object"), path, phrase_where)
         _object(objects, phrase["object"], path, phrase_where)
-        spans = check_spans([phrase["span"]], caption, path, phrase_where)
-        spans_per_object.setdefault(phrase["object"], []).extend(spans)
+        phrase_spans = check_spans([phrase["span"]], caption, path, phrase_where)
+        spans_per_object.setdefault(phrase["object"], []).extend(phrase_spans)
     samples.append(
         sample(
             task="caption",

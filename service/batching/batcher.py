@@ -1,28 +1,5 @@
-"""Dynamic batching with Triton's semantics, one batcher per engine, independent of any model.
-
-Requests wait in a bounded queue, grouped by a `bucket` key (e.g. the padded image shape): only
-requests of the same bucket can be stacked into one tensor, so only they batch together. A batch
-goes when it is full, or when its oldest request has waited `max_queue_delay_ms`; an arrival that
-completes a batch sends it at once. The decision crosses into the engine as a `BatchPlan`; the
-engine's `run_batch` never sees a queue (vLLM's split between scheduler and model runner).
-
-Two priorities share each queue: online requests (`PRIORITY_ONLINE`) and batch-job work
-(`PRIORITY_BATCH`). A batch takes online requests first and fills spare slots with job work, and
-the bucket served next is the one holding the oldest online request; job work never counts
-against the online queue bound (it has its own), so a running job cannot make clients see 429.
-Job work that has waited `batch_max_wait_ms` is served as online (aging), at most every other
-batch: under a steady online load of other image shapes it would otherwise never run, and online
-requests then wait for at most one job batch at a time.
-
-Compute runs in one dedicated worker thread, so the event loop keeps accepting, rejecting and
-expiring requests while an engine runs. One thread, because an engine instance runs one batch at a
-time; the next batch is formed when it is free, which is when the most requests have gathered.
-
-Errors callers can see, and what the HTTP layer makes of them:
-`QueueFullError` (429/503 with Retry-After), `DeadlineExceededError` (504),
-`BatcherStoppedError` (503: not started, or shutting down), `BatchExecutionError` (500: the engine
-raised for the whole batch), or the exception `run_batch` returned for that one request.
-"""
+"""`DynamicBatcher`: queues requests per bucket, forms batches, runs them off the event loop,
+routes results (the policy is described in `service.batching`)."""
 
 from __future__ import annotations
 
@@ -35,179 +12,27 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
 
-__all__ = [
-    "PRIORITY_BATCH",
-    "PRIORITY_ONLINE",
-    "BatchExecutionError",
-    "BatchPlan",
-    "BatcherConfig",
-    "BatcherStoppedError",
-    "DeadlineExceededError",
-    "DynamicBatcher",
-    "QueueFullError",
-    "WorkItem",
-]
+from service.batching.config import PRIORITY_BATCH, PRIORITY_ONLINE, BatcherConfig, is_number
+from service.batching.work import (
+    BatcherStoppedError,
+    BatchExecutionError,
+    BatchPlan,
+    OnBatch,
+    OnQueueDepth,
+    PayloadT,
+    QueueFullError,
+    ResultT,
+    RunBatch,
+    WorkItem,
+    deadline_error,
+    fail,
+)
 
 log = logging.getLogger(__name__)
 
-PayloadT = TypeVar("PayloadT")
-ResultT = TypeVar("ResultT")
-
-PRIORITY_ONLINE = 0  # interactive requests: scheduled first
-PRIORITY_BATCH = 1  # batch-job work: fills what online traffic leaves
-
-# Share of the newest batch in the running compute-time estimate behind `retry_after_s`.
 _COMPUTE_EMA_WEIGHT = 0.2
-
-
-@dataclass
-class BatcherConfig:
-    """The batcher's knobs; units are in the names.
-
-    Defaults: `max_batch_size=8`, `max_queue_delay_ms=0.0`, `max_queue_size=64`,
-    `default_deadline_ms=None` (no deadline unless a request brings one),
-    `batch_max_wait_ms=1000.0`.
-
-    - `max_batch_size`: most requests in one `run_batch` call.
-    - `max_queue_delay_ms`: how long the oldest request of a partial batch may wait for company.
-      It applies only when a full batch cannot be formed: a full batch goes at once, and so does
-      the batch an arrival completes. 0 (the default, as Triton's) sends whatever is queued as
-      soon as the engine is free, so batches form only while the engine is busy and a lone
-      request never waits; on a compute-bound CPU a delay costs latency and buys no throughput
-      (`glipv2 bench load`).
-    - `max_queue_size`: most requests waiting (not counting the batch being computed); a request
-      arriving at a full queue is rejected at once (`QueueFullError`), so the queue never grows
-      without bound and clients hear "retry later" instead of timing out.
-    - `default_deadline_ms`: deadline for requests that bring none, counted from submission. A
-      request whose deadline passes before its batch starts is dropped, never computed.
-    - `batch_max_wait_ms`: how long batch-job work waits behind online requests before it is
-      scheduled as one of them; the most extra latency a job adds to online traffic is then about
-      one batch's compute per this interval.
-
-    Tuning order for operators (as Triton's guide):
-    1. `max_batch_size`: the largest batch the engine runs within memory (for TensorRT, the
-       optimisation profile's maximum); with `glipv2 bench`, stop where throughput flattens.
-    2. `max_queue_delay_ms`: raise it from 0 under the target concurrency until
-       throughput stops improving or p99 latency leaves the budget; it is the most extra latency a
-       lone request pays.
-    3. `max_queue_size`: about latency budget / per-batch compute time x `max_batch_size`;
-       requests beyond that would miss their deadline anyway, so reject them early.
-    4. `default_deadline_ms`: the age past which an answer is useless to the caller.
-    """
-
-    max_batch_size: int = 8
-    max_queue_delay_ms: float = 0.0
-    max_queue_size: int = 64
-    default_deadline_ms: float | None = None
-    batch_max_wait_ms: float = 1000.0
-
-    def __post_init__(self) -> None:
-        if not _is_int(self.max_batch_size) or self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
-        if not _is_number(self.max_queue_delay_ms) or self.max_queue_delay_ms < 0:
-            raise ValueError(
-                f"max_queue_delay_ms must be a finite number >= 0, got {self.max_queue_delay_ms!r}"
-            )
-        if not _is_int(self.max_queue_size) or self.max_queue_size < self.max_batch_size:
-            raise ValueError(
-                f"max_queue_size must be an integer >= max_batch_size ({self.max_batch_size}), "
-                f"got {self.max_queue_size!r}: a smaller queue could never form a full batch"
-            )
-        if self.default_deadline_ms is not None and (
-            not _is_number(self.default_deadline_ms) or self.default_deadline_ms <= 0
-        ):
-            raise ValueError(
-                "default_deadline_ms must be None (no deadline) or a finite number > 0, "
-                f"got {self.default_deadline_ms!r}"
-            )
-
-        if not _is_number(self.batch_max_wait_ms) or self.batch_max_wait_ms < 0:
-            raise ValueError("batch_max_wait_ms must be a finite number >= 0, "
-                             f"got {self.batch_max_wait_ms!r}")
-
-    @property
-    def max_queue_delay_s(self) -> float:
-        return self.max_queue_delay_ms / 1000.0
-
-
-class QueueFullError(Exception):
-    """The queue holds `max_queue_size` requests; nothing was queued.
-
-    `retry_after_s` estimates when the backlog will have drained (for a `Retry-After` header).
-    """
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExceededError(Exception):
-    """The request's deadline passed before it was answered (its result, if any, was dropped)."""
-
-
-class BatcherStoppedError(RuntimeError):
-    """The batcher is not running (not started yet, or stopping): the request was not served."""
-
-
-class BatchExecutionError(RuntimeError):
-    """`run_batch` raised (or broke its contract) for a whole batch; `__cause__` is the reason.
-
-    Each caller of the batch gets its own instance, so tracebacks of concurrent callers do not
-    pile onto one shared exception object.
-    """
-
-
-@dataclass(eq=False)  # identity equality: payloads may be tensors, which do not compare to bool
-class WorkItem(Generic[PayloadT, ResultT]):
-    """One queued request: what the scheduler knows about it, and where its answer goes.
-
-    Times are in seconds of the batcher's clock. `seq` orders arrivals (the clock may tie).
-    """
-
-    payload: PayloadT
-    bucket: Hashable
-    enqueued_s: float
-    deadline_s: float | None
-    future: asyncio.Future[ResultT]
-    seq: int
-    priority: int = PRIORITY_ONLINE
-
-    def order(self, now_s: float, promote_after_s: float) -> tuple[int, int]:
-        """Scheduling order: priority first (job work that waited `promote_after_s` counts as
-        online), then arrival."""
-        aged = self.priority != PRIORITY_ONLINE and now_s - self.enqueued_s >= promote_after_s
-        return (PRIORITY_ONLINE if aged else self.priority, self.seq)
-
-    def expired(self, now_s: float) -> bool:
-        return self.deadline_s is not None and now_s >= self.deadline_s
-
-
-@dataclass
-class BatchPlan(Generic[PayloadT]):
-    """The batching decision handed to the engine's `run_batch`, the only thing it receives.
-
-    - `payloads`: the requests' payloads, oldest first; `run_batch` returns one result per payload,
-      in the same order (an `Exception` instance in a slot fails only that request).
-    - `bucket`: the key every payload shares (e.g. padded image shape), so they stack into one
-      tensor.
-    - `queue_waits_s`: per payload, seconds from submission to the start of this batch.
-    """
-
-    payloads: list[PayloadT]
-    bucket: Hashable
-    queue_waits_s: list[float] = field(default_factory=list)
-
-    @property
-    def size(self) -> int:
-        return len(self.payloads)
-
-
-RunBatch = Callable[[BatchPlan[PayloadT]], Sequence[ResultT | Exception]]
-OnBatch = Callable[[int, list[float], float], None]  # (size, queue_waits_s, compute_s)
-OnQueueDepth = Callable[[int], None]
 
 
 class DynamicBatcher(Generic[PayloadT, ResultT]):
@@ -287,7 +112,7 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
             if self._in_flight is not None:
                 self._in_flight.cancel()
             for item in [*self._in_flight_items, *self._take_all_queued()]:
-                _fail(item, BatcherStoppedError(f"{self.name} stopped before answering"))
+                fail(item, BatcherStoppedError(f"{self.name} stopped before answering"))
             with suppress(asyncio.CancelledError):
                 await self._task
         if self._executor is not None:
@@ -319,7 +144,7 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
             raise BatcherStoppedError(f"{self.name} is not accepting requests")
         if deadline_ms is None:
             deadline_ms = self.config.default_deadline_ms
-        if deadline_ms is not None and (not _is_number(deadline_ms) or deadline_ms <= 0):
+        if deadline_ms is not None and (not is_number(deadline_ms) or deadline_ms <= 0):
             raise ValueError(f"deadline_ms must be a finite number > 0, got {deadline_ms!r}")
         if priority not in (PRIORITY_ONLINE, PRIORITY_BATCH):
             raise ValueError(f"unknown priority {priority!r}")
@@ -368,7 +193,7 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
             log.exception("%s: scheduling loop failed", self.name)
             self._stopping = True
             for item in [*self._in_flight_items, *self._take_all_queued()]:
-                _fail(item, BatchExecutionError(f"{self.name} scheduling loop failed: {exc!r}"))
+                fail(item, BatchExecutionError(f"{self.name} scheduling loop failed: {exc!r}"))
 
     def _schedule(self, now_s: float) -> list[WorkItem[PayloadT, ResultT]]:
         """Take the next batch: among ready buckets, the one holding the first request in
@@ -423,7 +248,7 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
                 for item in batch:
                     error = BatchExecutionError(f"{self.name}: batch failed: {exc!r}")
                     error.__cause__ = exc
-                    _fail(item, error)
+                    fail(item, error)
             else:
                 compute_s = self._clock() - started_s
                 self._deliver(batch, results, self._clock())
@@ -444,7 +269,7 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
             if item.future.done():  # cancelled by its caller, or already told its deadline passed
                 continue
             if item.expired(now_s):
-                item.future.set_exception(_deadline_error(item, now_s, "while computing"))
+                item.future.set_exception(deadline_error(item, now_s, "while computing"))
             elif isinstance(result, Exception):
                 item.future.set_exception(result)
             else:
@@ -458,7 +283,7 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
         """
         for item in self._in_flight_items:
             if not item.future.done() and item.expired(now_s):
-                item.future.set_exception(_deadline_error(item, now_s, "while computing"))
+                item.future.set_exception(deadline_error(item, now_s, "while computing"))
         changed = False
         for bucket, queue in list(self._buckets.items()):
             live: deque[WorkItem[PayloadT, ResultT]] = deque()
@@ -466,7 +291,7 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
                 if item.future.done():
                     continue
                 if item.expired(now_s):
-                    item.future.set_exception(_deadline_error(item, now_s, "in the queue"))
+                    item.future.set_exception(deadline_error(item, now_s, "in the queue"))
                     continue
                 live.append(item)
             if len(live) != len(queue):
@@ -543,22 +368,3 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
             callback(*args)
         except Exception:  # metrics are best effort; they must never fail a request
             log.exception("%s: metric callback %r failed", self.name, callback)
-
-
-def _fail(item: WorkItem[Any, Any], error: BaseException) -> None:
-    if not item.future.done():
-        item.future.set_exception(error)
-
-
-def _deadline_error(item: WorkItem[Any, Any], now_s: float, where: str) -> DeadlineExceededError:
-    return DeadlineExceededError(
-        f"deadline passed {where} after {(now_s - item.enqueued_s) * 1000.0:.1f} ms"
-    )
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,129 @@
+"""`glipv2 bench`: the benchmarks, each printing ratios measured side by side."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cli.common import Subcommands
+from engines.kinds import RuntimeKind
+from service.batching import BatcherConfig
+
+
+def _bench_runtimes(args: argparse.Namespace) -> int:
+    from benchmarks.runtimes import bench_runtimes, format_result
+
+    result = bench_runtimes(Path(args.model), Path(args.engines) if args.engines else None,
+                            args.height, args.width, repeats=args.repeats, threads=args.threads,
+                            profile=args.profile)
+    print(format_result(result))
+    return 0
+
+
+def _bench_load(args: argparse.Namespace) -> int:
+    from benchmarks.load import format_sweep, sweep
+
+    if (args.url is None) != (args.unbatched_url is None):
+        print("give both --url and --unbatched-url (two running servers), or neither",
+              file=sys.stderr)
+        return 2
+    # Flags passed on to `glipv2 serve` as they are; --model and --max-batch-size go to `sweep`.
+    serve_flags = {"--runtime": args.runtime, "--engines": args.engines,
+                   "--threads": args.threads or None,
+                   "--max-queue-delay-ms": args.max_queue_delay_ms}
+    given = [flag for flag, value in {**serve_flags, "--model": args.model,
+                                      "--max-batch-size": args.max_batch_size}.items()
+             if value is not None]
+    if args.url and given:
+        print(f"{', '.join(given)} configure the servers this command starts; with --url the "
+              "running servers keep their own settings", file=sys.stderr)
+        return 2
+    serve_args = [str(part) for flag, value in serve_flags.items() if value is not None
+                  for part in (flag, value)]
+    levels = [int(v) for v in args.concurrency.split(",")]
+    max_batch_size = args.max_batch_size or BatcherConfig.max_batch_size
+    on, off = sweep(levels, args.requests, max_batch_size=max_batch_size,
+                    distinct_images=args.images, model_dir=args.model, serve_args=serve_args,
+                    urls=(args.url, args.unbatched_url) if args.url else None)
+    print(format_sweep(on, off))
+    return 0
+
+
+def _bench_jobs(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from benchmarks.jobs import bench_jobs, format_phases
+    from benchmarks.local_server import local_server
+
+    server = nullcontext(args.url) if args.url else local_server(args.model)
+    with server as url:
+        alone, with_job = bench_jobs(url, args.requests, args.concurrency, args.job_images)
+    print(format_phases(alone, with_job, args.concurrency))
+    return 0
+
+
+def _bench_report(args: argparse.Namespace) -> int:
+    from benchmarks.report import bench_report
+
+    levels = tuple(int(v) for v in args.concurrency.split(","))
+    path = bench_report(Path(args.out), args.model, args.engines, levels, args.requests,
+                        runtimes=not args.no_runtimes)
+    print(f"wrote {path}")
+    return 0
+
+
+def register(sub: Subcommands) -> None:
+    """Add this group's commands to the `glipv2` parser."""
+    bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    runtimes = bench_sub.add_parser(
+        "runtimes", help="each graph's latency on PyTorch fp32/bf16 and ONNX Runtime fp32/int8")
+    runtimes.add_argument("--model", default="models/default", help="model folder (PyTorch)")
+    runtimes.add_argument("--engines", help="exported engine folder (ONNX Runtime); export "
+                                            "with --variants int8 to include int8")
+    runtimes.add_argument("--height", type=int, default=288, help="padded image height")
+    runtimes.add_argument("--width", type=int, default=448, help="padded image width")
+    runtimes.add_argument("--repeats", type=int, default=5, help="timed runs per graph")
+    runtimes.add_argument("--threads", type=int, default=0, help="compute threads (0: all)")
+    runtimes.add_argument("--profile", action="store_true",
+                          help="also split ONNX Runtime's vision and fusion time by operator type")
+    runtimes.set_defaults(func=_bench_runtimes)
+    load = bench_sub.add_parser(
+        "load", help="closed-loop concurrency sweep, batcher on vs max_batch_size=1, as ratios")
+    load.add_argument("--url", help="a running server with the batcher on (with --unbatched-url; "
+                                    "default: start both servers here)")
+    load.add_argument("--unbatched-url", help="a running server with --max-batch-size 1")
+    load.add_argument("--model", help="model folder for the servers started here")
+    load.add_argument("--runtime", choices=list(RuntimeKind),
+                      help="runtime of the servers started here (default: serve's)")
+    load.add_argument("--engines", help="engine folder for --runtime onnxruntime / tensorrt")
+    load.add_argument("--threads", type=int, default=0, help="servers' intra-op threads")
+    load.add_argument("--max-batch-size", type=int,
+                      help="the batched server's max_batch_size "
+                           f"({BatcherConfig.max_batch_size})")
+    load.add_argument("--max-queue-delay-ms", type=float,
+                      help="the servers' max_queue_delay_ms (default: serve's)")
+    load.add_argument("--concurrency", default="1,2,4,8,16,32", help="client counts to measure")
+    load.add_argument("--requests", type=int, default=64, help="requests per level")
+    load.add_argument("--images", type=int, default=16,
+                      help="distinct world images cycled through (of varying sizes; 1: every "
+                           "request the same image, so batches always share a shape)")
+    load.set_defaults(func=_bench_load)
+    jobs_bench = bench_sub.add_parser(
+        "jobs", help="online p50/p90/p99 latency with and without a batch job running")
+    jobs_bench.add_argument("--url", help="a running server (default: start one on --model)")
+    jobs_bench.add_argument("--model", help="model folder for the server started here")
+    jobs_bench.add_argument("--requests", type=int, default=80, help="online requests per phase")
+    jobs_bench.add_argument("--concurrency", type=int, default=4, help="online clients")
+    jobs_bench.add_argument("--job-images", type=int, default=500, help="images in the batch job")
+    jobs_bench.set_defaults(func=_bench_jobs)
+    report = bench_sub.add_parser(
+        "report", help="run the benchmarks, write a Markdown report with PNG plots")
+    report.add_argument("--out", default="docs/bench", help="report folder (docs/bench)")
+    report.add_argument("--model", help="model folder (default: the embedded model)")
+    report.add_argument("--engines", help="exported engines (default: export to a temp dir)")
+    report.add_argument("--concurrency", default="1,2,4,8,16,32", help="client counts to measure")
+    report.add_argument("--requests", type=int, default=64, help="requests per level")
+    report.add_argument("--no-runtimes", action="store_true", help="skip the runtime section")
+    report.set_defaults(func=_bench_report)

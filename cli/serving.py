@@ -1,0 +1,166 @@
+"""`glipv2` commands of the service: serve, and jobs (a client of a running server)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from cli.common import Subcommands
+from engines.kinds import OrtProvider, Precision, RuntimeKind
+from service.batching import BatcherConfig
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from pydantic import ValidationError
+
+    from service.settings import ServiceSettings
+
+    # Flags override environment variables (GLIPV2_*), which override the defaults.
+    overrides: dict[str, object] = {
+        key: value for key, value in {
+            "host": args.host, "port": args.port, "model_dir": args.model,
+            "runtime": args.runtime, "engine_dir": args.engines,
+            "ort_provider": args.provider, "precision": args.precision, "threads": args.threads,
+            "prompts_dir": args.prompts,
+            "request_timeout_ms": args.request_timeout_ms,
+        }.items() if value is not None
+    }
+    batcher = {
+        key: value for key, value in {
+            "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
+            "max_queue_size": args.max_queue_size,
+        }.items() if value is not None
+    }
+    if batcher:
+        overrides["batcher"] = batcher
+    try:
+        settings = ServiceSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        print(f"invalid serve settings:\n{exc}", file=sys.stderr)
+        return 2
+    model_dir = settings.model_dir
+    if not (model_dir / "config.json").is_file():
+        print(
+            f"no model to serve at {model_dir} (no config.json there). Serve a model folder "
+            "with --model DIR or GLIPV2_MODEL_DIR=DIR: the embedded default (models/default), a "
+            "`glipv2 train` checkpoint folder, or a released GLIP checkpoint converted with "
+            "`glipv2 convert`.",
+            file=sys.stderr,
+        )
+        return 2
+
+    import uvicorn
+
+    from service.app import create_app
+
+    def _terminated(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    # uvicorn handles SIGTERM while it runs: it stops accepting, lets in-flight requests finish
+    # (bounded by the graceful-shutdown timeout), then runs the lifespan shutdown, which drains
+    # the batchers. Afterwards it re-raises the signal under the handler it found at start; this
+    # one turns that (and a SIGTERM before uvicorn starts) into a clean exit 0 instead of death
+    # by signal, so supervisors see a completed drain.
+    signal.signal(signal.SIGTERM, _terminated)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
+    )
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+
+
+    from service.jobs.client import JobClient, JobClientError, folder_images
+
+    client = JobClient(args.url, api_key=args.api_key)
+    try:
+        if args.jobs_command == "submit":
+            params = json.loads(args.params) if args.params else {}
+            if args.classes:
+                params["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+            files = folder_images(Path(args.folder))
+            job = client.submit(args.task, params, [f.read_bytes() for f in files])
+            print(f"job {job['id']}: {len(files)} images from {args.folder}", file=sys.stderr)
+            if args.no_wait:
+                print(job["id"])
+                return 0
+            job_id = job["id"]
+        else:
+            job_id = args.id
+        cancel = args.jobs_command == "cancel"
+        status = client.cancel(job_id) if cancel else client.wait(job_id)
+        print(json.dumps(status, indent=2))
+        if args.jobs_command != "cancel" and args.out:
+            lines = client.save_results(job_id, Path(args.out))
+            print(f"{lines} results in {args.out}", file=sys.stderr)
+        return 0 if status["state"] in ("done", "cancelled") else 1
+    except JobClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+def register(sub: Subcommands) -> None:
+    """Add this group's commands to the `glipv2` parser."""
+    serve = sub.add_parser(
+        "serve", help="serve the model over HTTP",
+        description="Serve a model over HTTP. Every flag overrides its GLIPV2_* environment "
+                    "variable (service/settings.py documents all settings and defaults).")
+    serve.add_argument("--model", help="model folder (default: GLIPV2_MODEL_DIR, else "
+                                       "models/default of the repository)")
+    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port (default 8000)")
+    serve.add_argument("--runtime", choices=list(RuntimeKind),
+                       help="inference runtime (default pytorch)")
+    serve.add_argument("--engines", help="engine folder for onnxruntime / tensorrt "
+                                         "(glipv2 export)")
+    serve.add_argument("--provider", choices=list(OrtProvider),
+                       help="ONNX Runtime execution provider (default cpu)")
+    serve.add_argument("--precision", choices=list(Precision),
+                       help="ONNX Runtime variant of vision and fusion (default fp32)")
+    serve.add_argument("--threads", type=int, help="intra-op threads (default: one per core)")
+    serve.add_argument("--prompts", help="folder of tuned prompts served as prompt_id "
+                                         "(glipv2 tune-prompt)")
+    serve.add_argument("--max-batch-size", type=int,
+                       help=f"most requests per engine batch ({BatcherConfig.max_batch_size})")
+    serve.add_argument("--max-queue-delay-ms", type=float,
+                       help="how long a partial batch waits for company "
+                            f"({BatcherConfig.max_queue_delay_ms:g})")
+    serve.add_argument("--max-queue-size", type=int,
+                       help="most waiting requests per engine before 429 "
+                            f"({BatcherConfig.max_queue_size})")
+    serve.add_argument("--request-timeout-ms", type=float,
+                       help="per-request deadline before 504 (default: GLIPV2_REQUEST_TIMEOUT_MS "
+                            "or its default)")
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=_serve)
+
+    jobs = sub.add_parser("jobs", help="batch jobs on a running server (/v1/jobs)")
+    jobs.add_argument("--url", default="http://127.0.0.1:8000", help="server URL")
+    jobs.add_argument("--api-key", default=os.environ.get("GLIPV2_API_KEY"),
+                      help="API key (default: GLIPV2_API_KEY)")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    submit = jobs_sub.add_parser("submit", help="submit a folder of images, follow, save")
+    submit.add_argument("folder", help="folder of .png/.jpg/.webp images (name order)")
+    submit.add_argument("--task", required=True, choices=["detect", "segment", "vqa", "caption"])
+    submit.add_argument("--classes", help="detect: comma-separated class names")
+    submit.add_argument("--params", help="the task's other fields as JSON, e.g. "
+                                         "'{\"threshold\": 0.3}'")
+    submit.add_argument("--out", default="results.jsonl", help="results file (JSON Lines)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and exit")
+    for name, text in (("wait", "follow a job and save its results"), ("cancel", "cancel a job")):
+        command = jobs_sub.add_parser(name, help=text)
+        command.add_argument("id", help="job id")
+        if name == "wait":
+            command.add_argument("--out", default="results.jsonl", help="results file")
+    jobs.set_defaults(func=_jobs)

@@ -1,0 +1,157 @@
+"""The engines as the tasks see them: one dynamic batcher per engine, and each request's trip.
+
+`EngineClient` owns the batchers (one per engine, over the `ModelRunner`), the text-feature
+cache and the request deadline. A task opens an `EngineRequest` per HTTP request (or job input)
+and awaits its stages on it: `encode_image` (vision), `encode_texts` (language, through the
+cache), `fuse` (fusion), then `submit` to a head's engine. The deadline spans all stages; when a
+stage fails (deadline, queue full), the request's other queued work is withdrawn, not computed
+for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from enum import StrEnum
+from typing import Any, TypeVar
+
+import torch
+from PIL import Image
+
+from model_export.modeling.config import PreprocessConfig
+from service.batching import (
+    PRIORITY_ONLINE,
+    BatcherConfig,
+    DeadlineExceededError,
+    DynamicBatcher,
+)
+from service.model_runner import FusionResult, FusionWork, ModelRunner
+from service.pipeline.model_input import PreparedImage, image_bucket, prepare_image
+from service.pipeline.text_cache import PromptFeatures, TextFeatureCache
+from service.telemetry import ServiceMetrics
+
+T = TypeVar("T")
+
+# A request fans out into several items of the engines after `vision` (chunks, expressions), so
+# their queues hold this many times the admission queue; admission is bounded at `vision`.
+FAN_OUT_QUEUE_FACTOR = 16
+TEXT_BUCKET = "text"  # texts batch together whatever their images' shapes
+
+
+class Engine(StrEnum):
+    """The engines of DESIGN.md, each with its own batcher (the heads only when served)."""
+
+    VISION = "vision"
+    LANGUAGE = "language"
+    FUSION = "fusion"
+    MASK = "mask"
+    VQA = "vqa"
+    CAPTION = "caption"
+
+
+class EngineClient:
+    """The batchers of `engines` over one `ModelRunner`, the text cache, and the deadline.
+
+    `start()`/`stop()` run on the event loop. `clock` (seconds, monotonic) is shared with the
+    batchers, so tests drive deadlines with a fake one.
+    """
+
+    def __init__(self, runner: ModelRunner, engines: Sequence[Engine], *,
+                 batcher_config: BatcherConfig, metrics: ServiceMetrics | None = None,
+                 text_cache_bytes: int = 256 * 1024 * 1024,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.runner = runner
+        self.preprocess: PreprocessConfig = runner.config.preprocess
+        self.clock = time.monotonic if clock is None else clock
+        self.default_deadline_ms = batcher_config.default_deadline_ms
+        self.text_cache = TextFeatureCache(
+            text_cache_bytes, on_lookup=metrics.on_text_cache_lookup if metrics else None)
+        runs: dict[Engine, Callable[..., Any]] = {
+            Engine.VISION: runner.vision, Engine.LANGUAGE: runner.language,
+            Engine.FUSION: runner.fusion, Engine.MASK: runner.mask, Engine.VQA: runner.vqa,
+            Engine.CAPTION: runner.caption,
+        }
+        self.batchers: dict[Engine, DynamicBatcher[Any, Any]] = {}
+        for engine in engines:
+            config = batcher_config
+            if engine != Engine.VISION:
+                config = dataclasses.replace(
+                    batcher_config,
+                    max_queue_size=batcher_config.max_queue_size * FAN_OUT_QUEUE_FACTOR)
+            on_batch, on_depth = (metrics.engine_callbacks(engine) if metrics is not None
+                                  else (None, None))
+            self.batchers[engine] = DynamicBatcher(
+                config, runs[engine], clock=clock, on_batch=on_batch, on_queue_depth=on_depth,
+                name=engine)
+
+    async def start(self) -> None:
+        for batcher in self.batchers.values():
+            await batcher.start()
+
+    async def stop(self, drain: bool = True) -> None:
+        """`drain=True` finishes queued and in-flight work first (SIGTERM). Engines stop in
+        flow order, so a request between two stages still finds the next one running."""
+        for batcher in self.batchers.values():
+            await batcher.stop(drain=drain)
+
+    def request(self, image: Image.Image, priority: int = PRIORITY_ONLINE) -> EngineRequest:
+        """One request's trip through the engines, its deadline starting now."""
+        # Job work has no deadline: nobody waits on the line for it.
+        deadline_ms = self.default_deadline_ms if priority == PRIORITY_ONLINE else None
+        deadline_s = None if deadline_ms is None else self.clock() + deadline_ms / 1000.0
+        return EngineRequest(self, image, priority, deadline_s)
+
+
+class EngineRequest:
+    """One request's trip through the engines: its deadline, its image's bucket, and its work
+    withdrawn from every queue when any part of it fails."""
+
+    def __init__(self, client: EngineClient, image: Image.Image, priority: int,
+                 deadline_s: float | None) -> None:
+        self.client = client
+        self.image = image
+        self.priority = priority
+        self.deadline_s = deadline_s
+        self.bucket = image_bucket(image, client.preprocess)
+
+    def remaining_ms(self) -> float | None:
+        if self.deadline_s is None:
+            return None
+        left = (self.deadline_s - self.client.clock()) * 1000.0
+        if left <= 0:
+            raise DeadlineExceededError("request deadline passed between engines")
+        return left
+
+    async def submit(self, engine: Engine, payload: object, bucket: object = None) -> Any:
+        batcher = self.client.batchers[engine]
+        return await batcher.submit(payload, bucket=bucket if bucket is not None else self.bucket,
+                                    deadline_ms=self.remaining_ms(), priority=self.priority)
+
+    async def all(self, awaitables: Iterable[Awaitable[T]]) -> list[T]:
+        """Await all; on the first failure, cancel the rest (leaving their queues) and raise."""
+        tasks = [asyncio.ensure_future(a) for a in awaitables]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def encode_image(self) -> tuple[PreparedImage, list[torch.Tensor]]:
+        prepared = await asyncio.to_thread(prepare_image, self.image, self.client.preprocess)
+        return prepared, await self.submit(Engine.VISION, prepared.pixels)
+
+    async def encode_texts(self, texts: list[str]) -> list[PromptFeatures]:
+        async def compute(missing: list[str]) -> list[PromptFeatures]:
+            return await self.all(self.submit(Engine.LANGUAGE, text, bucket=TEXT_BUCKET)
+                                  for text in missing)
+
+        return await self.client.text_cache.get(texts, compute)
+
+    async def fuse(self, visual: list[torch.Tensor], texts: Sequence[PromptFeatures]
+                   ) -> list[FusionResult]:
+        return await self.all(self.submit(Engine.FUSION, FusionWork(visual, text))
+                              for text in texts)

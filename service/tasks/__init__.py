@@ -1,0 +1,1 @@
+"""The tasks, one module each (prepare -> run -> respond), mirroring `service.routers`."""

@@ -1,0 +1,140 @@
+"""Referring segmentation: prepare -> run -> respond.
+
+prepare: each expression within the token limit. run: `vision` once, one `fusion` row per
+expression, that row's boxes over the threshold (scored on the words naming the referent), the
+`mask` engine for the boxes of the expressions that found any. respond: per expression its
+segments with COCO RLE masks in the client's pixels (encoded in a worker thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from model_export.modeling.mask_head import masks_for_image
+from model_export.processing.box_coding import to_exclusive
+from model_export.processing.referring import referent_span
+from model_export.processing.rle import encode_mask
+from service.batching import PRIORITY_ONLINE
+from service.engine_client import Engine
+from service.model_runner import FusionResult, MaskWork
+from service.pipeline.model_input import PreparedImage
+from service.schemas import (
+    RleMask,
+    Segment,
+    SegmentParams,
+    SegmentResponse,
+    SegmentResult,
+)
+from service.tasks.common import TaskContext, image_info, rounded_box, rounded_score
+
+
+@dataclass
+class EncodedSegment:
+    """A segment with its mask already COCO-RLE encoded (in a worker thread, not the loop)."""
+
+    box: list[float]
+    score: float
+    size: list[int]
+    counts: str
+
+
+@dataclass(frozen=True)
+class SegmentCandidates:
+    """An expression's boxes (model-input frame, legacy +1 convention), scores, and the
+    mask-head work for them."""
+
+    work: MaskWork
+    boxes: torch.Tensor
+    scores: torch.Tensor
+
+
+class SegmentTask:
+    """Referring segmentation over a `TaskContext`; at most `max_segments` per expression."""
+
+    def __init__(self, context: TaskContext, max_segments: int) -> None:
+        self.context = context
+        self.max_segments = max_segments
+
+    def prepare(self, params: SegmentParams) -> None:
+        self.context.require("segment")
+        for index, expression in enumerate(params.expressions):
+            self.context.check_tokens(f"expressions[{index}]",
+                                      self.context.count_tokens(expression))
+
+    async def run(self, params: SegmentParams, image: Image.Image,
+                  priority: int = PRIORITY_ONLINE) -> SegmentResponse:
+        request = self.context.engines.request(image, priority)
+        prepared, visual = await request.encode_image()
+        expressions = list(params.expressions)
+        rows = await request.fuse(visual, await request.encode_texts(expressions))
+        threshold = (self.context.config.postprocess.segment_threshold
+                     if params.threshold is None else params.threshold)
+        candidates = await asyncio.to_thread(self._candidates, expressions, rows, prepared,
+                                             threshold)
+        logits = await request.all(request.submit(Engine.MASK, c.work)
+                                   for c in candidates if c is not None)
+        encoded = await asyncio.to_thread(self._encode, candidates, logits, prepared)
+        return self.respond(expressions, encoded, image)
+
+    def _candidates(self, expressions: list[str], rows: Sequence[FusionResult],
+                    image: PreparedImage, threshold: float) -> list[SegmentCandidates | None]:
+        """Per expression, its boxes over `threshold` (the best `max_segments`) with the
+        mask-head work for them, or None when it names nothing. Scored on the words naming the
+        referent (`referent_span`: "circle left of" of "circle left of the red square")."""
+        anchors = self.context.anchors(rows[0].head)
+        out: list[SegmentCandidates | None] = []
+        for expression, row in zip(expressions, rows, strict=True):
+            pmap, found = self.context.phrase_detections(
+                expression, [referent_span(expression)], row, image, anchors)
+            keep = (found.scores >= threshold).nonzero().flatten()[: self.max_segments]
+            if not len(keep):
+                out.append(None)
+                continue
+            boxes = found.boxes[keep]
+            work = MaskWork(
+                fused_visual=row.fused_visual[:3], fused_text=row.fused_text,
+                phrase_map=pmap / pmap.sum(dim=1, keepdim=True).clamp(min=1.0),  # (1, T)
+                boxes=to_exclusive(boxes)[None],  # (1, K, 4)
+                box_valid=torch.ones(1, len(keep), dtype=torch.bool))
+            out.append(SegmentCandidates(work, boxes, found.scores[keep]))
+        return out
+
+    def _encode(self, candidates: Sequence[SegmentCandidates | None],
+                logits: Sequence[torch.Tensor], image: PreparedImage
+                ) -> list[list[EncodedSegment]]:
+        """Mask logits -> binary masks in original pixels -> COCO RLE, per expression."""
+        per_image = iter(logits)
+        out: list[list[EncodedSegment]] = []
+        for candidate in candidates:
+            if candidate is None:
+                out.append([])
+                continue
+            masks = masks_for_image(next(per_image)[0], image.resized_hw, image.padded_hw,
+                                    image.original_hw)
+            boxes = image.to_original(candidate.boxes)
+            out.append([encode_segment(b, float(s), m)
+                        for b, s, m in zip(boxes, candidate.scores, masks, strict=True)])
+        return out
+
+    def respond(self, expressions: list[str], encoded: list[list[EncodedSegment]],
+                image: Image.Image) -> SegmentResponse:
+        results = [
+            SegmentResult(expression=expression, segments=[
+                Segment(score=s.score, box=s.box, mask=RleMask(size=s.size, counts=s.counts))
+                for s in segments])
+            for expression, segments in zip(expressions, encoded, strict=True)
+        ]
+        return SegmentResponse(model=self.context.model_id, image=image_info(image),
+                               results=results)
+
+
+def encode_segment(box: Sequence[float] | torch.Tensor, score: float, mask: torch.Tensor
+                   ) -> EncodedSegment:
+    rle = encode_mask(mask.numpy())
+    return EncodedSegment(box=rounded_box([float(v) for v in box]), score=rounded_score(score),
+                          size=rle["size"], counts=rle["counts"])
