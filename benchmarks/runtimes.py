@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from engines.graphs import HEAVY_GRAPHS, LEVELS
+from engines.kinds import Precision, RuntimeKind
 from engines.runtimes import (
     Runtime,
     RuntimeOptions,
@@ -170,13 +171,14 @@ def bench_runtimes(model_dir: Path, engine_dir: Path | None, height: int, width:
     """Latency of every graph on PyTorch fp32/bf16 and ONNX Runtime fp32/int8 (when exported)."""
     if threads:
         torch.set_num_threads(threads)
-    candidates = [RuntimeOptions(kind="pytorch", model_dir=model_dir, threads=threads),
-                  RuntimeOptions(kind="pytorch", model_dir=model_dir, precision="bf16",
+    torch_kind, ort_kind = RuntimeKind.PYTORCH, RuntimeKind.ONNXRUNTIME
+    candidates = [RuntimeOptions(kind=torch_kind, model_dir=model_dir, threads=threads),
+                  RuntimeOptions(kind=torch_kind, model_dir=model_dir, precision=Precision.BF16,
                                  threads=threads)]
     if engine_dir is not None:
-        candidates += [RuntimeOptions(kind="onnxruntime", engine_dir=engine_dir, threads=threads),
-                       RuntimeOptions(kind="onnxruntime", engine_dir=engine_dir,
-                                      precision="int8", threads=threads)]
+        candidates += [RuntimeOptions(kind=ort_kind, engine_dir=engine_dir, threads=threads),
+                       RuntimeOptions(kind=ort_kind, engine_dir=engine_dir,
+                                      precision=Precision.INT8, threads=threads)]
     runtimes: list[Runtime] = []
     for options in candidates:
         try:

@@ -39,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
     if batcher:
         overrides["batcher"] = batcher
     try:
+        # Flags as given: pydantic validates them here (a bad value is exit 2, below).
         settings = ServiceSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         print(f"invalid serve settings:\n{exc}", file=sys.stderr)
