@@ -13,6 +13,9 @@ $(BIN)/glipv2: pyproject.toml
 .PHONY: install serve test lint typecheck
 install: $(BIN)/glipv2
 
+# ONNX Runtime (the faster runtime on a CPU) on an export of the model made at the first start and
+# cached in var/engines/; GLIPV2_RUNTIME=pytorch make serve for PyTorch eager.
+serve: export GLIPV2_RUNTIME ?= onnxruntime
 serve: $(BIN)/glipv2
 	$(BIN)/glipv2 serve
 

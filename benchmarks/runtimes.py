@@ -81,13 +81,19 @@ def graph_inputs(runtime: Runtime, height: int, width: int) -> dict[str, dict[st
                       "boxes": torch.tensor([[[[10.0, 10.0, 90.0, 90.0]] * 5]]),
                       "box_valid": torch.ones(1, 1, 5, dtype=torch.bool)}
     if "caption_image" in runtime.graphs:
-        states = runtime.run("caption_image", visual)
+        states = {name: value for name, value in runtime.run("caption_image", visual).items()
+                  if not name.startswith("fused_")}
         # Served captions name detected objects: every token after [CLS] on one object's box.
+        # The step: the 8th token, with the first 7 cached.
         token_boxes = torch.zeros(1, 8, 4)
         token_boxes[:, 1:] = torch.tensor([0.0, 0.0, width / 2, height / 2])
-        inputs["caption_step"] = {"input_ids": ids[:, :8], "attention_mask": mask[:, :8],
-                                  "token_boxes": token_boxes,
-                                  **{k: v for k, v in states.items() if k.startswith("state_")}}
+        prefix = runtime.run("caption_prefix", {
+            "input_ids": ids[:, :7], "attention_mask": mask[:, :7],
+            "token_boxes": token_boxes[:, :7], **states})
+        inputs["caption_step"] = {"input_ids": ids[:, 7:8], "past_mask": mask[:, :7],
+                                  "token_boxes": token_boxes[:, 7:8],
+                                  "past_keys": prefix["keys"], "past_values": prefix["values"],
+                                  **states}
     return inputs
 
 

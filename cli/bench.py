@@ -63,6 +63,24 @@ def _bench_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_captions(args: argparse.Namespace) -> int:
+    from benchmarks.captions import bench_captions, format_captions
+
+    serve_args = [str(part) for flag, value in (("--runtime", args.runtime),
+                                                 ("--engines", args.engines))
+                  if value is not None for part in (flag, value)]
+    if args.url and (serve_args or args.model):
+        print("--model, --runtime and --engines configure the server this command starts; "
+              "with --url the running server keeps its own settings", file=sys.stderr)
+        return 2
+    levels = [int(v) for v in args.concurrency.split(",")]
+    bench = bench_captions(levels, args.requests, model_dir=args.model, serve_args=serve_args,
+                           url=args.url, baseline_url=args.baseline_url,
+                           mixed_clients=args.mixed_clients, mixed_requests=args.mixed_requests)
+    print(format_captions(bench))
+    return 0
+
+
 def _bench_report(args: argparse.Namespace) -> int:
     from benchmarks.report import bench_report
 
@@ -118,6 +136,23 @@ def register(sub: Subcommands) -> None:
     jobs_bench.add_argument("--concurrency", type=int, default=4, help="online clients")
     jobs_bench.add_argument("--job-images", type=int, default=500, help="images in the batch job")
     jobs_bench.set_defaults(func=_bench_jobs)
+    captions = bench_sub.add_parser(
+        "captions", help="caption throughput under concurrency (vs a baseline server), mixed "
+                         "traffic statuses")
+    captions.add_argument("--url", help="a running server (default: start one here)")
+    captions.add_argument("--baseline-url", help="a running server to compare with, level by "
+                                                 "level (e.g. an earlier version)")
+    captions.add_argument("--model", help="model folder for the server started here")
+    captions.add_argument("--runtime", choices=list(RuntimeKind),
+                          help="runtime of the server started here (default: serve's)")
+    captions.add_argument("--engines", help="engine folder for --runtime onnxruntime")
+    captions.add_argument("--concurrency", default="1,4,8,12", help="caption clients per level")
+    captions.add_argument("--requests", type=int, default=24, help="captions per level")
+    captions.add_argument("--mixed-clients", type=int, default=12,
+                          help="clients of the mixed-traffic phase")
+    captions.add_argument("--mixed-requests", type=int, default=48,
+                          help="requests of the mixed-traffic phase (the four tasks in turn)")
+    captions.set_defaults(func=_bench_captions)
     report = bench_sub.add_parser(
         "report", help="run the benchmarks, write a Markdown report with PNG plots")
     report.add_argument("--out", default="docs/bench", help="report folder (docs/bench)")

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from cli.common import Subcommands
 from engines.kinds import OrtProvider, Precision, RuntimeKind
@@ -70,10 +71,23 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminated)
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port,
-        log_level=args.log_level,
+        log_level=args.log_level, log_config=_log_config(args.log_level),
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
     )
     return 0
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging, with the service's and the engines' loggers on its console handler:
+    without them their lines (the model loading, a first start's ONNX export) go nowhere."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"] |= {name: {"handlers": ["default"], "level": level.upper(),
+                                 "propagate": False} for name in ("service", "engines")}
+    return config
 
 
 def _jobs(args: argparse.Namespace) -> int:
@@ -121,9 +135,11 @@ def register(sub: Subcommands) -> None:
     serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="TCP port (default 8000)")
     serve.add_argument("--runtime", choices=list(RuntimeKind),
-                       help="inference runtime (default pytorch)")
-    serve.add_argument("--engines", help="engine folder for onnxruntime / tensorrt "
-                                         "(glipv2 export)")
+                       help="inference runtime (default pytorch; `make serve`: onnxruntime)")
+    serve.add_argument("--engines", help="engine folder for onnxruntime / tensorrt (glipv2 "
+                                         "export); without it onnxruntime serves an export "
+                                         "of --model made once, cached in "
+                                         "GLIPV2_ENGINE_CACHE_DIR (default var/engines/)")
     serve.add_argument("--provider", choices=list(OrtProvider),
                        help="ONNX Runtime execution provider (default cpu)")
     serve.add_argument("--precision", choices=list(Precision),

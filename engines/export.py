@@ -151,11 +151,14 @@ def graph_specs(model: Glipv2Model) -> list[GraphSpec]:
         inputs["vqa"] = (out.fused_text, mask)
     if model.mlm_head is not None:
         states, caption_visual = model.fusion.caption_image_states(visual, colours)
-        caption_text = model.encode_text(ids, mask, causal=True)
+        token_boxes = _dummy_token_boxes(ids.shape)
+        prefix = model.caption_prefix(states, ids, mask, token_boxes)
         inputs["caption_image"] = (*visual, *extra)
-        inputs["caption_step"] = (ids, mask, _dummy_token_boxes(ids.shape), *states)
-        inputs["caption_ground"] = (*caption_visual,
-                                    model.fusion.caption_text(states, caption_text))
+        inputs["caption_prefix"] = (ids, mask, token_boxes, *states.tensors())
+        # The next token of both rows after the prefixes as a cache (9 and 5 real positions).
+        inputs["caption_step"] = (ids[:, 1:2], mask, token_boxes[:, 1:2], prefix.keys,
+                                  prefix.values, *states.tensors())
+        inputs["caption_ground"] = (*caption_visual, prefix.fused_text)
     specs = []
     for signature in graph_signatures(model):
         spec = GraphSpec(**vars(signature), inputs=inputs[signature.name])

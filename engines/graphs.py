@@ -11,12 +11,19 @@ over the model's own methods, so what every runtime runs is the model's math:
   region-token logits and fused features, plus fused tokens (`fuse`, without the MLM logits).
 - `mask`: fused P3..P5 + fused tokens + phrase map + boxes -> per-box mask logits (`mask_head`).
 - `vqa`: fused tokens + attention_mask -> answer logits (`vqa_head`).
-- captioning, decoded step by step without recomputing the image side per token:
-  `caption_image` (vision outputs -> each fusion layer's region states and the final fused levels,
-  `fusion.caption_image_states`), `caption_step` (token ids + mask + region states -> next-token
-  logits and fused tokens: causal `encode_text`, `fusion.caption_text`, `lm_logits`) and
-  `caption_ground` (final fused levels + fused caption tokens -> the ATSS head's outputs, to ground
-  the caption's phrases).
+- captioning, decoded token by token with a key/value cache (DESIGN.md, "Caption decoding"):
+  `caption_image` (vision outputs -> the image states every step reads, computed once per image,
+  named by `caption_state_names`, then the final fused levels `fused_p3..p7`;
+  `fusion.caption_image_states`); `caption_prefix` (input_ids, attention_mask, token_boxes
+  (N, T[, 4]) + image states -> next-token logits at each row's last real token, fused tokens,
+  and the self-attention keys and values of every text layer, (N, L, heads, T, d):
+  `Glipv2Model.caption_prefix`), for the [CLS] prefill and the grounding pass over finished
+  captions; `caption_step` (the newest token of each row (N, 1), past_mask (N, P), its box,
+  past_keys, past_values (N, L, heads, P, d) + image states -> next-token logits and that
+  token's keys and values, (N, L, heads, 1, d), for the caller to append:
+  `Glipv2Model.caption_step`); and `caption_ground` (final fused levels + fused caption tokens
+  -> the ATSS head's outputs, to ground the caption's phrases). Every caption_image output but
+  the fused levels is an input of both caption_prefix and caption_step under the same name.
 
 `graph_signatures(model)` is the contract: the PyTorch runtime runs these wrappers, the ONNX
 export (`engines.export`) traces them, and the other runtimes feed and read the same tensor
@@ -37,6 +44,7 @@ from model_export.modeling.model import Glipv2Model
 # bf16 autocast) and, by default, native TensorRT engines.
 HEAVY_GRAPHS = ("vision", "fusion")
 LEVELS = ("p3", "p4", "p5", "p6", "p7")  # FPN levels, strides 8..128
+REGION_CENTRES = "region_centres"  # caption_image's (N, R, 2) region centres, for token boxes
 COLOURS = "colours"  # the vision graph's mean pixel per P3 cell, with fusion.pixel_colours
 
 
@@ -119,8 +127,8 @@ class VqaGraph(nn.Module):
 
 
 class CaptionImageGraph(nn.Module):
-    """P3..P7 [, colours] -> region states (N, R, C) (see `caption_image_states`), then the
-    final fused levels x5."""
+    """P3..P7 [, colours] -> the caption image states (`CaptionImageStates.tensors()`, named by
+    `caption_state_names`), then the final fused levels x5."""
 
     def __init__(self, model: Glipv2Model) -> None:
         super().__init__()
@@ -130,7 +138,7 @@ class CaptionImageGraph(nn.Module):
                 *colours: Tensor) -> tuple[Tensor, ...]:
         states, fused_visual = self.model.fusion.caption_image_states(
             [p3, p4, p5, p6, p7], _optional(colours))
-        return (*states, *fused_visual)
+        return (*states.tensors(), *fused_visual)
 
 
 def _optional(colours: tuple[Tensor, ...]) -> Tensor | None:
@@ -138,16 +146,17 @@ def _optional(colours: tuple[Tensor, ...]) -> Tensor | None:
     return colours[0] if colours else None
 
 
-class CaptionStepGraph(nn.Module):
-    """input_ids, attention_mask (N, T), token_boxes (N, T, 4), region states -> next-token
-    logits (N, vocab) and the fused caption tokens (N, T, D).
+class CaptionPrefixGraph(nn.Module):
+    """input_ids, attention_mask (N, T), token_boxes (N, T, 4), image states -> next-token
+    logits (N, vocab), fused caption tokens (N, T, D), keys and values (N, L, heads, T, d).
 
     token_boxes: the box each token's attention over regions stays inside, in resized-image
-    pixels; zeros for none (`Glipv2FusionTower.caption_text`).
+    pixels; zeros for none (`Glipv2FusionTower.caption_prefix`).
 
     The logits are those of each row's last real token (position sum(mask) - 1), so a batch of
-    right-padded captions of different lengths decodes together; with causal attention, padded
-    slots never change the real tokens' features.
+    right-padded captions of different lengths runs together; with causal attention, padded
+    slots never change the real tokens' features. Serves the first step ([CLS], whose keys and
+    values start the cache) and the grounding pass over finished captions.
     """
 
     def __init__(self, model: Glipv2Model) -> None:
@@ -155,15 +164,39 @@ class CaptionStepGraph(nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_boxes: Tensor,
-                *states: Tensor) -> tuple[Tensor, Tensor]:
-        text = self.model.encode_text(input_ids, attention_mask, causal=True)
-        fused_text = self.model.fusion.caption_text(list(states), text, token_boxes)
+                *states: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        out = self.model.caption_prefix(self.model.fusion.caption_states(states), input_ids,
+                                        attention_mask, token_boxes)
+        fused_text = out.fused_text
         last = attention_mask.sum(dim=1) - 1  # (N,) index of each row's last real token
         index = last.view(-1, 1, 1).expand(-1, 1, fused_text.shape[2])  # (N, 1, D)
         fused_last = fused_text.gather(1, index)[:, 0]  # (N, T, D) -> (N, 1, D) -> (N, D)
-        # 2-D input: the tied decoder exports as Gemm(transB) on the word-embedding initializer
-        # the encoder already holds, instead of a second, transposed copy of it.
-        return self.model.lm_logits(fused_last), fused_text
+        return _next_token_logits(self.model, fused_last), fused_text, out.keys, out.values
+
+
+class CaptionStepGraph(nn.Module):
+    """input_ids (N, 1), past_mask (N, P), token_boxes (N, 1, 4), past_keys, past_values
+    (N, L, heads, P, d), image states -> next-token logits (N, vocab), and the new token's
+    keys and values (N, L, heads, 1, d), which the caller appends to its cache
+    (`Glipv2Model.caption_step`). Rows' caches are right padded (past_mask 0)."""
+
+    def __init__(self, model: Glipv2Model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, past_mask: Tensor, token_boxes: Tensor,
+                past_keys: Tensor, past_values: Tensor, *states: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.model.caption_step(self.model.fusion.caption_states(states), input_ids,
+                                      past_mask, token_boxes, past_keys, past_values)
+        return _next_token_logits(self.model, out.fused_text[:, 0]), out.keys, out.values
+
+
+def _next_token_logits(model: Glipv2Model, fused: Tensor) -> Tensor:
+    """(N, D) fused tokens -> (N, vocab). 2-D input: the tied decoder exports as Gemm(transB) on
+    the word-embedding initializer the encoder already holds, instead of a second, transposed
+    copy of it."""
+    return model.lm_logits(fused)
 
 
 class CaptionGroundGraph(nn.Module):
@@ -203,6 +236,18 @@ def vision_outputs(config: Glipv2Config) -> list[str]:
     """The vision graph's outputs, in order: P3..P7, then `colours` with `fusion.pixel_colours`.
     `fusion` and `caption_image` take them under the same names."""
     return [*LEVELS, *([COLOURS] if config.fusion.pixel_colours else [])]
+
+
+def caption_state_names(model: Glipv2Model) -> list[str]:
+    """caption_image's per-image outputs, in `CaptionImageStates.tensors()` order: each fusion
+    layer's attended regions, with `fusion.image_values` each layer's normalised input regions,
+    with `fusion.pixel_colours` the regions' colours, then the regions' centres. Every one is
+    also an input of `caption_prefix` and `caption_step`, under the same name."""
+    fusion = model.fusion
+    layers = range(len(fusion.layers))
+    return [*(f"regions_{i}" for i in layers),
+            *(f"input_regions_{i}" for i in layers if fusion.image_values),
+            *(["region_colours"] if fusion.pixel_colours else []), REGION_CENTRES]
 
 
 def _level_axes(prefix: str = "") -> dict[str, dict[int, str]]:
@@ -262,21 +307,31 @@ def graph_signatures(model: Glipv2Model) -> list[GraphSignature]:
             {"fused_text": token_axes, "attention_mask": token_axes,
              "answer_logits": {0: "batch"}}))
     if model.mlm_head is not None:
-        fusion = model.fusion
-        # each layer's regions [, input regions] [, colours], the region centres
-        states = len(fusion.layers) + int(fusion.image_values) + int(fusion.pixel_colours) + 1
-        state_names = [f"state_{i}" for i in range(states)]
+        state_names = caption_state_names(model)
         state_axes = {name: {0: "batch", 1: "regions"} for name in state_names}
+        # (N, L, heads, T, d): the cache's positions are axis 3
+        cache_axes = {0: "batch", 3: "tokens"}
+        past_axes = {0: "batch", 3: "past"}
         graphs += [
             GraphSignature("caption_image", CaptionImageGraph(model), vision_names,
                            [*state_names, *fused_level_names],
                            {**vision_axes, **state_axes, **fused_level_axes}),
-            GraphSignature("caption_step", CaptionStepGraph(model),
+            GraphSignature("caption_prefix", CaptionPrefixGraph(model),
                            ["input_ids", "attention_mask", "token_boxes", *state_names],
-                           ["next_token_logits", "fused_text"],
+                           ["next_token_logits", "fused_text", "keys", "values"],
                            {"input_ids": token_axes, "attention_mask": token_axes,
                             "token_boxes": token_axes, **state_axes,
-                            "next_token_logits": {0: "batch"}, "fused_text": token_axes}),
+                            "next_token_logits": {0: "batch"}, "fused_text": token_axes,
+                            "keys": cache_axes, "values": cache_axes}),
+            GraphSignature("caption_step", CaptionStepGraph(model),
+                           ["input_ids", "past_mask", "token_boxes", "past_keys", "past_values",
+                            *state_names],
+                           ["next_token_logits", "new_keys", "new_values"],
+                           {"input_ids": {0: "batch"}, "past_mask": {0: "batch", 1: "past"},
+                            "token_boxes": {0: "batch"}, "past_keys": past_axes,
+                            "past_values": past_axes, **state_axes,
+                            "next_token_logits": {0: "batch"}, "new_keys": {0: "batch"},
+                            "new_values": {0: "batch"}}),
             GraphSignature("caption_ground", CaptionGroundGraph(model),
                            [*fused_level_names, "fused_text"], _head_names(),
                            {**fused_level_axes, "fused_text": token_axes, **_head_axes()}),

@@ -25,8 +25,10 @@ if TYPE_CHECKING:
 
 DEFAULT_OPSET = 19  # the first opset with DeformConv
 MANIFEST_FILE = "manifest.json"
-# The graphs' interface: 2 added caption_step's token_boxes and caption_image's region centres.
-MANIFEST_FORMAT = "glipv2-onnx/2"
+# The graphs' interface: 2 added caption_step's token_boxes and caption_image's region centres;
+# 3 decodes captions with a key/value cache (caption_prefix, incremental caption_step) and
+# renamed caption_image's states.
+MANIFEST_FORMAT = "glipv2-onnx/3"
 REQUIRED_GRAPHS = ("vision", "language", "fusion")
 
 

@@ -71,9 +71,10 @@ def engine_profiles(manifest_data: Mapping[str, Any], config: Glipv2Config, grap
     `manifest_data` is the parsed `manifest.json`; each dynamic dimension its inputs name gets the
     range the service can send with `config`'s pre-processing: `batch` 1..`max_batch`; padded
     image sides (`height`, `width`) from one `size_divisibility` step to `max_size` rounded up to
-    a step; FPN level sides (`h3`..`w7`) that follow from those; `tokens` 1..`max_query_len`; and
-    the caption graphs' `regions` (every level's positions, flattened). Inputs that share a
-    dimension name share its range, so e.g. `p3`'s `h3` always fits `images`' `height`.
+    a step; FPN level sides (`h3`..`w7`) that follow from those; `tokens` 1..`max_query_len`;
+    the caption graphs' `regions` (every level's positions, flattened) and `past` (a caption
+    step's cached tokens, as `tokens`). Inputs that share a dimension name share its range, so
+    e.g. `p3`'s `h3` always fits `images`' `height`.
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -116,6 +117,8 @@ def _dim_ranges(config: Glipv2Config, max_batch: int) -> dict[str, tuple[int, in
         "width": width,
         "tokens": (1, min(OPT_TOKENS, query), query),
     }
+    # caption_step's cached positions: a caption holds at most as many tokens as a prompt.
+    ranges["past"] = ranges["tokens"]
     for level in FPN_LEVELS:
         ranges[f"h{level}"] = _triple(_level_size(side, level) for side in height)
         ranges[f"w{level}"] = _triple(_level_size(side, level) for side in width)

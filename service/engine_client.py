@@ -27,6 +27,14 @@ from service.batching import (
     DeadlineExceededError,
     DynamicBatcher,
 )
+from service.caption_decoder import CaptionDecoder, DecoderConfig
+from service.caption_runner import (
+    CaptionDecoded,
+    CaptionImage,
+    CaptionRunner,
+    CaptionWork,
+    KVCache,
+)
 from service.model_runner import FusionResult, FusionWork, ModelRunner
 from service.pipeline.model_input import PreparedImage, image_bucket, prepare_image
 from service.pipeline.text_cache import PromptFeatures, TextFeatureCache
@@ -52,15 +60,17 @@ class Engine(StrEnum):
 
 
 class EngineClient:
-    """The batchers of `engines` over one `ModelRunner`, the text cache, and the deadline.
+    """The batchers of `engines` over one `ModelRunner`, the caption decoder (iteration-level
+    scheduling, `service.caption_decoder`) when `Engine.CAPTION` is served, the text cache,
+    and the deadline.
 
     `start()`/`stop()` run on the event loop. `clock` (seconds, monotonic) is shared with the
-    batchers, so tests drive deadlines with a fake one.
+    batchers and the decoder, so tests drive deadlines with a fake one.
     """
 
     def __init__(self, runner: ModelRunner, engines: Sequence[Engine], *,
                  batcher_config: BatcherConfig, metrics: ServiceMetrics | None = None,
-                 text_cache_bytes: int = 256 * 1024 * 1024,
+                 text_cache_bytes: int = 256 * 1024 * 1024, caption_max_rows: int = 64,
                  clock: Callable[[], float] | None = None) -> None:
         self.runner = runner
         self.preprocess: PreprocessConfig = runner.config.preprocess
@@ -71,30 +81,47 @@ class EngineClient:
         runs: dict[Engine, Callable[..., Any]] = {
             Engine.VISION: runner.vision, Engine.LANGUAGE: runner.language,
             Engine.FUSION: runner.fusion, Engine.MASK: runner.mask, Engine.VQA: runner.vqa,
-            Engine.CAPTION: runner.caption,
         }
+        self.decoder: CaptionDecoder[CaptionWork, CaptionImage, KVCache,
+                                     list[CaptionDecoded]] | None = None
+        if Engine.CAPTION in engines:
+            self.decoder = CaptionDecoder(
+                CaptionRunner(runner.runtime, runner.tokenizer, runner.tokenizer_lock,
+                              runner.caption_grammar, runner.vision_names),
+                DecoderConfig(max_rows=caption_max_rows,
+                              max_queue_size=batcher_config.max_queue_size,
+                              default_deadline_ms=batcher_config.default_deadline_ms),
+                clock=clock, name=Engine.CAPTION,
+                callbacks=metrics.caption_callbacks() if metrics is not None else None)
         self.batchers: dict[Engine, DynamicBatcher[Any, Any]] = {}
         for engine in engines:
+            if engine == Engine.CAPTION:
+                continue
             config = batcher_config
             if engine != Engine.VISION:
                 config = dataclasses.replace(
                     batcher_config,
                     max_queue_size=batcher_config.max_queue_size * FAN_OUT_QUEUE_FACTOR)
-            on_batch, on_depth = (metrics.engine_callbacks(engine) if metrics is not None
-                                  else (None, None))
+            callbacks = metrics.engine_callbacks(engine) if metrics is not None else None
             self.batchers[engine] = DynamicBatcher(
-                config, runs[engine], clock=clock, on_batch=on_batch, on_queue_depth=on_depth,
-                name=engine)
+                config, runs[engine], clock=clock, name=engine,
+                on_batch=callbacks.on_batch if callbacks else None,
+                on_queue_depth=callbacks.on_queue_depth if callbacks else None,
+                on_shed=callbacks.on_shed if callbacks else None)
 
     async def start(self) -> None:
         for batcher in self.batchers.values():
             await batcher.start()
+        if self.decoder is not None:
+            await self.decoder.start()
 
     async def stop(self, drain: bool = True) -> None:
         """`drain=True` finishes queued and in-flight work first (SIGTERM). Engines stop in
         flow order, so a request between two stages still finds the next one running."""
         for batcher in self.batchers.values():
             await batcher.stop(drain=drain)
+        if self.decoder is not None:
+            await self.decoder.stop(drain=drain)
 
     def request(self, image: Image.Image, priority: int = PRIORITY_ONLINE) -> EngineRequest:
         """One request's trip through the engines, its deadline starting now."""
@@ -139,6 +166,14 @@ class EngineRequest:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+
+    async def decode_caption(self, work: CaptionWork) -> list[CaptionDecoded]:
+        """The caption decoder's answer for one image (see `CaptionRunner.caption_results`)."""
+        decoder = self.client.decoder
+        if decoder is None:
+            raise RuntimeError("this engine client serves no caption engine")
+        return await decoder.submit(work, work.search, work.shape,
+                                    deadline_ms=self.remaining_ms(), priority=self.priority)
 
     async def encode_image(self) -> tuple[PreparedImage, list[torch.Tensor]]:
         prepared = await asyncio.to_thread(prepare_image, self.image, self.client.preprocess)

@@ -21,6 +21,7 @@ from service.batching import (
     BatcherStoppedError,
     BatchExecutionError,
     DeadlineExceededError,
+    OverloadedError,
     QueueFullError,
 )
 
@@ -193,7 +194,8 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _queue_full(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, QueueFullError)
-    return error_response(429, "queue_full", f"server busy: {exc}; retry later",
+    code = "overloaded" if isinstance(exc, OverloadedError) else "queue_full"
+    return error_response(429, code, f"server busy: {exc}; retry later",
                           {"Retry-After": _retry_after(exc.retry_after_s)})
 
 

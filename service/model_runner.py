@@ -23,7 +23,7 @@ from engines.graphs import LEVELS, vision_outputs
 from engines.runtimes import Runtime
 from model_export.processing.prompt import CharToToken, load_tokenizer, tokenize
 from service.batching import BatchPlan
-from service.pipeline.caption_search import CaptionGrammar, CaptionSearch, beam_search
+from service.pipeline.caption_search import CaptionGrammar
 from service.pipeline.text_cache import PromptFeatures
 
 Levels = list[Tensor]  # per FPN level P3..P7, (1, C, h, w)
@@ -73,33 +73,6 @@ class MaskWork:
     box_valid: Tensor
 
 
-@dataclass(frozen=True)
-class CaptionWork:
-    """One image to caption: its vision features and how to search for its caption.
-
-    object_boxes: with `search.objects`, each object's box (K, 4), model-input frame,
-    end-exclusive: the tokens of phrase k attend to the image inside box k only.
-    """
-
-    visual: VisionFeatures
-    search: CaptionSearch
-    object_boxes: Tensor | None = None
-
-
-@dataclass(frozen=True)
-class CaptionDecoded:
-    """A decoded caption and what grounding its phrases needs.
-
-    caption: decoded text; encoding: its tokenisation ([CLS] caption [SEP]) for character to
-    token maps; head: the ATSS head on the fused caption tokens. Both None for a caption of
-    given objects (`CaptionSearch.objects`), whose phrases are grounded to those objects.
-    """
-
-    caption: str
-    encoding: CharToToken | None = None
-    head: HeadOutputs | None = None
-
-
 class ModelRunner:
     """Batches of engine work on one `Runtime`. Thread-safe: each engine calls from its own
     worker thread; tokenisation is serialised (the fast tokenizer's settings are shared)."""
@@ -113,10 +86,10 @@ class ModelRunner:
                                 if classes else None)
         self.max_tokens = self.config.language.max_query_len
         self.vision_names = vision_outputs(self.config)
-        self._tokenizer_lock = threading.Lock()
+        self.tokenizer_lock = threading.Lock()
 
     def _tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor, list[CharToToken]]:
-        with self._tokenizer_lock:
+        with self.tokenizer_lock:
             return tokenize(self.tokenizer, list(texts), self.max_tokens)
 
     # --- engines ------------------------------------------------------------------------------
@@ -126,7 +99,7 @@ class ModelRunner:
         out = self.runtime.run("vision", {"images": torch.stack(plan.payloads)})
         return [[out[name][i:i + 1] for name in self.vision_names] for i in range(plan.size)]
 
-    def _stack_visual(self, works: Sequence[FusionWork | CaptionWork]) -> dict[str, Tensor]:
+    def _stack_visual(self, works: Sequence[FusionWork]) -> dict[str, Tensor]:
         return {name: torch.cat([w.visual[i] for w in works])
                 for i, name in enumerate(self.vision_names)}
 
@@ -148,7 +121,7 @@ class ModelRunner:
         for row, work in enumerate(works):
             tokens = work.text.hidden.shape[0]
             results.append(FusionResult(
-                head=_head_row(out, row, tokens),
+                head=head_row(out, row, tokens),
                 fused_visual=[out[f"fused_{level}"][row:row + 1] for level in LEVELS],
                 fused_text=out["fused_text"][row:row + 1, :tokens]))
         return results
@@ -183,72 +156,9 @@ class ModelRunner:
                                           "attention_mask": mask})["answer_logits"]
         return list(logits)
 
-    def caption(self, plan: BatchPlan[CaptionWork]) -> list[list[CaptionDecoded]]:
-        """Beam search (`caption_search`) for every image of the batch together, the image side
-        computed once; each step runs all images' live prefixes as one batch. Per image, its
-        best finished captions, best first, each with the head its phrases are grounded from (one
-        call for all of them); for an image with given objects only the best caption, whose
-        phrases are grounded to those objects."""
-        works = plan.payloads
-        image_out = self.runtime.run("caption_image", self._stack_visual(works))
-        state_names = sorted((n for n in image_out if n.startswith("state_")),
-                             key=lambda n: int(n.split("_")[1]))
-        states = [image_out[n] for n in state_names]
 
-        def step(images: list[int], prefixes: list[list[int]]) -> Tensor:
-            ids, mask = _pad_ids(prefixes)
-            index = torch.tensor(images)
-            return self.runtime.run("caption_step", {
-                "input_ids": ids, "attention_mask": mask,
-                "token_boxes": self._token_boxes([works[i].object_boxes for i in images],
-                                                 prefixes, ids.shape[1]),
-                **{n: s[index] for n, s in zip(state_names, states, strict=True)},
-            })["next_token_logits"]
-
-        ranked = beam_search(step, [w.search for w in works], self.tokenizer.cls_token_id,
-                             self.tokenizer.sep_token_id, self.caption_grammar)
-        with self._tokenizer_lock:  # of a search with objects, only the best is answered
-            texts = [[self.tokenizer.decode(s, skip_special_tokens=True).strip()
-                      for s in (sequences[:1] if work.search.objects is not None else sequences)]
-                     for work, sequences in zip(works, ranked, strict=True)]
-        out: list[list[CaptionDecoded]] = [
-            [CaptionDecoded(captions[0])] if work.search.objects is not None else []
-            for work, captions in zip(works, texts, strict=True)]
-        owners = [image for image, work in enumerate(works) if work.search.objects is None
-                  for _ in texts[image]]
-        if not owners:
-            return out
-        captions = [c for work, captions in zip(works, texts, strict=True)
-                    if work.search.objects is None for c in captions]
-        ids, mask, encodings = self._tokenize(captions)
-        index = torch.tensor(owners)
-        fused_text = self.runtime.run("caption_step", {
-            "input_ids": ids, "attention_mask": mask, "token_boxes": torch.zeros(*ids.shape, 4),
-            **{n: s[index] for n, s in zip(state_names, states, strict=True)}})["fused_text"]
-        head = self.runtime.run("caption_ground", {
-            **{f"fused_{level}": image_out[f"fused_{level}"][index] for level in LEVELS},
-            "fused_text": fused_text})
-        lengths = mask.sum(dim=1).tolist()
-        for row, image in enumerate(owners):
-            out[image].append(CaptionDecoded(caption=captions[row], encoding=encodings[row],
-                                             head=_head_row(head, row, lengths[row])))
-        return out
-
-    def _token_boxes(self, object_boxes: Sequence[Tensor | None], prefixes: list[list[int]],
-                     tokens: int) -> Tensor:
-        """(rows, tokens, 4): each token of an object phrase on its object's box, the rest
-        zeros (anywhere); `CaptionGrammar.phrase_of_tokens` says which phrase a token is in."""
-        out = torch.zeros(len(prefixes), tokens, 4)
-        for row, (boxes, prefix) in enumerate(zip(object_boxes, prefixes, strict=True)):
-            if boxes is None or self.caption_grammar is None:
-                continue
-            for position, phrase in enumerate(self.caption_grammar.phrase_of_tokens(prefix)):
-                if 0 <= phrase < len(boxes):
-                    out[row, position] = boxes[phrase]
-        return out
-
-
-def _head_row(out: dict[str, Tensor], row: int, tokens: int) -> HeadOutputs:
+def head_row(out: dict[str, Tensor], row: int, tokens: int) -> HeadOutputs:
+    """One row of a head graph's outputs, its token logits cut to its `tokens` real tokens."""
     return HeadOutputs(
         box_regression=[out[f"box_regression_{level}"][row:row + 1] for level in LEVELS],
         centerness=[out[f"centerness_{level}"][row:row + 1] for level in LEVELS],
@@ -264,14 +174,3 @@ def _pad_tokens(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         padded[i, :f.shape[0]] = f
         mask[i, :f.shape[0]] = 1
     return padded, mask
-
-
-def _pad_ids(sequences: Sequence[list[int]]) -> tuple[Tensor, Tensor]:
-    """Token id lists -> right-padded (N, T) ids (pad 0) and attention mask, int64."""
-    longest = max(len(s) for s in sequences)
-    ids = torch.zeros(len(sequences), longest, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(sequences):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids, mask

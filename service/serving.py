@@ -23,6 +23,7 @@ from engines.runtimes import Runtime
 from model_export.checkpoints.tuned_prompts import TunedPrompt
 from model_export.processing.postprocess import Detections
 from service.batching import PRIORITY_ONLINE, BatcherConfig
+from service.caption_decoder import DecoderConfig
 from service.engine_client import Engine, EngineClient
 from service.model_runner import ModelRunner
 from service.pipeline.caption_search import DEFAULT_SEARCH, CaptionSearch
@@ -48,7 +49,7 @@ TASKS: tuple[TaskName, ...] = ("detect", "segment", "vqa", "caption")
 # Graphs each task needs beyond vision, language and fusion, and the engine that runs them.
 TASK_GRAPHS: dict[TaskName, tuple[str, ...]] = {
     "detect": (), "segment": ("mask",), "vqa": ("vqa",),
-    "caption": ("caption_image", "caption_step", "caption_ground")}
+    "caption": ("caption_image", "caption_prefix", "caption_step", "caption_ground")}
 TASK_ENGINES: dict[TaskName, Engine] = {
     "segment": Engine.MASK, "vqa": Engine.VQA, "caption": Engine.CAPTION}
 
@@ -76,6 +77,7 @@ class Glipv2Serving:
         metrics: ServiceMetrics | None = None,
         caption_search: CaptionSearch = DEFAULT_SEARCH,
         caption_objects: bool = True,
+        caption_max_rows: int = DecoderConfig.max_rows,
         text_cache_bytes: int = 256 * 1024 * 1024,
         max_segments: int = 20,
         prompts: Mapping[str, TunedPrompt] | None = None,
@@ -91,7 +93,7 @@ class Glipv2Serving:
         engines += [engine for task, engine in TASK_ENGINES.items() if task in self.tasks]
         self.engines = EngineClient(runner, engines, batcher_config=batcher_config,
                                     metrics=metrics, text_cache_bytes=text_cache_bytes,
-                                    clock=clock)
+                                    caption_max_rows=caption_max_rows, clock=clock)
         context = TaskContext(model_id, self.config, self.engines,
                               runner.tokenizer.backend_tokenizer, self.tasks)
         self.detect_task = DetectTask(context, prompts or {})

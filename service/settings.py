@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from engines.kinds import OrtProvider, Precision, RuntimeKind
 from engines.runtimes import RuntimeOptions
 from service.batching import BatcherConfig
+from service.caption_decoder import DecoderConfig
 from service.pipeline.caption_search import (
     DEFAULT_BEAMS,
     DEFAULT_LENGTH_PENALTY,
@@ -77,10 +78,16 @@ class ServiceSettings(BaseSettings):
     runtime: RuntimeKind = Field(
         RuntimeKind.PYTORCH,
         description="Inference runtime: PyTorch eager on model_dir, or the exported graphs in "
-                    "engine_dir on ONNX Runtime or TensorRT.")
+                    "engine_dir on ONNX Runtime or TensorRT (`make serve`: onnxruntime).")
     engine_dir: Path | None = Field(
         None, description="Engine folder (`glipv2 export`, `glipv2 build-engines`) for the "
-                          "onnxruntime and tensorrt runtimes.")
+                          "onnxruntime and tensorrt runtimes; unset, onnxruntime serves the "
+                          "cached export of model_dir (engine_cache_dir).")
+    engine_cache_dir: Path = Field(
+        REPO_ROOT / "var" / "engines",
+        description="Where onnxruntime without engine_dir exports model_dir on first start "
+                    "(fp32 and int8; one folder per model contents and export format, "
+                    "checksums verified at every start, rebuilt if corrupt).")
     ort_provider: OrtProvider = Field(
         OrtProvider.CPU, description="ONNX Runtime execution provider.")
     precision: Precision = Field(
@@ -122,6 +129,11 @@ class ServiceSettings(BaseSettings):
         description="A caption's beam-search score is its log-probability divided by its token "
                     "count to this power: 0 ranks by probability (short captions win), 1 by "
                     "the mean per token.")
+    caption_max_rows: int = Field(
+        DecoderConfig.max_rows, ge=1, le=1024,
+        description="Row budget of a caption decoding step: the live beams of every caption "
+                    "being decoded run as one caption-step batch of at most this many rows "
+                    "(a caption takes `caption_beams`); more captions wait for rows to free.")
     caption_objects: bool = Field(
         True,
         description="Detect the model's caption classes first (config tasks.caption_classes, "
@@ -184,6 +196,13 @@ class ServiceSettings(BaseSettings):
                              "come from)")
         return self
 
+    @model_validator(mode="after")
+    def _tensorrt_needs_engines(self) -> ServiceSettings:
+        if self.runtime == RuntimeKind.TENSORRT and self.engine_dir is None:
+            raise ValueError("runtime tensorrt needs engine_dir, an engine folder with TensorRT "
+                             "engines (`glipv2 export`, then `glipv2 build-engines`)")
+        return self
+
     @property
     def model_id(self) -> str:
         if self.model_name:
@@ -194,7 +213,8 @@ class ServiceSettings(BaseSettings):
 
     def runtime_options(self) -> RuntimeOptions:
         return RuntimeOptions(kind=self.runtime, model_dir=self.model_dir,
-                              engine_dir=self.engine_dir, provider=self.ort_provider,
+                              engine_dir=self.engine_dir,
+                              engine_cache_dir=self.engine_cache_dir, provider=self.ort_provider,
                               precision=self.precision, threads=self.threads)
 
     def api_key_values(self) -> list[str]:

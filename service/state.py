@@ -2,7 +2,9 @@
 
 The model loads in the background after startup, so the process answers `/healthz` at once and
 `/readyz` says 503 until the engines run (an orchestrator then routes traffic only to ready
-replicas). A load failure is logged and reported by both probes rather than crashing the loop.
+replicas); on onnxruntime without an engine folder a first start's loading includes exporting the
+model to ONNX (`engines.cache`, tens of seconds). A load failure is logged and reported by both
+probes rather than crashing the loop.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class ServiceState:
                 settings.caption_max_tokens, settings.caption_beams,
                 settings.caption_length_penalty),
             caption_objects=settings.caption_objects,
+            caption_max_rows=settings.caption_max_rows,
             text_cache_bytes=settings.text_cache_bytes, max_segments=settings.max_segments,
             prompts=prompts)
         await serving.start()

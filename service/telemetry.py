@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service.batching import OnBatch, OnQueueDepth
+from service.batching import OnBatch, OnQueueDepth, OnShed
+from service.caption_decoder import DecoderCallbacks
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -40,6 +42,15 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CHUNK_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 UNMATCHED = "unmatched"  # endpoint label of paths no route serves (bounded label values)
+
+
+@dataclass(frozen=True)
+class EngineCallbacks:
+    """What a `DynamicBatcher` reports through."""
+
+    on_batch: OnBatch
+    on_queue_depth: OnQueueDepth
+    on_shed: OnShed
 
 
 class ServiceMetrics:
@@ -61,6 +72,18 @@ class ServiceMetrics:
                                     ["engine"], buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.queue_depth = Gauge("glipv2_engine_queue_depth", "Requests waiting per engine.",
                                  ["engine"], registry=r)
+        self.load_shed = Counter("glipv2_load_shed", "Requests turned away at once (429) "
+                                 "because their expected wait exceeded their deadline, by "
+                                 "engine.", ["engine"], registry=r)
+        self.decode_steps = Counter("glipv2_caption_decode_steps", "Caption decoding steps "
+                                    "(one caption-step batch each).", registry=r)
+        self.live_captions = Gauge("glipv2_caption_live", "Captions being decoded now.",
+                                   registry=r)
+        self.caption_tokens = Counter("glipv2_caption_tokens", "Caption tokens generated (one "
+                                      "per caption per step; rate() is tokens/s).", registry=r)
+        self.time_to_first_token = Histogram(
+            "glipv2_caption_time_to_first_token_seconds", "From a caption's submission to the "
+            "decoder to its first token.", buckets=LATENCY_BUCKETS_S, registry=r)
         self.prompt_chunks = Histogram("glipv2_prompt_chunks", "Prompt chunks per detection "
                                        "request.", buckets=CHUNK_BUCKETS, registry=r)
         self.text_cache = Counter("glipv2_text_cache_lookups", "Text-feature cache lookups, "
@@ -77,12 +100,13 @@ class ServiceMetrics:
         for result in ("ok", "error"):
             self.job_inputs.labels(result)
 
-    def engine_callbacks(self, engine: str) -> tuple[OnBatch, OnQueueDepth]:
-        """`(on_batch, on_queue_depth)` for the `DynamicBatcher` of `engine`."""
+    def engine_callbacks(self, engine: str) -> EngineCallbacks:
+        """The metric callbacks of the `DynamicBatcher` of `engine`."""
         wait = self.queue_wait.labels(engine)
         compute = self.compute.labels(engine)
         size = self.batch_size.labels(engine)
         depth = self.queue_depth.labels(engine)
+        shed = self.load_shed.labels(engine)
 
         def on_batch(batch_size: int, queue_waits_s: list[float], compute_s: float) -> None:
             size.observe(batch_size)
@@ -94,7 +118,25 @@ class ServiceMetrics:
             depth.set(value)
 
         depth.set(0)  # the series exists (at 0) before the first request
-        return on_batch, on_queue_depth
+        return EngineCallbacks(on_batch, on_queue_depth, shed.inc)
+
+    def caption_callbacks(self) -> DecoderCallbacks:
+        """The metric callbacks of the caption decoder (engine label "caption": a decoding
+        step is its batch, admission its queue wait)."""
+        engine = "caption"
+        rows = self.batch_size.labels(engine)
+        compute = self.compute.labels(engine)
+
+        def on_step(step_rows: int, seconds: float) -> None:
+            self.decode_steps.inc()
+            rows.observe(step_rows)
+            compute.observe(seconds)
+
+        return DecoderCallbacks(
+            on_step=on_step, on_live=self.live_captions.set, on_tokens=self.caption_tokens.inc,
+            on_first_token=self.time_to_first_token.observe,
+            on_admit=self.queue_wait.labels(engine).observe,
+            on_shed=self.load_shed.labels(engine).inc)
 
     def on_text_cache_lookup(self, hits: int, misses: int) -> None:
         self.text_cache.labels("hit").inc(hits)

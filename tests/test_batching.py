@@ -24,6 +24,7 @@ from service.batching import (
     BatchPlan,
     DeadlineExceededError,
     DynamicBatcher,
+    OverloadedError,
     QueueFullError,
 )
 
@@ -709,3 +710,47 @@ def test_aged_job_batches_alternate_with_online_ones() -> None:
         await batcher.stop()
 
     run(main())
+
+
+# --- load shedding -----------------------------------------------------------------------------
+
+
+def test_load_shedding_refuses_what_would_wait_past_its_deadline_and_takes_what_fits() -> None:
+    """Once a batch's compute time is known (2 s, by the fake clock), a request behind a busy
+    engine and a full batch expects 3 batches x 2 s: with 5 s left it is refused at once
+    (OverloadedError, 429) and never computed; with 7 s left it is queued and served."""
+    clock = FakeClock()
+    shed: list[int] = []
+
+    def slow(plan: BatchPlan[Any]) -> None:
+        clock.advance_ms(2000.0)
+
+    async def main() -> None:
+        engine = Engine(gated=True, on_run=slow)
+        batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
+            BatcherConfig(max_batch_size=2, max_queue_delay_ms=0.0), engine, clock=clock,
+            on_shed=lambda: shed.append(1))
+        await batcher.start()
+        with_no_estimate = submit_all(batcher, [0])  # nothing to estimate from: taken
+        await wait_until(engine.entered.is_set)
+        engine.release.set()
+        assert await finish(with_no_estimate) == ["r0"]
+        engine.gated, engine.plans = True, []
+        engine.entered.clear()
+        engine.release.clear()
+        busy = submit_all(batcher, [1])
+        await wait_until(engine.entered.is_set)
+        queued = submit_all(batcher, [2, 3])
+        await settle()
+        with pytest.raises(OverloadedError) as refused:
+            await batcher.submit(4, "b", deadline_ms=5000.0)
+        assert refused.value.retry_after_s == pytest.approx(4.0)
+        fits = asyncio.create_task(batcher.submit(5, "b", deadline_ms=7000.0))
+        await settle()
+        engine.release.set()
+        assert await finish(busy + queued + [fits]) == ["r1", "r2", "r3", "r5"]
+        assert 4 not in engine.seen()
+        await batcher.stop()
+
+    run(main())
+    assert shed == [1]

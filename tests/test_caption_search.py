@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import math
 import random
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -13,9 +14,9 @@ from torch import Tensor
 
 from model_export.processing.postprocess import Detections
 from service.pipeline.caption_search import (
+    BeamState,
     CaptionGrammar,
     CaptionSearch,
-    beam_search,
     left_to_right,
     names_a_region_twice,
     object_phrase_spans,
@@ -23,6 +24,26 @@ from service.pipeline.caption_search import (
 
 CLS, SEP = 0, 1
 VOCAB = 5  # [CLS], [SEP] and three words
+# rows' images (indices into the batch) and token prefixes ([CLS] first) -> (rows, vocab) logits
+StepFn = Callable[[list[int], list[list[int]]], Tensor]
+
+
+def beam_search(step: StepFn, searches: list[CaptionSearch], cls_id: int, sep_id: int,
+                grammar: CaptionGrammar | None = None) -> list[list[list[int]]]:
+    """Every image's `BeamState` advanced together, one batch of live prefixes per token, as
+    the caption decoder runs them."""
+    states = [BeamState(search, cls_id, sep_id, grammar) for search in searches]
+    while not all(state.finished for state in states):
+        rows = [(image, tokens) for image, state in enumerate(states)
+                for tokens in state.prefixes()]
+        logits = step([image for image, _ in rows], [tokens for _, tokens in rows])
+        first = 0
+        for state in states:
+            count = len(state.live)
+            if count:
+                state.advance(logits[first:first + count])
+            first += count
+    return [state.results() for state in states]
 
 
 def toy_step(calls: list[int] | None = None, first_image: int = 0):

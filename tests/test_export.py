@@ -32,8 +32,8 @@ from model_export.modeling.model import Glipv2Model, Glipv2Output
 pytestmark = pytest.mark.slow
 
 TOLERANCE = 1e-3
-GRAPHS = ("vision", "language", "fusion", "mask", "vqa", "caption_image", "caption_step",
-          "caption_ground")
+GRAPHS = ("vision", "language", "fusion", "mask", "vqa", "caption_image", "caption_prefix",
+          "caption_step", "caption_ground")
 
 
 @dataclass
@@ -255,37 +255,58 @@ def test_caption(exported: Exported, case: tuple[Case, Glipv2Output]) -> None:
         colours = model.image_colours(inputs.images)
         states, fused_visual = fusion.caption_image_states(visual, colours)
     got = _run(exported.sessions["caption_image"], {**_levels(visual), "colours": colours})
-    for i, (value, expected) in enumerate(zip(got, [*states, *fused_visual], strict=True)):
-        _assert_close(f"caption_image output {i}", value, expected)
+    names = [o.name for o in exported.sessions["caption_image"].get_outputs()]
+    for name, value, expected in zip(names, got, [*states.tensors(), *fused_visual],
+                                     strict=True):
+        _assert_close(f"caption_image {name}", value, expected)
+    state_feeds = dict(zip(names, states.tensors(), strict=False))
+    assert not any(name.startswith("fused_") for name in state_feeds)
 
     ids, mask = inputs.input_ids, inputs.attention_mask
     # Row 0's tokens 1-2 read only a box, as a caption phrase given its object does.
     token_boxes = torch.zeros(*ids.shape, 4)
     token_boxes[0, 1:3] = torch.tensor([16.0, 8.0, 120.0, 100.0])
-    feeds = {"input_ids": ids, "attention_mask": mask, "token_boxes": token_boxes,
-             **{f"state_{i}": state for i, state in enumerate(states)}}
-    next_logits, fused_text = _run(exported.sessions["caption_step"], feeds)
+    next_logits, fused_text, keys, values = _run(
+        exported.sessions["caption_prefix"],
+        {"input_ids": ids, "attention_mask": mask, "token_boxes": token_boxes, **state_feeds})
     with torch.no_grad():
-        batched = fusion.caption_text(states, model.encode_text(ids, mask, causal=True),
-                                      token_boxes)
-    _assert_close("caption_step fused_text", fused_text, batched)
+        batched = model.caption_prefix(states, ids, mask, token_boxes)
+    _assert_close("caption_prefix fused_text", fused_text, batched.fused_text)
+    _assert_close("caption_prefix keys", keys, batched.keys)
+    _assert_close("caption_prefix values", values, batched.values)
     for row, count in enumerate(inputs.token_counts):
         # What the PyTorch predictor computes for this caption alone, unpadded.
         row_ids = ids[row:row + 1, :count]
         with torch.no_grad():
-            text = model.encode_text(row_ids, torch.ones_like(row_ids), causal=True)
-            alone = fusion.caption_text([s[row:row + 1] for s in states], text,
-                                        token_boxes[row:row + 1, :count])
-            expected = model.lm_logits(alone[:, -1:])[0, -1]
-        _assert_close(f"caption_step logits row {row}", next_logits[row], expected)
+            row_states = fusion.caption_states([s[row:row + 1] for s in states.tensors()])
+            alone = model.caption_prefix(row_states, row_ids, torch.ones_like(row_ids),
+                                         token_boxes[row:row + 1, :count])
+            expected = model.lm_logits(alone.fused_text[:, -1:])[0, -1]
+        _assert_close(f"caption_prefix logits row {row}", next_logits[row], expected)
     with torch.no_grad():
-        free = fusion.caption_text(states, model.encode_text(ids, mask, causal=True))
-    assert not torch.allclose(free[0, 1:3], batched[0, 1:3], atol=1e-3), "the box changed nothing"
+        free = model.caption_prefix(states, ids, mask).fused_text
+    assert not torch.allclose(free[0, 1:3], batched.fused_text[0, 1:3], atol=1e-3), \
+        "the box changed nothing"
+
+    # One step after the prefixes as caches: rows of different lengths, so right padded.
+    new_ids = torch.randint(1000, model.config.language.vocab_size, (ids.shape[0], 1),
+                            generator=torch.Generator().manual_seed(7))
+    new_boxes = token_boxes[:, 1:2]
+    step_logits, new_keys, new_values = _run(exported.sessions["caption_step"], {
+        "input_ids": new_ids, "past_mask": mask, "token_boxes": new_boxes,
+        "past_keys": batched.keys, "past_values": batched.values, **state_feeds})
+    with torch.no_grad():
+        step = model.caption_step(states, new_ids, mask, new_boxes, batched.keys,
+                                  batched.values)
+        expected = model.lm_logits(step.fused_text[:, 0])
+    _assert_close("caption_step logits", step_logits, expected)
+    _assert_close("caption_step new_keys", new_keys, step.keys)
+    _assert_close("caption_step new_values", new_values, step.values)
 
     with torch.no_grad():
-        expected = model.head(fused_visual, batched)
+        expected = model.head(fused_visual, batched.fused_text)
     got = _run(exported.sessions["caption_ground"],
-               {**_levels(fused_visual, "fused_"), "fused_text": batched})
+               {**_levels(fused_visual, "fused_"), "fused_text": batched.fused_text})
     for i, (value, reference) in enumerate(zip(got, [t for part in expected for t in part],
                                                strict=True)):
         _assert_close(f"caption_ground output {i}", value, reference)

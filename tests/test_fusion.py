@@ -84,9 +84,6 @@ def test_text_layer_clamps_overflow() -> None:
 
 def test_causal_mode_is_unidirectional_and_image_ignores_text() -> None:
     """Captioning mode: token i sees only tokens <= i; the image side never depends on text."""
-    from model_export.modeling.fusion import Glipv2FusionTower
-    from model_export.modeling.language import TextFeatures
-
     torch.manual_seed(3)
     tower = Glipv2FusionTower(FUSION, LANG).eval()
     visual = [torch.randn(1, 16, 8, 8), torch.randn(1, 16, 4, 4), torch.randn(1, 16, 2, 2),
@@ -106,11 +103,9 @@ def test_causal_mode_is_unidirectional_and_image_ignores_text() -> None:
     assert max((a - c).abs().max() for a, c in zip(v_a, v_c, strict=True)) > 1e-4
 
 
-def test_caption_cache_equals_full_causal_pass() -> None:
-    """Decoding with the image side computed once gives the full causal pass's outputs."""
-    from model_export.modeling.fusion import Glipv2FusionTower
-    from model_export.modeling.language import TextFeatures
-
+def test_caption_prefix_equals_full_causal_pass() -> None:
+    """Decoding with the image side computed once gives the full causal pass's outputs, and
+    keys and values of every text layer for the cache."""
     torch.manual_seed(4)
     tower = Glipv2FusionTower(FUSION, LANG).eval()
     visual = [torch.randn(2, 16, 6, 6), torch.randn(2, 16, 3, 3), torch.randn(2, 16, 2, 2),
@@ -119,10 +114,52 @@ def test_caption_cache_equals_full_causal_pass() -> None:
     with torch.no_grad():
         full_visual, full_text = tower(visual, text, causal=True)
         states, cached_visual = tower.caption_image_states(visual)
-        cached_text = tower.caption_text(states, text)
+        cached_text, keys, values = tower.caption_prefix(states, text)
     torch.testing.assert_close(cached_text, full_text)
     for a, b in zip(cached_visual, full_visual, strict=True):
         torch.testing.assert_close(a, b)
+    assert keys.shape == values.shape == (2, FUSION.num_layers, LANG.num_heads, 5, 8)
+    assert len(states.tensors()) == FUSION.num_layers + 1  # regions per layer, centres
+    rebuilt = tower.caption_states(states.tensors())
+    assert [t.data_ptr() for t in rebuilt.tensors()] == [t.data_ptr() for t in states.tensors()]
+
+
+def test_attend_regions_equals_projected_attention() -> None:
+    """The folded token side gives what projecting every region gives: `forward`'s delta_l
+    (update_visual False), and with a region bias the per-head formula with it added."""
+    torch.manual_seed(6)
+    attn = Glipv2BiAttention(16, 32, 32, 4, dropout=0.0, clamp=50000.0, image_values=True,
+                             pixel_colours=True).eval()
+    with torch.no_grad():  # zero-initialised paths: weight them so they count
+        for linear in (attn.out_image_proj, attn.values_colour_proj):
+            assert linear is not None
+            linear.weight.normal_()
+            linear.bias.normal_()
+        attn.v_proj.bias.normal_()
+        attn.values_v_proj.bias.normal_()
+    v, lang, mask = torch.randn(2, 7, 16), torch.randn(2, 5, 32), _mask([5, 5], 5)
+    image, colours = torch.randn(2, 7, 16), torch.randn(2, 7, 3)
+    with torch.no_grad():
+        _, expected = attn(v, lang, mask, update_visual=False, image=image, colours=colours)
+        got = attn.attend_regions(v, lang, image, colours)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+        bias = torch.where(torch.rand(2, 5, 7) < 0.5, -1e4, 0.0)
+        heads, d = 4, 8
+        q = (attn.v_proj(v) * d**-0.5).view(2, 7, heads, d)
+        k = attn.l_proj(lang).view(2, 5, heads, d)
+        scores = torch.einsum("nrhd,nthd->nhtr", q, k) + bias[:, None]
+        probs = scores.softmax(-1)
+        values = {"v": attn.values_v_proj(v).view(2, 7, heads, d),
+                  "image": (attn.values_image_proj(image)
+                            + attn.values_colour_proj(colours)).view(2, 7, heads, d)}
+        pooled = {name: torch.einsum("nhtr,nrhd->nthd", probs, value).reshape(2, 5, 32)
+                  for name, value in values.items()}
+        expected = attn.out_l_proj(pooled["v"]) + attn.out_image_proj(pooled["image"])
+        got = attn.attend_regions(v, lang, image, colours, bias)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="pixel_colours needs the regions' colours"):
+        attn.attend_regions(v, lang, image)
 
 
 def test_region_centres_are_cell_centres_in_flatten_order() -> None:
@@ -144,12 +181,9 @@ def test_box_bias_keeps_a_token_inside_its_box() -> None:
     assert bool((bias[0, 1] == 0).all()) and bool((outside == outside[0]).all())
 
 
-def test_caption_text_token_boxes_read_only_their_box() -> None:
+def test_caption_prefix_token_boxes_read_only_their_box() -> None:
     """A token on a box reads the regions inside it only: changing the image outside the box
     leaves its features alone but changes a free token's; zero boxes are the plain pass."""
-    from model_export.modeling.fusion import Glipv2FusionTower
-    from model_export.modeling.language import TextFeatures
-
     torch.manual_seed(5)
     # One layer: its regions are the input's, which DyConv has not mixed with their neighbours.
     tower = Glipv2FusionTower(dataclasses.replace(FUSION, num_layers=1), LANG).eval()
@@ -163,10 +197,10 @@ def test_caption_text_token_boxes_read_only_their_box() -> None:
     with torch.no_grad():
         states, _ = tower.caption_image_states(visual)
         moved, _ = tower.caption_image_states(changed)
-        fused = tower.caption_text(states, text, boxes)
-        fused_moved = tower.caption_text(moved, text, boxes)
-        torch.testing.assert_close(tower.caption_text(states, text, torch.zeros(1, 3, 4)),
-                                   tower.caption_text(states, text))
+        fused = tower.caption_prefix(states, text, boxes)[0]
+        fused_moved = tower.caption_prefix(moved, text, boxes)[0]
+        torch.testing.assert_close(tower.caption_prefix(states, text, torch.zeros(1, 3, 4))[0],
+                                   tower.caption_prefix(states, text)[0])
     torch.testing.assert_close(fused[0, 0], fused_moved[0, 0])
     assert (fused[0, 1] - fused_moved[0, 1]).abs().max() > 1e-3
 
@@ -242,13 +276,15 @@ def test_fresh_image_values_compute_what_the_fusion_did_without() -> None:
     for causal in (False, True):
         torch.testing.assert_close(grown(visual, text, causal)[1], plain(visual, text, causal)[1])
     states, _ = grown.caption_image_states(visual)
-    assert len(states) == 4  # one per layer, then the input regions, the region centres
-    torch.testing.assert_close(grown.caption_text(states, text), grown(visual, text, True)[1])
+    assert len(states.input_regions) == 2 and len(states.tensors()) == 5  # + regions, centres
+    torch.testing.assert_close(grown.caption_prefix(states, text)[0],
+                               grown(visual, text, True)[1])
     with torch.no_grad():
         grown.layers[1].vl_fuse.attn.out_image_proj.bias.fill_(1.0)
     changed = grown(visual, text)[1]
     assert not torch.allclose(changed, plain(visual, text)[1])
-    torch.testing.assert_close(grown.caption_text(states, text), grown(visual, text, True)[1])
+    torch.testing.assert_close(grown.caption_prefix(states, text)[0],
+                               grown(visual, text, True)[1])
 
 
 def test_fresh_pixel_colours_compute_what_the_fusion_did_without() -> None:
@@ -282,8 +318,9 @@ def test_fresh_pixel_colours_compute_what_the_fusion_did_without() -> None:
     assert not torch.allclose(grown(visual, text, False, red)[1],
                               grown(visual, text, False, blue)[1])
     states, _ = grown.caption_image_states(visual, colours)
-    assert len(states) == 5 and states[-2].shape == (2, 8 * 12 + 4 * 6 + 2 * 3 + 2 + 1, 3)
-    torch.testing.assert_close(grown.caption_text(states, text),
+    assert states.colours is not None and len(states.tensors()) == 6
+    assert states.colours.shape == (2, 8 * 12 + 4 * 6 + 2 * 3 + 2 + 1, 3)
+    torch.testing.assert_close(grown.caption_prefix(states, text)[0],
                                grown(visual, text, True, colours)[1])
 
 

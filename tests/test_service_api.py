@@ -40,8 +40,8 @@ from model_export.processing.preprocess import resized_size
 from model_export.processing.prompt import load_tokenizer
 from service.app import create_app
 from service.batching import BatcherConfig
+from service.caption_runner import CaptionRunner
 from service.errors import PayloadTooLargeError, UnsupportedMediaTypeError
-from service.model_runner import ModelRunner
 from service.openapi import OPENAPI_PATH, app_schema, load_openapi
 from service.pipeline.caption_search import CaptionGrammar, CaptionSearch
 from service.pipeline.images import decode_base64, decode_image_bytes, sniff_format
@@ -269,19 +269,26 @@ def test_caption_search_names_the_detected_objects_left_to_right(
     phrase's tokens on its object's box (model-input frame), and the phrases it finishes are
     grounded to those objects' boxes."""
     works: list[Any] = []
-    steps: list[dict[str, torch.Tensor]] = []
-    caption, run_graph = ModelRunner.caption, runtime.run
+    steps: list[tuple[list[list[list[int]]], torch.Tensor]] = []  # (prefixes, token boxes)
+    caption_images, caption_step = CaptionRunner.caption_images, CaptionRunner.caption_step
+    run_graph = runtime.run
+    prefixes: list[list[list[int]]] = []
 
-    def spy(self: ModelRunner, plan: Any) -> Any:
-        works.extend(plan.payloads)
-        return caption(self, plan)
+    def spy_images(self: CaptionRunner, batch: Any) -> Any:
+        works.extend(batch)
+        return caption_images(self, batch)
+
+    def spy_step(self: CaptionRunner, parts: Any) -> Any:
+        prefixes[:] = [part[1] for part in parts]
+        return caption_step(self, parts)
 
     def spy_run(graph: str, inputs: Any) -> Any:
         if graph == "caption_step":
-            steps.append(dict(inputs))
+            steps.append(([list(p) for p in prefixes], inputs["token_boxes"]))
         return run_graph(graph, inputs)
 
-    monkeypatch.setattr(ModelRunner, "caption", spy)
+    monkeypatch.setattr(CaptionRunner, "caption_images", spy_images)
+    monkeypatch.setattr(CaptionRunner, "caption_step", spy_step)
     monkeypatch.setattr(runtime, "run", spy_run)
     monkeypatch.setattr(runtime.config.postprocess, "caption_object_threshold", threshold)
     image = Image.open(WORLD_PNG).convert("RGB")
@@ -314,14 +321,13 @@ def test_caption_search_names_the_detected_objects_left_to_right(
         grammar = CaptionGrammar.from_tokenizer(load_tokenizer(runtime.config.language.tokenizer),
                                                 runtime.config.tasks.caption_classes)
         boxed = 0
-        for step in steps:
-            for ids, mask, token_boxes in zip(step["input_ids"], step["attention_mask"],
-                                              step["token_boxes"], strict=True):
-                for position, phrase in enumerate(
-                        grammar.phrase_of_tokens(ids[:int(mask.sum())].tolist())):
-                    expected = object_boxes[phrase] if phrase >= 0 else torch.zeros(4)
-                    torch.testing.assert_close(token_boxes[position], expected)
-                    boxed += phrase >= 0
+        for step_prefixes, token_boxes in steps:  # each beam's newest token on its phrase's box
+            rows = [prefix for image_prefixes in step_prefixes for prefix in image_prefixes]
+            for prefix, box in zip(rows, token_boxes[:, 0], strict=True):
+                phrase = grammar.phrase_of_tokens(prefix)[-1]
+                expected = object_boxes[phrase] if phrase >= 0 else torch.zeros(4)
+                torch.testing.assert_close(box, expected)
+                boxed += phrase >= 0
         assert boxed
         for phrase, i in zip(response.phrases, order, strict=False):
             assert phrase.box == pytest.approx(boxes[i], abs=0.01)
@@ -329,7 +335,7 @@ def test_caption_search_names_the_detected_objects_left_to_right(
     else:
         assert [search.objects for search in searches] == [None]
         assert works[0].object_boxes is None
-        assert all(not step["token_boxes"].any() for step in steps)
+        assert all(not token_boxes.any() for _, token_boxes in steps)
 
 
 def test_caption_phrases_of_detected_objects_are_grounded_to_their_boxes(

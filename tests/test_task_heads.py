@@ -1,4 +1,5 @@
-"""Task heads: segmentation (pixel x phrase logits inside each box) and VQA, with their losses."""
+"""Task heads: segmentation (pixel x phrase logits inside each box) and VQA, with their losses;
+caption decoding with a key/value cache against the full causal pass."""
 
 from __future__ import annotations
 
@@ -6,7 +7,17 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
+from engines.graphs import CaptionPrefixGraph, CaptionStepGraph
+from model_export.modeling.config import (
+    FPNConfig,
+    FusionConfig,
+    LanguageConfig,
+    SwinConfig,
+    TaskHeadsConfig,
+    get_preset,
+)
 from model_export.modeling.mask_head import (
     OUTSIDE_BOX_LOGIT,
     Glipv2MaskHead,
@@ -15,6 +26,7 @@ from model_export.modeling.mask_head import (
     mask_loss,
     masks_for_image,
 )
+from model_export.modeling.model import Glipv2Model
 from model_export.modeling.vqa_head import (
     Glipv2VqaHead,
     glimpse_grounding_loss,
@@ -334,3 +346,144 @@ def test_vqa_target_scores_hand_computed() -> None:
     vocab = ["yes", "no", "2"]
     scores = vqa_target_scores([["yes"] * 2 + ["no"] * 7 + ["maybe"], ["2"]], vocab)
     torch.testing.assert_close(scores, torch.tensor([[2 / 3, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+
+
+# ---------------------------------------------------------------- caption decoding
+
+CLS = 101
+
+
+def _caption_model() -> Glipv2Model:
+    """The small preset (tied LM head, positions, image values, pixel colours, coloured levels)
+    at toy widths, with a tuned prompt offset; the zero-initialised paths weighted so they count.
+    """
+    config = get_preset("small")
+    config.swin = SwinConfig(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
+    config.fpn = FPNConfig(out_channels=16, lateral_skip=True)
+    config.language = LanguageConfig(hidden_size=32, num_layers=2, num_heads=4,
+                                     intermediate_size=64, prompt_offset_len=16)
+    config.fusion = FusionConfig(num_layers=2, channels=16, embed_dim=32, num_heads=4,
+                                 group_norm_groups=4, position_encoding=True, image_values=True,
+                                 pixel_colours=True, colour_levels=True)
+    config.tasks = TaskHeadsConfig()
+    torch.manual_seed(0)
+    model = Glipv2Model(config).eval()
+    grown = (".positions.", ".out_image_proj.", ".values_colour_proj.", ".skip_blocks.",
+             ".colour_levels.", "prompt_offset")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if any(part in name for part in grown):
+                parameter.normal_(std=0.3)
+    return model
+
+
+def _caption_states(model: Glipv2Model, images: Tensor) -> list[Tensor]:
+    with torch.no_grad():
+        visual = model.encode_image(images)
+        states, _ = model.fusion.caption_image_states(visual, model.image_colours(images))
+    return states.tensors()
+
+
+def test_caption_prefix_is_the_causal_pass() -> None:
+    """caption_prefix on right-padded captions of different lengths: the fused tokens and the
+    LM logits of `model(..., causal=True)` (projections per region, no cache), the logits at
+    each row's last real token, and keys/values of every text layer."""
+    model = _caption_model()
+    images = torch.randn(2, 3, 64, 96)
+    ids = torch.randint(1000, 30000, (2, 7))
+    ids[:, 0] = CLS
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    with torch.no_grad():
+        expected = model(images, ids, mask, causal=True)
+        logits, fused_text, keys, values = CaptionPrefixGraph(model)(
+            ids, mask, torch.zeros(2, 7, 4), *_caption_states(model, images))
+    assert expected.mlm_logits is not None
+    for row, count in enumerate((7, 4)):
+        torch.testing.assert_close(fused_text[row, :count], expected.fused_text[row, :count])
+        torch.testing.assert_close(logits[row], expected.mlm_logits[row, count - 1])
+    layers = model.config.language.num_layers + model.config.fusion.num_layers
+    assert keys.shape == values.shape == (2, layers, 4, 7, 8)
+
+
+def test_caption_step_with_cache_decodes_as_the_full_prefix() -> None:
+    """Token by token, caption_prefix([CLS]) then caption_step with the cache, rows joining at
+    different steps (so their caches are right padded, the padding filled with noise), two
+    rows on one image and one on another, some tokens on boxes: every step's next-token
+    logits are the full prefix's within 1e-4, and the cache ends as the full prefix's."""
+    model = _caption_model()
+    prefix_graph, step_graph = CaptionPrefixGraph(model), CaptionStepGraph(model)
+    states = _caption_states(model, torch.randn(2, 3, 64, 96))
+    generator = torch.Generator().manual_seed(1)
+    box = torch.tensor([[0.0, 0.0, 40.0, 32.0], [24.0, 8.0, 96.0, 64.0]])
+    # (image, token ids, token boxes, step it joins at)
+    rows: list[tuple[int, Tensor, Tensor, int]] = []
+    for image, length, start, boxed in ((0, 8, 0, slice(2, 5)), (1, 5, 3, slice(1, 3)),
+                                        (0, 6, 1, slice(0, 0))):
+        ids = torch.randint(1000, 30000, (length,), generator=generator)
+        ids[0] = CLS
+        boxes = torch.zeros(length, 4)
+        boxes[boxed] = box[image]
+        rows.append((image, ids, boxes, start))
+    caches: dict[int, tuple[Tensor, Tensor]] = {}
+    steps = max(start + len(ids) for _, ids, _, start in rows)
+    compared = 0
+    for step in range(steps):
+        live = [r for r, (_, ids, _, start) in enumerate(rows) if start <= step < start + len(ids)]
+        joining = [r for r in live if rows[r][3] == step]
+        going = [r for r in live if rows[r][3] < step]
+        logits: dict[int, Tensor] = {}
+        with torch.no_grad():
+            if joining:
+                index = torch.tensor([rows[r][0] for r in joining])
+                ids = torch.full((len(joining), 1), CLS)
+                boxes = torch.stack([rows[r][2][:1] for r in joining])
+                out = prefix_graph(ids, torch.ones_like(ids), boxes, *(s[index] for s in states))
+                for i, r in enumerate(joining):
+                    logits[r] = out[0][i]
+                    caches[r] = (out[2][i:i + 1], out[3][i:i + 1])
+            if going:
+                logits.update(_step_rows(step_graph, states, rows, going, step, caches,
+                                         generator))
+            for r, got in logits.items():
+                image, ids, boxes, start = rows[r]
+                t = step - start + 1
+                expected = prefix_graph(ids[None, :t], torch.ones(1, t, dtype=torch.long),
+                                        boxes[None, :t], *(s[image:image + 1] for s in states))
+                torch.testing.assert_close(got, expected[0][0], atol=1e-4, rtol=0)
+                compared += 1
+    assert compared == sum(len(ids) for _, ids, _, _ in rows)
+    for r, (image, ids, boxes, _) in enumerate(rows):
+        with torch.no_grad():
+            full = prefix_graph(ids[None], torch.ones(1, len(ids), dtype=torch.long),
+                                boxes[None], *(s[image:image + 1] for s in states))
+        torch.testing.assert_close(caches[r][0], full[2], atol=1e-4, rtol=0)
+        torch.testing.assert_close(caches[r][1], full[3], atol=1e-4, rtol=0)
+
+
+def _step_rows(step_graph: CaptionStepGraph, states: list[Tensor],
+               rows: list[tuple[int, Tensor, Tensor, int]], going: list[int], step: int,
+               caches: dict[int, tuple[Tensor, Tensor]], generator: torch.Generator
+               ) -> dict[int, Tensor]:
+    """One caption_step of `going` rows, their caches right padded with noise; appends each
+    row's new keys and values to its cache -> each row's next-token logits."""
+    lengths = [caches[r][0].shape[3] for r in going]
+    _, layers, heads, _, dim = caches[going[0]][0].shape
+    shape = (len(going), layers, heads, max(lengths), dim)
+    keys = 1e3 * torch.randn(shape, generator=generator)
+    values = 1e3 * torch.randn(shape, generator=generator)
+    past_mask = torch.zeros(len(going), max(lengths), dtype=torch.long)
+    for i, (r, length) in enumerate(zip(going, lengths, strict=True)):
+        keys[i, :, :, :length], values[i, :, :, :length] = caches[r][0][0], caches[r][1][0]
+        past_mask[i, :length] = 1
+    # A row's new token is the one at its cache's length, as step - start says too.
+    assert lengths == [step - rows[r][3] for r in going]
+    ids = torch.stack([rows[r][1][n:n + 1] for r, n in zip(going, lengths, strict=True)])
+    boxes = torch.stack([rows[r][2][n:n + 1] for r, n in zip(going, lengths, strict=True)])
+    index = torch.tensor([rows[r][0] for r in going])
+    logits, new_keys, new_values = step_graph(ids, past_mask, boxes, keys, values,
+                                              *(s[index] for s in states))
+    assert new_keys.shape == (len(going), layers, heads, 1, dim)
+    for i, r in enumerate(going):
+        caches[r] = (torch.cat([caches[r][0], new_keys[i:i + 1]], dim=3),
+                     torch.cat([caches[r][1], new_values[i:i + 1]], dim=3))
+    return {r: logits[i] for i, r in enumerate(going)}

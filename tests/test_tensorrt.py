@@ -143,7 +143,7 @@ def test_level_ranges_match_what_the_vision_graph_produces(engine_dir: Path,
         for level in range(3, 8):
             assert outputs[f"p{level}"].shape[2:] == (fusion[f"h{level}"][corner],
                                                       fusion[f"w{level}"][corner])
-        state = sessions["caption_image"].run(["state_0"], outputs)
+        state = sessions["caption_image"].run(["regions_0"], outputs)
         assert state[0].shape[1] == regions[corner]
 
 

@@ -25,6 +25,8 @@ class RuntimeOptions:
 
     kind: "pytorch" runs `model_dir` eagerly; "onnxruntime" and "tensorrt" run the exported
         graphs in `engine_dir` (`glipv2 export`, then `glipv2 build-engines` for TensorRT).
+    engine_cache_dir: where "onnxruntime" without `engine_dir` finds its export of `model_dir`,
+        made on first use (`engines.cache`).
     provider: ONNX Runtime execution provider.
     precision: reduced precision of `vision` and `fusion`: "bf16" (PyTorch autocast) or "int8"
         (the ONNX Runtime variant `glipv2 export --variants int8` writes).
@@ -35,6 +37,7 @@ class RuntimeOptions:
     kind: RuntimeKind = RuntimeKind.PYTORCH
     model_dir: Path | None = None
     engine_dir: Path | None = None
+    engine_cache_dir: Path | None = None
     provider: OrtProvider = OrtProvider.CPU
     precision: Precision = Precision.FP32
     threads: int = 0
@@ -73,13 +76,22 @@ def open_runtime(options: RuntimeOptions) -> Runtime:
             raise ValueError("the pytorch runtime needs a model folder")
         return TorchRuntime.from_dir(options.model_dir, device=options.device,
                                      threads=options.threads, precision=options.precision)
-    if options.engine_dir is None:
-        raise ValueError(f"the {options.kind} runtime needs an engine folder (glipv2 export)")
     if options.kind == RuntimeKind.ONNXRUNTIME:
         from engines.runtimes.onnx_runtime import OnnxRuntime
 
-        return OnnxRuntime(options.engine_dir, provider=options.provider,
+        engine_dir, cache = options.engine_dir, options.engine_cache_dir
+        if engine_dir is None and cache is not None and options.model_dir is not None:
+            from engines.cache import cached_engines
+
+            engine_dir = cached_engines(options.model_dir, cache)
+        if engine_dir is None:
+            raise ValueError("the onnxruntime runtime needs an engine folder (glipv2 export), "
+                             "or a model folder and an engine cache folder to export it into")
+        return OnnxRuntime(engine_dir, provider=options.provider,
                            precision=options.precision, threads=options.threads)
+    if options.engine_dir is None:
+        raise ValueError(f"the {options.kind} runtime needs an engine folder (glipv2 export, "
+                         "then glipv2 build-engines)")
     if options.kind == RuntimeKind.TENSORRT:
         from engines.runtimes.tensorrt import TensorRtRuntime
 

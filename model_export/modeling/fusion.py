@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -26,7 +27,11 @@ from model_export.modeling.cross_attention import (
     unflatten_levels,
 )
 from model_export.modeling.dyconv import Glipv2DyConv
-from model_export.modeling.language import TextFeatures
+from model_export.modeling.language import (
+    TextFeatures,
+    extended_attention_mask,
+    step_attention_mask,
+)
 from model_export.modeling.text_layer import Glipv2TextLayer
 
 # Additive score, in captioning, for the regions outside the box a token is about (`box_bias`):
@@ -48,6 +53,35 @@ def box_bias(centres: Tensor, boxes: Tensor) -> Tensor:
     inside = (x >= x0) & (x < x1) & (y >= y0) & (y < y1)  # (N, T, R)
     free = (x1 <= x0) | (y1 <= y0)
     return torch.where(inside | free, 0.0, _OUTSIDE_BOX_SCORE).to(centres.dtype)
+
+
+@dataclass
+class CaptionImageStates:
+    """What a caption's decoding steps read of its image, computed once per image
+    (`Glipv2FusionTower.caption_image_states`). R: every region of every level, in
+    `flatten_levels` order.
+
+    regions: per fusion layer (N, R, C), what its cross-attention attends (the normalised
+        regions, plus positions if any); the attention's projections of them are folded onto
+        the token side (`Glipv2BiAttention.attend_regions`).
+    input_regions: per fusion layer (N, R, C), the tower's input regions under that layer's
+        `layer_norm_image`, with `image_values`; else empty.
+    colours: (N, R, 3) each region's mean input pixel (`colour_regions`) with
+        `pixel_colours`; else None.
+    centres: (N, R, 2) each region's (x, y) centre in resized-image pixels
+        (`region_centres`), for token boxes.
+    """
+
+    regions: list[Tensor]
+    input_regions: list[Tensor]
+    colours: Tensor | None
+    centres: Tensor
+
+    def tensors(self) -> list[Tensor]:
+        """Flat, batch first, as the caption graphs pass them (`Glipv2FusionTower.caption_states`
+        is the inverse): regions, input regions, colours if any, centres."""
+        colours = [] if self.colours is None else [self.colours]
+        return [*self.regions, *self.input_regions, *colours, self.centres]
 
 
 def colour_regions(colours: Tensor, sizes: Sequence[tuple[int, ...]]) -> Tensor:
@@ -198,51 +232,91 @@ class Glipv2FusionTower(nn.Module):
                 layer.vl_fuse.attn.text_attention = None
 
     def caption_image_states(self, visual: list[Tensor], colours: Tensor | None = None
-                             ) -> tuple[list[Tensor], list[Tensor]]:
+                             ) -> tuple[CaptionImageStates, list[Tensor]]:
         """The causal mode's image side, computed once per image for a whole caption.
 
-        Returns the region sequence (N, R, C) each layer's text attends to (normalised, plus
-        positions if any), then with `image_values` the tower's input regions (one more
-        state), with `pixel_colours` the regions' colours (N, R, 3, one more), then the regions'
-        centres (N, R, 2, `region_centres`, for `caption_text`'s token boxes), and the final
-        fused levels; `caption_text` then runs only the text side per decoding step.
+        visual: 5 levels (N, C, H_l, W_l); colours: as `forward` takes them. -> what every
+        decoding step reads of the image (`CaptionImageStates`), and the final fused levels
+        (what `forward` returns in causal mode, whatever the caption).
         """
         image = flatten_levels(visual) if self.image_values else None
-        regions = self._colour_regions(visual, colours)
+        region_colours = self._colour_regions(visual, colours)
         sizes = [feature.shape[-2:] for feature in visual]
         centres = region_centres(sizes, self.strides, visual[0].device).to(visual[0].dtype)
-        states = []
+        regions, input_regions = [], []
         for layer in self._typed_layers():
-            v = layer.vl_fuse.layer_norm_v(flatten_levels(visual))
-            states.append(layer.vl_fuse.attended(v, sizes))
+            fuse = layer.vl_fuse
+            v = fuse.layer_norm_v(flatten_levels(visual))
+            regions.append(fuse.attended(v, sizes))
+            normalised = fuse.image_regions(image)
+            if normalised is not None:
+                input_regions.append(normalised)
             visual = layer.dyconv(unflatten_levels(v, sizes))
-        if image is not None:
-            states.append(image)
-        if regions is not None:
-            states.append(regions)
-        states.append(centres.unsqueeze(0).expand(visual[0].shape[0], -1, -1))
+        states = CaptionImageStates(
+            regions=regions, input_regions=input_regions, colours=region_colours,
+            centres=centres.unsqueeze(0).expand(visual[0].shape[0], -1, -1))
         return states, self._with_colours(visual, colours)
 
-    def caption_text(self, states: list[Tensor], text: TextFeatures,
-                     token_boxes: Tensor | None = None) -> Tensor:
-        """Causal text side against cached image states -> fused tokens (N, T, D).
+    def caption_states(self, tensors: Sequence[Tensor]) -> CaptionImageStates:
+        """`CaptionImageStates.tensors()` of this tower back into the states."""
+        layers = len(self.layers)
+        extra = list(tensors[2 * layers if self.image_values else layers:])
+        colours = extra.pop(0) if self.pixel_colours else None
+        (centres,) = extra
+        return CaptionImageStates(
+            regions=list(tensors[:layers]),
+            input_regions=list(tensors[layers:2 * layers]) if self.image_values else [],
+            colours=colours, centres=centres)
 
-        token_boxes (N, T, 4): a box per token, in resized-image pixels, that its attention
-        over regions stays inside (`box_bias`; zeros: anywhere). Captioning given objects
-        puts each phrase's tokens on its object's box, so "a small red" reads the colour
-        and size of that object and not of another one the decoder also looks at.
+    def caption_prefix(self, states: CaptionImageStates, text: TextFeatures,
+                       token_boxes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Causal text side of whole captions against their image's states.
+
+        text: the causal token features (N, T, D), right padded; token_boxes (N, T, 4): a box
+        per token, in resized-image pixels, that its attention over regions stays inside
+        (`box_bias`; zeros: anywhere). Captioning given objects puts each phrase's tokens on
+        its object's box, so "a small red" reads the colour and size of that object and not
+        of another one the decoder also looks at.
+        -> fused tokens (N, T, D) (`forward`'s in causal mode, with the boxes), and every
+        fusion layer's text keys and values (N, layers, heads, T, d) for the caption's cache.
         """
-        extra = iter(states[len(self.layers):])
-        image = next(extra) if self.image_values else None
-        colours = next(extra) if self.pixel_colours else None
-        centres = next(extra)
-        bias = box_bias(centres, token_boxes) if token_boxes is not None else None
-        hidden = text.hidden
-        for layer, v in zip(self._typed_layers(), states[:len(self.layers)], strict=True):
+        bias = box_bias(states.centres, token_boxes) if token_boxes is not None else None
+        additive = extended_attention_mask(text.mask, text.hidden.dtype, causal=True)
+        return self._caption_text(states, text.hidden, bias, additive)
+
+    def caption_step(self, states: CaptionImageStates, hidden: Tensor, token_boxes: Tensor,
+                     past_mask: Tensor, past_keys: Tensor, past_values: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+        """One new token per row against the caption's cache: `caption_prefix` for the last
+        token only.
+
+        hidden: (N, 1, D) the new tokens' causal features; token_boxes: (N, 1, 4) their boxes;
+        past_mask: (N, P) 1 for real cached positions; past_keys, past_values:
+        (N, layers, heads, P, d) of the fusion layers. -> fused new tokens (N, 1, D) and their
+        keys and values (N, layers, heads, 1, d).
+        """
+        additive = step_attention_mask(past_mask, hidden.dtype)  # (N, 1, 1, P + 1)
+        return self._caption_text(states, hidden, box_bias(states.centres, token_boxes),
+                                  additive, (past_keys, past_values))
+
+    def _caption_text(self, states: CaptionImageStates, hidden: Tensor, bias: Tensor | None,
+                      additive: Tensor, past: tuple[Tensor, Tensor] | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        """Each layer: tokens attend to the image states, then to the cache and themselves.
+        -> fused tokens, and their text keys and values of every layer, stacked on dim 1."""
+        keys, values = [], []
+        for i, layer in enumerate(self._typed_layers()):
             fuse = layer.vl_fuse
             lang = fuse.layer_norm_l(hidden)
-            _, delta_l = fuse.attn(v, lang, text.mask, update_visual=False,
-                                   image=fuse.image_regions(image), colours=colours,
-                                   region_bias=bias)
-            hidden = layer.text_layer(lang + fuse.gamma_l * delta_l, text.mask, causal=True)
-        return hidden
+            delta_l = fuse.attn.attend_regions(
+                states.regions[i], lang, states.input_regions[i] if states.input_regions else None,
+                states.colours, bias)
+            hidden = lang + fuse.gamma_l * delta_l
+            query, key, value = layer.text_layer.project(hidden)
+            keys.append(key)
+            values.append(value)
+            if past is not None:
+                key = torch.cat([past[0][:, i], key], dim=2)  # (N, h, P + T, d)
+                value = torch.cat([past[1][:, i], value], dim=2)
+            hidden = layer.text_layer.attend(hidden, query, key, value, additive)
+        return hidden, torch.stack(keys, dim=1), torch.stack(values, dim=1)

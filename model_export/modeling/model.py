@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from model_export.modeling.backbone import Glipv2SwinBackbone
 from model_export.modeling.config import Glipv2Config
 from model_export.modeling.fpn import Glipv2FPN
-from model_export.modeling.fusion import Glipv2FusionTower
+from model_export.modeling.fusion import CaptionImageStates, Glipv2FusionTower
 from model_export.modeling.head import Glipv2AtssHead
 from model_export.modeling.language import Glipv2LanguageBackbone, TextFeatures
 from model_export.modeling.lm_head import Glipv2LMHead
@@ -43,6 +43,20 @@ class Glipv2Output:
     fused_visual: list[Tensor]
     fused_text: Tensor
     mlm_logits: Tensor | None = None
+
+
+@dataclass
+class CaptionTokens:
+    """Caption tokens after the fusion tower, and their entries of the key/value cache.
+
+    fused_text: (N, T, D) token features after the fusion tower (T = 1 for a decoding step).
+    keys, values: (N, L, heads, T, d) self-attention keys and values of every text layer, in
+        order: the language encoder's layers, then each fusion layer's text layer.
+    """
+
+    fused_text: Tensor
+    keys: Tensor
+    values: Tensor
 
 
 class Glipv2ContrastiveProjection(nn.Module):
@@ -119,10 +133,12 @@ class Glipv2Model(nn.Module):
 
         `causal`: unidirectional features for captioning (token i sees tokens <= i only).
         """
-        text = self.language(input_ids, attention_mask, causal=causal)
+        return self._with_prompt_offset(self.language(input_ids, attention_mask, causal=causal))
+
+    def _with_prompt_offset(self, text: TextFeatures) -> TextFeatures:
         if self.prompt_offset is None:
             return text
-        offset = self.prompt_offset[: input_ids.shape[1]].unsqueeze(0)  # (1, T, D)
+        offset = self.prompt_offset[: text.hidden.shape[1]].unsqueeze(0)  # (1, T, D)
         return TextFeatures(hidden=text.hidden + offset, embedded=text.embedded + offset,
                             mask=text.mask)
 
@@ -151,6 +167,41 @@ class Glipv2Model(nn.Module):
             raise ValueError("this model has no language-model head")
         embeddings = self.language.bert.embeddings.word_embeddings.weight
         return self.mlm_head(fused_text, embeddings if self.config.head.tie_mlm_decoder else None)
+
+    def caption_prefix(self, states: CaptionImageStates, input_ids: Tensor,
+                       attention_mask: Tensor, token_boxes: Tensor | None = None
+                       ) -> CaptionTokens:
+        """Whole captions at once: input_ids, attention_mask (N, T) right padded, token_boxes
+        (N, T, 4) (`Glipv2FusionTower.caption_prefix`), `states` of each row's image
+        (`fusion.caption_image_states`). The fused tokens are `fuse(..., causal=True)`'s; the
+        keys and values start a cache for `caption_step`."""
+        text, keys, values = self.language.encode_caption(input_ids, attention_mask)
+        fused_text, fusion_keys, fusion_values = self.fusion.caption_prefix(
+            states, self._with_prompt_offset(text), token_boxes)
+        return CaptionTokens(fused_text=fused_text, keys=torch.cat([keys, fusion_keys], dim=1),
+                             values=torch.cat([values, fusion_values], dim=1))
+
+    def caption_step(self, states: CaptionImageStates, input_ids: Tensor, past_mask: Tensor,
+                     token_boxes: Tensor, past_keys: Tensor, past_values: Tensor
+                     ) -> CaptionTokens:
+        """One new token per row against its caption's cache; only it is computed.
+
+        input_ids: (N, 1) the new tokens; past_mask: (N, P) 1 for real cached positions (rows
+        right padded); token_boxes: (N, 1, 4) the new tokens' boxes (zeros: anywhere);
+        past_keys, past_values: (N, L, heads, P, d) (`CaptionTokens`). A new token's position
+        is its row's count of cached tokens ([CLS] is 0), so rows of different lengths step
+        together. -> the new tokens' `CaptionTokens` (T = 1), which the caller appends.
+        """
+        positions = past_mask.sum(dim=1, keepdim=True)  # (N, 1)
+        layers = self.config.language.num_layers
+        hidden, keys, values = self.language.step(input_ids, positions, past_mask,
+                                                  past_keys[:, :layers], past_values[:, :layers])
+        if self.prompt_offset is not None:  # encode_text's offset of that position
+            hidden = hidden + F.embedding(positions, self.prompt_offset)  # (N, 1, D)
+        fused_text, fusion_keys, fusion_values = self.fusion.caption_step(
+            states, hidden, token_boxes, past_mask, past_keys[:, layers:], past_values[:, layers:])
+        return CaptionTokens(fused_text=fused_text, keys=torch.cat([keys, fusion_keys], dim=1),
+                             values=torch.cat([values, fusion_values], dim=1))
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
                 causal: bool = False) -> Glipv2Output:

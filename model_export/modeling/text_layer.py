@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_export.modeling.config import LanguageConfig
-from model_export.modeling.language import BertDenseNorm, extended_attention_mask
+from model_export.modeling.language import (
+    BertDenseNorm,
+    extended_attention_mask,
+    merge_heads,
+    split_heads,
+)
 
 
 class _BertSelfAttention(nn.Module):
@@ -57,24 +62,34 @@ class Glipv2TextLayer(nn.Module):
         self.output = BertDenseNorm(config.intermediate_size, hidden, config.layer_norm_eps)
         self.dropout = nn.Dropout(0.1)
 
-    def _heads(self, x: Tensor) -> Tensor:
-        # (N, T, D) -> (N, heads, T, D / heads)
-        n, length, _ = x.shape
-        return x.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
-
     def _clamp(self, x: Tensor) -> Tensor:
         return x.clamp(min=-self.clamp, max=self.clamp)
 
     def forward(self, hidden: Tensor, mask: Tensor, causal: bool = False) -> Tensor:
         """hidden: (N, T, D), mask: (N, T) -> (N, T, D); `causal` hides later tokens."""
+        query, key, value = self.project(hidden)
+        return self.attend(hidden, query, key, value,
+                           extended_attention_mask(mask, hidden.dtype, causal))
+
+    def project(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(N, T, D) -> self-attention queries, keys and values, (N, heads, T, D / heads) each;
+        the keys and values are what a caption's key/value cache keeps of its tokens."""
         attn = self.attention.self
-        query, key, value = (self._heads(proj(hidden))
-                             for proj in (attn.query, attn.key, attn.value))
+        return (split_heads(attn.query(hidden), self.num_heads),
+                split_heads(attn.key(hidden), self.num_heads),
+                split_heads(attn.value(hidden), self.num_heads))
+
+    def attend(self, hidden: Tensor, query: Tensor, key: Tensor, value: Tensor,
+               additive_mask: Tensor) -> Tensor:
+        """Self-attention of `hidden` (N, T, D), its queries (N, heads, T, d), over keys and
+        values (N, heads, S, d) with an additive mask broadcastable to (N, heads, T, S), then
+        the feed-forward. `forward` passes its own tokens' keys; a caption step passes the
+        cache's and its token's.
+        """
         scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        scores = self._clamp(scores) + extended_attention_mask(mask, scores.dtype, causal)
+        scores = self._clamp(scores) + additive_mask
         probs = self.dropout(scores.softmax(dim=-1))
-        context = torch.matmul(probs, value).transpose(1, 2)  # (N, T, heads, d)
-        context = context.reshape(hidden.shape)
+        context = merge_heads(torch.matmul(probs, value))  # (N, T, D)
         out = self.attention.output
         attended = out.LayerNorm(self.dropout(out.dense(context)) + hidden)
 

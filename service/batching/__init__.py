@@ -19,7 +19,9 @@ expiring requests while an engine runs. One thread, because an engine instance r
 time; the next batch is formed when it is free, which is when the most requests have gathered.
 
 Errors callers can see, and what the HTTP layer makes of them:
-`QueueFullError` (429/503 with Retry-After), `DeadlineExceededError` (504),
+`QueueFullError` (429/503 with Retry-After), `OverloadedError` (429 with Retry-After: load
+shedding, the expected wait — batches ahead x recent compute per batch — exceeds the request's
+deadline), `DeadlineExceededError` (504),
 `BatcherStoppedError` (503: not started, or shutting down), `BatchExecutionError` (500: the engine
 raised for the whole batch), or the exception `run_batch` returned for that one request.
 """
@@ -33,6 +35,8 @@ from service.batching.work import (
     DeadlineExceededError,
     OnBatch,
     OnQueueDepth,
+    OnShed,
+    OverloadedError,
     QueueFullError,
     WorkItem,
 )
@@ -48,6 +52,8 @@ __all__ = [
     "DynamicBatcher",
     "OnBatch",
     "OnQueueDepth",
+    "OnShed",
+    "OverloadedError",
     "QueueFullError",
     "WorkItem",
 ]

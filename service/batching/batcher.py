@@ -21,6 +21,8 @@ from service.batching.work import (
     BatchPlan,
     OnBatch,
     OnQueueDepth,
+    OnShed,
+    OverloadedError,
     PayloadT,
     QueueFullError,
     ResultT,
@@ -42,7 +44,8 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
     returns seconds (default `time.monotonic`); tests inject a fake one and call `wake()` after
     moving it. Metric callbacks run on the event loop, so Prometheus wiring stays outside:
     `on_batch(size, queue_waits_s, compute_s)` for every executed batch (failed ones too) and
-    `on_queue_depth(depth)` whenever the number of waiting requests changes.
+    `on_queue_depth(depth)` whenever the number of waiting requests changes, `on_shed()` for
+    every request turned away because its expected wait exceeds its deadline (load shedding).
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
         clock: Callable[[], float] | None = None,
         on_batch: OnBatch | None = None,
         on_queue_depth: OnQueueDepth | None = None,
+        on_shed: OnShed | None = None,
         name: str = "batcher",
     ) -> None:
         self.config = config
@@ -61,6 +65,7 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
         self._clock = time.monotonic if clock is None else clock
         self._on_batch = on_batch
         self._on_queue_depth = on_queue_depth
+        self._on_shed = on_shed
         # A bucket is deleted when it empties, so shapes seen once do not pile up.
         self._buckets: dict[Hashable, deque[WorkItem[PayloadT, ResultT]]] = {}
         self._seq = itertools.count()
@@ -133,7 +138,9 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
         """Queue one request and wait for its result.
 
         `deadline_ms` (default: `config.default_deadline_ms`) counts from now. Raises
-        `QueueFullError` at once when the queue is full, `DeadlineExceededError` when the deadline
+        `QueueFullError` at once when the queue is full, `OverloadedError` at once (load
+        shedding) when the work ahead is expected to take longer than the request's deadline,
+        so it is not computed only to expire, `DeadlineExceededError` when the deadline
         passes before the result is ready (if before its batch started, it is never computed),
         `BatcherStoppedError` when not running, `BatchExecutionError` when `run_batch` raised, or
         the exception `run_batch` put in this request's slot. A cancelled caller's request is
@@ -155,6 +162,14 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
                 f"{self.name} queue is full ({depth} requests waiting)",
                 retry_after_s=self._retry_after_s(depth),
             )
+        if deadline_ms is not None and priority == PRIORITY_ONLINE:
+            expected_s = self._expected_wait_s(depth)
+            if expected_s is not None and expected_s * 1000.0 > deadline_ms:
+                self._call_metric(self._on_shed)
+                raise OverloadedError(
+                    f"{self.name}: the {depth} requests ahead are expected to take "
+                    f"{expected_s * 1000.0:.0f} ms, past this request's deadline "
+                    f"({deadline_ms:.0f} ms left)", retry_after_s=self._retry_after_s(depth))
         now = self._clock()
         item: WorkItem[PayloadT, ResultT] = WorkItem(
             payload=payload,
@@ -350,6 +365,18 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
             batches_ahead += 1
         per_batch_s = self._compute_ema_s or self.config.max_queue_delay_s
         return max(batches_ahead * per_batch_s, self.config.max_queue_delay_s, 0.001)
+
+    def _expected_wait_s(self, depth: int) -> float | None:
+        """Seconds until a request arriving behind `depth` waiting ones has its answer: the
+        batches ahead and its own, at the recent compute time per batch. None when nothing is
+        ahead of it (an idle engine always takes the request, so a slow spell cannot make it
+        refuse everything) or before the first batch (nothing to estimate from)."""
+        if self._compute_ema_s is None or (depth == 0 and self._in_flight is None):
+            return None
+        batches = math.ceil((depth + 1) / self.config.max_batch_size)
+        if self._in_flight is not None:
+            batches += 1
+        return batches * self._compute_ema_s
 
     def _record_compute(self, compute_s: float) -> None:
         if self._compute_ema_s is None:

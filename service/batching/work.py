@@ -25,6 +25,11 @@ class QueueFullError(Exception):
         self.retry_after_s = retry_after_s
 
 
+class OverloadedError(QueueFullError):
+    """Load shedding: the work ahead is expected to outlast the request's deadline, so it is
+    turned away at once (429 + Retry-After) instead of waiting only to time out (504)."""
+
+
 class DeadlineExceededError(Exception):
     """The request's deadline passed before it was answered (its result, if any, was dropped)."""
 
@@ -89,6 +94,7 @@ class BatchPlan(Generic[PayloadT]):
 RunBatch = Callable[[BatchPlan[PayloadT]], Sequence[ResultT | Exception]]
 OnBatch = Callable[[int, list[float], float], None]  # (size, queue_waits_s, compute_s)
 OnQueueDepth = Callable[[int], None]
+OnShed = Callable[[], None]
 
 
 def fail(item: WorkItem[Any, Any], error: BaseException) -> None:

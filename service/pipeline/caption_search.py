@@ -39,15 +39,15 @@ another object of the same shape. Naming each detection in turn took 200 evaluat
 a colour or size (53 and 25 phrases of 100 validation captions), which rescoring the phrases
 with the detection head at their objects' boxes did not fix.
 
-The search sees the model only through `step`: the next-token logits of a batch of prefixes, each
-on its own image, which the model runner computes with one caption-step graph call.
+The search sees the model only through the next-token logits of its live prefixes (`BeamState`);
+the caption decoder (`service.caption_decoder`) batches every caption's prefixes into one step.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -67,8 +67,6 @@ DEFAULT_MAX_TOKENS = 64
 # Two phrases on boxes overlapping this much are on one object: the phrase grounding bar's IoU.
 DUPLICATE_IOU = 0.5
 
-# rows' images (indices into the batch) and token prefixes ([CLS] first) -> (rows, vocab) logits
-StepFn = Callable[[list[int], list[list[int]]], Tensor]
 
 
 @dataclass(frozen=True)
@@ -188,79 +186,82 @@ class _Prefix:
         return self.log_prob / max(self.scored + more, 1) ** length_penalty
 
 
-def beam_search(step: StepFn, searches: Sequence[CaptionSearch], cls_id: int, sep_id: int,
-                grammar: CaptionGrammar | None = None) -> list[list[list[int]]]:
-    """Per image, its `beams` best-scoring finished captions, best first, as generated token ids
-    (no [CLS] or [SEP]); the first is the search's answer, the rest are for `names_a_region_twice`.
-    An image whose search sets `objects` gets only captions `grammar` allows (its next-token
-    distribution renormalised over the allowed tokens).
+class BeamState:
+    """One image's beam search, advanced one token at a time by whoever batches the steps.
 
-    A prefix ends at [SEP] or at its image's `max_tokens`. An image stops searching once its
-    best finished caption scores at least what every live prefix would if it ended at the next
-    token (exact for length_penalty 0, since log-probabilities only fall; the usual beam-search
-    cut-off otherwise).
+    `prefixes()` are the live prefixes (all of one length), whose next-token logits `advance`
+    takes, one row each; it returns, per new live prefix, the index of the prefix it extends
+    (what a key/value cache gathers its rows by). A prefix ends at [SEP] or at `max_tokens`.
+    The search stops once its best finished caption scores at least what every live prefix
+    would if it ended at the next token (exact for length_penalty 0, since log-probabilities
+    only fall; the usual beam-search cut-off otherwise). With `search.objects`, only captions
+    `grammar` allows (the next-token distribution renormalised over the allowed tokens).
     """
-    for search in searches:
+
+    def __init__(self, search: CaptionSearch, cls_id: int, sep_id: int,
+                 grammar: CaptionGrammar | None = None) -> None:
         if search.objects is not None and (
                 grammar is None or max(search.objects) >= len(grammar.classes)):
             raise ValueError(f"a search with `objects` needs a CaptionGrammar with its classes: "
                              f"{search}")
-    beams = [search.beams for search in searches]
-    live = [[_Prefix([cls_id], 0.0, 0)] if search.max_tokens > 0 else [] for search in searches]
-    done: list[list[_Prefix]] = [[] if search.max_tokens > 0 else [_Prefix([cls_id], 0.0, 0)]
-                                 for search in searches]
-    while any(live):
-        rows = [(image, prefix) for image, prefixes in enumerate(live) for prefix in prefixes]
-        logits = step([image for image, _ in rows], [prefix.tokens for _, prefix in rows])
-        if grammar is not None:
-            logits = _constrain(logits, rows, searches, grammar)
+        self.search = search
+        self.sep_id = sep_id
+        self.grammar = grammar
+        start = _Prefix([cls_id], 0.0, 0)
+        self.live: list[_Prefix] = [start] if search.max_tokens > 0 else []
+        self.done: list[_Prefix] = [] if search.max_tokens > 0 else [start]
+
+    @property
+    def finished(self) -> bool:
+        return not self.live
+
+    def prefixes(self) -> list[list[int]]:
+        return [prefix.tokens for prefix in self.live]
+
+    def advance(self, logits: Tensor) -> list[int]:
+        """logits (live prefixes, vocab) -> the parent index of each new live prefix."""
+        search = self.search
+        if self.grammar is not None and search.objects is not None:
+            logits = logits.clone()
+            for row, prefix in enumerate(self.live):
+                allowed = self.grammar.allowed(prefix.tokens[1:], search.objects,
+                                               logits.shape[-1])
+                logits[row, ~allowed] = float("-inf")
         top = torch.log_softmax(logits.float(), dim=-1).topk(
-            min(max(beams), logits.shape[-1]), dim=-1)
-        candidates: list[list[tuple[float, _Prefix, int]]] = [[] for _ in live]
-        for row, (image, prefix) in enumerate(rows):
-            width = beams[image]
-            for log_prob, token in zip(top.values[row, :width].tolist(),
-                                       top.indices[row, :width].tolist(), strict=True):
+            min(search.beams, logits.shape[-1]), dim=-1)
+        options: list[tuple[float, int, int]] = []  # (log-probability, parent row, token)
+        for row, prefix in enumerate(self.live):
+            for log_prob, token in zip(top.values[row].tolist(), top.indices[row].tolist(),
+                                       strict=True):
                 if log_prob == -math.inf:  # not allowed by the grammar (topk runs on into them)
                     break
-                candidates[image].append((prefix.log_prob + log_prob, prefix, token))
-        for image, options in enumerate(candidates):
-            if not options:
+                options.append((prefix.log_prob + log_prob, row, token))
+        if not options:
+            return list(range(len(self.live)))
+        previous, self.live, parents = self.live, [], []
+        for log_prob, row, token in sorted(options, key=lambda option: -option[0]):
+            prefix = previous[row]
+            if token == self.sep_id:
+                self.done.append(_Prefix(prefix.tokens, log_prob, prefix.scored + 1))
                 continue
-            live[image] = []
-            penalty = searches[image].length_penalty
-            for log_prob, prefix, token in sorted(options, key=lambda option: -option[0]):
-                if token == sep_id:
-                    done[image].append(_Prefix(prefix.tokens, log_prob, prefix.scored + 1))
-                    continue
-                extended = _Prefix([*prefix.tokens, token], log_prob, prefix.scored + 1)
-                if extended.scored >= searches[image].max_tokens:
-                    done[image].append(extended)
-                elif len(live[image]) < beams[image]:
-                    live[image].append(extended)
-            best = max(p.score(penalty) for p in done[image]) if done[image] else None
-            if best is not None and (not live[image] or best >= max(
-                    p.score(penalty, more=1) for p in live[image])):
-                live[image] = []
-    return [[p.tokens[1:] for p in sorted(
-                finished, key=lambda p: -p.score(search.length_penalty))[:search.beams]]
-            for finished, search in zip(done, searches, strict=True)]
+            extended = _Prefix([*prefix.tokens, token], log_prob, prefix.scored + 1)
+            if extended.scored >= search.max_tokens:
+                self.done.append(extended)
+            elif len(self.live) < search.beams:
+                self.live.append(extended)
+                parents.append(row)
+        penalty = search.length_penalty
+        best = max(p.score(penalty) for p in self.done) if self.done else None
+        if best is not None and (not self.live or best >= max(
+                p.score(penalty, more=1) for p in self.live)):
+            self.live, parents = [], []
+        return parents
 
-
-def _constrain(logits: Tensor, rows: Sequence[tuple[int, _Prefix]],
-               searches: Sequence[CaptionSearch], grammar: CaptionGrammar) -> Tensor:
-    """`logits` with what each row's grammar does not allow at -inf (a copy if any row has
-    `objects`)."""
-    out = logits
-    for row, (image, prefix) in enumerate(rows):
-        objects = searches[image].objects
-        if objects is None:
-            continue
-        if out is logits:
-            out = logits.clone()
-        allowed = grammar.allowed(prefix.tokens[1:], objects, logits.shape[-1])
-        out[row, ~allowed] = float("-inf")
-    return out
+    def results(self) -> list[list[int]]:
+        """Its `beams` best-scoring finished captions, best first, as generated token ids (no
+        [CLS] or [SEP])."""
+        ranked = sorted(self.done, key=lambda p: -p.score(self.search.length_penalty))
+        return [p.tokens[1:] for p in ranked[:self.search.beams]]
 
 
 def names_a_region_twice(phrases: Sequence[str], boxes: Sequence[Sequence[float]],

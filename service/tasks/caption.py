@@ -21,8 +21,7 @@ from model_export.processing.box_coding import to_exclusive
 from model_export.processing.postprocess import Detections, ground_phrases
 from model_export.processing.prompt import positive_map
 from service.batching import PRIORITY_ONLINE
-from service.engine_client import Engine
-from service.model_runner import CaptionDecoded, CaptionWork
+from service.caption_runner import CaptionDecoded, CaptionWork
 from service.pipeline.caption_search import (
     CaptionSearch,
     left_to_right,
@@ -73,7 +72,7 @@ class CaptionTask:
                 work = CaptionWork(
                     visual, dataclasses.replace(work.search, objects=tuple(found.labels.tolist())),
                     prepared.to_input(found.boxes))
-        candidates: list[CaptionDecoded] = await request.submit(Engine.CAPTION, work)
+        candidates = await request.decode_caption(work)
         if objects is not None:
             caption = candidates[0].caption
             phrases = self.object_phrases(caption, objects)

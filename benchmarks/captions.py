@@ -1,0 +1,175 @@
+"""`glipv2 bench captions`: caption throughput under concurrency, per-token cost, mixed traffic.
+
+1. Closed-loop caption clients at each level (1, 4, 8, 12 by default) on world images: captions
+   per second, p50 / p99 latency, and the mean rows per decoding step (from `/metrics`). With a
+   `baseline_url` (a running server of another version or configuration, e.g. the one before
+   iteration-level batching), each level is measured on both servers in turn, so a slow spell of
+   a shared machine falls on both sides of the ratio.
+2. Mixed traffic: `clients` closed-loop clients posting detect, segment, VQA and caption requests
+   in turn (`requests` in all) with the service's deadline: answers by status. The goal is 200
+   or 429 (load shedding) for every request, and no 504 (work computed, then thrown away).
+
+Without a URL it starts the server itself (`glipv2 serve`, extra serve flags passed through).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.load import world_pngs
+from benchmarks.local_server import local_server
+from model_export.data.world import SHAPES
+
+LEVELS = (1, 4, 8, 12)
+TARGET_LEVEL = 8
+MIXED_BODIES = (
+    ("/v1/detect", {"classes": list(SHAPES)}),
+    ("/v1/segment", {"expressions": ["red circle", "the blue shapes"]}),
+    ("/v1/vqa", {"question": "how many squares are there?"}),
+    ("/v1/caption", {}),
+)
+
+
+@dataclass
+class CaptionCurve:
+    """One server: per concurrency level, captions/s, latency quantiles, rows per step."""
+
+    name: str
+    concurrency: list[int] = field(default_factory=list)
+    throughput: list[float] = field(default_factory=list)
+    p50_ms: list[float] = field(default_factory=list)
+    p99_ms: list[float] = field(default_factory=list)
+    rows_per_step: list[float] = field(default_factory=list)
+
+
+def caption_step_totals(metrics_text: str) -> tuple[float, float]:
+    """(steps, rows) of the caption engine: decoding steps and their rows (for a server that
+    decodes a batch of whole captions per engine call, batches and captions)."""
+    totals = {"_count": 0.0, "_sum": 0.0}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "glipv2_engine_batch_size":
+            continue
+        for sample in family.samples:
+            suffix = sample.name.removeprefix(family.name)
+            if sample.labels.get("engine") == "caption" and suffix in totals:
+                totals[suffix] += sample.value
+    return totals["_count"], totals["_sum"]
+
+
+async def _closed_loop(url: str, bodies: Sequence[tuple[str, dict[str, object]]], requests: int,
+                       clients: int) -> tuple[list[float], list[int], float]:
+    """`clients` workers send `bodies` in turn until `requests` are answered: latencies of the
+    200s, every status, wall time."""
+    latencies: list[float] = []
+    statuses: list[int] = []
+    counter = iter(range(requests))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for index in counter:
+            path, body = bodies[index % len(bodies)]
+            started = time.perf_counter()
+            response = await client.post(path, json=body)
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - started)
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+    return latencies, statuses, time.perf_counter() - started
+
+
+def _caption_bodies(images: list[bytes]) -> list[tuple[str, dict[str, object]]]:
+    return [("/v1/caption", {"image": base64.b64encode(png).decode()}) for png in images]
+
+
+def measure_level(curve: CaptionCurve, url: str, images: list[bytes], level: int,
+                  requests: int) -> None:
+    """Append one level's figures to `curve` (after one warm-up caption)."""
+    bodies = _caption_bodies(images)
+    httpx.post(f"{url}/v1/caption", json=bodies[0][1], timeout=600).raise_for_status()
+    steps_before, rows_before = caption_step_totals(httpx.get(f"{url}/metrics").text)
+    latencies, statuses, elapsed = asyncio.run(_closed_loop(url, bodies, requests, level))
+    failed = [s for s in statuses if s != 200]
+    if failed:
+        raise RuntimeError(f"{curve.name}: {len(failed)} captions failed: {Counter(failed)}")
+    steps, rows = caption_step_totals(httpx.get(f"{url}/metrics").text)
+    milliseconds = np.asarray(latencies) * 1000.0
+    curve.concurrency.append(level)
+    curve.throughput.append(len(latencies) / elapsed)
+    curve.p50_ms.append(float(np.quantile(milliseconds, 0.5)))
+    curve.p99_ms.append(float(np.quantile(milliseconds, 0.99)))
+    curve.rows_per_step.append((rows - rows_before) / max(steps - steps_before, 1.0))
+
+
+def mixed_traffic(url: str, images: list[bytes], clients: int, requests: int) -> Counter[int]:
+    """Statuses of `requests` mixed-task requests from `clients` closed-loop clients."""
+    bodies = [(path, {"image": base64.b64encode(images[i % len(images)]).decode(), **extra})
+              for i in range(len(images)) for path, extra in MIXED_BODIES]
+    _, statuses, _ = asyncio.run(_closed_loop(url, bodies, requests, clients))
+    return Counter(statuses)
+
+
+@dataclass
+class CaptionBench:
+    current: CaptionCurve
+    baseline: CaptionCurve | None
+    mixed: Counter[int]
+    mixed_clients: int
+
+
+def bench_captions(levels: Sequence[int] = LEVELS, requests: int = 24, *,
+                   distinct_images: int = 8, model_dir: str | None = None,
+                   serve_args: Sequence[str] = (), url: str | None = None,
+                   baseline_url: str | None = None, mixed_clients: int = 12,
+                   mixed_requests: int = 48) -> CaptionBench:
+    """Sweep (with the baseline side by side, when given), then mixed traffic."""
+    images = world_pngs(distinct_images)
+    with ExitStack() as stack:
+        if url is None:
+            url = stack.enter_context(local_server(model_dir, serve_args))
+        current = CaptionCurve(f"this server ({url})")
+        baseline = CaptionCurve(f"baseline ({baseline_url})") if baseline_url else None
+        for level in levels:
+            measure_level(current, url, images, level, requests)
+            if baseline is not None and baseline_url is not None:
+                measure_level(baseline, baseline_url, images, level, requests)
+        mixed = mixed_traffic(url, images, mixed_clients, mixed_requests)
+    return CaptionBench(current, baseline, mixed, mixed_clients)
+
+
+def format_captions(bench: CaptionBench) -> str:
+    current, baseline = bench.current, bench.baseline
+    lines = [f"closed-loop captions; {current.name}"
+             + (f" vs {baseline.name}" if baseline else ""),
+             "clients | captions/s | p50 | p99 ms | rows/step"
+             + (" | baseline captions/s | p50 | p99 ms | rows/step | throughput ratio"
+                if baseline else ""),
+             "--- | --- | --- | --- | ---" + (" | --- | --- | --- | --- | ---" if baseline else "")]
+    for i, level in enumerate(current.concurrency):
+        line = (f"{level} | {current.throughput[i]:.3f} | {current.p50_ms[i]:.0f} | "
+                f"{current.p99_ms[i]:.0f} | {current.rows_per_step[i]:.1f}")
+        if baseline:
+            line += (f" | {baseline.throughput[i]:.3f} | {baseline.p50_ms[i]:.0f} | "
+                     f"{baseline.p99_ms[i]:.0f} | {baseline.rows_per_step[i]:.1f} | "
+                     f"{current.throughput[i] / baseline.throughput[i]:.2f}x")
+        lines.append(line)
+    if baseline and TARGET_LEVEL in current.concurrency:
+        i = current.concurrency.index(TARGET_LEVEL)
+        lines.append(f"throughput at {TARGET_LEVEL} clients vs baseline: "
+                     f"{current.throughput[i] / baseline.throughput[i]:.2f}x (target >= 3x)")
+    statuses = ", ".join(f"{status}: {count}" for status, count in sorted(bench.mixed.items()))
+    lines.append(f"mixed traffic, {bench.mixed_clients} clients, "
+                 f"{sum(bench.mixed.values())} requests: {statuses} "
+                 "(goal: only 200 and 429, no 504)")
+    return "\n".join(lines)
