@@ -47,8 +47,8 @@ def test_load_phases_report_the_p99_ratio() -> None:
 
 def test_vision_batch_totals_read_the_services_own_metrics() -> None:
     metrics = ServiceMetrics()
-    on_batch, _ = metrics.engine_callbacks("vision")
-    on_fusion, _ = metrics.engine_callbacks("fusion")
+    on_batch = metrics.engine_callbacks("vision").on_batch
+    on_fusion = metrics.engine_callbacks("fusion").on_batch
     for size in (1, 3, 4):
         on_batch(size, [0.0] * size, 0.01)
     on_fusion(8, [0.0] * 8, 0.01)

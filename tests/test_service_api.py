@@ -612,6 +612,26 @@ def test_metrics_count_requests_by_endpoint_and_status(client: TestClient, png_b
     assert "glipv2_model_ready 1.0" in text
 
 
+def test_caption_metrics_follow_the_decoder(client: TestClient, png_b64: str) -> None:
+    """Decode steps, rows per step, tokens, time to first token, live captions."""
+    def value(text: str, name: str) -> float:
+        return next(float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith(name + " ") or line.startswith(name + "{"))
+
+    before = client.get("/metrics").text
+    assert client.post("/v1/caption", json={"image": png_b64}).status_code == 200
+    after = client.get("/metrics").text
+    for name in ("glipv2_caption_decode_steps_total", "glipv2_caption_tokens_total",
+                 "glipv2_caption_time_to_first_token_seconds_count"):
+        assert value(after, name) > value(before, name), name
+    rows = 'glipv2_engine_batch_size_count{engine="caption"}'
+    assert value(after, rows) - value(before, rows) == (
+        value(after, "glipv2_caption_decode_steps_total")
+        - value(before, "glipv2_caption_decode_steps_total"))
+    assert value(after, "glipv2_caption_live") == 0.0
+    assert 'glipv2_load_shed_total{engine="vision"} 0.0' in after
+
+
 # --- concurrency and the batcher's errors -----------------------------------------------------
 
 
