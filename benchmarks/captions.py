@@ -5,7 +5,10 @@
    `baseline_url` (a running server of another version or configuration, e.g. the one before
    iteration-level batching), each level is measured on both servers in turn, so a slow spell of
    a shared machine falls on both sides of the ratio.
-2. Mixed traffic: `clients` closed-loop clients posting detect, segment, VQA and caption requests
+2. Per-token cost: one decoding step (`caption_step` on the runtime, in-process) of `rows` beams
+   over world images at prefix lengths 5 and 40, timed in turns: with the KV cache it should not
+   grow with the prefix.
+3. Mixed traffic: `clients` closed-loop clients posting detect, segment, VQA and caption requests
    in turn (`requests` in all) with the service's deadline: answers by status. The goal is 200
    or 429 (load shedding) for every request, and no 504 (work computed, then thrown away).
 
@@ -16,19 +19,28 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import time
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.load import world_pngs
 from benchmarks.local_server import local_server
-from model_export.data.world import SHAPES
+from engines.runtimes import RuntimeOptions, open_runtime
+from model_export.data.world import SHAPES, render_index
+from service.caption_runner import CaptionRunner, CaptionWork, KVCache
+from service.model_runner import ModelRunner
+from service.pipeline.caption_search import CaptionSearch
+from service.pipeline.model_input import prepare_image
+from service.settings import DEFAULT_MODEL_DIR
 
 LEVELS = (1, 4, 8, 12)
 TARGET_LEVEL = 8
@@ -120,20 +132,57 @@ def mixed_traffic(url: str, images: list[bytes], clients: int, requests: int) ->
     return Counter(statuses)
 
 
+def step_cost_ms(options: RuntimeOptions, rows: int = 16, lengths: Sequence[int] = (5, 40),
+                 repeats: int = 5) -> dict[int, float]:
+    """Median ms of one decoding step of `rows` beams (4 per image) at each prefix length."""
+    runtime = open_runtime(options)
+    model = ModelRunner(runtime)
+    captions = CaptionRunner(runtime, model.tokenizer, model.tokenizer_lock,
+                             model.caption_grammar, model.vision_names)
+    images = []
+    for index in range(math.ceil(rows / 4)):
+        world = render_index(5, index).image.resize((448, 336))  # one padded shape for all
+        prepared = prepare_image(world, runtime.config.preprocess)
+        out = runtime.run("vision", {"images": prepared.pixels[None]})
+        work = CaptionWork([out[name] for name in model.vision_names],
+                           CaptionSearch(max_tokens=max(lengths) + 1))
+        images.append(captions.caption_images([work])[0])
+    _, (cache, *_) = captions.caption_prefill(images[:1])
+    layers, heads, head_dim = cache.keys.shape[1], cache.keys.shape[2], cache.keys.shape[4]
+    generator = torch.Generator().manual_seed(0)
+    parts = {}
+    for length in lengths:
+        keys = torch.randn(4, layers, heads, length - 1, head_dim, generator=generator)
+        prefix = [captions.cls_id] + [1037] * (length - 1)
+        parts[length] = [(image, [prefix] * 4, KVCache(keys, keys.clone())) for image in images]
+    timings: dict[int, list[float]] = {length: [] for length in lengths}
+    for _ in range(repeats):
+        for length in lengths:  # in turns, so a slow spell falls on every length
+            started = time.perf_counter()
+            captions.caption_step(parts[length])
+            timings[length].append((time.perf_counter() - started) * 1000.0)
+    runtime.close()
+    return {length: float(np.median(values)) for length, values in timings.items()}
+
+
 @dataclass
 class CaptionBench:
     current: CaptionCurve
     baseline: CaptionCurve | None
     mixed: Counter[int]
     mixed_clients: int
+    step_ms: dict[int, float]
+    step_rows: int
 
 
 def bench_captions(levels: Sequence[int] = LEVELS, requests: int = 24, *,
                    distinct_images: int = 8, model_dir: str | None = None,
                    serve_args: Sequence[str] = (), url: str | None = None,
                    baseline_url: str | None = None, mixed_clients: int = 12,
-                   mixed_requests: int = 48) -> CaptionBench:
-    """Sweep (with the baseline side by side, when given), then mixed traffic."""
+                   mixed_requests: int = 48, step_runtime: RuntimeOptions | None = None,
+                   step_rows: int = 16) -> CaptionBench:
+    """Sweep (with the baseline side by side, when given), then mixed traffic, then the step
+    cost on `step_runtime` (default: PyTorch on the default model)."""
     images = world_pngs(distinct_images)
     with ExitStack() as stack:
         if url is None:
@@ -145,7 +194,9 @@ def bench_captions(levels: Sequence[int] = LEVELS, requests: int = 24, *,
             if baseline is not None and baseline_url is not None:
                 measure_level(baseline, baseline_url, images, level, requests)
         mixed = mixed_traffic(url, images, mixed_clients, mixed_requests)
-    return CaptionBench(current, baseline, mixed, mixed_clients)
+    options = step_runtime or RuntimeOptions(model_dir=Path(model_dir or DEFAULT_MODEL_DIR))
+    return CaptionBench(current, baseline, mixed, mixed_clients,
+                        step_cost_ms(options, step_rows), step_rows)
 
 
 def format_captions(bench: CaptionBench) -> str:
@@ -168,6 +219,9 @@ def format_captions(bench: CaptionBench) -> str:
         i = current.concurrency.index(TARGET_LEVEL)
         lines.append(f"throughput at {TARGET_LEVEL} clients vs baseline: "
                      f"{current.throughput[i] / baseline.throughput[i]:.2f}x (target >= 3x)")
+    steps = ", ".join(f"prefix {length}: {ms:.1f} ms ({ms / bench.step_rows:.2f} ms/token)"
+                      for length, ms in bench.step_ms.items())
+    lines.append(f"one decoding step of {bench.step_rows} beams: {steps}")
     statuses = ", ".join(f"{status}: {count}" for status, count in sorted(bench.mixed.items()))
     lines.append(f"mixed traffic, {bench.mixed_clients} clients, "
                  f"{sum(bench.mixed.values())} requests: {statuses} "
