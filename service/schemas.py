@@ -434,7 +434,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         404: "No such job (or its results expired)",
         409: "The job already finished",
         422: "Invalid fields",
-        429: "Queue full (or too many active jobs); see Retry-After",
+        429: ("Queue full (queue_full), expected wait past the deadline (overloaded: load "
+              "shedding), or too many active jobs; see Retry-After"),
         501: "The loaded model has no head for this task",
         503: "Model not loaded yet, or shutting down; see Retry-After",
         504: "Deadline passed",

@@ -710,6 +710,41 @@ def test_queue_full_is_429_with_retry_after(tiny_model: Glipv2Model, png_b64: st
     asyncio.run(_with_app(app, scenario))
 
 
+def test_load_shedding_is_429_overloaded_before_any_work(tiny_model: Glipv2Model,
+                                                          png_b64: str) -> None:
+    """Once a vision batch took 1.2 s, a request behind one in flight expects 2 batches, past
+    its 1 s deadline: 429 `overloaded` with Retry-After at once, not a 504 a second later. With
+    nothing ahead, requests are taken again."""
+    gated = GatedRuntime(tiny_model)
+    app = create_app(make_settings(request_timeout_ms=1000,
+                                   batcher={"max_batch_size": 1, "max_queue_delay_ms": 0}), gated)
+    body = {"image": png_b64, "classes": ["circle"]}
+
+    async def scenario(http: httpx.AsyncClient) -> None:
+        slow = asyncio.create_task(http.post("/v1/detect", json=body))
+        await _until(gated.entered.is_set)
+        await asyncio.sleep(1.2)
+        gated.gate.set()
+        assert_error(await slow, 504, "deadline_exceeded")
+        vision = app.state.service.serving.engines.batchers["vision"]
+        await _until(lambda: vision._in_flight is None)
+        gated.gate.clear()
+        gated.entered.clear()
+        held = asyncio.create_task(http.post("/v1/detect", json=body))
+        await _until(gated.entered.is_set)
+        refused = await http.post("/v1/detect", json=body)
+        assert_error(refused, 429, "overloaded", "past this request's deadline")
+        assert int(refused.headers["retry-after"]) >= 1
+        gated.gate.set()
+        await held
+        await _until(lambda: vision._in_flight is None)
+        assert (await http.post("/v1/detect", json=body)).status_code == 200
+        metrics = (await http.get("/metrics")).text
+        assert 'glipv2_load_shed_total{engine="vision"} 1.0' in metrics
+
+    asyncio.run(_with_app(app, scenario))
+
+
 def test_deadline_is_504_and_the_service_recovers(tiny_model: Glipv2Model,
                                                   png_b64: str) -> None:
     gated = GatedRuntime(tiny_model)
