@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 $(BIN)/glipv2: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,ray]'
 	touch $@
 
 .PHONY: install serve test lint typecheck

@@ -9,7 +9,9 @@ apart from a batcher that never batched.
 
 Without URLs it starts both servers itself (`glipv2 serve`, the default model unless `model_dir`
 is given, extra serve flags such as `--runtime onnxruntime --engines DIR` passed through) and
-alternates between them level by level.
+alternates between them level by level. With URLs and `labels`, any two running servers are
+compared the same way (e.g. Ray Serve against the single-process server): the report then
+gives the first's p50 at 1 client and throughput at 16 clients as ratios to the second's.
 """
 
 from __future__ import annotations
@@ -119,11 +121,11 @@ def measure_level(curve: LoadCurve, url: str, images: list[bytes], level: int,
 def sweep(levels: Sequence[int] = LEVELS, requests: int = 64, *,
           max_batch_size: int = BatcherConfig.max_batch_size,
           distinct_images: int = 16, model_dir: str | None = None,
-          serve_args: Sequence[str] = (), urls: tuple[str, str] | None = None
-          ) -> tuple[LoadCurve, LoadCurve]:
+          serve_args: Sequence[str] = (), urls: tuple[str, str] | None = None,
+          labels: tuple[str, str] | None = None) -> tuple[LoadCurve, LoadCurve]:
     """(batched, unbatched) curves. `urls`: two running servers, the first with the batcher on,
-    the second with `max_batch_size=1` (`max_batch_size` then unused); otherwise both are started
-    here and run side by side.
+    the second with `max_batch_size=1` (`max_batch_size` then unused), or any two servers named
+    by `labels`; otherwise both are started here and run side by side.
     Each level is measured on one server, then at once on the other (only one is loaded at a
     time), so a slow spell of a shared machine falls on both sides of a ratio, not on one curve.
     `distinct_images`: world images cycled through (1: every request posts the same image, so
@@ -137,6 +139,8 @@ def sweep(levels: Sequence[int] = LEVELS, requests: int = 64, *,
                         model_dir, [*serve_args, "--max-batch-size", str(max_batch_size)])),
                     stack.enter_context(local_server(
                         model_dir, [*serve_args, "--max-batch-size", "1"])))
+        elif labels is not None:
+            on, off = LoadCurve(labels[0]), LoadCurve(labels[1])
         else:  # their settings are the running servers' own
             on, off = LoadCurve(f"batcher on ({urls[0]})"), LoadCurve(f"batcher off ({urls[1]})")
         for level in levels:
@@ -145,8 +149,18 @@ def sweep(levels: Sequence[int] = LEVELS, requests: int = 64, *,
     return on, off
 
 
-def format_sweep(on: LoadCurve, off: LoadCurve) -> str:
-    """Both curves side by side per level, with throughput and p99 ratios (on / off)."""
+def _mean_batch(value: float) -> str:
+    """0 means the server's `/metrics` has no `vision` engine (a Ray Serve ingress: its
+    engines report through Ray's metrics)."""
+    return f"{value:.2f}" if value else "-"
+
+
+def format_sweep(on: LoadCurve, off: LoadCurve, compared: bool = False) -> str:
+    """Both curves side by side per level, with throughput and p99 ratios (on / off).
+
+    compared: the curves are two servers named by `sweep`'s labels, not the batcher on and off:
+    the summary gives the first's p50 at 1 client and throughput at 16 clients as speed ratios
+    to the second's (>= 1: at least as fast)."""
     lines = [f"closed-loop detection sweep; on = {on.name}, off = {off.name}",
              "clients | on req/s | p50 | p90 | p99 ms | mean vision batch | off req/s | p50 | "
              "p90 | p99 ms | throughput on/off | p99 on/off",
@@ -154,11 +168,21 @@ def format_sweep(on: LoadCurve, off: LoadCurve) -> str:
     for i, level in enumerate(on.concurrency):
         lines.append(
             f"{level} | {on.throughput_rps[i]:.2f} | {on.p50_ms[i]:.0f} | {on.p90_ms[i]:.0f} | "
-            f"{on.p99_ms[i]:.0f} | {on.mean_batch[i]:.2f} | {off.throughput_rps[i]:.2f} | "
+            f"{on.p99_ms[i]:.0f} | {_mean_batch(on.mean_batch[i])} | "
+            f"{off.throughput_rps[i]:.2f} | "
             f"{off.p50_ms[i]:.0f} | {off.p90_ms[i]:.0f} | {off.p99_ms[i]:.0f} | "
             f"{on.throughput_rps[i] / off.throughput_rps[i]:.2f}x | "
             f"{on.p99_ms[i] / off.p99_ms[i]:.2f}x")
-    if TARGET_LEVEL in on.concurrency:
+    if compared:
+        if 1 in on.concurrency:
+            i = on.concurrency.index(1)
+            lines.append(f"p50 at 1 client: {on.name} {on.p50_ms[i]:.1f} ms, {off.name} "
+                         f"{off.p50_ms[i]:.1f} ms: speed {off.p50_ms[i] / on.p50_ms[i]:.2f}x")
+        if TARGET_LEVEL in on.concurrency:
+            i = on.concurrency.index(TARGET_LEVEL)
+            lines.append(f"throughput at {TARGET_LEVEL} clients, {on.name} / {off.name}: "
+                         f"{on.throughput_rps[i] / off.throughput_rps[i]:.2f}x")
+    elif TARGET_LEVEL in on.concurrency:
         i = on.concurrency.index(TARGET_LEVEL)
         lines.append(f"throughput at {TARGET_LEVEL} clients, batcher on / off: "
                      f"{on.throughput_rps[i] / off.throughput_rps[i]:.2f}x (target >= 1.5x)")

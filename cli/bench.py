@@ -28,6 +28,12 @@ def _bench_load(args: argparse.Namespace) -> int:
         print("give both --url and --unbatched-url (two running servers), or neither",
               file=sys.stderr)
         return 2
+    names = args.labels.split(",") if args.labels else None
+    if names is not None and (args.url is None or len(names) != 2):
+        print("--labels names the two running servers: --labels FIRST,SECOND with --url and "
+              "--unbatched-url", file=sys.stderr)
+        return 2
+    labels = (names[0], names[1]) if names is not None else None
     # Flags passed on to `glipv2 serve` as they are; --model and --max-batch-size go to `sweep`.
     serve_flags = {"--runtime": args.runtime, "--engines": args.engines,
                    "--threads": args.threads or None,
@@ -45,8 +51,9 @@ def _bench_load(args: argparse.Namespace) -> int:
     max_batch_size = args.max_batch_size or BatcherConfig.max_batch_size
     on, off = sweep(levels, args.requests, max_batch_size=max_batch_size,
                     distinct_images=args.images, model_dir=args.model, serve_args=serve_args,
-                    urls=(args.url, args.unbatched_url) if args.url else None)
-    print(format_sweep(on, off))
+                    urls=(args.url, args.unbatched_url) if args.url else None,
+                    labels=labels)
+    print(format_sweep(on, off, compared=labels is not None))
     return 0
 
 
@@ -60,6 +67,18 @@ def _bench_jobs(args: argparse.Namespace) -> int:
     with server as url:
         alone, with_job = bench_jobs(url, args.requests, args.concurrency, args.job_images)
     print(format_phases(alone, with_job, args.concurrency))
+    return 0
+
+
+def _bench_job_replicas(args: argparse.Namespace) -> int:
+    from benchmarks.job_replicas import bench_job_replicas, format_replicas
+
+    serve_args = [str(part) for flag, value in (("--runtime", args.runtime),
+                                                 ("--threads", args.threads))
+                  if value is not None for part in (flag, value)]
+    bench = bench_job_replicas(args.database_url, args.job_images, args.lease_timeout_s,
+                               model_dir=args.model, serve_args=serve_args, rounds=args.rounds)
+    print(format_replicas(bench))
     return 0
 
 
@@ -78,6 +97,22 @@ def _bench_captions(args: argparse.Namespace) -> int:
                            url=args.url, baseline_url=args.baseline_url,
                            mixed_clients=args.mixed_clients, mixed_requests=args.mixed_requests)
     print(format_captions(bench))
+    return 0
+
+
+def _bench_soak(args: argparse.Namespace) -> int:
+    from benchmarks.soak import bench_soak, format_soak
+
+    serve_args = [str(part) for flag, value in (("--runtime", args.runtime),
+                                                 ("--engines", args.engines))
+                  if value is not None for part in (flag, value)]
+    if args.url and (serve_args or args.model):
+        print("--model, --runtime and --engines configure the server this command starts; "
+              "with --url the running server keeps its own settings", file=sys.stderr)
+        return 2
+    minutes = bench_soak(args.minutes, args.concurrency, model_dir=args.model,
+                         serve_args=serve_args, url=args.url)
+    print(format_soak(minutes, args.concurrency))
     return 0
 
 
@@ -112,6 +147,10 @@ def register(sub: Subcommands) -> None:
     load.add_argument("--url", help="a running server with the batcher on (with --unbatched-url; "
                                     "default: start both servers here)")
     load.add_argument("--unbatched-url", help="a running server with --max-batch-size 1")
+    load.add_argument("--labels", help="FIRST,SECOND: the --url and --unbatched-url servers are "
+                                       "any two to compare (e.g. 'ray serve,single process'); "
+                                       "the report gives FIRST's p50 at 1 client and "
+                                       "throughput at 16 clients as ratios to SECOND's")
     load.add_argument("--model", help="model folder for the servers started here")
     load.add_argument("--runtime", choices=list(RuntimeKind),
                       help="runtime of the servers started here (default: serve's)")
@@ -136,6 +175,22 @@ def register(sub: Subcommands) -> None:
     jobs_bench.add_argument("--concurrency", type=int, default=4, help="online clients")
     jobs_bench.add_argument("--job-images", type=int, default=500, help="images in the batch job")
     jobs_bench.set_defaults(func=_bench_jobs)
+    replicas = bench_sub.add_parser(
+        "job-replicas", help="one batch job's inputs/s on 1 vs 2 replicas sharing PostgreSQL, "
+                             "and the time to reclaim a killed replica's leases")
+    replicas.add_argument("--database-url", required=True,
+                          help="postgresql:// URL of a database the servers share (it keeps "
+                               "the benchmark's jobs)")
+    replicas.add_argument("--model", help="model folder for the servers started here")
+    replicas.add_argument("--runtime", choices=list(RuntimeKind),
+                          help="their runtime (default: the serve default)")
+    replicas.add_argument("--threads", type=int, help="compute threads per server")
+    replicas.add_argument("--job-images", type=int, default=200, help="images in the job")
+    replicas.add_argument("--lease-timeout-s", type=float, default=30.0,
+                          help="GLIPV2_JOB_LEASE_TIMEOUT_S of the servers")
+    replicas.add_argument("--rounds", type=int, default=2,
+                          help="1-then-2-replica rounds (the ratio uses their means)")
+    replicas.set_defaults(func=_bench_job_replicas)
     captions = bench_sub.add_parser(
         "captions", help="caption throughput under concurrency (vs a baseline server), mixed "
                          "traffic statuses")
@@ -153,6 +208,16 @@ def register(sub: Subcommands) -> None:
     captions.add_argument("--mixed-requests", type=int, default=48,
                           help="requests of the mixed-traffic phase (the four tasks in turn)")
     captions.set_defaults(func=_bench_captions)
+    soak = bench_sub.add_parser(
+        "soak", help="mixed-task load for minutes: errors by status, RSS and p99 drift")
+    soak.add_argument("--url", help="a running server (default: start one here)")
+    soak.add_argument("--model", help="model folder for the server started here")
+    soak.add_argument("--runtime", choices=list(RuntimeKind),
+                      help="runtime of the server started here (default: serve's)")
+    soak.add_argument("--engines", help="engine folder for --runtime onnxruntime")
+    soak.add_argument("--minutes", type=float, default=10.0, help="how long to load it")
+    soak.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
+    soak.set_defaults(func=_bench_soak)
     report = bench_sub.add_parser(
         "report", help="run the benchmarks, write a Markdown report with PNG plots")
     report.add_argument("--out", default="docs/bench", help="report folder (docs/bench)")

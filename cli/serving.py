@@ -39,21 +39,15 @@ def _serve(args: argparse.Namespace) -> int:
     }
     if batcher:
         overrides["batcher"] = batcher
+    if args.ray:
+        return _serve_ray(args, overrides)
     try:
         # Flags as given: pydantic validates them here (a bad value is exit 2, below).
         settings = ServiceSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         print(f"invalid serve settings:\n{exc}", file=sys.stderr)
         return 2
-    model_dir = settings.model_dir
-    if not (model_dir / "config.json").is_file():
-        print(
-            f"no model to serve at {model_dir} (no config.json there). Serve a model folder "
-            "with --model DIR or GLIPV2_MODEL_DIR=DIR: the embedded default (models/default), a "
-            "`glipv2 train` checkpoint folder, or a released GLIP checkpoint converted with "
-            "`glipv2 convert`.",
-            file=sys.stderr,
-        )
+    if not _has_model(settings.model_dir):
         return 2
 
     import uvicorn
@@ -74,6 +68,75 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level, log_config=_log_config(args.log_level),
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
     )
+    return 0
+
+
+def _has_model(model_dir: Path) -> bool:
+    if (model_dir / "config.json").is_file():
+        return True
+    print(
+        f"no model to serve at {model_dir} (no config.json there). Serve a model folder "
+        "with --model DIR or GLIPV2_MODEL_DIR=DIR: the embedded default (models/default), a "
+        "`glipv2 train` checkpoint folder, or a released GLIP checkpoint converted with "
+        "`glipv2 convert`.",
+        file=sys.stderr,
+    )
+    return False
+
+
+def _serve_ray(args: argparse.Namespace, overrides: dict[str, object]) -> int:
+    """The Serve config's application with the flags over its settings, on the Ray cluster at
+    --ray-address (else a local one started here), until SIGINT or SIGTERM."""
+    import signal
+    import threading
+
+    from pydantic import ValidationError
+
+    from service.settings import ServiceSettings
+
+    try:
+        from service.distributed.app import DEFAULT_CONFIG, read_config
+    except ImportError:  # the optional extra is not installed
+        print("--ray needs Ray Serve: pip install -e '.[ray]'", file=sys.stderr)
+        return 2
+    try:
+        config = read_config(Path(args.ray_config) if args.ray_config else DEFAULT_CONFIG)
+    except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        print(f"invalid Serve config: {exc}", file=sys.stderr)
+        return 2
+    host = overrides.pop("host", config.host)
+    port = overrides.pop("port", config.port)
+    settings = {**config.settings, **overrides}
+    try:
+        checked = ServiceSettings(**settings)  # what each replica will build, checked here
+    except ValidationError as exc:
+        print(f"invalid serve settings:\n{exc}", file=sys.stderr)
+        return 2
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if address is None and not _has_model(checked.model_dir):  # a cluster's replicas may
+        return 2  # have the model where this host has not
+
+    import ray
+    from ray import serve
+
+    from service.distributed.app import APP_NAME, application
+
+    ray.init(address=address)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application(settings, config.deployments), name=APP_NAME,
+                  route_prefix=config.route_prefix)
+        print(f"serving on http://{host}:{port}{config.route_prefix} (Ray Serve; "
+              "Ctrl-C to stop)", file=sys.stderr)
+        stop.wait()
+    finally:
+        serve.delete(APP_NAME)  # replicas drain (graceful_shutdown_timeout_s)
+        if address is None:
+            serve.shutdown()
+            ray.shutdown()
     return 0
 
 
@@ -158,6 +221,14 @@ def register(sub: Subcommands) -> None:
     serve.add_argument("--request-timeout-ms", type=float,
                        help="per-request deadline before 504 (default: GLIPV2_REQUEST_TIMEOUT_MS "
                             "or its default)")
+    serve.add_argument("--ray", action="store_true",
+                       help="serve on Ray Serve: ingress replicas in front of engine replicas "
+                            "(GPUs, autoscaling), as --ray-config describes them")
+    serve.add_argument("--ray-config", help="Serve config file (default docker/ray/serve.yaml); "
+                                            "the flags here override its settings and HTTP "
+                                            "address")
+    serve.add_argument("--ray-address", help="Ray cluster to deploy to (default: RAY_ADDRESS, "
+                                             "else a local Ray started here)")
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=_serve)

@@ -1,7 +1,8 @@
 """The FastAPI app: composes the routers, the error handlers, the limits and the lifespan.
 
 Nothing is built at import: `create_app` makes an app from settings, and its lifespan starts the
-runtime (or an injected one, for tests) and drains the engines at shutdown.
+runtime (or an injected one, for tests; or connects to remote engines, under Ray Serve) and
+drains the engines at shutdown.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from service.errors import install_error_handlers
 from service.limits import BodySizeLimitMiddleware
 from service.pipeline.images import configure_pillow
 from service.routers import caption, detect, health, jobs, metrics, models, segment, vqa
+from service.serving import RemoteEngines
 from service.settings import ServiceSettings
 from service.state import RuntimeLoader, ServiceState
 from service.telemetry import HttpMetricsMiddleware, ServiceMetrics
@@ -33,16 +35,19 @@ API_DESCRIPTION = (
 
 def create_app(settings: ServiceSettings | None = None,
                runtime: Runtime | None = None,
-               *, loader: RuntimeLoader | None = None) -> FastAPI:
+               *, loader: RuntimeLoader | None = None, remote: RemoteEngines | None = None,
+               service_metrics: ServiceMetrics | None = None) -> FastAPI:
     """Build the app.
 
     settings: default `ServiceSettings()` (environment variables, then defaults).
     runtime: serve this runtime instead of opening the configured one (tests).
     loader: how to open the runtime in the background (default: from the settings).
+    remote: engines in other processes instead of a runtime here (a Ray Serve ingress).
+    service_metrics: default: this app's own registry, exported nowhere else.
     """
     settings = ServiceSettings() if settings is None else settings
-    metrics_ = ServiceMetrics()
-    state = ServiceState(settings, metrics_, runtime=runtime, loader=loader)
+    metrics_ = ServiceMetrics() if service_metrics is None else service_metrics
+    state = ServiceState(settings, metrics_, runtime=runtime, loader=loader, remote=remote)
     configure_pillow(settings.max_image_pixels)
 
     @asynccontextmanager

@@ -6,6 +6,10 @@ and awaits its stages on it: `encode_image` (vision), `encode_texts` (language, 
 cache), `fuse` (fusion), then `submit` to a head's engine. The deadline spans all stages; when a
 stage fails (deadline, queue full), the request's other queued work is withdrawn, not computed
 for nobody.
+
+The tasks see the engines only through `Engines` and `EngineStages`, so the same task code runs
+over engines in other processes: under Ray Serve (`service.distributed`) each stage is a call to
+an engine replica, which runs it on its own `EngineClient` (`EngineClient.resume`).
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-import torch
 from PIL import Image
 
 from model_export.modeling.config import PreprocessConfig
@@ -35,7 +39,7 @@ from service.caption_runner import (
     CaptionWork,
     KVCache,
 )
-from service.model_runner import FusionResult, FusionWork, ModelRunner
+from service.model_runner import FusionResult, FusionWork, ModelRunner, VisionFeatures
 from service.pipeline.model_input import PreparedImage, image_bucket, prepare_image
 from service.pipeline.text_cache import PromptFeatures, TextFeatureCache
 from service.telemetry import ServiceMetrics
@@ -57,6 +61,76 @@ class Engine(StrEnum):
     MASK = "mask"
     VQA = "vqa"
     CAPTION = "caption"
+
+
+class EngineStages(ABC):
+    """One request's trip through the engines, as a task awaits it, wherever the engines run:
+    its deadline (on this process's clock), its image's bucket, and its stages.
+
+    `EngineRequest` runs the stages on this process's batchers; under Ray Serve each stage is a
+    call to an engine replica (`service.distributed`). What a stage returns that only another
+    stage reads (image features, the fused levels of `fuse(..., for_masks=True)`) is passed back
+    as it came, never looked into, so it may be a reference to tensors kept elsewhere.
+    """
+
+    def __init__(self, clock: Callable[[], float], bucket: object, priority: int,
+                 deadline_s: float | None) -> None:
+        self.clock = clock
+        self.bucket = bucket
+        self.priority = priority
+        self.deadline_s = deadline_s
+
+    def remaining_ms(self) -> float | None:
+        if self.deadline_s is None:
+            return None
+        left = (self.deadline_s - self.clock()) * 1000.0
+        if left <= 0:
+            raise DeadlineExceededError("request deadline passed between engines")
+        return left
+
+    async def all(self, awaitables: Iterable[Awaitable[T]]) -> list[T]:
+        """Await all; on the first failure, cancel the rest (leaving their queues) and raise."""
+        tasks = [asyncio.ensure_future(a) for a in awaitables]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    @abstractmethod
+    async def encode_image(self) -> tuple[PreparedImage, VisionFeatures]:
+        """`vision` on the request's image: the prepared image and its features."""
+
+    @abstractmethod
+    async def encode_texts(self, texts: list[str]) -> list[PromptFeatures]:
+        """`language` on each text (through the text-feature cache)."""
+
+    @abstractmethod
+    async def fuse(self, visual: VisionFeatures, texts: Sequence[PromptFeatures],
+                   for_masks: bool = False) -> list[FusionResult]:
+        """One `fusion` row per text. `for_masks`: the rows feed the `mask` engine, so their
+        `fused_visual` must be kept (otherwise a remote engine leaves it empty)."""
+
+    @abstractmethod
+    async def submit(self, engine: Engine, payload: object, bucket: object = None) -> Any:
+        """One item of a head's engine (`mask`, `vqa`)."""
+
+    @abstractmethod
+    async def decode_caption(self, work: CaptionWork) -> list[CaptionDecoded]:
+        """The caption decoder's answer for one image (see `CaptionRunner.caption_results`)."""
+
+
+class Engines(Protocol):
+    """What the tasks and the serving layer use of the engines: start, stop, and one
+    `EngineStages` per request (`EngineClient` here; a remote client under Ray Serve)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, drain: bool = True) -> None: ...
+
+    def request(self, image: Image.Image, priority: int = PRIORITY_ONLINE) -> EngineStages: ...
 
 
 class EngineClient:
@@ -128,54 +202,43 @@ class EngineClient:
         # Job work has no deadline: nobody waits on the line for it.
         deadline_ms = self.default_deadline_ms if priority == PRIORITY_ONLINE else None
         deadline_s = None if deadline_ms is None else self.clock() + deadline_ms / 1000.0
-        return EngineRequest(self, image, priority, deadline_s)
+        return EngineRequest(self, image_bucket(image, self.preprocess), priority, deadline_s,
+                             image)
+
+    def resume(self, bucket: object, priority: int, deadline_ms: float | None
+               ) -> EngineRequest:
+        """A stage of a request another process opened (a Ray Serve ingress replica): its
+        image's bucket, and what is left of its deadline (None: none). It has no image: the
+        caller sends the prepared pixels to `Engine.VISION` itself."""
+        deadline_s = None if deadline_ms is None else self.clock() + deadline_ms / 1000.0
+        return EngineRequest(self, bucket, priority, deadline_s)
 
 
-class EngineRequest:
-    """One request's trip through the engines: its deadline, its image's bucket, and its work
-    withdrawn from every queue when any part of it fails."""
+class EngineRequest(EngineStages):
+    """One request's trip through this process's batchers: its work withdrawn from every queue
+    when any part of it fails."""
 
-    def __init__(self, client: EngineClient, image: Image.Image, priority: int,
-                 deadline_s: float | None) -> None:
+    def __init__(self, client: EngineClient, bucket: object, priority: int,
+                 deadline_s: float | None, image: Image.Image | None = None) -> None:
+        super().__init__(client.clock, bucket, priority, deadline_s)
         self.client = client
         self.image = image
-        self.priority = priority
-        self.deadline_s = deadline_s
-        self.bucket = image_bucket(image, client.preprocess)
-
-    def remaining_ms(self) -> float | None:
-        if self.deadline_s is None:
-            return None
-        left = (self.deadline_s - self.client.clock()) * 1000.0
-        if left <= 0:
-            raise DeadlineExceededError("request deadline passed between engines")
-        return left
 
     async def submit(self, engine: Engine, payload: object, bucket: object = None) -> Any:
         batcher = self.client.batchers[engine]
         return await batcher.submit(payload, bucket=bucket if bucket is not None else self.bucket,
                                     deadline_ms=self.remaining_ms(), priority=self.priority)
 
-    async def all(self, awaitables: Iterable[Awaitable[T]]) -> list[T]:
-        """Await all; on the first failure, cancel the rest (leaving their queues) and raise."""
-        tasks = [asyncio.ensure_future(a) for a in awaitables]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
     async def decode_caption(self, work: CaptionWork) -> list[CaptionDecoded]:
-        """The caption decoder's answer for one image (see `CaptionRunner.caption_results`)."""
         decoder = self.client.decoder
         if decoder is None:
             raise RuntimeError("this engine client serves no caption engine")
         return await decoder.submit(work, work.search, work.shape,
                                     deadline_ms=self.remaining_ms(), priority=self.priority)
 
-    async def encode_image(self) -> tuple[PreparedImage, list[torch.Tensor]]:
+    async def encode_image(self) -> tuple[PreparedImage, VisionFeatures]:
+        if self.image is None:
+            raise RuntimeError("a resumed request has no image; submit its pixels to vision")
         prepared = await asyncio.to_thread(prepare_image, self.image, self.client.preprocess)
         return prepared, await self.submit(Engine.VISION, prepared.pixels)
 
@@ -186,7 +249,8 @@ class EngineRequest:
 
         return await self.client.text_cache.get(texts, compute)
 
-    async def fuse(self, visual: list[torch.Tensor], texts: Sequence[PromptFeatures]
-                   ) -> list[FusionResult]:
+    async def fuse(self, visual: VisionFeatures, texts: Sequence[PromptFeatures],
+                   for_masks: bool = False) -> list[FusionResult]:
+        # In one process the fused levels are slices of the batch output: kept at no cost.
         return await self.all(self.submit(Engine.FUSION, FusionWork(visual, text))
                               for text in texts)

@@ -133,6 +133,18 @@ class NotReadyError(ServiceError):
         super().__init__(message, headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)})
 
 
+class EngineUnavailableError(ServiceError):
+    """The engine replica a request was on went away (Ray Serve: it died, or is being
+    replaced). Nothing was answered for it, and inference is idempotent, so the client may
+    retry at once: another replica takes the request."""
+
+    status_code = 503
+    code = "unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)})
+
+
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 

@@ -62,8 +62,10 @@ class FusionResult:
 class MaskWork:
     """Mask-head input of one image: P phrases with K boxes each (model-input frame, exclusive).
 
-    fused_visual: the row's fused P3..P5; fused_text (1, T, D); phrase_map (P, T) weights
-    summing to 1 per phrase; boxes (P, K, 4); box_valid (P, K).
+    fused_visual: the row's fused levels, of which the mask head reads P3..P5 (the whole row
+    as `fuse` gave it, so a remote engine's reference passes through unopened); fused_text
+    (1, T, D); phrase_map (P, T) weights summing to 1 per phrase; boxes (P, K, 4); box_valid
+    (P, K).
     """
 
     fused_visual: Levels

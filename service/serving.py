@@ -6,6 +6,10 @@ on an `EngineRequest` (`service.engine_client`); each engine's `DynamicBatcher` 
 `BatchPlan` to the `ModelRunner`, which computes and never sees a queue; results come back to
 the task, which post-processes them and shapes the response.
 
+Under Ray Serve (`service.distributed`) the same serving layer runs on each ingress replica
+over remote engines (`Glipv2Serving.over`): the tasks, post-processing and responses are this
+code; only the engine stages are calls to engine replicas.
+
 A request flows through the engines of DESIGN.md, each batching across requests and tasks:
 `vision` once per image; `language` once per distinct prompt text (the text-feature cache);
 `fusion` once per (image, prompt chunk) row, rows of any prompts and tasks batched together; then
@@ -15,18 +19,24 @@ the event loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from PIL import Image
+from transformers import PreTrainedTokenizerBase
 
 from engines.runtimes import Runtime
 from model_export.checkpoints.tuned_prompts import TunedPrompt
+from model_export.modeling.config import Glipv2Config
 from model_export.processing.postprocess import Detections
+from model_export.processing.prompt import load_tokenizer
 from service.batching import PRIORITY_ONLINE, BatcherConfig
 from service.caption_decoder import DecoderConfig
-from service.engine_client import Engine, EngineClient
+from service.engine_client import Engine, EngineClient, Engines
+from service.errors import EngineUnavailableError
 from service.model_runner import ModelRunner
-from service.pipeline.caption_search import DEFAULT_SEARCH, CaptionSearch
+from service.pipeline.caption_search import DEFAULT_SEARCH, CaptionGrammar, CaptionSearch
 from service.schemas import (
     CaptionResponse,
     DetectParams,
@@ -45,6 +55,8 @@ from service.tasks.segment import SegmentTask
 from service.tasks.vqa import VqaTask
 from service.telemetry import ServiceMetrics
 
+T = TypeVar("T")
+
 TASKS: tuple[TaskName, ...] = ("detect", "segment", "vqa", "caption")
 # Graphs each task needs beyond vision, language and fusion, and the engine that runs them.
 TASK_GRAPHS: dict[TaskName, tuple[str, ...]] = {
@@ -59,13 +71,53 @@ def available_tasks(graphs: frozenset[str]) -> list[TaskName]:
     return [t for t in TASKS if all(g in graphs for g in TASK_GRAPHS[t])]
 
 
-class Glipv2Serving:
-    """The four tasks over one runtime: the engines' batchers, one handler per task.
+def task_engines(tasks: list[TaskName]) -> list[Engine]:
+    """The engines `tasks` run on: vision, language and fusion, and the heads' engines."""
+    heads = [engine for task, engine in TASK_ENGINES.items() if task in tasks]
+    return [Engine.VISION, Engine.LANGUAGE, Engine.FUSION, *heads]
 
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the serving layer knows of the model, wherever its engines run: the runtime's name
+    and graphs, the config, and the tokenizer and caption grammar the tasks plan prompts with."""
+
+    runtime_name: str
+    config: Glipv2Config
+    graphs: frozenset[str]
+    tokenizer: PreTrainedTokenizerBase
+    caption_grammar: CaptionGrammar | None
+
+    @classmethod
+    def describe(cls, runtime_name: str, config: Glipv2Config, graphs: frozenset[str]
+                 ) -> ServedModel:
+        """The model an engine replica described, with the tokenizer loaded here (as
+        `ModelRunner` loads it)."""
+        tokenizer = load_tokenizer(config.language.tokenizer)
+        classes = config.tasks.caption_classes
+        grammar = CaptionGrammar.from_tokenizer(tokenizer, classes) if classes else None
+        return cls(runtime_name, config, graphs, tokenizer, grammar)
+
+
+class RemoteEngines(Engines, Protocol):
+    """Engines in other processes (Ray Serve engine replicas, `service.distributed`)."""
+
+    async def connect(self) -> ServedModel:
+        """Wait until an engine replica answers; the model it serves."""
+        ...
+
+
+class Glipv2Serving:
+    """The four tasks over one set of engines, one handler per task.
+
+    `Glipv2Serving(runtime, ...)` runs the engines' batchers in this process;
+    `Glipv2Serving.over(model, engines, ...)` serves engines that run elsewhere.
     `start()`/`stop()` run on the event loop (the app's lifespan). Every request method is a
     coroutine that awaits its engines without blocking the loop; `priority` is
     `PRIORITY_BATCH` for job work (no deadline, after online requests). `caption_objects`: see
-    `CaptionTask`.
+    `CaptionTask`. A request whose engine replica went away mid-request
+    (`EngineUnavailableError`) is run once more from the start (another replica takes it;
+    inference is idempotent) before the client gets the 503.
     """
 
     def __init__(
@@ -83,24 +135,46 @@ class Glipv2Serving:
         prompts: Mapping[str, TunedPrompt] | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self.runtime = runtime
-        self.model_id = model_id
-        self.config = runtime.config
-        self.metrics = metrics
-        self.tasks = available_tasks(runtime.graphs)
         runner = ModelRunner(runtime)
-        engines = [Engine.VISION, Engine.LANGUAGE, Engine.FUSION]
-        engines += [engine for task, engine in TASK_ENGINES.items() if task in self.tasks]
-        self.engines = EngineClient(runner, engines, batcher_config=batcher_config,
-                                    metrics=metrics, text_cache_bytes=text_cache_bytes,
-                                    caption_max_rows=caption_max_rows, clock=clock)
-        context = TaskContext(model_id, self.config, self.engines,
-                              runner.tokenizer.backend_tokenizer, self.tasks)
+        model = ServedModel(runtime.name, runtime.config, runtime.graphs, runner.tokenizer,
+                            runner.caption_grammar)
+        engines = EngineClient(runner, task_engines(available_tasks(runtime.graphs)),
+                               batcher_config=batcher_config, metrics=metrics,
+                               text_cache_bytes=text_cache_bytes,
+                               caption_max_rows=caption_max_rows, clock=clock)
+        self._compose(model, engines, model_id, metrics, caption_search, caption_objects,
+                      max_segments, prompts)
+
+    @classmethod
+    def over(cls, model: ServedModel, engines: Engines, *, model_id: str,
+             metrics: ServiceMetrics | None = None,
+             caption_search: CaptionSearch = DEFAULT_SEARCH, caption_objects: bool = True,
+             max_segments: int = 20, prompts: Mapping[str, TunedPrompt] | None = None
+             ) -> Glipv2Serving:
+        """The same serving layer over engines that run elsewhere (their batchers, text cache
+        and deadlines are `engines`' own)."""
+        serving = cls.__new__(cls)
+        serving._compose(model, engines, model_id, metrics, caption_search, caption_objects,
+                         max_segments, prompts)
+        return serving
+
+    def _compose(self, model: ServedModel, engines: Engines, model_id: str,
+                 metrics: ServiceMetrics | None, caption_search: CaptionSearch,
+                 caption_objects: bool, max_segments: int,
+                 prompts: Mapping[str, TunedPrompt] | None) -> None:
+        self.model = model
+        self.model_id = model_id
+        self.config = model.config
+        self.metrics = metrics
+        self.tasks = available_tasks(model.graphs)
+        self.engines = engines
+        context = TaskContext(model_id, self.config, engines,
+                              model.tokenizer.backend_tokenizer, self.tasks)
         self.detect_task = DetectTask(context, prompts or {})
         self.segment_task = SegmentTask(context, max_segments)
         self.vqa_task = VqaTask(context)
-        grammar = runner.caption_grammar
-        class_texts = ([runner.tokenizer.decode(list(ids)) for ids in grammar.classes]
+        grammar = model.caption_grammar
+        class_texts = ([model.tokenizer.decode(list(ids)) for ids in grammar.classes]
                        if grammar is not None else [])
         self.caption_task = CaptionTask(context, self.detect_task, caption_search,
                                         caption_objects, class_texts)
@@ -115,7 +189,7 @@ class Glipv2Serving:
     def info(self) -> ModelInfo:
         pre = self.config.preprocess
         return ModelInfo(
-            id=self.model_id, preset=self.config.preset, runtime=self.runtime.name,
+            id=self.model_id, preset=self.config.preset, runtime=self.model.runtime_name,
             tasks=self.tasks, max_prompt_tokens=self.config.language.max_query_len,
             image_min_size=pre.min_size, image_max_size=pre.max_size,
             vqa_answers=list(self.config.tasks.vqa_answers),
@@ -142,7 +216,8 @@ class Glipv2Serving:
                          priority: int = PRIORITY_ONLINE) -> Detections:
         """All detections after NMS, unthresholded: original-image pixels (legacy +1 boxes),
         labels indexing `query.names`, scores descending."""
-        found = await self.detect_task.detections(query, image, priority)
+        found = await _once_more_if_unavailable(
+            lambda: self.detect_task.detections(query, image, priority))
         if self.metrics is not None:
             self.metrics.prompt_chunks.observe(len(query.chunks))
         return found
@@ -154,12 +229,23 @@ class Glipv2Serving:
 
     async def segment(self, params: SegmentParams, image: Image.Image,
                       priority: int = PRIORITY_ONLINE) -> SegmentResponse:
-        return await self.segment_task.run(params, image, priority)
+        return await _once_more_if_unavailable(
+            lambda: self.segment_task.run(params, image, priority))
 
     async def vqa(self, params: VqaParams, image: Image.Image,
                   priority: int = PRIORITY_ONLINE) -> VqaResponse:
-        return await self.vqa_task.run(params, image, priority)
+        return await _once_more_if_unavailable(lambda: self.vqa_task.run(params, image, priority))
 
     async def caption(self, image: Image.Image,
                       priority: int = PRIORITY_ONLINE) -> CaptionResponse:
-        return await self.caption_task.run(image, priority)
+        return await _once_more_if_unavailable(lambda: self.caption_task.run(image, priority))
+
+
+async def _once_more_if_unavailable(run: Callable[[], Awaitable[T]]) -> T:
+    """`run()`, and once more if an engine replica it was on went away: features it kept died
+    with it, so the retry starts over (a fresh request, a fresh deadline). Never raised by
+    engines in this process."""
+    try:
+        return await run()
+    except EngineUnavailableError:
+        return await run()

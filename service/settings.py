@@ -157,7 +157,17 @@ class ServiceSettings(BaseSettings):
     jobs_dir: Path = Field(
         REPO_ROOT / "var" / "jobs",
         description="Where batch jobs live (SQLite in WAL mode + one file per input); jobs in "
-                    "it survive restarts.")
+                    "it survive restarts. Unused with jobs_database_url.")
+    jobs_database_url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL URL (postgresql://user:password@host:5432/db) of a job store "
+                    "that every replica shares and works on, inputs included; unset: SQLite "
+                    "in jobs_dir. Needs the `postgres` extra (psycopg).")
+    job_lease_timeout_s: float = Field(
+        30.0, gt=0, allow_inf_nan=False,
+        description="With jobs_database_url: job inputs claimed by a replica that stopped "
+                    "renewing their lease (it died) go to another after this long; a live "
+                    "replica renews every third of it.")
     job_input_dir: Path | None = Field(
         None, description="Folder whose files jobs may name by relative `path`; none: jobs "
                           "send images inline only.")
@@ -187,6 +197,14 @@ class ServiceSettings(BaseSettings):
 
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("jobs_database_url")
+    @classmethod
+    def _postgresql_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+                ("postgresql://", "postgres://")):
+            raise ValueError("jobs_database_url must be a postgresql:// URL")
         return value
 
     @model_validator(mode="after")

@@ -4,7 +4,8 @@ The model loads in the background after startup, so the process answers `/health
 `/readyz` says 503 until the engines run (an orchestrator then routes traffic only to ready
 replicas); on onnxruntime without an engine folder a first start's loading includes exporting the
 model to ONNX (`engines.cache`, tens of seconds). A load failure is logged and reported by both
-probes rather than crashing the loop.
+probes rather than crashing the loop. Under Ray Serve (`remote` engines) loading is waiting for
+an engine replica to answer: the model loads there.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from engines.runtimes import Runtime, open_runtime
 from model_export.checkpoints.tuned_prompts import load_tuned_prompts
 from service.errors import InvalidRequestError, NotReadyError
 from service.jobs.runner import JobRunner
-from service.jobs.store import SqliteJobStore
+from service.jobs.store import JobStore, SqliteJobStore
 from service.pipeline.caption_search import CaptionSearch
 from service.pipeline.image_urls import ImageUrlFetcher
 from service.pipeline.images import decode_base64, decode_image_bytes
-from service.serving import Glipv2Serving
+from service.serving import Glipv2Serving, RemoteEngines, ServedModel
 from service.settings import ServiceSettings
 from service.telemetry import ServiceMetrics
 
@@ -38,10 +39,12 @@ class ServiceState:
 
     def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics,
                  runtime: Runtime | None = None,
-                 loader: RuntimeLoader | None = None) -> None:
+                 loader: RuntimeLoader | None = None,
+                 remote: RemoteEngines | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self._runtime = runtime
+        self._remote = remote
         self._loader = loader if loader is not None else (
             lambda: open_runtime(settings.runtime_options()))
         self.serving: Glipv2Serving | None = None
@@ -84,8 +87,10 @@ class ServiceState:
     async def _load(self) -> None:
         log.info("loading the %s runtime", self.settings.runtime)
         try:
-            runtime = await asyncio.to_thread(self._loader)
-            await self._start_serving(runtime)
+            if self._remote is not None:
+                await self._start_serving(await self._remote.connect())
+            else:
+                await self._start_serving(await asyncio.to_thread(self._loader))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -94,32 +99,44 @@ class ServiceState:
             return
         log.info("model %s ready", self.settings.model_id)
 
-    async def _start_serving(self, runtime: Runtime) -> None:
+    async def _start_serving(self, source: Runtime | ServedModel) -> None:
+        """Serve `source`: a runtime here, or the model remote engines serve."""
         settings = self.settings
         prompts = {}
         if settings.prompts_dir is not None:
-            language = runtime.config.language
+            language = source.config.language
             prompts = await asyncio.to_thread(
                 load_tuned_prompts, settings.prompts_dir, language.hidden_size,
                 language.max_query_len, language.tokenizer)
-        serving = Glipv2Serving(
-            runtime, model_id=settings.model_id,
-            batcher_config=settings.batcher.to_config(settings.request_timeout_ms),
-            metrics=self.metrics, caption_search=CaptionSearch(
-                settings.caption_max_tokens, settings.caption_beams,
-                settings.caption_length_penalty),
-            caption_objects=settings.caption_objects,
-            caption_max_rows=settings.caption_max_rows,
-            text_cache_bytes=settings.text_cache_bytes, max_segments=settings.max_segments,
-            prompts=prompts)
-        await serving.start()
-        store = await asyncio.to_thread(SqliteJobStore, settings.jobs_dir)
+        store = await asyncio.to_thread(open_job_store, settings)  # fails before the engines
+        search = CaptionSearch(settings.caption_max_tokens, settings.caption_beams,
+                               settings.caption_length_penalty)
+        if isinstance(source, ServedModel):
+            assert self._remote is not None
+            serving = Glipv2Serving.over(
+                source, self._remote, model_id=settings.model_id, metrics=self.metrics,
+                caption_search=search, caption_objects=settings.caption_objects,
+                max_segments=settings.max_segments, prompts=prompts)
+        else:
+            serving = Glipv2Serving(
+                source, model_id=settings.model_id,
+                batcher_config=settings.batcher.to_config(settings.request_timeout_ms),
+                metrics=self.metrics, caption_search=search,
+                caption_objects=settings.caption_objects,
+                caption_max_rows=settings.caption_max_rows,
+                text_cache_bytes=settings.text_cache_bytes, max_segments=settings.max_segments,
+                prompts=prompts)
         runner = JobRunner(
             store, serving, self.decode_image,
             concurrency=settings.job_concurrency,
             input_dir=settings.job_input_dir, results_ttl_s=settings.job_results_ttl_s,
             on_change=self.metrics.on_job_counts, on_input=self.metrics.on_job_input)
-        await runner.start()
+        try:
+            await serving.start()
+            await runner.start()
+        except BaseException:
+            await asyncio.to_thread(store.close)
+            raise
         self.serving, self.jobs = serving, runner
         self.metrics.model_ready.set(1)
 
@@ -167,3 +184,17 @@ class ServiceState:
                 timeout_s=settings.image_url_timeout_s,
                 max_redirects=settings.image_url_max_redirects)
         return await self._url_fetcher.fetch(url)
+
+
+def open_job_store(settings: ServiceSettings) -> JobStore:
+    """PostgreSQL when `jobs_database_url` is set (every replica shares it), else SQLite."""
+    if settings.jobs_database_url is None:
+        return SqliteJobStore(settings.jobs_dir)
+    try:  # psycopg is the optional `postgres` extra: only this configuration needs it
+        from service.jobs.postgres import PostgresJobStore
+    except ImportError as exc:
+        raise RuntimeError("jobs_database_url needs psycopg: pip install -e '.[postgres]'"
+                           ) from exc
+    log.info("batch jobs in PostgreSQL (lease timeout %.0f s)", settings.job_lease_timeout_s)
+    return PostgresJobStore(settings.jobs_database_url.get_secret_value(),
+                            lease_timeout_s=settings.job_lease_timeout_s)

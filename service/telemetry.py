@@ -16,14 +16,18 @@ never collide, and `/metrics` shows exactly this service. Names:
 Engines are the exported graphs' batchers: `vision`, `language`, `fusion`, `mask`, `vqa` and
 `caption` (the decoding loop over the caption graphs). A batch counts its items: images for
 `vision`, (image, prompt) rows for `fusion`.
+
+Under Ray Serve a replica's registry is not what Prometheus scrapes: each collector then also
+feeds a `MetricsExport` (`service.distributed.metrics`: Ray's metrics, same names and labels),
+so the Grafana dashboard reads both modes.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -44,6 +48,57 @@ CHUNK_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 UNMATCHED = "unmatched"  # endpoint label of paths no route serves (bounded label values)
 
 
+MetricKind = Literal["counter", "gauge", "histogram"]
+
+
+class MetricsExport(Protocol):
+    """A second destination of every metric update, beside this process's registry."""
+
+    def declare(self, kind: MetricKind, name: str, documentation: str,
+                labelnames: Sequence[str], buckets: Sequence[float]) -> None:
+        """A collector exists: its Prometheus name (a counter's without `_total`), label names
+        and, for a histogram, bucket bounds."""
+
+    def update(self, name: str, labels: Mapping[str, str], value: float) -> None:
+        """A counter went up by `value`, a gauge was set to it, a histogram observed it."""
+
+
+class Collector:
+    """One Prometheus collector (or one labelled child of it), mirrored into the export."""
+
+    def __init__(self, collector: Counter | Gauge | Histogram, export: MetricsExport | None,
+                 name: str, labelnames: Sequence[str] = (),
+                 labels: Mapping[str, str] | None = None) -> None:
+        self._collector = collector
+        self._export = export
+        self._name = name
+        self._labelnames = tuple(labelnames)
+        self._labels = dict(labels or {})
+
+    def labels(self, *values: str) -> Collector:
+        return Collector(self._collector.labels(*values), self._export, self._name,
+                         labels=dict(zip(self._labelnames, values, strict=True)))
+
+    def inc(self, amount: float = 1.0) -> None:
+        assert isinstance(self._collector, Counter)
+        self._collector.inc(amount)
+        self._exported(amount)
+
+    def set(self, value: float) -> None:
+        assert isinstance(self._collector, Gauge)
+        self._collector.set(value)
+        self._exported(value)
+
+    def observe(self, value: float) -> None:
+        assert isinstance(self._collector, Histogram)
+        self._collector.observe(value)
+        self._exported(value)
+
+    def _exported(self, value: float) -> None:
+        if self._export is not None:
+            self._export.update(self._name, self._labels, value)
+
+
 @dataclass(frozen=True)
 class EngineCallbacks:
     """What a `DynamicBatcher` reports through."""
@@ -54,51 +109,79 @@ class EngineCallbacks:
 
 
 class ServiceMetrics:
-    """The service's collectors, and the callbacks that feed them."""
+    """The service's collectors, and the callbacks that feed them.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    export: where every update also goes (Ray's metrics under Ray Serve); None in one process.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 export: MetricsExport | None = None) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
-        r = self.registry
-        self.requests = Counter("glipv2_requests", "HTTP requests answered, by endpoint and "
-                                "status.", ["endpoint", "status"], registry=r)
-        self.latency = Histogram("glipv2_request_duration_seconds", "End-to-end HTTP latency.",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=r)
-        self.queue_wait = Histogram("glipv2_engine_queue_wait_seconds", "Time from submission "
-                                    "to batch start.", ["engine"], buckets=LATENCY_BUCKETS_S,
-                                    registry=r)
-        self.compute = Histogram("glipv2_engine_compute_seconds", "Time of one engine batch.",
-                                 ["engine"], buckets=LATENCY_BUCKETS_S, registry=r)
-        self.batch_size = Histogram("glipv2_engine_batch_size", "Requests per engine batch.",
-                                    ["engine"], buckets=BATCH_SIZE_BUCKETS, registry=r)
-        self.queue_depth = Gauge("glipv2_engine_queue_depth", "Requests waiting per engine.",
-                                 ["engine"], registry=r)
-        self.load_shed = Counter("glipv2_load_shed", "Requests turned away at once (429) "
-                                 "because their expected wait exceeded their deadline, by "
-                                 "engine.", ["engine"], registry=r)
-        self.decode_steps = Counter("glipv2_caption_decode_steps", "Caption decoding steps "
-                                    "(one caption-step batch each).", registry=r)
-        self.live_captions = Gauge("glipv2_caption_live", "Captions being decoded now.",
-                                   registry=r)
-        self.caption_tokens = Counter("glipv2_caption_tokens", "Caption tokens generated (one "
-                                      "per caption per step; rate() is tokens/s).", registry=r)
-        self.time_to_first_token = Histogram(
+        self.export = export
+        self.requests = self._counter("glipv2_requests", "HTTP requests answered, by endpoint "
+                                      "and status.", ["endpoint", "status"])
+        self.latency = self._histogram("glipv2_request_duration_seconds",
+                                       "End-to-end HTTP latency.", ["endpoint"],
+                                       LATENCY_BUCKETS_S)
+        self.queue_wait = self._histogram("glipv2_engine_queue_wait_seconds", "Time from "
+                                          "submission to batch start.", ["engine"],
+                                          LATENCY_BUCKETS_S)
+        self.compute = self._histogram("glipv2_engine_compute_seconds", "Time of one engine "
+                                       "batch.", ["engine"], LATENCY_BUCKETS_S)
+        self.batch_size = self._histogram("glipv2_engine_batch_size", "Requests per engine "
+                                          "batch.", ["engine"], BATCH_SIZE_BUCKETS)
+        self.queue_depth = self._gauge("glipv2_engine_queue_depth", "Requests waiting per "
+                                       "engine.", ["engine"])
+        self.load_shed = self._counter("glipv2_load_shed", "Requests turned away at once (429) "
+                                       "because their expected wait exceeded their deadline, "
+                                       "by engine.", ["engine"])
+        self.decode_steps = self._counter("glipv2_caption_decode_steps", "Caption decoding "
+                                          "steps (one caption-step batch each).")
+        self.live_captions = self._gauge("glipv2_caption_live", "Captions being decoded now.")
+        self.caption_tokens = self._counter("glipv2_caption_tokens", "Caption tokens generated "
+                                            "(one per caption per step; rate() is tokens/s).")
+        self.time_to_first_token = self._histogram(
             "glipv2_caption_time_to_first_token_seconds", "From a caption's submission to the "
-            "decoder to its first token.", buckets=LATENCY_BUCKETS_S, registry=r)
-        self.prompt_chunks = Histogram("glipv2_prompt_chunks", "Prompt chunks per detection "
-                                       "request.", buckets=CHUNK_BUCKETS, registry=r)
-        self.text_cache = Counter("glipv2_text_cache_lookups", "Text-feature cache lookups, "
-                                  "by result.", ["result"], registry=r)
+            "decoder to its first token.", [], LATENCY_BUCKETS_S)
+        self.prompt_chunks = self._histogram("glipv2_prompt_chunks", "Prompt chunks per "
+                                             "detection request.", [], CHUNK_BUCKETS)
+        self.text_cache = self._counter("glipv2_text_cache_lookups", "Text-feature cache "
+                                        "lookups, by result.", ["result"])
         for result in ("hit", "miss"):
             self.text_cache.labels(result)  # both series exist (at 0) from the start
-        self.model_ready = Gauge("glipv2_model_ready", "1 when the model is loaded and serving.",
-                                 registry=r)
-        self.jobs = Gauge("glipv2_jobs", "Batch jobs, by state.", ["state"], registry=r)
+        self.model_ready = self._gauge("glipv2_model_ready", "1 when the model is loaded and "
+                                       "serving.")
+        self.jobs = self._gauge("glipv2_jobs", "Batch jobs, by state.", ["state"])
         for state in ("queued", "running", "done", "failed", "cancelled"):
             self.jobs.labels(state)
-        self.job_inputs = Counter("glipv2_job_inputs", "Job inputs processed, by result.",
-                                  ["result"], registry=r)
+        self.job_inputs = self._counter("glipv2_job_inputs", "Job inputs processed, by result.",
+                                        ["result"])
         for result in ("ok", "error"):
             self.job_inputs.labels(result)
+
+    def _counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()
+                 ) -> Collector:
+        """`name` without the `_total` the counter is exposed with (Prometheus adds it)."""
+        self._declare("counter", name, documentation, labelnames, ())
+        return Collector(Counter(name, documentation, labelnames, registry=self.registry),
+                         self.export, name, labelnames)
+
+    def _gauge(self, name: str, documentation: str, labelnames: Sequence[str] = ()
+               ) -> Collector:
+        self._declare("gauge", name, documentation, labelnames, ())
+        return Collector(Gauge(name, documentation, labelnames, registry=self.registry),
+                         self.export, name, labelnames)
+
+    def _histogram(self, name: str, documentation: str, labelnames: Sequence[str],
+                   buckets: Sequence[float]) -> Collector:
+        self._declare("histogram", name, documentation, labelnames, buckets)
+        return Collector(Histogram(name, documentation, labelnames, buckets=buckets,
+                                   registry=self.registry), self.export, name, labelnames)
+
+    def _declare(self, kind: MetricKind, name: str, documentation: str,
+                 labelnames: Sequence[str], buckets: Sequence[float]) -> None:
+        if self.export is not None:
+            self.export.declare(kind, name, documentation, labelnames, buckets)
 
     def engine_callbacks(self, engine: str) -> EngineCallbacks:
         """The metric callbacks of the `DynamicBatcher` of `engine`."""

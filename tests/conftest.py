@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import os
+import pwd
+import shutil
+import socket
 import subprocess
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -91,3 +98,65 @@ def tiny_serving_model() -> Glipv2Model:
 def tiny_model() -> Glipv2Model:
     """`tiny_serving_model()`, one per test module."""
     return tiny_serving_model()
+
+
+def _postgres_bin() -> Path | None:
+    """Where `initdb` and `pg_ctl` are: on PATH, or Debian's versioned folder (newest)."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                      key=lambda path: int(Path(path).parts[-3]))
+    return Path(versions[-1]).parent if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Callable[[], str]]:
+    """A throwaway PostgreSQL server for this test run (Debian's `postgresql` package, which
+    `.ci/run` installs): initdb into a temporary folder, listening on a Unix socket there only.
+    Yields a function that creates an empty database and returns its URL.
+
+    PostgreSQL refuses to run as root: as root the server runs as the `postgres` user.
+    Durability is off (fsync, synchronous commit): nothing here outlives the run.
+    """
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server here (initdb): apt-get install postgresql")
+    pytest.importorskip("psycopg", reason="psycopg is missing: pip install -e '.[postgres]'")
+    import psycopg
+
+    as_user: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="glipv2-pg-"))  # /tmp: reachable by another user
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root, and there is no `postgres` user to run PostgreSQL")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = root / "data"
+    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres",
+                    "--auth=trust", "-E", "UTF8", "--no-sync"],
+                   check=True, capture_output=True)
+    options = (f"-p {port} -k {root} -c listen_addresses='' -c fsync=off "
+               "-c synchronous_commit=off -c full_page_writes=off")
+    subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-l",
+                    str(root / "server.log"), "-o", options, "-w", "start"],
+                   check=True, capture_output=True)
+    base = f"postgresql://postgres@/{{}}?host={root}&port={port}"
+
+    def new_database() -> str:
+        name = f"glipv2_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(base.format("postgres"), autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")
+        return base.format(name)
+
+    try:
+        yield new_database
+    finally:
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate",
+                        "stop"], check=False, capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

@@ -68,6 +68,27 @@ def test_sweep_table_sets_the_configurations_side_by_side() -> None:
     assert "throughput at 16 clients, batcher on / off: 1.50x (target >= 1.5x)" in text
 
 
+def test_sweep_of_two_named_servers_gives_latency_and_throughput_ratios() -> None:
+    """Ray Serve against the single-process server: the first's p50 at 1 client and throughput
+    at 16 clients as speed ratios to the second's; an ingress has no vision batches to show."""
+    ray = LoadCurve("ray serve", [1, 16], [4.0, 6.0], [250, 2000], [260, 2100], [270, 2200],
+                    [0.0, 0.0])
+    local = LoadCurve("single process", [1, 16], [5.0, 7.5], [200, 1900], [210, 2000],
+                      [220, 2100], [1.0, 1.3])
+    text = format_sweep(ray, local, compared=True)
+    assert "1 | 4.00 | 250 | 260 | 270 | - | 5.00 |" in text
+    assert "p50 at 1 client: ray serve 250.0 ms, single process 200.0 ms: speed 0.80x" in text
+    assert "throughput at 16 clients, ray serve / single process: 0.80x" in text
+    assert "target" not in text
+
+
+def test_bench_load_labels_name_two_running_servers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "load", "--labels", "ray,local"]) == 2
+    assert main(["bench", "load", "--url", "http://a", "--unbatched-url", "http://b",
+                 "--labels", "just-one"]) == 2
+    assert capsys.readouterr().err.count("--labels names the two running servers") == 2
+
+
 @pytest.mark.parametrize("flags", [["--unbatched-url", "http://b", "--runtime", "onnxruntime"],
                                    ["--unbatched-url", "http://b", "--threads", "1"],
                                    ["--unbatched-url", "http://b", "--max-batch-size", "4"],

@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from string import Template
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -46,6 +48,32 @@ def test_compose_runs_the_service_prometheus_and_grafana() -> None:
         for volume in services[service]["volumes"]:
             source = volume.split(":")[0]
             assert (REPO / source).exists(), f"{service} mounts missing {source}"
+
+
+def test_compose_services_share_their_jobs_in_postgres() -> None:
+    services = compose()["services"]
+    postgres = services["postgres"]
+    assert postgres["image"].startswith("postgres:")
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    env = postgres["environment"]
+    for name in ("glipv2", "glipv2-gpu"):
+        service = services[name]
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        url = urlsplit(service["environment"]["GLIPV2_JOBS_DATABASE_URL"])
+        assert (url.scheme, url.hostname, url.port, url.path) == (
+            "postgresql", "postgres", 5432, f"/{env['POSTGRES_DB']}")
+        assert (url.username, url.password) == (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"])
+        settings = ServiceSettings(jobs_database_url=url.geturl())
+        assert settings.jobs_database_url is not None
+    for dockerfile in ("Dockerfile", "Dockerfile.gpu"):  # psycopg is in the images
+        text = (DOCKER / dockerfile).read_text()
+        extras = re.search(r"pip install \S*\.\[([^\]]+)\]", text)
+        assert extras, dockerfile
+        # the extras written out, or `.[${EXTRAS}]` with `ARG EXTRAS=...`
+        build_args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.MULTILINE))
+        assert "postgres" in Template(extras[1]).substitute(build_args).split(","), dockerfile
+    with pytest.raises(ValueError, match="postgresql:// URL"):
+        ServiceSettings(jobs_database_url="mysql://glipv2@db/glipv2")
 
 
 def test_prometheus_scrapes_the_service_metrics_port() -> None:

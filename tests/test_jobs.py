@@ -68,29 +68,49 @@ def test_store_keeps_one_result_per_input_and_survives_reopening(tmp_path: Path)
     job = store.create("detect", {"classes": ["circle"]},
                        [JobInput(data=b"a"), JobInput(path="x/y.png"), JobInput(data=b"c")])
     assert (job.state, job.total, job.done) == (JobState.QUEUED, 3, 0)
-    assert store.pending(job.id, 10) == [0, 1, 2]
+    assert store.claim(job.id, 10) == []  # nothing is claimed before the job runs
     assert store.read_input(job.id, 0).data == b"a"
     assert store.read_input(job.id, 1).path == "x/y.png"
     assert store.set_state(job.id, JobState.RUNNING)
-    assert store.put_result(job.id, JobResult(1, True, '{"n": 1}'))
-    assert not store.put_result(job.id, JobResult(1, True, '{"n": 2}'))  # exactly once
-    assert store.put_result(job.id, JobResult(0, False, '{"code": "bad_image"}'))
+    assert store.claim(job.id, 10) == [0, 1, 2]
+    first = JobResult(1, True, '{"n": 1}')
+    assert store.put_results(job.id, [first]) == [first]
+    bad = JobResult(0, False, '{"code": "bad_image"}')
+    assert store.put_results(job.id, [JobResult(1, True, '{"n": 2}'), bad]) == [bad]  # once
+    assert not store.finish(job.id)  # input 2 has no result yet
     store.close()
 
     reopened = SqliteJobStore(tmp_path)
     record = reopened.get(job.id)
     assert record is not None and record.state == JobState.RUNNING
     assert (record.succeeded, record.failed, record.done_since_start) == (1, 1, 2)
-    assert reopened.pending(job.id, 10) == [2]
+    assert reopened.claim(job.id, 10) == [2]
     assert [(r.index, r.ok, r.body) for r in reopened.results(job.id)] == [
         (0, False, '{"code": "bad_image"}'), (1, True, '{"n": 1}')]
     assert [r.index for r in reopened.results(job.id, after=0)] == [1]
     assert reopened.unfinished()[0].id == job.id
+    assert reopened.renew(job.id)
     assert reopened.set_state(job.id, JobState.CANCELLED)
     assert not reopened.set_state(job.id, JobState.DONE)  # finished jobs stay finished
+    assert not reopened.renew(job.id)  # the worker drops its window
+    assert reopened.put_results(job.id, [JobResult(2, True, "{}")]) == []  # keeps what it had
+    assert reopened.claim(job.id, 10) == [] and not reopened.finish(job.id)
     assert reopened.counts()[JobState.CANCELLED] == 1
     assert reopened.purge(finished_before_s=time.time() + 1) == 1
     assert reopened.get(job.id) is None and not (tmp_path / "inputs" / job.id).exists()
+
+
+def test_store_marks_a_job_done_once_every_input_has_a_result(tmp_path: Path) -> None:
+    store = SqliteJobStore(tmp_path)
+    job = store.create("caption", {}, [JobInput(data=b"a"), JobInput(data=b"b")])
+    assert store.set_state(job.id, JobState.RUNNING)
+    store.put_results(job.id, [JobResult(0, True, "{}")])
+    assert not store.finish(job.id)
+    store.put_results(job.id, [JobResult(1, True, "{}")])
+    assert store.finish(job.id) and not store.finish(job.id)
+    record = store.get(job.id)
+    assert record is not None and record.state == JobState.DONE and record.finished_s
+    store.close()
 
 
 # --- the REST resource --------------------------------------------------------------------------

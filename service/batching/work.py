@@ -24,6 +24,11 @@ class QueueFullError(Exception):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
+    def __reduce__(self) -> tuple[type[QueueFullError], tuple[str, float]]:
+        # Picklable with its retry time: under Ray Serve an engine replica raises it to the
+        # ingress, which answers the 429 (Exception's default pickling passes `message` only).
+        return type(self), (str(self), self.retry_after_s)
+
 
 class OverloadedError(QueueFullError):
     """Load shedding: the work ahead is expected to outlast the request's deadline, so it is

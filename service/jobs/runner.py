@@ -1,14 +1,19 @@
-"""The job runner: works through stored jobs, one at a time, on the online path at low priority.
+"""The job runner: works through stored jobs on the online path at low priority.
 
 Each input goes through the same serving methods as the online endpoints, with
 `PRIORITY_BATCH`: the engines' batchers put online requests first and fill spare batch slots with
-job work, so a running job costs online traffic little latency. The runner keeps one window of
-inputs in flight (`concurrency`, a batch's worth); results are stored as each window completes.
+job work, so a running job costs online traffic little latency. The runner claims one window of
+inputs at a time (`concurrency`, a batch's worth) from the oldest job that has inputs nobody
+holds, keeps their leases alive while they run, and stores the window's results when it
+completes.
 
-Restarts: everything is read back from the store. Inputs without a result are simply pending, so
-a job killed mid-window redoes only that window, and the store's (job, index) key keeps every
-input at exactly one result. A bad input gets an error result (the code and message the online
-endpoint would have answered) and the job goes on.
+Several replicas sharing one store each run a runner: they claim different windows of the same
+job, and whichever finds every input answered marks the job done. Restarts and deaths: everything
+is read back from the store. An input without a result is claimable once no live lease holds it,
+so a replica killed mid-window loses only that window (redone after its leases expire, by any
+replica), and the store's (job, index) key keeps every input at exactly one result. A bad input
+gets an error result (the code and message the online endpoint would have answered) and the job
+goes on.
 """
 
 from __future__ import annotations
@@ -78,6 +83,8 @@ class JobRunner:
         self._task: asyncio.Task[None] | None = None
         self._current: str | None = None
         self._window: list[asyncio.Task[JobResult | None]] = []
+        # Prepared parameters of the unfinished jobs this runner has (re)started.
+        self._prepared: dict[str, Any] = {}
         self._last_purge_s = 0.0
 
     async def start(self) -> None:
@@ -85,7 +92,8 @@ class JobRunner:
         self._task = asyncio.create_task(self._run(), name="glipv2-job-runner")
 
     async def stop(self) -> None:
-        """Stop at once: the window in flight is dropped unstored and redone after a restart."""
+        """Stop at once: the window in flight is dropped unstored; its inputs are claimed again
+        after a restart, or by another replica once the store is closed (or its leases expire)."""
         if self._task is None:
             return
         self._task.cancel()
@@ -97,7 +105,8 @@ class JobRunner:
         self._wakeup.set()
 
     async def cancel(self, job_id: str) -> bool:
-        """Cancel a queued or running job; its window in flight is withdrawn from the queues."""
+        """Cancel a queued or running job; its window in flight here is withdrawn from the
+        queues, other replicas drop theirs at their next lease renewal."""
         cancelled = await asyncio.to_thread(self.store.set_state, job_id, JobState.CANCELLED)
         if cancelled and self._current == job_id:
             for task in self._window:
@@ -111,60 +120,91 @@ class JobRunner:
         while True:
             try:
                 await self._purge_if_due()
-                jobs = await asyncio.to_thread(self.store.unfinished)
-                if not jobs:
-                    self._wakeup.clear()
+                self._wakeup.clear()  # before looking: a submit from now on wakes the wait
+                if not await self._work_any():
+                    await self._publish()  # other replicas may have moved jobs meanwhile
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), _PURGE_EVERY_S)
-                    continue
-                await self._work(jobs[0])
+                        await asyncio.wait_for(self._wakeup.wait(), self.store.idle_poll_s)
             except asyncio.CancelledError:
                 raise
             except BatcherStoppedError:
                 return  # the engines are stopping: what is left resumes after the restart
-            except Exception:  # a bug must not end job processing for good
+            except Exception:  # a bug, or the database away, must not end job processing
                 log.exception("job runner failed; retrying in 1 s")
                 await asyncio.sleep(1.0)
 
-    async def _work(self, job: JobRecord) -> None:
-        await asyncio.to_thread(self.store.set_state, job.id, JobState.RUNNING)
-        await self._publish()
-        try:
-            prepared = validate_params(job.task, job.params, self.serving)
-        except ServiceError as exc:  # e.g. a tuned prompt no longer registered after a restart
-            await asyncio.to_thread(self.store.set_state, job.id, JobState.FAILED, exc.message)
+    async def _work_any(self) -> bool:
+        """Work on the oldest job with claimable inputs until it has none; False when no job had
+        any (all done, or held by other replicas' leases)."""
+        jobs = await asyncio.to_thread(self.store.unfinished)
+        self._prepared = {job.id: self._prepared[job.id] for job in jobs
+                          if job.id in self._prepared}
+        for job in jobs:
+            if await self._work(job):
+                return True
+        return False
+
+    async def _work(self, job: JobRecord) -> bool:
+        """Run windows of `job` while this runner can claim inputs, then mark the job done if
+        every input has a result; True if it claimed any."""
+        if job.id not in self._prepared:
+            if not await asyncio.to_thread(self.store.set_state, job.id, JobState.RUNNING):
+                return False  # cancelled meanwhile
             await self._publish()
-            return
+            try:
+                self._prepared[job.id] = validate_params(job.task, job.params, self.serving)
+            except ServiceError as exc:  # e.g. a tuned prompt no longer registered
+                await asyncio.to_thread(self.store.set_state, job.id, JobState.FAILED,
+                                        exc.message)
+                await self._publish()
+                return False
+        prepared, worked = self._prepared[job.id], False
         self._current = job.id
         try:
-            while True:
-                pending = await asyncio.to_thread(self.store.pending, job.id, self.concurrency)
-                if not pending:
-                    await asyncio.to_thread(self.store.set_state, job.id, JobState.DONE)
-                    break
-                self._window = [asyncio.create_task(self._one(job, index, prepared))
-                                for index in pending]
-                outcomes = await asyncio.gather(*self._window, return_exceptions=True)
-                for outcome in outcomes:
-                    if isinstance(outcome, BatcherStoppedError):
-                        raise outcome
-                stored = [o for o in outcomes if isinstance(o, JobResult)]
-                if not await asyncio.to_thread(self._store_results, job.id, stored):
-                    break  # cancelled (or purged) meanwhile
+            while claimed := await asyncio.to_thread(self.store.claim, job.id, self.concurrency):
+                worked = True
+                await self._run_window(job, prepared, claimed)
         finally:
-            self._current, self._window = None, []
+            self._current = None
+        if await asyncio.to_thread(self.store.finish, job.id):
             await self._publish()
+        return worked
 
-    def _store_results(self, job_id: str, results: list[JobResult]) -> bool:
-        """Store a window's results; False (nothing stored) once the job is no longer running:
-        a cancelled job keeps what it had."""
-        job = self.store.get(job_id)
-        if job is None or job.state != JobState.RUNNING:
-            return False
-        for result in results:
-            if self.store.put_result(job_id, result) and self._on_input is not None:
+    async def _run_window(self, job: JobRecord, prepared: Any, claimed: list[int]) -> None:
+        """Run the claimed inputs, their leases renewed meanwhile, and store their results."""
+        self._window = [asyncio.create_task(self._one(job, index, prepared))
+                        for index in claimed]
+        heartbeat = asyncio.create_task(self._heartbeat(job.id))
+        try:
+            outcomes = await asyncio.gather(*self._window, return_exceptions=True)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            self._window = []
+        for outcome in outcomes:
+            if isinstance(outcome, BatcherStoppedError):
+                raise outcome
+        results = [o for o in outcomes if isinstance(o, JobResult)]
+        stored = await asyncio.to_thread(self.store.put_results, job.id, results)
+        if self._on_input is not None:
+            for result in stored:
                 self._on_input(result.ok)
-        return True
+
+    async def _heartbeat(self, job_id: str) -> None:
+        """Renew the window's leases a few times per lease timeout; drop the window once the
+        job stops running (a cancel on another replica)."""
+        while True:
+            await asyncio.sleep(self.store.lease_timeout_s / 3)
+            try:
+                running = await asyncio.to_thread(self.store.renew, job_id)
+            except Exception:  # the lease may lapse; the result's key still keeps it once
+                log.warning("renewing the leases of job %s failed", job_id, exc_info=True)
+                continue
+            if not running:
+                for task in self._window:
+                    task.cancel()
+                return
 
     async def _one(self, job: JobRecord, index: int, prepared: Any) -> JobResult | None:
         """One input through the online path; an error result for a bad input."""

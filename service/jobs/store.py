@@ -4,7 +4,8 @@ A job is its task, its parameters and its inputs (each input's bytes in a file, 
 a file under the configured input folder); results are written one row per input, keyed by
 (job, index), so a result is stored exactly once however often a crash makes work repeat. SQLite
 runs in WAL mode: readers (progress, result streams) never block the writer, and a killed process
-loses nothing that was committed.
+loses nothing that was committed. One process owns a SQLite store; the store that several
+replicas share (`service.jobs.postgres`) implements the same interface with real leases.
 """
 
 from __future__ import annotations
@@ -72,7 +73,19 @@ class JobResult:
 
 
 class JobStore(ABC):
-    """What the service needs from job storage; every method is blocking (call it in a thread)."""
+    """What the service needs from job storage; every method is blocking (call it in a thread).
+
+    Work is claimed in leases: `claim` hands this worker (one store object, i.e. one replica) a
+    few inputs no other worker holds, `renew` keeps them while the work runs, `put_results`
+    stores the answers and lets the leases go. A lease not renewed for `lease_timeout_s` is free
+    again, so the inputs of a worker that died go to another; results keep their (job, index)
+    key, so an input computed twice still has one result.
+    """
+
+    lease_timeout_s: float = 30.0
+    # How often an idle runner looks for work it was not woken for (submitted to another
+    # replica, or left behind by a dead worker).
+    idle_poll_s: float = 60.0
 
     @abstractmethod
     def create(self, task: str, params: dict, inputs: Sequence[JobInput]) -> JobRecord: ...
@@ -93,15 +106,27 @@ class JobStore(ABC):
         """Move a job to `state`; False if it is already finished (a cancel won the race)."""
 
     @abstractmethod
-    def pending(self, job_id: str, limit: int) -> list[int]:
-        """Indices of inputs without a result, in input order."""
+    def claim(self, job_id: str, limit: int) -> list[int]:
+        """Lease up to `limit` inputs of a running job that have no result and no live lease,
+        in input order; [] once the job is not running."""
+
+    @abstractmethod
+    def renew(self, job_id: str) -> bool:
+        """Extend this worker's leases on the job; False once the job is no longer running
+        (cancelled on another replica, or purged): the worker then drops its work in flight."""
+
+    @abstractmethod
+    def put_results(self, job_id: str, results: Sequence[JobResult]) -> list[JobResult]:
+        """Store a window's results and release this worker's leases on the job; returns those
+        stored now (an input that already has a result keeps it). Nothing is stored once the
+        job is no longer running: a cancelled job keeps what it had."""
+
+    @abstractmethod
+    def finish(self, job_id: str) -> bool:
+        """Mark a running job done if every input has a result; True if this call did."""
 
     @abstractmethod
     def read_input(self, job_id: str, index: int) -> JobInput: ...
-
-    @abstractmethod
-    def put_result(self, job_id: str, result: JobResult) -> bool:
-        """Store a result; False (and nothing changes) if the input already has one."""
 
     @abstractmethod
     def results(self, job_id: str, after: int = -1, limit: int = 100) -> list[JobResult]:
@@ -115,7 +140,8 @@ class JobStore(ABC):
         """Delete jobs finished before this time, inputs and results included."""
 
     @abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release this worker's leases (others take the inputs at once) and disconnect."""
 
 
 _SCHEMA = """
@@ -136,7 +162,11 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_s);
 
 
 class SqliteJobStore(JobStore):
-    """SQLite (WAL) for jobs and results, one file per input under `root/inputs/JOB/`."""
+    """SQLite (WAL) for jobs and results, one file per input under `root/inputs/JOB/`.
+
+    Leases are trivial here: one process owns the store, and its runner claims again only after
+    storing its window, so every input without a result is free to claim.
+    """
 
     def __init__(self, root: str | Path, clock=time.time) -> None:
         self.root = Path(root)
@@ -201,14 +231,43 @@ class SqliteJobStore(JobStore):
                  JobState.FAILED.value, JobState.CANCELLED.value))
             return cursor.rowcount == 1
 
-    def pending(self, job_id: str, limit: int) -> list[int]:
+    def claim(self, job_id: str, limit: int) -> list[int]:
         with self._lock:
+            if not self._running(job_id):
+                return []
             rows = self._db.execute(
                 "SELECT i.idx FROM inputs i LEFT JOIN results r "
                 "ON r.job_id = i.job_id AND r.idx = i.idx "
                 "WHERE i.job_id = ? AND r.idx IS NULL ORDER BY i.idx LIMIT ?",
                 (job_id, limit)).fetchall()
             return [row[0] for row in rows]
+
+    def renew(self, job_id: str) -> bool:
+        with self._lock:
+            return self._running(job_id)
+
+    def put_results(self, job_id: str, results: Sequence[JobResult]) -> list[JobResult]:
+        now = self._clock()
+        stored = []
+        with self._lock, self._transaction():
+            if not self._running(job_id):
+                return []
+            for result in results:
+                cursor = self._db.execute(
+                    "INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?)",
+                    (job_id, result.index, int(result.ok), result.body, now))
+                if cursor.rowcount == 1:
+                    stored.append(result)
+        return stored
+
+    def finish(self, job_id: str) -> bool:
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE jobs SET state = ?, finished_s = ? WHERE id = ? AND state = ? "
+                "AND NOT EXISTS (SELECT 1 FROM inputs i LEFT JOIN results r "
+                "ON r.job_id = i.job_id AND r.idx = i.idx WHERE i.job_id = ? AND r.idx IS NULL)",
+                (JobState.DONE.value, self._clock(), job_id, JobState.RUNNING.value, job_id))
+            return cursor.rowcount == 1
 
     def read_input(self, job_id: str, index: int) -> JobInput:
         with self._lock:
@@ -220,13 +279,6 @@ class SqliteJobStore(JobStore):
         if name is not None:
             return JobInput(data=(self.root / "inputs" / job_id / name).read_bytes())
         return JobInput(path=path)
-
-    def put_result(self, job_id: str, result: JobResult) -> bool:
-        with self._lock:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?)",
-                (job_id, result.index, int(result.ok), result.body, self._clock()))
-            return cursor.rowcount == 1
 
     def results(self, job_id: str, after: int = -1, limit: int = 100) -> list[JobResult]:
         with self._lock:
@@ -264,6 +316,10 @@ class SqliteJobStore(JobStore):
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
+
+    def _running(self, job_id: str) -> bool:
+        row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row is not None and row[0] == JobState.RUNNING.value
 
     def _record(self, row: tuple) -> JobRecord:
         job_id, task, params, state, total, created, started, finished, error = row

@@ -18,7 +18,7 @@ from model_export.processing.anchors import AnchorGenerator
 from model_export.processing.box_coding import BoxCoder
 from model_export.processing.postprocess import Detections, postprocess_detections
 from model_export.processing.prompt import positive_map
-from service.engine_client import EngineClient
+from service.engine_client import Engines
 from service.errors import InvalidRequestError, TaskUnavailableError
 from service.model_runner import FusionResult, HeadOutputs
 from service.pipeline.model_input import PreparedImage
@@ -36,7 +36,7 @@ class TaskContext:
     state, which the runner's tokenisation sets.
     """
 
-    def __init__(self, model_id: str, config: Glipv2Config, engines: EngineClient,
+    def __init__(self, model_id: str, config: Glipv2Config, engines: Engines,
                  tokenizer: Tokenizer, tasks: Sequence[str]) -> None:
         self.model_id = model_id
         self.config = config

@@ -22,7 +22,7 @@ from model_export.processing.box_coding import rescale_boxes, to_exclusive
 from model_export.processing.postprocess import Detections, merge_detections
 from model_export.processing.prompt import build_detection_prompt, clean_name, positive_map
 from service.batching import PRIORITY_ONLINE
-from service.engine_client import EngineRequest
+from service.engine_client import EngineStages
 from service.errors import InvalidRequestError
 from service.model_runner import FusionResult
 from service.pipeline.chunking import ChunkingError, name_token_counts, pack_chunks
@@ -138,7 +138,7 @@ class DetectTask:
         prepared, visual = await request.encode_image()
         return await self.detect_encoded(request, query, prepared, visual)
 
-    async def detect_encoded(self, request: EngineRequest, query: DetectQuery,
+    async def detect_encoded(self, request: EngineStages, query: DetectQuery,
                              prepared: PreparedImage, visual: list[torch.Tensor]
                              ) -> Detections:
         """`detections` for an image whose vision features a request already has."""

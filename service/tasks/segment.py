@@ -71,7 +71,8 @@ class SegmentTask:
         request = self.context.engines.request(image, priority)
         prepared, visual = await request.encode_image()
         expressions = list(params.expressions)
-        rows = await request.fuse(visual, await request.encode_texts(expressions))
+        rows = await request.fuse(visual, await request.encode_texts(expressions),
+                                  for_masks=True)
         threshold = (self.context.config.postprocess.segment_threshold
                      if params.threshold is None else params.threshold)
         candidates = await asyncio.to_thread(self._candidates, expressions, rows, prepared,
@@ -97,7 +98,7 @@ class SegmentTask:
                 continue
             boxes = found.boxes[keep]
             work = MaskWork(
-                fused_visual=row.fused_visual[:3], fused_text=row.fused_text,
+                fused_visual=row.fused_visual, fused_text=row.fused_text,
                 phrase_map=pmap / pmap.sum(dim=1, keepdim=True).clamp(min=1.0),  # (1, T)
                 boxes=to_exclusive(boxes)[None],  # (1, K, 4)
                 box_valid=torch.ones(1, len(keep), dtype=torch.bool))
