@@ -82,15 +82,24 @@ def _bench_job_replicas(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_captions(args: argparse.Namespace) -> int:
-    from benchmarks.captions import bench_captions, format_captions
-
+def _started_server_args(args: argparse.Namespace) -> list[str] | None:
+    """`glipv2 serve` flags for the server a bench starts (`--runtime`, `--engines`), or None
+    (said why) when they come with `--url`, whose running server keeps its own settings."""
     serve_args = [str(part) for flag, value in (("--runtime", args.runtime),
                                                  ("--engines", args.engines))
                   if value is not None for part in (flag, value)]
     if args.url and (serve_args or args.model):
         print("--model, --runtime and --engines configure the server this command starts; "
               "with --url the running server keeps its own settings", file=sys.stderr)
+        return None
+    return serve_args
+
+
+def _bench_captions(args: argparse.Namespace) -> int:
+    from benchmarks.captions import bench_captions, format_captions
+
+    serve_args = _started_server_args(args)
+    if serve_args is None:
         return 2
     levels = [int(v) for v in args.concurrency.split(",")]
     bench = bench_captions(levels, args.requests, model_dir=args.model, serve_args=serve_args,
@@ -103,12 +112,8 @@ def _bench_captions(args: argparse.Namespace) -> int:
 def _bench_soak(args: argparse.Namespace) -> int:
     from benchmarks.soak import bench_soak, format_soak
 
-    serve_args = [str(part) for flag, value in (("--runtime", args.runtime),
-                                                 ("--engines", args.engines))
-                  if value is not None for part in (flag, value)]
-    if args.url and (serve_args or args.model):
-        print("--model, --runtime and --engines configure the server this command starts; "
-              "with --url the running server keeps its own settings", file=sys.stderr)
+    serve_args = _started_server_args(args)
+    if serve_args is None:
         return 2
     minutes = bench_soak(args.minutes, args.concurrency, model_dir=args.model,
                          serve_args=serve_args, url=args.url)
