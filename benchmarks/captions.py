@@ -30,9 +30,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.load import world_pngs
+from benchmarks.load import engine_batch_totals, world_pngs
 from benchmarks.local_server import local_server
 from engines.runtimes import RuntimeOptions, open_runtime
 from model_export.data.world import SHAPES, render_index
@@ -62,20 +61,6 @@ class CaptionCurve:
     p50_ms: list[float] = field(default_factory=list)
     p99_ms: list[float] = field(default_factory=list)
     rows_per_step: list[float] = field(default_factory=list)
-
-
-def caption_step_totals(metrics_text: str) -> tuple[float, float]:
-    """(steps, rows) of the caption engine: decoding steps and their rows (for a server that
-    decodes a batch of whole captions per engine call, batches and captions)."""
-    totals = {"_count": 0.0, "_sum": 0.0}
-    for family in text_string_to_metric_families(metrics_text):
-        if family.name != "glipv2_engine_batch_size":
-            continue
-        for sample in family.samples:
-            suffix = sample.name.removeprefix(family.name)
-            if sample.labels.get("engine") == "caption" and suffix in totals:
-                totals[suffix] += sample.value
-    return totals["_count"], totals["_sum"]
 
 
 async def _closed_loop(url: str, bodies: Sequence[tuple[str, dict[str, object]]], requests: int,
@@ -110,12 +95,12 @@ def measure_level(curve: CaptionCurve, url: str, images: list[bytes], level: int
     """Append one level's figures to `curve` (after one warm-up caption)."""
     bodies = _caption_bodies(images)
     httpx.post(f"{url}/v1/caption", json=bodies[0][1], timeout=600).raise_for_status()
-    steps_before, rows_before = caption_step_totals(httpx.get(f"{url}/metrics").text)
+    steps_before, rows_before = engine_batch_totals(httpx.get(f"{url}/metrics").text, "caption")
     latencies, statuses, elapsed = asyncio.run(_closed_loop(url, bodies, requests, level))
     failed = [s for s in statuses if s != 200]
     if failed:
         raise RuntimeError(f"{curve.name}: {len(failed)} captions failed: {Counter(failed)}")
-    steps, rows = caption_step_totals(httpx.get(f"{url}/metrics").text)
+    steps, rows = engine_batch_totals(httpx.get(f"{url}/metrics").text, "caption")
     milliseconds = np.asarray(latencies) * 1000.0
     curve.concurrency.append(level)
     curve.throughput.append(len(latencies) / elapsed)

@@ -71,21 +71,22 @@ async def online_load(url: str, images: list[bytes], requests: int, concurrency:
     return latencies, time.perf_counter() - started
 
 
-def vision_batch_totals(metrics_text: str) -> tuple[float, float]:
-    """(batches, requests) the `vision` engine has run, from a Prometheus exposition text."""
+def engine_batch_totals(metrics_text: str, engine: str) -> tuple[float, float]:
+    """(batches, items) `engine` has run, from a Prometheus exposition text (for the caption
+    decoder: decoding steps and their rows)."""
     totals = {"_count": 0.0, "_sum": 0.0}
     for family in text_string_to_metric_families(metrics_text):
         if family.name != "glipv2_engine_batch_size":
             continue
         for sample in family.samples:
             suffix = sample.name.removeprefix(family.name)
-            if sample.labels.get("engine") == "vision" and suffix in totals:
+            if sample.labels.get("engine") == engine and suffix in totals:
                 totals[suffix] += sample.value
     return totals["_count"], totals["_sum"]
 
 
 def _vision_batches(url: str) -> tuple[float, float]:
-    return vision_batch_totals(httpx.get(f"{url}/metrics", timeout=30).text)
+    return engine_batch_totals(httpx.get(f"{url}/metrics", timeout=30).text, "vision")
 
 
 @dataclass

@@ -11,7 +11,7 @@ from PIL import Image
 from prometheus_client import generate_latest
 
 from benchmarks.jobs import Phase, format_phases
-from benchmarks.load import LoadCurve, format_sweep, vision_batch_totals
+from benchmarks.load import LoadCurve, engine_batch_totals, format_sweep
 from benchmarks.report import write_report
 from benchmarks.runtimes import BenchResult
 from cli.main import main
@@ -53,8 +53,8 @@ def test_vision_batch_totals_read_the_services_own_metrics() -> None:
         on_batch(size, [0.0] * size, 0.01)
     on_fusion(8, [0.0] * 8, 0.01)
     text = generate_latest(metrics.registry).decode()
-    assert vision_batch_totals(text) == (3.0, 8.0)
-    assert vision_batch_totals("") == (0.0, 0.0)
+    assert engine_batch_totals(text, "vision") == (3.0, 8.0)
+    assert engine_batch_totals("", "vision") == (0.0, 0.0)
 
 
 def test_sweep_table_sets_the_configurations_side_by_side() -> None:
