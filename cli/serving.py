@@ -95,7 +95,7 @@ def _serve_ray(args: argparse.Namespace, overrides: dict[str, object]) -> int:
     from service.settings import ServiceSettings
 
     try:
-        from service.distributed.app import DEFAULT_CONFIG, read_config
+        from service.distributed.app import APP_NAME, DEFAULT_CONFIG, application, read_config
     except ImportError:  # the optional extra is not installed
         print("--ray needs Ray Serve: pip install -e '.[ray]'", file=sys.stderr)
         return 2
@@ -112,6 +112,11 @@ def _serve_ray(args: argparse.Namespace, overrides: dict[str, object]) -> int:
     except ValidationError as exc:
         print(f"invalid serve settings:\n{exc}", file=sys.stderr)
         return 2
+    try:  # Serve checks every deployment option as it binds them (no cluster needed)
+        app = application(settings, config.deployments)
+    except (TypeError, ValueError) as exc:
+        print(f"invalid Serve config: {exc}", file=sys.stderr)
+        return 2
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
     if address is None and not _has_model(checked.model_dir):  # a cluster's replicas may
         return 2  # have the model where this host has not
@@ -119,16 +124,14 @@ def _serve_ray(args: argparse.Namespace, overrides: dict[str, object]) -> int:
     import ray
     from ray import serve
 
-    from service.distributed.app import APP_NAME, application
-
-    ray.init(address=address)
+    ray.init(address=address or "local")  # "local": a new one, never another's cluster
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(application(settings, config.deployments), name=APP_NAME,
-                  route_prefix=config.route_prefix)
+        serve.start(proxy_location=config.proxy_location,
+                    http_options={"host": host, "port": port})
+        serve.run(app, name=APP_NAME, route_prefix=config.route_prefix)
         print(f"serving on http://{host}:{port}{config.route_prefix} (Ray Serve; "
               "Ctrl-C to stop)", file=sys.stderr)
         stop.wait()

@@ -437,7 +437,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         429: ("Queue full (queue_full), expected wait past the deadline (overloaded: load "
               "shedding), or too many active jobs; see Retry-After"),
         501: "The loaded model has no head for this task",
-        503: "Model not loaded yet, or shutting down; see Retry-After",
+        503: ("Model not loaded yet, shutting down, or (Ray Serve) the engine replica went "
+              "away mid-request: retry; see Retry-After"),
         504: "Deadline passed",
     }
     return {s: {"model": ErrorBody, "description": descriptions[s]} for s in statuses}

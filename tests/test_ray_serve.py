@@ -3,10 +3,11 @@ random model, next to the single-process server on the same model folder.
 
 One Ray is started for the whole run (`ray_cluster`) with logical resources, 8 CPUs and 2 GPUs,
 so the engine replicas' `num_gpus: 0.5` is placed as on a GPU node. Checked: the task answers
-equal the single-process server's byte for byte, errors keep the JSON contract, the metrics
-reach Ray's export under the service's names, and a killed engine replica under load costs
-clients at most 1 % of requests (all JSON) and is replaced within 60 s. The Serve config and the
-KubeRay manifest are parse-checked (they cannot be deployed here).
+equal the single-process server's (every number), errors keep the JSON contract, the metrics
+reach Ray's export under the service's names, a request's stages stay with its image features,
+a killed engine replica under load costs clients at most 1 % of requests (all JSON) and is
+replaced within 60 s, and a lost one is a JSON 503 or 504, never a hang. The Serve config, the
+KubeRay manifest and the Prometheus relabelling are parse-checked (no cluster to deploy to).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def ray_cluster() -> Iterator[int]:
     """A local Ray for the whole run (logical CPUs and GPUs); yields its metrics export port."""
     metrics_port = free_port()
     try:
-        ray.init(num_cpus=8, num_gpus=2, include_dashboard=False,
+        ray.init(address="local",  # its own, even beside another Ray on this machine
+                 num_cpus=8, num_gpus=2, include_dashboard=False,
                  _metrics_export_port=metrics_port, logging_level="warning",
                  _system_config={"metrics_report_interval_ms": 1000})  # metrics within 1 s
     except Exception as exc:
@@ -109,7 +111,7 @@ def ray_url(ray_cluster: int, settings: dict[str, Any]) -> Iterator[str]:
     try:
         yield url
     finally:
-        serve.delete(APP_NAME)
+        serve.shutdown()  # Serve's controller and proxies too: the rest of the run is idle Ray
 
 
 @pytest.fixture(scope="module")
@@ -429,3 +431,19 @@ def test_prometheus_config_gives_the_service_its_names_back() -> None:
     replacement = rule["replacement"].replace("$1", r"\1")
     assert rename.sub(replacement, "ray_glipv2_requests_total") == "glipv2_requests_total"
     assert rename.match("ray_serve_num_http_requests_total") is None  # Ray's own keep theirs
+
+
+def test_serve_ray_refuses_a_bad_config_before_starting_anything(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.main import main
+
+    assert main(["serve", "--ray", "--ray-config", str(tmp_path / "missing.yaml")]) == 2
+    assert "invalid Serve config" in capsys.readouterr().err
+    config = yaml.safe_load((REPO / "docker" / "ray" / "serve.yaml").read_text())
+    config["applications"][0]["deployments"][1]["autoscaling_config"]["max_replicas"] = 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    assert main(["serve", "--ray", "--ray-config", str(bad)]) == 2
+    assert "max_replicas" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--threads", "-1"]) == 2
+    assert "invalid serve settings" in capsys.readouterr().err

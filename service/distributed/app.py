@@ -78,6 +78,7 @@ class ServeConfig:
     host: str
     port: int
     route_prefix: str
+    proxy_location: str  # where HTTP proxies run: EveryNode, HeadOnly or Disabled
     settings: dict[str, Any] = field(default_factory=dict)
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -99,5 +100,6 @@ def read_config(path: Path) -> ServeConfig:
     http = schema.http_options
     return ServeConfig(host=http.host or "127.0.0.1", port=http.port,
                        route_prefix=apps[0].route_prefix or "/",
+                       proxy_location=str(schema.proxy_location.value),
                        settings=dict((apps[0].args or {}).get("settings") or {}),
                        deployments=deployments)

@@ -18,7 +18,7 @@ class Stage:
     priority: online or batch work. deadline_ms: what is left of its deadline when the call
     leaves the ingress (None: job work, no deadline); the engine counts it from arrival, so no
     two clocks are compared. home: the engine replica holding the request's image features,
-    which `routing.FeatureAffinityRouter` prefers (None before `vision`).
+    which `routing.FeatureAffinityRouter` prefers (None until a stage has computed them).
     """
 
     bucket: object

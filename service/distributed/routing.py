@@ -1,11 +1,12 @@
 """Routing engine calls to where a request's image features are (Serve's request-router API).
 
-A request's `vision` stage goes to two random engine replicas and takes the less loaded one
-(Serve's default, power of two choices). Its image features then stay in that replica's node
-(`RemoteFeatures`), and every later stage carries the replica's id (`Stage.home`): this router
-offers that replica first, so the stages run where the features are, and the features never
-cross the network. When that replica is full (`max_ongoing_requests`) or gone, the stage falls
-back to the power of two choices among all replicas, and the features travel once, to it.
+A request's first stage that needs its image (the one that runs `vision`) goes to the less
+loaded of two random engine replicas (Serve's default, power of two choices). The image's
+features then stay in that replica's node (`RemoteFeatures`), and every later stage carries the
+replica's id (`Stage.home`): this router offers that replica first, so the stages run where the
+features are, and the features never cross the network. When that replica is full
+(`max_ongoing_requests`) or gone, the stage falls back to the power of two choices among all
+replicas, and the features travel once, to it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class FeatureAffinityRouter(FIFOMixin, RequestRouter):
 
 
 def _home(pending_request: PendingRequest | None) -> str | None:
-    """The replica holding the request's features: its `Stage`'s home (None for `vision`)."""
+    """The replica holding the request's features: its `Stage`'s home (None before any)."""
     if pending_request is None or not pending_request.args:
         return None
     stage = pending_request.args[0]
