@@ -12,6 +12,7 @@ never collide, and `/metrics` shows exactly this service. Names:
 - `glipv2_prompt_chunks{}`: prompt chunks per detection request (histogram).
 - `glipv2_text_cache_lookups_total{result}`: text-feature cache lookups, `hit` or `miss`.
 - `glipv2_model_ready`: 1 once the model is loaded and the engines run.
+- `process_*`: the process's resident memory, CPU seconds and open files (Prometheus' own).
 
 Engines are the exported graphs' batchers: `vision`, `language`, `fusion`, `mask`, `vqa` and
 `caption` (the decoding loop over the caption graphs). A batch counts its items: images for
@@ -29,7 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequen
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from service.batching import OnBatch, OnQueueDepth, OnShed
 from service.caption_decoder import DecoderCallbacks
@@ -117,6 +118,8 @@ class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None,
                  export: MetricsExport | None = None) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
+        # process_* (resident memory, CPU seconds, open files): what a soak watches for leaks.
+        ProcessCollector(registry=self.registry)
         self.export = export
         self.requests = self._counter("glipv2_requests", "HTTP requests answered, by endpoint "
                                       "and status.", ["endpoint", "status"])

@@ -610,6 +610,9 @@ def test_metrics_count_requests_by_endpoint_and_status(client: TestClient, png_b
     assert 'glipv2_engine_compute_seconds_count{engine="vqa"}' in text
     assert 'glipv2_engine_queue_depth{engine="vqa"} 0.0' in text
     assert "glipv2_model_ready 1.0" in text
+    resident = next(line for line in text.splitlines()
+                    if line.startswith("process_resident_memory_bytes "))
+    assert float(resident.split()[-1]) > 1e6  # the soak's memory reading: this process's RSS
 
 
 def test_caption_metrics_follow_the_decoder(client: TestClient, png_b64: str) -> None:
