@@ -28,7 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
             "runtime": args.runtime, "engine_dir": args.engines,
             "ort_provider": args.provider, "precision": args.precision, "threads": args.threads,
             "prompts_dir": args.prompts,
-            "request_timeout_ms": args.request_timeout_ms,
+            "request_timeout_ms": args.request_timeout_ms, "log_level": args.log_level,
         }.items() if value is not None
     }
     batcher = {
@@ -50,25 +50,22 @@ def _serve(args: argparse.Namespace) -> int:
     if not _has_model(settings.model_dir):
         return 2
 
-    import uvicorn
-
+    from service.access_log import configure_logging
     from service.app import create_app
+    from service.http_server import run_server
 
     def _terminated(signum: int, frame: object) -> None:
         raise SystemExit(0)
 
-    # uvicorn handles SIGTERM while it runs: it stops accepting, lets in-flight requests finish
-    # (bounded by the graceful-shutdown timeout), then runs the lifespan shutdown, which drains
-    # the batchers. Afterwards it re-raises the signal under the handler it found at start; this
-    # one turns that (and a SIGTERM before uvicorn starts) into a clean exit 0 instead of death
-    # by signal, so supervisors see a completed drain.
+    # While it serves, SIGTERM drains (`service.http_server`): /readyz and new requests answer
+    # 503, the work in flight finishes (bounded by shutdown_timeout_s), then the server closes
+    # and this returns 0. A SIGTERM before it serves, or a second one (which cuts the drain
+    # short), is re-raised by uvicorn under the handler found at start: this one turns it into
+    # a clean exit 0 instead of death by signal, so supervisors see an orderly stop.
     signal.signal(signal.SIGTERM, _terminated)
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port,
-        log_level=args.log_level, log_config=_log_config(args.log_level),
-        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
-    )
-    return 0
+    configure_logging(settings.log_level)  # the access log's JSON lines (uvicorn's are off)
+    return run_server(create_app(settings), settings, log_level=settings.log_level,
+                      log_config=_log_config(settings.log_level))
 
 
 def _has_model(model_dir: Path) -> bool:
@@ -145,7 +142,8 @@ def _serve_ray(args: argparse.Namespace, overrides: dict[str, object]) -> int:
 
 def _log_config(level: str) -> dict[str, Any]:
     """uvicorn's logging, with the service's and the engines' loggers on its console handler:
-    without them their lines (the model loading, a first start's ONNX export) go nowhere."""
+    without them their lines (the model loading, a first start's ONNX export) go nowhere.
+    uvicorn's access log is off: the app writes its own (`service.access_log`)."""
     import copy
 
     from uvicorn.config import LOGGING_CONFIG
@@ -153,6 +151,7 @@ def _log_config(level: str) -> dict[str, Any]:
     config = copy.deepcopy(LOGGING_CONFIG)
     config["loggers"] |= {name: {"handlers": ["default"], "level": level.upper(),
                                  "propagate": False} for name in ("service", "engines")}
+    config["loggers"]["uvicorn.access"] = {"handlers": [], "propagate": False}
     return config
 
 
@@ -232,8 +231,9 @@ def register(sub: Subcommands) -> None:
                                             "address")
     serve.add_argument("--ray-address", help="Ray cluster to deploy to (default: RAY_ADDRESS, "
                                              "else a local Ray started here)")
-    serve.add_argument("--log-level", default="info",
-                       choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
+                       help="level of the service's logs; the JSON access log is at info "
+                            "(default: GLIPV2_LOG_LEVEL, else info)")
     serve.set_defaults(func=_serve)
 
     jobs = sub.add_parser("jobs", help="batch jobs on a running server (/v1/jobs)")

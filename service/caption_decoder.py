@@ -32,6 +32,7 @@ from service.batching import (
     BatcherStoppedError,
     BatchExecutionError,
     DeadlineExceededError,
+    FailureKind,
     OverloadedError,
     QueueFullError,
 )
@@ -113,7 +114,8 @@ class DecoderCallbacks:
     on_step(rows, seconds) per decoding step; on_live(captions) when the in-flight count
     changes; on_tokens(n) per step, the tokens it generated; on_first_token(seconds) from
     submission to a caption's first token; on_admit(seconds) from submission to joining;
-    on_shed() per request turned away by load shedding.
+    on_shed() per request turned away by load shedding; on_failure(kind) per failed iteration
+    (`error`, or `nan` for non-finite outputs).
     """
 
     on_step: Callable[[int, float], None] | None = None
@@ -122,6 +124,7 @@ class DecoderCallbacks:
     on_first_token: Callable[[float], None] | None = None
     on_admit: Callable[[float], None] | None = None
     on_shed: Callable[[], None] | None = None
+    on_failure: Callable[[FailureKind], None] | None = None
 
 
 @dataclass(eq=False)
@@ -263,12 +266,27 @@ class CaptionDecoder(Generic[W, I, C, R]):
             self._queue.append(caption)
             self._lock.notify_all()
         try:
-            return await caption.future
+            return await self._answer(caption)
         except asyncio.CancelledError:
             with self._lock:  # the caller left: stop costing work
                 if caption in self._queue:
                     self._queue.remove(caption)
             raise
+
+    async def _answer(self, caption: _Caption[W, I, C, R]) -> R:
+        """The caption's answer. Its deadline is also kept here, on the event loop: a decoding
+        step that hangs cannot hold the caller past it (the decoder's thread drops the caption
+        when it looks next, as it drops any expired one)."""
+        while caption.deadline_s is not None and not caption.future.done():
+            left_s = caption.deadline_s - self._clock()
+            if left_s <= 0:
+                caption.future.set_exception(DeadlineExceededError(
+                    f"{self.name}: deadline passed while waiting for a decoding step "
+                    f"({(self._clock() - caption.submitted_s) * 1000.0:.0f} ms after "
+                    "submission)"))
+                break
+            await asyncio.wait([caption.future], timeout=left_s)
+        return await caption.future
 
     def _rounds_ahead(self, depth: int, search: CaptionSearch) -> int:
         """Full rounds of captions that decode before a new arrival behind `depth` waiting
@@ -304,6 +322,7 @@ class CaptionDecoder(Generic[W, I, C, R]):
                 self._iteration()
             except Exception as exc:  # the model failed: fail what it was working on, go on
                 log.exception("%s: decoding step failed", self.name)
+                _call(self._callbacks.on_failure, FailureKind.of(exc))
                 with self._lock:
                     failed, self._running = self._running, []
                 _call(self._callbacks.on_live, 0)

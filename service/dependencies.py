@@ -7,6 +7,7 @@ Routers get what they need only through these, so tests swap the model by passin
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -30,6 +31,15 @@ def get_state(request: Request) -> ServiceState:
 
 def get_serving(state: Annotated[ServiceState, Depends(get_state)]) -> Glipv2Serving:
     return state.require_serving()
+
+
+async def admit_request(state: Annotated[ServiceState, Depends(get_state)]
+                        ) -> AsyncIterator[None]:
+    """Every /v1 route's gate: 503 `shutting_down` while draining, otherwise counted in flight
+    until its response is sent, so a drain (SIGTERM) waits for it. Async: it runs on the event
+    loop, which owns the count (a sync dependency would run in a worker thread)."""
+    with state.admit():
+        yield
 
 
 def require_api_key(

@@ -42,6 +42,7 @@ from service.caption_runner import (
 from service.model_runner import FusionResult, FusionWork, ModelRunner, VisionFeatures
 from service.pipeline.model_input import PreparedImage, image_bucket, prepare_image
 from service.pipeline.text_cache import PromptFeatures, TextFeatureCache
+from service.request_context import current_request
 from service.telemetry import ServiceMetrics
 
 T = TypeVar("T")
@@ -124,11 +125,17 @@ class EngineStages(ABC):
 
 class Engines(Protocol):
     """What the tasks and the serving layer use of the engines: start, stop, and one
-    `EngineStages` per request (`EngineClient` here; a remote client under Ray Serve)."""
+    `EngineStages` per request (`EngineClient` here; a remote client under Ray Serve), and
+    which engines are stalled now (readiness)."""
 
     async def start(self) -> None: ...
 
     async def stop(self, drain: bool = True) -> None: ...
+
+    def stalled(self) -> dict[str, float]:
+        """Engine -> seconds its batch in flight has been stalled (past every deadline in it);
+        empty when none is."""
+        ...
 
     def request(self, image: Image.Image, priority: int = PRIORITY_ONLINE) -> EngineStages: ...
 
@@ -181,7 +188,8 @@ class EngineClient:
                 config, runs[engine], clock=clock, name=engine,
                 on_batch=callbacks.on_batch if callbacks else None,
                 on_queue_depth=callbacks.on_queue_depth if callbacks else None,
-                on_shed=callbacks.on_shed if callbacks else None)
+                on_shed=callbacks.on_shed if callbacks else None,
+                on_failure=callbacks.on_failure if callbacks else None)
 
     async def start(self) -> None:
         for batcher in self.batchers.values():
@@ -196,6 +204,10 @@ class EngineClient:
             await batcher.stop(drain=drain)
         if self.decoder is not None:
             await self.decoder.stop(drain=drain)
+
+    def stalled(self) -> dict[str, float]:
+        return {str(engine): stalled_s for engine, batcher in self.batchers.items()
+                if (stalled_s := batcher.stalled_s) is not None}
 
     def request(self, image: Image.Image, priority: int = PRIORITY_ONLINE) -> EngineRequest:
         """One request's trip through the engines, its deadline starting now."""
@@ -216,18 +228,23 @@ class EngineClient:
 
 class EngineRequest(EngineStages):
     """One request's trip through this process's batchers: its work withdrawn from every queue
-    when any part of it fails."""
+    when any part of it fails. Opened while an HTTP request is served, it records the size of
+    every batch its items go in on that request's context (its access-log line)."""
 
     def __init__(self, client: EngineClient, bucket: object, priority: int,
                  deadline_s: float | None, image: Image.Image | None = None) -> None:
         super().__init__(client.clock, bucket, priority, deadline_s)
         self.client = client
         self.image = image
+        self.http_request = current_request()
 
     async def submit(self, engine: Engine, payload: object, bucket: object = None) -> Any:
         batcher = self.client.batchers[engine]
+        on_batched = (None if self.http_request is None
+                      else self.http_request.batch_recorder(str(engine)))
         return await batcher.submit(payload, bucket=bucket if bucket is not None else self.bucket,
-                                    deadline_ms=self.remaining_ms(), priority=self.priority)
+                                    deadline_ms=self.remaining_ms(), priority=self.priority,
+                                    on_batched=on_batched)
 
     async def decode_caption(self, work: CaptionWork) -> list[CaptionDecoded]:
         decoder = self.client.decoder

@@ -30,7 +30,8 @@ class BodySizeLimitMiddleware:
         if declared is not None and declared > limit:
             response = error_response(
                 413, PayloadTooLargeError.code,
-                f"request body is {declared} bytes, more than the limit of {limit}")
+                f"request body is {declared} bytes, more than the limit of {limit}",
+                scope=scope)
             await response(scope, receive, send)
             return
         received = 0

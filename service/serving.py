@@ -186,6 +186,11 @@ class Glipv2Serving:
         """`drain=True` finishes queued and in-flight work first (SIGTERM)."""
         await self.engines.stop(drain=drain)
 
+    def stalled_engines(self) -> dict[str, float]:
+        """Engine -> seconds its batch in flight has been stalled (`/readyz` is 503 while any
+        is: the batch cannot be interrupted, so traffic is better sent elsewhere)."""
+        return self.engines.stalled()
+
     def info(self) -> ModelInfo:
         pre = self.config.preprocess
         return ModelInfo(

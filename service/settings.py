@@ -10,7 +10,7 @@ Units are in the names (`_ms`, `_bytes`, `_pixels`, `_s`), as in the batcher's c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -183,8 +183,27 @@ class ServiceSettings(BaseSettings):
         4, ge=1, description="Job inputs in flight at once (a window; cancelling stops after "
                              "it). Smaller leaves more of the engines to online traffic.")
     shutdown_timeout_s: float = Field(
-        30.0, gt=0, description="Graceful-shutdown bound: in-flight requests get this long.")
+        30.0, gt=0, allow_inf_nan=False,
+        description="Graceful-shutdown bound: after SIGTERM, in-flight requests and the job "
+                    "window in flight get this long to finish; what is left then is answered "
+                    "503 and the process exits 0 (connections get up to 1 s more to close).")
+    shutdown_grace_s: float = Field(
+        1.0, ge=0, allow_inf_nan=False,
+        description="After SIGTERM the listener stays open at least this long (at most "
+                    "shutdown_timeout_s), answering new /v1 requests 503 shutting_down and "
+                    "/readyz 503, while load balancers take the replica out of rotation.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Level of the service's logs; the access log's lines are at info "
+                            "(warning and above turn them off).")
+    access_log: bool = Field(
+        True, description="One JSON line per HTTP request on stdout (request id, method, "
+                          "route, status, latency, engine batch sizes, error code).")
     batcher: BatcherSettings = Field(default_factory=BatcherSettings)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lowercase_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("api_keys", "image_url_hosts", mode="before")
     @classmethod

@@ -6,6 +6,11 @@ replicas); on onnxruntime without an engine folder a first start's loading inclu
 model to ONNX (`engines.cache`, tens of seconds). A load failure is logged and reported by both
 probes rather than crashing the loop. Under Ray Serve (`remote` engines) loading is waiting for
 an engine replica to answer: the model loads there.
+
+Draining (SIGTERM; `service.http_server` calls `drain()`) lives here too, in one place: from the
+signal on, `/readyz` and every new /v1 request answer 503 `shutting_down` (`admit`), the requests
+admitted before it and the job window in flight finish with the engines still running, bounded by
+`shutdown_timeout_s`; what is left then is answered 503 (the engines stop without draining).
 """
 
 from __future__ import annotations
@@ -13,13 +18,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 
 from PIL import Image
 
 from engines.runtimes import Runtime, open_runtime
 from model_export.checkpoints.tuned_prompts import load_tuned_prompts
-from service.errors import InvalidRequestError, NotReadyError
+from service.errors import (
+    FeatureDisabledError,
+    NotReadyError,
+    ShuttingDownError,
+)
 from service.jobs.runner import JobRunner
 from service.jobs.store import JobStore, SqliteJobStore
 from service.pipeline.caption_search import CaptionSearch
@@ -53,6 +63,13 @@ class ServiceState:
         self._load_task: asyncio.Task[None] | None = None
         self._decode_gate: asyncio.Semaphore | None = None
         self._url_fetcher: ImageUrlFetcher | None = None
+        # Draining: set once, by `drain()`; `_admitted` counts /v1 requests not yet answered.
+        self.draining = False
+        self._admitted = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._drain_task: asyncio.Task[None] | None = None
+        self._end_drain = asyncio.Event()
 
     # --- lifecycle (the app's lifespan) -------------------------------------------------------
 
@@ -64,7 +81,12 @@ class ServiceState:
             self._load_task = asyncio.create_task(self._load(), name="glipv2-model-load")
 
     async def shutdown(self) -> None:
-        """Drain the engines (bounded by `shutdown_timeout_s`), then stop them."""
+        """Drain the engines (bounded by `shutdown_timeout_s`), then stop them. After a
+        `drain()` (SIGTERM) this only closes: the drain let the work finish or failed it."""
+        if self._drain_task is not None:
+            self._end_drain.set()  # a second signal may have cut the drain short: end it now
+            with contextlib.suppress(Exception):  # logged by whoever awaited it first
+                await asyncio.shield(self._drain_task)
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()  # the loading thread finishes unseen; nothing serves it
             with contextlib.suppress(asyncio.CancelledError):
@@ -140,6 +162,94 @@ class ServiceState:
         self.serving, self.jobs = serving, runner
         self.metrics.model_ready.set(1)
 
+    # --- draining (SIGTERM) -------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Stop taking work and let what is in flight finish, with the engines running.
+
+        At once: `draining` (new /v1 requests and `/readyz` answer 503 `shutting_down`), and the
+        job runner claims no more inputs. Then it waits for the admitted requests and the job
+        window in flight, and for `shutdown_grace_s` since the call (load balancers see the
+        503s meanwhile), all bounded by `shutdown_timeout_s` or by `end_drain()`. Work still
+        unfinished then is failed: the engines stop without draining, so each such request
+        answers 503 `unavailable`, and the job window is dropped unstored (redone after the
+        restart). Afterwards the server may close its listener. Safe to call more than once.
+        """
+        if self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain(), name="glipv2-drain")
+        await asyncio.shield(self._drain_task)
+
+    def end_drain(self) -> None:
+        """Stop waiting now (a second SIGTERM or Ctrl-C): what is left fails as at the timeout."""
+        self._end_drain.set()
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Count a /v1 request in flight until it is answered; 503 `shutting_down` instead
+        while draining (the one place new work is refused)."""
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down and takes no new requests; "
+                                    "retry (another replica, or this one once restarted)")
+        self._admitted += 1
+        self._idle.clear()
+        self.metrics.requests_in_flight.set(self._admitted)
+        try:
+            yield
+        finally:
+            self._admitted -= 1
+            self.metrics.requests_in_flight.set(self._admitted)
+            if self._admitted == 0:
+                self._idle.set()
+
+    @property
+    def requests_in_flight(self) -> int:
+        """/v1 requests admitted and not yet answered."""
+        return self._admitted
+
+    async def _drain(self) -> None:
+        settings = self.settings
+        started = time.monotonic()
+        self.draining = True
+        self.metrics.model_ready.set(0)
+        log.info("draining: %d requests in flight, %.0f s to finish them",
+                 self._admitted, settings.shutdown_timeout_s)
+        runner = self.jobs
+        finished = asyncio.create_task(self._finish_work(runner, started))
+        cut_short = asyncio.create_task(self._end_drain.wait())
+        done, _ = await asyncio.wait([finished, cut_short], timeout=settings.shutdown_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        cut_short.cancel()
+        if finished in done:
+            finished.result()  # a failure in there is a bug: let it show
+            log.info("drained in %.1f s", time.monotonic() - started)
+            return
+        finished.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await finished
+        log.warning("drain ended after %.1f s: the %d requests still in flight are answered 503",
+                    time.monotonic() - started, self._admitted)
+        if runner is not None:  # its window is dropped unstored, redone after the restart
+            await runner.stop()
+        serving, self.serving = self.serving, None
+        if serving is not None:
+            await serving.stop(drain=False)
+
+    async def _finish_work(self, runner: JobRunner | None, started: float) -> None:
+        """Until the admitted requests are answered, the job window in flight is stored, and
+        `shutdown_grace_s` has passed since `started`."""
+        settings = self.settings
+        jobs = (asyncio.create_task(runner.stop(grace_s=settings.shutdown_timeout_s))
+                if runner is not None else None)
+        try:
+            await self._idle.wait()
+            if jobs is not None:
+                await jobs
+        finally:
+            if jobs is not None:
+                jobs.cancel()  # cut short: `_drain` stops the runner at once
+        grace_s = min(settings.shutdown_grace_s, settings.shutdown_timeout_s)
+        await asyncio.sleep(max(0.0, started + grace_s - time.monotonic()))
+
     # --- per request --------------------------------------------------------------------------
 
     def require_jobs(self) -> JobRunner:
@@ -176,8 +286,8 @@ class ServiceState:
     async def _fetch_url(self, url: str) -> bytes:
         settings = self.settings
         if not settings.allow_image_urls:
-            raise InvalidRequestError("image URLs are not enabled on this server; send the "
-                                      "image as base64 or as a file")
+            raise FeatureDisabledError("image URLs are not enabled on this server; send the "
+                                       "image as base64 or as a file")
         if self._url_fetcher is None:
             self._url_fetcher = ImageUrlFetcher(
                 settings.image_url_hosts, max_bytes=settings.max_body_bytes,

@@ -9,9 +9,13 @@ never collide, and `/metrics` shows exactly this service. Names:
 - `glipv2_engine_compute_seconds{engine}`: one `run_batch`, per batch.
 - `glipv2_engine_batch_size{engine}`: requests per batch.
 - `glipv2_engine_queue_depth{engine}`: requests waiting now.
+- `glipv2_engine_failures_total{engine, kind}`: engine batches that failed whole, by kind:
+  `error` (the runtime raised), `nan` (NaN or infinity in its outputs), `timeout` (it ran past
+  every deadline in it: stalled, counted once however long it hangs).
 - `glipv2_prompt_chunks{}`: prompt chunks per detection request (histogram).
 - `glipv2_text_cache_lookups_total{result}`: text-feature cache lookups, `hit` or `miss`.
-- `glipv2_model_ready`: 1 once the model is loaded and the engines run.
+- `glipv2_model_ready`: 1 once the model is loaded and the engines run (0 again while draining).
+- `glipv2_requests_in_flight`: /v1 requests admitted and not yet answered (what a drain waits for).
 - `process_*`: the process's resident memory, CPU seconds and open files (Prometheus' own).
 
 Engines are the exported graphs' batchers: `vision`, `language`, `fusion`, `mask`, `vqa` and
@@ -32,7 +36,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-from service.batching import OnBatch, OnQueueDepth, OnShed
+from service.batching import FailureKind, OnBatch, OnFailure, OnQueueDepth, OnShed
 from service.caption_decoder import DecoderCallbacks
 
 Scope = MutableMapping[str, Any]
@@ -107,6 +111,7 @@ class EngineCallbacks:
     on_batch: OnBatch
     on_queue_depth: OnQueueDepth
     on_shed: OnShed
+    on_failure: OnFailure
 
 
 class ServiceMetrics:
@@ -138,6 +143,10 @@ class ServiceMetrics:
         self.load_shed = self._counter("glipv2_load_shed", "Requests turned away at once (429) "
                                        "because their expected wait exceeded their deadline, "
                                        "by engine.", ["engine"])
+        self.engine_failures = self._counter(
+            "glipv2_engine_failures", "Engine batches that failed whole, by engine and kind "
+            "(error: the runtime raised; nan: non-finite outputs; timeout: past every deadline "
+            "in it).", ["engine", "kind"])
         self.decode_steps = self._counter("glipv2_caption_decode_steps", "Caption decoding "
                                           "steps (one caption-step batch each).")
         self.live_captions = self._gauge("glipv2_caption_live", "Captions being decoded now.")
@@ -154,6 +163,8 @@ class ServiceMetrics:
             self.text_cache.labels(result)  # both series exist (at 0) from the start
         self.model_ready = self._gauge("glipv2_model_ready", "1 when the model is loaded and "
                                        "serving.")
+        self.requests_in_flight = self._gauge("glipv2_requests_in_flight", "/v1 requests "
+                                              "admitted and not yet answered.")
         self.jobs = self._gauge("glipv2_jobs", "Batch jobs, by state.", ["state"])
         for state in ("queued", "running", "done", "failed", "cancelled"):
             self.jobs.labels(state)
@@ -193,6 +204,7 @@ class ServiceMetrics:
         size = self.batch_size.labels(engine)
         depth = self.queue_depth.labels(engine)
         shed = self.load_shed.labels(engine)
+        on_failure = self._failure_callback(engine)
 
         def on_batch(batch_size: int, queue_waits_s: list[float], compute_s: float) -> None:
             size.observe(batch_size)
@@ -204,7 +216,16 @@ class ServiceMetrics:
             depth.set(value)
 
         depth.set(0)  # the series exists (at 0) before the first request
-        return EngineCallbacks(on_batch, on_queue_depth, shed.inc)
+        return EngineCallbacks(on_batch, on_queue_depth, shed.inc, on_failure)
+
+    def _failure_callback(self, engine: str) -> OnFailure:
+        """Counts `engine`'s failed batches by kind; every kind's series exists (at 0) at once."""
+        failures = {kind: self.engine_failures.labels(engine, kind.value) for kind in FailureKind}
+
+        def on_failure(kind: FailureKind) -> None:
+            failures[kind].inc()
+
+        return on_failure
 
     def caption_callbacks(self) -> DecoderCallbacks:
         """The metric callbacks of the caption decoder (engine label "caption": a decoding
@@ -222,7 +243,8 @@ class ServiceMetrics:
             on_step=on_step, on_live=self.live_captions.set, on_tokens=self.caption_tokens.inc,
             on_first_token=self.time_to_first_token.observe,
             on_admit=self.queue_wait.labels(engine).observe,
-            on_shed=self.load_shed.labels(engine).inc)
+            on_shed=self.load_shed.labels(engine).inc,
+            on_failure=self._failure_callback(engine))
 
     def on_text_cache_lookup(self, hits: int, misses: int) -> None:
         self.text_cache.labels("hit").inc(hits)

@@ -9,11 +9,19 @@ import torch
 from safetensors.torch import load_file
 
 from cli.main import main as cli_main
-from model_export.checkpoints.convert import config_for_checkpoint, map_state_dict
+from model_export.checkpoints.convert import (
+    SUMMARY_LINES_PER_KIND,
+    ConversionReport,
+    checkpoint_name,
+    config_for_checkpoint,
+    map_state_dict,
+    our_name,
+)
 from model_export.checkpoints.weights import load_model
+from model_export.modeling.config import get_preset
 from model_export.modeling.model import Glipv2Model
 
-from conftest import fake_state
+from conftest import fake_state, reference_shapes
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +44,8 @@ def test_glip_t_converts_and_loads_strictly(glip_t_vector_checkpoint: Path,
     summary = capsys.readouterr().out
     assert ("mapped 726, derived buffers verified 18, ignored 2, unmapped 0, missing 0, "
             "mismatched 0") in summary
-    assert "ignored rpn.head.cls_logits.weight" in summary
+    assert ("  ignored: module.rpn.head.cls_logits.weight (class-logit conv of closed-set "
+            "training)") in summary.splitlines()
 
     model = load_model(tmp_path)  # strict: raises on any missing or unexpected key
     ours = model.state_dict()
@@ -76,27 +85,70 @@ def test_glip_l_maps_every_key_and_loads_strictly() -> None:
                        state["rpn.head.dyhead_tower.21.b_attn.gamma_l"])
 
 
-@pytest.mark.parametrize("case", ["drop", "reshape", "extra"])
-def test_broken_checkpoint_fails_naming_the_key(case: str, glip_t_state: dict[str, torch.Tensor],
-                                                tmp_path: Path,
-                                                capsys: pytest.CaptureFixture) -> None:
-    state = dict(glip_t_state)
-    key = "module.rpn.head.dyhead_tower.8.DyConv.1.conv.weight"
-    if case == "drop":
-        del state[key]
-        expected = "missing: fusion.layers.2.dyconv.DyConv.1.conv.weight"
-    elif case == "reshape":
-        state[key] = torch.zeros(256, 256, 1, 1)
-        expected = f"mismatched: {key[len('module.'):]}: checkpoint [256, 256, 1, 1]"
-    else:
-        key = "module.rpn.head.some_new_layer.weight"
-        state[key] = torch.zeros(3)
-        expected = f"unmapped: {key[len('module.'):]}"
+@pytest.mark.parametrize("prefix", ["module.", ""])
+def test_broken_checkpoint_fails_naming_the_keys_as_the_file_does(
+        prefix: str, glip_t_state: dict[str, torch.Tensor], tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    """A key removed, a key added and a key reshaped: each named as in the file, next to ours."""
+    state = {prefix + k[len("module."):]: v for k, v in glip_t_state.items()}
+    del state[f"{prefix}rpn.head.dyhead_tower.7.attention.self.key.weight"]
+    state[f"{prefix}rpn.head.some_new_layer.weight"] = torch.zeros(3)
+    state[f"{prefix}rpn.head.dyhead_tower.8.DyConv.1.conv.weight"] = torch.zeros(256, 256, 1, 1)
     path = _write(state, tmp_path / "broken.pth")
     code = cli_main(["convert", str(path), "--preset", "glip-t", "--out", str(tmp_path / "out")])
-    assert code != 0
-    assert expected in capsys.readouterr().err
+    assert code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[:2] == [
+        f"conversion failed: {path} does not fit preset 'glip-t':",
+        "mapped 724, derived buffers verified 18, ignored 2, unmapped 1, missing 1, mismatched 1",
+    ]
+    assert err[2:] == [
+        f"  ignored: {prefix}rpn.head.cls_logits.bias (class-logit conv of closed-set training)",
+        f"  ignored: {prefix}rpn.head.cls_logits.weight (class-logit conv of closed-set training)",
+        f"  unmapped: {prefix}rpn.head.some_new_layer.weight",
+        f"  missing: {prefix}rpn.head.dyhead_tower.7.attention.self.key.weight "
+        "for ours fusion.layers.2.text_layer.attention.self.key.weight",
+        f"  mismatched: {prefix}rpn.head.dyhead_tower.8.DyConv.1.conv.weight [256, 256, 1, 1] "
+        "vs ours fusion.layers.2.dyconv.DyConv.1.conv.weight [256, 256, 3, 3]",
+    ]
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_long_key_lists_are_capped(glip_t_state: dict[str, torch.Tensor]) -> None:
+    state = {k[len("module."):]: v for k, v in glip_t_state.items()
+             if ".dyhead_tower." not in k}
+    state.update({f"rpn.head.extra.{n}": torch.zeros(1) for n in range(12)})
+    _, report = map_state_dict(state, config_for_checkpoint("glip-t", state), "module.")
+    assert len(report.missing) > SUMMARY_LINES_PER_KIND
+    assert all(key.startswith("fusion.layers.") for key in report.missing)
+    assert report.missing["fusion.layers.5.dyconv.relu.fc.2.weight"] == (
+        "module.rpn.head.dyhead_tower.17.relu.fc.2.weight")
+    lines = report.summary().splitlines()
+    missing = [line for line in lines if line.startswith("  missing: ")]
+    assert len(missing) == SUMMARY_LINES_PER_KIND
+    assert all(line.startswith("  missing: module.rpn.head.dyhead_tower.") for line in missing)
+    assert f"  ... and {len(report.missing) - SUMMARY_LINES_PER_KIND} more missing" in lines
+    assert f"  ... and {12 - SUMMARY_LINES_PER_KIND} more unmapped" in lines
+    assert "  unmapped: module.rpn.head.extra.0" in lines
+
+    unnamed = ConversionReport(missing={"head.new_part.weight": None}).summary()
+    assert unnamed.splitlines()[1:] == [
+        "  missing: ours head.new_part.weight (no checkpoint key maps onto it)"]
+
+
+@pytest.mark.parametrize("preset", ["glip-t", "glip-l"])
+def test_one_rename_table_reads_both_ways(preset: str) -> None:
+    """Every reference key and every key of ours round-trips, so a missing key's name is exact."""
+    theirs = set(reference_shapes(preset))
+    with torch.device("meta"):
+        ours = set(Glipv2Model(get_preset(preset)).state_dict())
+    mapped = {our_name(key): key for key in theirs}
+    assert all(checkpoint_name(mine) == key for mine, key in mapped.items() if mine is not None)
+    assert ours <= set(mapped)
+    assert {checkpoint_name(mine) for mine in ours} <= theirs
+    assert our_name("backbone.fpn.fpn_inner02.weight") is None  # no second name for fpn_inner2
+    assert checkpoint_name("fusion.layers.2.text_layer.attention.self.key.weight") == (
+        "rpn.head.dyhead_tower.7.attention.self.key.weight")
 
 
 def test_optional_keys_are_handled(glip_t_state: dict[str, torch.Tensor]) -> None:
@@ -112,8 +164,8 @@ def test_optional_keys_are_handled(glip_t_state: dict[str, torch.Tensor]) -> Non
 
     state["rpn.anchor_generator.cell_anchors.2"] = torch.zeros(1, 4)
     _, report = map_state_dict(state, config)
-    assert report.mismatched == ["rpn.anchor_generator.cell_anchors.2: values differ from the "
-                                 "buffer this model builds"]
+    assert report.mismatched == {"rpn.anchor_generator.cell_anchors.2": "values differ from ours "
+                                 "anchors.2 (a buffer this model builds)"}
 
 
 def test_tuned_prompt_and_mlm_head_are_mapped(glip_t_state: dict[str, torch.Tensor]) -> None:

@@ -4,9 +4,11 @@ mid-job that finishes the job after a restart with every input answered exactly 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,8 +217,8 @@ def test_cancel_stops_a_job_within_one_window(client: TestClient) -> None:
      "give one of classes, prompt or prompt_id"),
     ({"task": "detect", "params": {"classes": ["a"], "threshhold": 1}, "inputs": [{"image": "x"}]},
      422, "invalid_request", "params.threshhold"),
-    ({"task": "detect", "params": {"prompt_id": "lvis"}, "inputs": [{"image": "x"}]}, 422,
-     "invalid_request", "unknown prompt_id 'lvis'"),
+    ({"task": "detect", "params": {"prompt_id": "lvis"}, "inputs": [{"image": "x"}]}, 404,
+     "not_found", "unknown prompt_id 'lvis'"),
     ({"task": "paint", "inputs": [{"image": "x"}]}, 422, "invalid_request", "task"),
     ({"task": "caption", "inputs": []}, 422, "invalid_request", "inputs"),
     ({"task": "caption", "inputs": [{"image": "x", "path": "a.png"}]}, 422, "invalid_request",
@@ -255,6 +257,66 @@ def test_job_errors_and_limits(client: TestClient) -> None:
     for job in (first, second):
         client.delete(f"/v1/jobs/{job.json()['id']}")
     assert client.post("/v1/jobs", json=body).status_code == 202
+
+
+# --- drain (SIGTERM) ----------------------------------------------------------------------------
+
+
+class GatedVision(TorchRuntime):
+    """The vision engine waits for `gate`: holds the job's window in flight."""
+
+    def __init__(self, model: Glipv2Model) -> None:
+        super().__init__(model)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def run(self, graph: str, inputs: Any) -> dict[str, Any]:
+        if graph == "vision":
+            self.entered.set()
+            self.gate.wait(20)
+        return super().run(graph, inputs)
+
+
+def test_drain_stores_the_window_in_flight_and_claims_no_more(tiny_model: Glipv2Model,
+                                                               tmp_path: Path) -> None:
+    """SIGTERM mid-job: the runner claims nothing more, the window in flight finishes and its
+    results are stored (not thrown away), the rest waits in the store for the restart."""
+    gated = GatedVision(tiny_model)
+    settings = ServiceSettings(model_name="tiny", api_keys=[], jobs_dir=tmp_path / "jobs",
+                               job_concurrency=4, shutdown_timeout_s=30, shutdown_grace_s=0)
+    app = create_app(settings, gated)
+    state = app.state.service
+    image = b64(world_png(0))
+
+    async def scenario() -> str:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+                submitted = await http.post("/v1/jobs", json={
+                    "task": "detect", "params": {"classes": CLASSES},
+                    "inputs": [{"image": image}] * 10})
+                assert submitted.status_code == 202, submitted.text
+                job_id: str = submitted.json()["id"]
+                while not gated.entered.is_set():  # the first window is in the engines
+                    await asyncio.sleep(0.01)
+                drain = asyncio.create_task(state.drain())
+                await asyncio.sleep(0.2)
+                assert not drain.done()  # it waits for the window
+                gated.gate.set()
+                await asyncio.wait_for(drain, 20)
+                await asyncio.sleep(0.3)  # a runner still claiming would have gone on
+                record = state.jobs.store.get(job_id)
+                assert record is not None
+                assert (record.state, record.done) == (JobState.RUNNING, 4), record
+                return job_id
+
+    job_id = asyncio.run(scenario())
+    store = SqliteJobStore(tmp_path / "jobs")  # what the restart finds
+    try:
+        assert [r.index for r in store.results(job_id)] == [0, 1, 2, 3]
+        assert store.claim(job_id, 10) == [4, 5, 6, 7, 8, 9]
+    finally:
+        store.close()
 
 
 # --- restart survival -------------------------------------------------------------------------

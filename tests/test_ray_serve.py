@@ -183,11 +183,17 @@ def test_errors_keep_the_json_contract(ray_url: str, local_url: str) -> None:
              ("/v1/detect", {"image": image, "prompt": " . . "}),
              ("/v1/vqa", {"image": image, "question": "word " * 300})]
     with httpx.Client(timeout=60) as client:
-        for path, body in cases:
-            remote = client.post(f"{ray_url}{path}", json=body)
-            local = client.post(f"{local_url}{path}", json=body)
+        for index, (path, body) in enumerate(cases):
+            # The same request id for both, so the bodies match whole; Serve's proxy puts the
+            # header on the response (the app adds none there): still exactly one.
+            headers = {"X-Request-ID": f"contract-{index}"}
+            remote = client.post(f"{ray_url}{path}", json=body, headers=headers)
+            local = client.post(f"{local_url}{path}", json=body, headers=headers)
             assert remote.status_code == local.status_code >= 400
             assert remote.json() == local.json()
+            assert remote.json()["error"]["request_id"] == f"contract-{index}"
+            for response in (remote, local):
+                assert response.headers.get_list("x-request-id") == [f"contract-{index}"]
 
 
 # --- placement, health, metrics -----------------------------------------------------------

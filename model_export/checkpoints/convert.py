@@ -3,12 +3,15 @@
 Strict by design, unlike the reference loader (which matches by suffix and skips mismatches
 silently): every checkpoint key is either mapped to exactly one of our parameters, verified equal to
 a buffer our model derives itself, or on a short list of keys that are unused at inference (and
-reported as ignored). Anything unmapped, missing or mis-shaped fails with the keys named.
+reported as ignored). Anything unmapped, missing or mis-shaped fails with the keys named as the
+checkpoint file names them (its `module.` prefix included), next to our names, so they can be
+found in the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,76 +32,151 @@ IGNORED_PATTERNS: dict[str, str] = {
     r"language_backbone\.body\.model\.pooler\.dense\.(weight|bias)": "BERT pooler (GLIP has none)",
 }
 
-# Buffers our model builds itself; a checkpoint copy must equal ours.
-_DERIVED_PATTERNS: dict[str, Callable[[re.Match[str]], str]] = {
-    r"backbone\.body\.(layers\.\d+\.blocks\.\d+\.attn\.relative_position_index)":
-        lambda m: "backbone." + m[1],
-    r"language_backbone\.body\.model\.(embeddings\.position_ids)":
-        lambda m: "language.bert." + m[1],
-    r"rpn\.anchor_generator\.cell_anchors\.(\d+)": lambda m: f"anchors.{m[1]}",
-}
+
+@dataclass(frozen=True)
+class _Rename:
+    """One naming rule, read both ways: checkpoint name (without `module.`) <-> our name.
+
+    `{rest}` stands for the same tail on both sides and `{i}` for an index that is
+    `scale * i + offset` in the checkpoint: GLIP numbers its FPN blocks from 2 and puts the
+    three modules of fusion layer i in DyHead towers 3i (VLFuse), 3i+1 (BERT layer) and 3i+2
+    (DyConv).
+    """
+
+    theirs: str
+    ours: str
+    scale: int = 1
+    offset: int = 0
+
+    def to_ours(self, key: str) -> str | None:
+        return _rewrite(key, self.theirs, self.ours, self._our_index)
+
+    def to_theirs(self, key: str) -> str | None:
+        return _rewrite(key, self.ours, self.theirs, lambda i: self.scale * i + self.offset)
+
+    def _our_index(self, their_index: int) -> int | None:
+        index, remainder = divmod(their_index - self.offset, self.scale)
+        return None if remainder or index < 0 else index
 
 
-def _tower(m: re.Match[str]) -> str:
-    index, rest = int(m[1]), m[2]
-    layer, part = divmod(index, 3)
-    if part == 0:
-        if not rest.startswith("b_attn."):
-            return ""
-        return f"fusion.layers.{layer}.vl_fuse.{rest[len('b_attn.'):]}"
-    name = "text_layer" if part == 1 else "dyconv"
-    return f"fusion.layers.{layer}.{name}.{rest}"
+def _rewrite(key: str, source: str, target: str,
+             index: Callable[[int], int | None]) -> str | None:
+    m = _template_regex(source).fullmatch(key)
+    if m is None:
+        return None
+    fields = m.groupdict()
+    if "i" in fields:
+        new_index = index(int(fields["i"]))
+        if new_index is None:
+            return None
+        fields["i"] = str(new_index)
+    return target.format(**fields)
 
 
-# Reference name (without `module.`) -> our name. The first matching pattern wins.
-_RENAMES: list[tuple[str, Callable[[re.Match[str]], str]]] = [
-    (r"backbone\.body\.(.+)", lambda m: "backbone." + m[1]),
-    (r"backbone\.fpn\.fpn_(inner|layer)([234])\.(.+)",
-     lambda m: f"fpn.{m[1]}_blocks.{int(m[2]) - 2}.{m[3]}"),
-    (r"backbone\.fpn\.top_blocks\.(p6|p7)\.(.+)", lambda m: f"fpn.{m[1]}.{m[2]}"),
-    (r"language_backbone\.body\.model\.(.+)", lambda m: "language.bert." + m[1]),
-    (r"rpn\.head\.dyhead_tower\.(\d+)\.(.+)", _tower),
-    (r"rpn\.head\.mlm_head\.(.+)", lambda m: "mlm_head." + m[1]),
-    (r"rpn\.tunable_linear\.weight", lambda m: "prompt_offset"),
-    (r"rpn\.head\.(.+)", lambda m: "head." + m[1]),
-]
+@functools.cache
+def _template_regex(template: str) -> re.Pattern[str]:
+    # No leading zeros in an index: `fpn_inner02` must not become a second name for `fpn_inner2`.
+    fields = {"{rest}": "(?P<rest>.+)", "{i}": "(?P<i>0|[1-9][0-9]*)"}
+    parts = re.split(r"(\{rest\}|\{i\})", template)
+    return re.compile("".join(fields.get(part, re.escape(part)) for part in parts))
+
+
+# The one name mapping, used both ways; the first rule that applies wins. Derived buffers
+# (relative_position_index, position_ids, cell anchors) get the names `derived_buffers` uses.
+_RENAMES: tuple[_Rename, ...] = (
+    _Rename("backbone.body.{rest}", "backbone.{rest}"),
+    _Rename("backbone.fpn.fpn_inner{i}.{rest}", "fpn.inner_blocks.{i}.{rest}", offset=2),
+    _Rename("backbone.fpn.fpn_layer{i}.{rest}", "fpn.layer_blocks.{i}.{rest}", offset=2),
+    _Rename("backbone.fpn.top_blocks.p{i}.{rest}", "fpn.p{i}.{rest}"),
+    _Rename("language_backbone.body.model.{rest}", "language.bert.{rest}"),
+    _Rename("rpn.head.dyhead_tower.{i}.b_attn.{rest}", "fusion.layers.{i}.vl_fuse.{rest}",
+            scale=3),
+    _Rename("rpn.head.dyhead_tower.{i}.{rest}", "fusion.layers.{i}.text_layer.{rest}",
+            scale=3, offset=1),
+    _Rename("rpn.head.dyhead_tower.{i}.{rest}", "fusion.layers.{i}.dyconv.{rest}",
+            scale=3, offset=2),
+    _Rename("rpn.head.mlm_head.{rest}", "mlm_head.{rest}"),
+    _Rename("rpn.tunable_linear.weight", "prompt_offset"),
+    _Rename("rpn.anchor_generator.cell_anchors.{i}", "anchors.{i}"),
+    _Rename("rpn.head.{rest}", "head.{rest}"),
+)
+
+
+def our_name(checkpoint_key: str) -> str | None:
+    """Our name for a checkpoint key (without `module.`), or None when no rule maps it."""
+    for rule in _RENAMES:
+        name = rule.to_ours(checkpoint_key)
+        if name is not None:
+            return name
+    return None
+
+
+def checkpoint_name(our_key: str) -> str | None:
+    """The checkpoint key (without `module.`) that `our_name` maps onto `our_key`, or None."""
+    for rule in _RENAMES:
+        name = rule.to_theirs(our_key)
+        if name is not None:
+            return name
+    return None
 
 
 class ConversionError(ValueError):
     """The checkpoint does not match the preset; the message names every offending key."""
 
 
+# Lines the summary prints per kind of problem: a wrong preset fails on hundreds of keys, and the
+# first line has every count.
+SUMMARY_LINES_PER_KIND = 10
+
+
 @dataclass
 class ConversionReport:
-    """What happened to every checkpoint key."""
+    """What happened to every checkpoint key. Checkpoint keys are as the file names them
+    (`module.` prefix included, if it has one)."""
 
     mapped: dict[str, str] = field(default_factory=dict)  # checkpoint key -> our key
     verified: list[str] = field(default_factory=list)  # derived buffers found equal to ours
     ignored: dict[str, str] = field(default_factory=dict)  # checkpoint key -> why unused
-    unmapped: list[str] = field(default_factory=list)  # no rule maps these
-    missing: list[str] = field(default_factory=list)  # our keys the checkpoint lacks
-    mismatched: list[str] = field(default_factory=list)  # "key: checkpoint [..] vs ours [..]"
+    unmapped: list[str] = field(default_factory=list)  # no rule maps these onto our model
+    # our key the checkpoint lacks -> the checkpoint key that would fill it (None: no rule)
+    missing: dict[str, str | None] = field(default_factory=dict)
+    # checkpoint key -> what is wrong, e.g. "[256, 256, 1, 1] vs ours fusion... [256, 256, 3, 3]"
+    mismatched: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not (self.unmapped or self.missing or self.mismatched)
 
     def summary(self) -> str:
+        """A counts line, then one line per ignored or offending key, each kind capped at
+        `SUMMARY_LINES_PER_KIND`."""
         lines = [
             f"mapped {len(self.mapped)}, derived buffers verified {len(self.verified)}, "
             f"ignored {len(self.ignored)}, unmapped {len(self.unmapped)}, "
             f"missing {len(self.missing)}, mismatched {len(self.mismatched)}"
         ]
-        for key, why in sorted(self.ignored.items()):
-            lines.append(f"  ignored {key}: {why}")
-        for title, keys in (("unmapped", self.unmapped), ("missing", self.missing),
-                            ("mismatched", self.mismatched)):
-            lines.extend(f"  {title}: {key}" for key in sorted(keys))
+        missing = [f"{theirs} for ours {ours}" if theirs else
+                   f"ours {ours} (no checkpoint key maps onto it)"
+                   for ours, theirs in self.missing.items()]
+        for title, entries in (
+            ("ignored", [f"{key} ({why})" for key, why in self.ignored.items()]),
+            ("unmapped", self.unmapped),
+            ("missing", missing),
+            ("mismatched", [f"{key} {problem}" for key, problem in self.mismatched.items()]),
+        ):
+            shown = sorted(entries)[:SUMMARY_LINES_PER_KIND]
+            lines.extend(f"  {title}: {entry}" for entry in shown)
+            if len(entries) > len(shown):
+                lines.append(f"  ... and {len(entries) - len(shown)} more {title}")
         return "\n".join(lines)
 
 
-def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, Tensor]:
-    """Load a released checkpoint's state_dict; strip `module.` when every key carries it."""
+def read_checkpoint(path: str | Path, trust_pickle: bool = False
+                    ) -> tuple[dict[str, Tensor], str]:
+    """Load a released checkpoint's state_dict; strip `module.` when every key carries it.
+
+    Returns the state_dict and the prefix stripped (`"module."` or `""`).
+    """
     try:
         raw = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except Exception as exc:
@@ -114,9 +192,9 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, T
     prefixed = [k.startswith("module.") for k in state]
     if any(prefixed) and not all(prefixed):
         raise ConversionError(f"{path}: some keys carry the 'module.' prefix and some do not")
-    if all(prefixed):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
+    if state and all(prefixed):
+        return {k[len("module."):]: v for k, v in state.items()}, "module."
+    return state, ""
 
 
 def config_for_checkpoint(preset: str, state: dict[str, Tensor]) -> Glipv2Config:
@@ -131,7 +209,7 @@ def config_for_checkpoint(preset: str, state: dict[str, Tensor]) -> Glipv2Config
 
 
 def derived_buffers(config: Glipv2Config) -> dict[str, Tensor]:
-    """Buffers our model computes from its config, under the names `_DERIVED_PATTERNS` yields."""
+    """Buffers our model computes from its config, under the names `our_name` gives theirs."""
     window_index = relative_position_index(config.swin.window_size)
     buffers = {
         f"backbone.layers.{stage}.blocks.{block}.attn.relative_position_index": window_index
@@ -145,12 +223,16 @@ def derived_buffers(config: Glipv2Config) -> dict[str, Tensor]:
     return buffers
 
 
-def map_state_dict(state: dict[str, Tensor], config: Glipv2Config
+def map_state_dict(state: dict[str, Tensor], config: Glipv2Config, prefix: str = ""
                    ) -> tuple[dict[str, Tensor], ConversionReport]:
     """Rename, check and collect the checkpoint tensors for a model of `config`.
 
-    Returns our state_dict (every persistent key of the model) and the report; never skips
-    silently. The model is only instantiated on the meta device, for its key names and shapes.
+    `state` has keys without `prefix`, the prefix its file's keys carry (`read_checkpoint`
+    strips it); the report names checkpoint keys with it. A key maps only when our name for it
+    maps back to it, so no two keys fill one parameter and a missing parameter's checkpoint key
+    is exact. Returns our state_dict (every persistent key of the model) and the report; never
+    skips silently. The model is only instantiated on the meta device, for its key names and
+    shapes.
     """
     report = ConversionReport()
     with torch.device("meta"):
@@ -159,62 +241,49 @@ def map_state_dict(state: dict[str, Tensor], config: Glipv2Config
     out: dict[str, Tensor] = {}
     claimed: set[str] = set()  # our keys some checkpoint key named, fitting or not
     for key in sorted(state):
-        tensor = state[key]
+        tensor, named = state[key], prefix + key
         why = next((w for p, w in IGNORED_PATTERNS.items() if re.fullmatch(p, key)), None)
         if why is not None:
-            report.ignored[key] = why
+            report.ignored[named] = why
             continue
-        target = _match(_DERIVED_PATTERNS.items(), key)
-        if target is not None:
-            _verify_derived(key, tensor, derived.get(target), report)
-            continue
-        target = _match(_RENAMES, key)
-        if not target or target not in ours:
-            report.unmapped.append(key)
-            continue
-        if target in claimed:
-            report.mismatched.append(f"{key}: maps onto {target}, which another key filled")
-            continue
-        claimed.add(target)
-        if tuple(ours[target].shape) != tuple(tensor.shape):
-            report.mismatched.append(
-                f"{key}: checkpoint {list(tensor.shape)} vs model {list(ours[target].shape)}"
-            )
-            continue
-        out[target] = tensor.to(ours[target].dtype).contiguous()
-        report.mapped[key] = target
-    report.missing = sorted(set(ours) - claimed)
+        target = our_name(key)
+        if target is None or checkpoint_name(target) != key:
+            report.unmapped.append(named)
+        elif target in derived:
+            _verify_derived(named, tensor, target, derived[target], report)
+        elif target not in ours:
+            report.unmapped.append(named)
+        elif tuple(ours[target].shape) != tuple(tensor.shape):
+            claimed.add(target)
+            report.mismatched[named] = (f"{list(tensor.shape)} vs ours {target} "
+                                        f"{list(ours[target].shape)}")
+        else:
+            claimed.add(target)
+            out[target] = tensor.to(ours[target].dtype).contiguous()
+            report.mapped[named] = target
+    for target in sorted(set(ours) - claimed):
+        theirs = checkpoint_name(target)
+        report.missing[target] = None if theirs is None else prefix + theirs
     return out, report
 
 
-def _verify_derived(key: str, tensor: Tensor, expected: Tensor | None,
+def _verify_derived(named: str, tensor: Tensor, target: str, expected: Tensor,
                     report: ConversionReport) -> None:
-    if expected is None:
-        report.unmapped.append(key)
-    elif tuple(expected.shape) != tuple(tensor.shape):
-        report.mismatched.append(
-            f"{key}: checkpoint {list(tensor.shape)} vs built buffer {list(expected.shape)}"
-        )
+    if tuple(expected.shape) != tuple(tensor.shape):
+        report.mismatched[named] = (f"{list(tensor.shape)} vs ours {target} "
+                                    f"{list(expected.shape)} (a buffer this model builds)")
     elif not torch.equal(expected.to(tensor.dtype), tensor):
-        report.mismatched.append(f"{key}: values differ from the buffer this model builds")
+        report.mismatched[named] = f"values differ from ours {target} (a buffer this model builds)"
     else:
-        report.verified.append(key)
-
-
-def _match(rules, key: str) -> str | None:
-    for pattern, rename in rules:
-        m = re.fullmatch(pattern, key)
-        if m:
-            return rename(m)
-    return None
+        report.verified.append(named)
 
 
 def convert_checkpoint(checkpoint: str | Path, preset: str, out_dir: str | Path,
                        trust_pickle: bool = False) -> ConversionReport:
     """Read, map and verify a reference checkpoint, then write config.json + model.safetensors."""
-    state = read_checkpoint(checkpoint, trust_pickle=trust_pickle)
+    state, prefix = read_checkpoint(checkpoint, trust_pickle=trust_pickle)
     config = config_for_checkpoint(preset, state)
-    mapped, report = map_state_dict(state, config)
+    mapped, report = map_state_dict(state, config, prefix)
     if not report.ok:
         raise ConversionError(f"{checkpoint} does not fit preset {preset!r}:\n{report.summary()}")
     save_weights(config, mapped, out_dir)

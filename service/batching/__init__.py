@@ -23,7 +23,18 @@ Errors callers can see, and what the HTTP layer makes of them:
 shedding, the expected wait — batches ahead x recent compute per batch — exceeds the request's
 deadline), `DeadlineExceededError` (504),
 `BatcherStoppedError` (503: not started, or shutting down), `BatchExecutionError` (500: the engine
-raised for the whole batch), or the exception `run_batch` returned for that one request.
+raised for the whole batch, or `run_batch` raised `NonFiniteOutputError` for NaN or infinity in its
+outputs), `EngineStalledError` (503 with Retry-After: the batch in flight has run past every
+deadline in it, so online requests are turned away until it returns), or the exception
+`run_batch` returned for that one request.
+
+A batch in flight cannot be interrupted (the engine runs in its thread), so a hung one is
+handled around it: its requests hear `DeadlineExceededError` at their deadlines, not when it
+returns; once it has run a whole default deadline (`default_deadline_ms`; without one, never)
+and every deadline in it has passed, the engine counts as stalled (`stalled_s`, reported by
+`/readyz`) and refuses online requests at once; job work still queues, and serving resumes when
+the batch returns. Every batch failure is reported through `on_failure(kind)` (`FailureKind`):
+`error`, `nan` or `timeout` (a stall, once per batch).
 """
 
 from service.batching.batcher import DynamicBatcher
@@ -33,7 +44,12 @@ from service.batching.work import (
     BatchExecutionError,
     BatchPlan,
     DeadlineExceededError,
+    EngineStalledError,
+    FailureKind,
+    NonFiniteOutputError,
     OnBatch,
+    OnBatched,
+    OnFailure,
     OnQueueDepth,
     OnShed,
     OverloadedError,
@@ -50,7 +66,12 @@ __all__ = [
     "BatcherStoppedError",
     "DeadlineExceededError",
     "DynamicBatcher",
+    "EngineStalledError",
+    "FailureKind",
+    "NonFiniteOutputError",
     "OnBatch",
+    "OnBatched",
+    "OnFailure",
     "OnQueueDepth",
     "OnShed",
     "OverloadedError",

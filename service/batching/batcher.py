@@ -19,7 +19,11 @@ from service.batching.work import (
     BatcherStoppedError,
     BatchExecutionError,
     BatchPlan,
+    EngineStalledError,
+    FailureKind,
     OnBatch,
+    OnBatched,
+    OnFailure,
     OnQueueDepth,
     OnShed,
     OverloadedError,
@@ -35,6 +39,7 @@ from service.batching.work import (
 log = logging.getLogger(__name__)
 
 _COMPUTE_EMA_WEIGHT = 0.2
+_STALLED_RETRY_AFTER_S = 1.0  # a stalled replica is not ready: the retry goes to another one
 
 
 class DynamicBatcher(Generic[PayloadT, ResultT]):
@@ -45,7 +50,8 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
     moving it. Metric callbacks run on the event loop, so Prometheus wiring stays outside:
     `on_batch(size, queue_waits_s, compute_s)` for every executed batch (failed ones too) and
     `on_queue_depth(depth)` whenever the number of waiting requests changes, `on_shed()` for
-    every request turned away because its expected wait exceeds its deadline (load shedding).
+    every request turned away because its expected wait exceeds its deadline (load shedding),
+    `on_failure(kind)` for every batch that failed whole (`FailureKind`; a stall counts once).
     """
 
     def __init__(
@@ -57,6 +63,7 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
         on_batch: OnBatch | None = None,
         on_queue_depth: OnQueueDepth | None = None,
         on_shed: OnShed | None = None,
+        on_failure: OnFailure | None = None,
         name: str = "batcher",
     ) -> None:
         self.config = config
@@ -66,11 +73,16 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
         self._on_batch = on_batch
         self._on_queue_depth = on_queue_depth
         self._on_shed = on_shed
+        self._on_failure = on_failure
         # A bucket is deleted when it empties, so shapes seen once do not pile up.
         self._buckets: dict[Hashable, deque[WorkItem[PayloadT, ResultT]]] = {}
         self._seq = itertools.count()
         self._in_flight: asyncio.Task[None] | None = None
         self._in_flight_items: list[WorkItem[PayloadT, ResultT]] = []
+        # When the batch in flight counts as stalled (every deadline in it passed), and since
+        # when it is (None: not stalled).
+        self._stall_due_s: float | None = None
+        self._stalled_since_s: float | None = None
         self._compute_ema_s: float | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -88,6 +100,14 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
     @property
     def running(self) -> bool:
         return self._task is not None and not self._stopping
+
+    @property
+    def stalled_s(self) -> float | None:
+        """Seconds the batch in flight has been stalled (past every deadline in it), or None.
+        While stalled, online requests are refused with `EngineStalledError`."""
+        if self._stalled_since_s is None:
+            return None
+        return self._clock() - self._stalled_since_s
 
     async def start(self) -> None:
         """Start the scheduling loop on the running event loop (e.g. in the app's lifespan)."""
@@ -133,7 +153,7 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
 
     async def submit(
         self, payload: PayloadT, bucket: Hashable, deadline_ms: float | None = None,
-        priority: int = PRIORITY_ONLINE,
+        priority: int = PRIORITY_ONLINE, on_batched: OnBatched | None = None,
     ) -> ResultT:
         """Queue one request and wait for its result.
 
@@ -143,9 +163,13 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
         so it is not computed only to expire, `DeadlineExceededError` when the deadline
         passes before the result is ready (if before its batch started, it is never computed),
         `BatcherStoppedError` when not running, `BatchExecutionError` when `run_batch` raised, or
-        the exception `run_batch` put in this request's slot. A cancelled caller's request is
+        the exception `run_batch` put in this request's slot; `EngineStalledError` at once for
+        an online request while the batch in flight is stalled. A cancelled caller's request is
         taken out of the queue. `priority` (`PRIORITY_ONLINE` or `PRIORITY_BATCH`) picks the lane;
-        each lane is bounded by `max_queue_size` on its own.
+        each lane is bounded by `max_queue_size` on its own. `on_batched(size)` is called (on
+        the event loop, best effort like the metric callbacks) when the batch this request is
+        in starts, once per batch for the same callable: items that pass one callable (those of
+        one HTTP request) count a batch they share once. What the access log reports.
         """
         if self._task is None or self._stopping:
             raise BatcherStoppedError(f"{self.name} is not accepting requests")
@@ -155,6 +179,11 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
             raise ValueError(f"deadline_ms must be a finite number > 0, got {deadline_ms!r}")
         if priority not in (PRIORITY_ONLINE, PRIORITY_BATCH):
             raise ValueError(f"unknown priority {priority!r}")
+        stalled_s = self.stalled_s
+        if stalled_s is not None and priority == PRIORITY_ONLINE:
+            raise EngineStalledError(
+                f"{self.name} is stalled: its batch in flight has run past every deadline in "
+                f"it ({stalled_s:.1f} s ago)", retry_after_s=_STALLED_RETRY_AFTER_S)
         depth = sum(item.priority == priority for queue in self._buckets.values()
                     for item in queue)
         if depth >= self.config.max_queue_size:
@@ -179,6 +208,7 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
             future=asyncio.get_running_loop().create_future(),
             seq=next(self._seq),
             priority=priority,
+            on_batched=on_batched,
         )
         self._buckets.setdefault(bucket, deque()).append(item)
         self._emit_queue_depth()
@@ -196,10 +226,12 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
             while True:
                 now = self._clock()
                 self._expire(now)
+                self._check_stall(now)
                 if self._in_flight is None:
                     batch = self._schedule(now)
                     if batch:
                         self._in_flight_items = batch
+                        self._stall_due_s = self._stall_due(batch, now)
                         self._in_flight = asyncio.create_task(self._execute(batch))
                 if self._stopping and self._in_flight is None and not self._buckets:
                     return
@@ -250,6 +282,11 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
             bucket=batch[0].bucket,
             queue_waits_s=[started_s - item.enqueued_s for item in batch],
         )
+        told: list[OnBatched] = []
+        for item in batch:
+            if item.on_batched is not None and not any(item.on_batched is t for t in told):
+                told.append(item.on_batched)
+                self._call_metric(item.on_batched, len(batch))
         loop = asyncio.get_running_loop()
         try:
             try:
@@ -264,14 +301,25 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
                     error = BatchExecutionError(f"{self.name}: batch failed: {exc!r}")
                     error.__cause__ = exc
                     fail(item, error)
+                self._call_metric(self._on_failure, FailureKind.of(exc))
             else:
                 compute_s = self._clock() - started_s
                 self._deliver(batch, results, self._clock())
-            self._record_compute(compute_s)
+            if self._stalled_since_s is not None and self._stall_due_s is not None:
+                # A hang is a fault, not the engine's speed: it counts as the least it took (a
+                # whole deadline), so load shedding neither ignores it nor refuses requests
+                # long after it.
+                self._record_compute(min(compute_s, self._stall_due_s - started_s))
+            else:
+                self._record_compute(compute_s)
             self._call_metric(self._on_batch, len(batch), plan.queue_waits_s, compute_s)
         finally:
+            if self._stalled_since_s is not None:
+                log.warning("%s: the stalled batch returned after %.1f s; serving again",
+                            self.name, self._clock() - started_s)
             self._in_flight = None
             self._in_flight_items = []
+            self._stall_due_s = self._stalled_since_s = None
             self._wake()
 
     def _deliver(
@@ -318,13 +366,38 @@ class DynamicBatcher(Generic[PayloadT, ResultT]):
         if changed:
             self._emit_queue_depth()
 
+    def _stall_due(self, batch: list[WorkItem[PayloadT, ResultT]], now_s: float
+                   ) -> float | None:
+        """When a batch starting now counts as stalled: once it has run a whole default
+        deadline and every deadline in it has passed (no caller can use it any more, and a
+        request arriving then would wait longer than a whole deadline). None: never, without
+        a default deadline (nothing says how long is too long)."""
+        if self.config.default_deadline_ms is None:
+            return None
+        due = [item.deadline_s for item in batch if item.deadline_s is not None]
+        return max([now_s + self.config.default_deadline_ms / 1000.0, *due])
+
+    def _check_stall(self, now_s: float) -> None:
+        """Mark the batch in flight stalled once it is due (`_stall_due`), counted once. It
+        cannot be interrupted: online requests are refused until it returns."""
+        due = self._stall_due_s
+        if self._stalled_since_s is not None or due is None or now_s < due:
+            return
+        self._stalled_since_s = now_s
+        log.error("%s: a batch of %d has run past every deadline in it; refusing online "
+                  "requests until it returns", self.name, len(self._in_flight_items))
+        self._call_metric(self._on_failure, FailureKind.TIMEOUT)
+
     def _next_due_s(self) -> float | None:
-        """When the loop must look again: the earliest deadline, and (engine free) batch delay."""
+        """When the loop must look again: the earliest deadline, the batch in flight's stall
+        time, and (engine free) batch delay."""
         due = [
             item.deadline_s
             for item in itertools.chain(self._in_flight_items, *self._buckets.values())
             if item.deadline_s is not None and not item.future.done()
         ]
+        if self._stall_due_s is not None and self._stalled_since_s is None:
+            due.append(self._stall_due_s)
         if self._in_flight is None:  # a ready bucket would have been scheduled already
             delay_s = self.config.max_queue_delay_s
             due.extend(queue[0].enqueued_s + delay_s for queue in self._buckets.values())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
 from service.batching.config import PRIORITY_ONLINE
@@ -39,6 +40,24 @@ class DeadlineExceededError(Exception):
     """The request's deadline passed before it was answered (its result, if any, was dropped)."""
 
 
+class EngineStalledError(Exception):
+    """The engine's batch in flight has run past every deadline in it (hung, or far slower
+    than the deadlines allow): online requests are refused at once (503 + Retry-After), so they
+    go to another replica instead of queueing only to time out, until the batch returns."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[type[EngineStalledError], tuple[str, float]]:
+        return type(self), (str(self), self.retry_after_s)  # picklable, as QueueFullError
+
+
+class NonFiniteOutputError(RuntimeError):
+    """`run_batch` found NaN or infinity in an engine's outputs: every answer of the batch
+    would be garbage (or fail to encode), so the whole batch fails instead."""
+
+
 class BatcherStoppedError(RuntimeError):
     """The batcher is not running (not started yet, or stopping): the request was not served."""
 
@@ -65,6 +84,7 @@ class WorkItem(Generic[PayloadT, ResultT]):
     future: asyncio.Future[ResultT]
     seq: int
     priority: int = PRIORITY_ONLINE
+    on_batched: OnBatched | None = None
 
     def order(self, now_s: float, promote_after_s: float) -> tuple[int, int]:
         """Scheduling order: priority first (job work that waited `promote_after_s` counts as
@@ -96,10 +116,24 @@ class BatchPlan(Generic[PayloadT]):
         return len(self.payloads)
 
 
+class FailureKind(StrEnum):
+    """Why an engine's batch failed as a whole (the `kind` of the failure metric)."""
+
+    ERROR = "error"  # run_batch raised
+    NAN = "nan"  # the outputs held NaN or infinity (`NonFiniteOutputError`)
+    TIMEOUT = "timeout"  # the batch ran past every deadline in it (`EngineStalledError`)
+
+    @classmethod
+    def of(cls, error: BaseException) -> FailureKind:
+        return cls.NAN if isinstance(error, NonFiniteOutputError) else cls.ERROR
+
+
 RunBatch = Callable[[BatchPlan[PayloadT]], Sequence[ResultT | Exception]]
 OnBatch = Callable[[int, list[float], float], None]  # (size, queue_waits_s, compute_s)
 OnQueueDepth = Callable[[int], None]
 OnShed = Callable[[], None]
+OnFailure = Callable[[FailureKind], None]
+OnBatched = Callable[[int], None]  # (size of the batch a request is in), as the batch starts
 
 
 def fail(item: WorkItem[Any, Any], error: BaseException) -> None:

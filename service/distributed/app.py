@@ -36,6 +36,8 @@ INGRESS_DEFAULTS: dict[str, Any] = {
     # Requests in flight per ingress replica: each mostly awaits its engine calls.
     "max_ongoing_requests": 64,
     "ray_actor_options": {"num_cpus": 1},
+    # The app writes its own access log (JSON lines: request id, route, engine batches, ...).
+    "logging_config": {"enable_access_log": False},
 }
 ENGINE_DEFAULTS: dict[str, Any] = {
     # Engine calls in flight per replica: its batchers queue them (and answer 429 past

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from service.access_log import configure_logging
 from service.app import create_app
 from service.distributed.metrics import RayMetricsExport
 from service.distributed.remote import RemoteEngineClient
@@ -34,6 +35,7 @@ class Glipv2Ingress:
 
     def __init__(self, settings: dict[str, Any], engine: DeploymentHandle) -> None:
         self.settings = ServiceSettings(**settings)
+        configure_logging(self.settings.log_level)
         self.metrics = ServiceMetrics(export=RayMetricsExport())
         self.engines = RemoteEngineClient(
             engine, text_cache_bytes=self.settings.text_cache_bytes,
@@ -41,7 +43,10 @@ class Glipv2Ingress:
         self.state: ServiceState | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        app = create_app(self.settings, remote=self.engines, service_metrics=self.metrics)
+        # Serve's proxy gives each request its X-Request-ID (the client's, else a new one),
+        # forwards it here and puts it on the response: the app adds no second header.
+        app = create_app(self.settings, remote=self.engines, service_metrics=self.metrics,
+                         proxy_request_id=True)
         self.state = app.state.service
         return app
 

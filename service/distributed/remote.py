@@ -87,6 +87,11 @@ class RemoteEngineClient:
     async def stop(self, drain: bool = True) -> None:
         """Nothing to drain here: each engine replica drains its batchers when Serve stops it."""
 
+    def stalled(self) -> dict[str, float]:
+        """None seen from here: a stalled engine replica refuses online stages itself
+        (`EngineStalledError`, a 503 here too), and Serve's health check replaces it."""
+        return {}
+
     @property
     def preprocess(self) -> PreprocessConfig:
         if self._preprocess is None:

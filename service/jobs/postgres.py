@@ -28,12 +28,21 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from service.jobs.store import JobInput, JobRecord, JobResult, JobState, JobStore
+from service.jobs.store import (
+    JobInput,
+    JobRecord,
+    JobResult,
+    JobState,
+    JobStore,
+    JobStoreUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +104,7 @@ class PostgresJobStore(JobStore):
 
     def create(self, task: str, params: dict, inputs: Sequence[JobInput]) -> JobRecord:
         job_id = uuid.uuid4().hex
-        with self._pool.connection() as connection, connection.transaction():
+        with self._connection() as connection, connection.transaction():
             connection.execute(
                 "INSERT INTO jobs (id, task, params, state, total, created_s) "
                 "VALUES (%s, %s, %s, %s, %s, %s)",
@@ -123,7 +132,7 @@ class PostgresJobStore(JobStore):
     def set_state(self, job_id: str, state: JobState, error: str | None = None) -> bool:
         now = time.time()
         restart = state == JobState.RUNNING
-        with self._pool.connection() as connection:
+        with self._connection() as connection:
             cursor = connection.execute(
                 "UPDATE jobs SET state = %(state)s, error = COALESCE(%(error)s, error), "
                 "started_s = CASE WHEN %(restart)s THEN %(now)s ELSE started_s END, "
@@ -136,7 +145,7 @@ class PostgresJobStore(JobStore):
             return cursor.rowcount == 1
 
     def claim(self, job_id: str, limit: int) -> list[int]:
-        with self._pool.connection() as connection:
+        with self._connection() as connection:
             rows = connection.execute(
                 "WITH picked AS ("
                 " SELECT idx FROM job_inputs WHERE job_id = %(job)s AND NOT done"
@@ -150,7 +159,7 @@ class PostgresJobStore(JobStore):
         return sorted(row[0] for row in rows)
 
     def renew(self, job_id: str) -> bool:
-        with self._pool.connection() as connection:
+        with self._connection() as connection:
             connection.execute(
                 f"UPDATE job_inputs SET lease_expires = {_LEASE} "
                 "WHERE lease_owner = %(worker)s AND job_id = %(job)s AND NOT done",
@@ -161,7 +170,7 @@ class PostgresJobStore(JobStore):
 
     def put_results(self, job_id: str, results: Sequence[JobResult]) -> list[JobResult]:
         indices = [result.index for result in results]
-        with self._pool.connection() as connection, connection.transaction():
+        with self._connection() as connection, connection.transaction():
             # The row lock orders this against a cancel: results land before it, or not at all.
             row = connection.execute("SELECT state FROM jobs WHERE id = %s FOR UPDATE",
                                      (job_id,)).fetchone()
@@ -189,7 +198,7 @@ class PostgresJobStore(JobStore):
         return stored
 
     def finish(self, job_id: str) -> bool:
-        with self._pool.connection() as connection:
+        with self._connection() as connection:
             cursor = connection.execute(
                 "UPDATE jobs SET state = %s, finished_s = %s "
                 "WHERE id = %s AND state = %s AND succeeded + failed >= total",
@@ -197,7 +206,7 @@ class PostgresJobStore(JobStore):
             return cursor.rowcount == 1
 
     def read_input(self, job_id: str, index: int) -> JobInput:
-        with self._pool.connection() as connection:
+        with self._connection() as connection:
             row = connection.execute(
                 "SELECT data, path FROM job_inputs WHERE job_id = %s AND idx = %s",
                 (job_id, index)).fetchone()
@@ -207,21 +216,21 @@ class PostgresJobStore(JobStore):
         return JobInput(data=data) if data is not None else JobInput(path=path)
 
     def results(self, job_id: str, after: int = -1, limit: int = 100) -> list[JobResult]:
-        with self._pool.connection() as connection:
+        with self._connection() as connection:
             rows = connection.execute(
                 "SELECT idx, ok, body FROM job_results WHERE job_id = %s AND idx > %s "
                 "ORDER BY idx LIMIT %s", (job_id, after, limit)).fetchall()
         return [JobResult(index=i, ok=ok, body=body) for i, ok, body in rows]
 
     def counts(self) -> dict[JobState, int]:
-        with self._pool.connection() as connection:
+        with self._connection() as connection:
             rows = connection.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
         counts = dict.fromkeys(JobState, 0)
         counts.update({JobState(state): n for state, n in rows})
         return counts
 
     def purge(self, finished_before_s: float) -> int:
-        with self._pool.connection() as connection:  # inputs and results go by cascade
+        with self._connection() as connection:  # inputs and results go by cascade
             cursor = connection.execute("DELETE FROM jobs WHERE finished_s < %s",
                                         (finished_before_s,))
             return cursor.rowcount
@@ -235,8 +244,19 @@ class PostgresJobStore(JobStore):
             log.warning("releasing the job leases of %s failed", self.worker, exc_info=True)
         self._pool.close()
 
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; the database's "cannot now" errors (unreachable, pool
+        exhausted, disk full, shutting down, a read-only standby) raised as
+        `JobStoreUnavailableError`."""
+        try:
+            with self._pool.connection() as connection:
+                yield connection
+        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as exc:
+            raise JobStoreUnavailableError(f"job store: {exc}") from exc
+
     def _records(self, query: str, params: Sequence[object]) -> list[JobRecord]:
-        with self._pool.connection() as connection:
+        with self._connection() as connection:
             rows = connection.execute(query, params).fetchall()
         return [JobRecord(id=job_id, task=task, params=json.loads(params_json),
                           state=JobState(state), total=total, succeeded=succeeded,

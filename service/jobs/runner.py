@@ -36,8 +36,19 @@ from service.batching import (
     BatchExecutionError,
     QueueFullError,
 )
-from service.errors import InvalidRequestError, ServiceError, format_validation_errors
-from service.jobs.store import JobRecord, JobResult, JobState, JobStore
+from service.errors import (
+    FeatureDisabledError,
+    InvalidRequestError,
+    ServiceError,
+    format_validation_errors,
+)
+from service.jobs.store import (
+    JobRecord,
+    JobResult,
+    JobState,
+    JobStore,
+    JobStoreUnavailableError,
+)
 from service.schemas import TASK_PARAMS
 from service.serving import Glipv2Serving
 
@@ -65,7 +76,15 @@ def validate_params(task: str, params: dict[str, Any], serving: Glipv2Serving) -
 
 
 class JobRunner:
-    """Owns the background loop; routes call `wake()` after a submit and `cancel()` on DELETE."""
+    """Owns the background loop; routes call `wake()` after a submit and `cancel()` on DELETE.
+
+    While the store is unavailable (`JobStoreUnavailableError`: disk full, read-only, database
+    away) the loop backs off, `store_retry_s` (first wait, doubled per failure up to the
+    second) and tries again; a window already computed keeps its results in memory and retries
+    storing them, so nothing is computed twice and nothing stored before is touched.
+    """
+
+    store_retry_s: tuple[float, float] = (0.5, 30.0)
 
     def __init__(self, store: JobStore, serving: Glipv2Serving, decode: Decode, *,
                  concurrency: int, input_dir: Path | None, results_ttl_s: float,
@@ -86,19 +105,27 @@ class JobRunner:
         # Prepared parameters of the unfinished jobs this runner has (re)started.
         self._prepared: dict[str, Any] = {}
         self._last_purge_s = 0.0
+        self._stopping = False  # claim nothing more (the window in flight may finish)
 
     async def start(self) -> None:
         await self._publish()
         self._task = asyncio.create_task(self._run(), name="glipv2-job-runner")
 
-    async def stop(self) -> None:
-        """Stop at once: the window in flight is dropped unstored; its inputs are claimed again
-        after a restart, or by another replica once the store is closed (or its leases expire)."""
-        if self._task is None:
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Claim no more inputs; the window in flight gets `grace_s` to finish and store its
+        results (SIGTERM's drain), then is dropped unstored: its inputs are claimed again after
+        a restart, or by another replica once the store is closed (or its leases expire).
+        Results already stored stay; 0 stops at once."""
+        task = self._task
+        if task is None:
             return
-        self._task.cancel()
+        self._stopping = True
+        self._wakeup.set()  # an idle loop looks again, sees `_stopping` and returns
+        if grace_s > 0:
+            await asyncio.wait([task], timeout=grace_s)  # on timeout, still running
+        task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+            await task
         self._task = None
 
     def wake(self) -> None:
@@ -117,7 +144,8 @@ class JobRunner:
     # --- the loop -----------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        store_failures = 0
+        while not self._stopping:
             try:
                 await self._purge_if_due()
                 self._wakeup.clear()  # before looking: a submit from now on wakes the wait
@@ -125,8 +153,14 @@ class JobRunner:
                     await self._publish()  # other replicas may have moved jobs meanwhile
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), self.store.idle_poll_s)
+                store_failures = 0
             except asyncio.CancelledError:
                 raise
+            except JobStoreUnavailableError as exc:
+                delay_s = self._store_retry_after_s(store_failures)
+                store_failures += 1
+                log.warning("job store unavailable (%s); retrying in %.1f s", exc, delay_s)
+                await asyncio.sleep(delay_s)
             except BatcherStoppedError:
                 return  # the engines are stopping: what is left resumes after the restart
             except Exception:  # a bug, or the database away, must not end job processing
@@ -147,6 +181,8 @@ class JobRunner:
     async def _work(self, job: JobRecord) -> bool:
         """Run windows of `job` while this runner can claim inputs, then mark the job done if
         every input has a result; True if it claimed any."""
+        if self._stopping:
+            return False
         if job.id not in self._prepared:
             if not await asyncio.to_thread(self.store.set_state, job.id, JobState.RUNNING):
                 return False  # cancelled meanwhile
@@ -161,7 +197,8 @@ class JobRunner:
         prepared, worked = self._prepared[job.id], False
         self._current = job.id
         try:
-            while claimed := await asyncio.to_thread(self.store.claim, job.id, self.concurrency):
+            while not self._stopping and (claimed := await asyncio.to_thread(
+                    self.store.claim, job.id, self.concurrency)):
                 worked = True
                 await self._run_window(job, prepared, claimed)
         finally:
@@ -186,10 +223,29 @@ class JobRunner:
             if isinstance(outcome, BatcherStoppedError):
                 raise outcome
         results = [o for o in outcomes if isinstance(o, JobResult)]
-        stored = await asyncio.to_thread(self.store.put_results, job.id, results)
+        stored = await self._store_results(job.id, results)
         if self._on_input is not None:
             for result in stored:
                 self._on_input(result.ok)
+
+    async def _store_results(self, job_id: str, results: list[JobResult]) -> list[JobResult]:
+        """`put_results`, retried with back-off while the store is unavailable: the window's
+        results wait here instead of being computed again (a stop drops them; they are redone
+        after the restart)."""
+        failures = 0
+        while True:
+            try:
+                return await asyncio.to_thread(self.store.put_results, job_id, results)
+            except JobStoreUnavailableError as exc:
+                delay_s = self._store_retry_after_s(failures)
+                failures += 1
+                log.warning("storing %d results of job %s failed (%s); retrying in %.1f s",
+                            len(results), job_id, exc, delay_s)
+                await asyncio.sleep(delay_s)
+
+    def _store_retry_after_s(self, failures: int) -> float:
+        first_s, most_s = self.store_retry_s
+        return min(most_s, first_s * 2.0 ** min(failures, 30))
 
     async def _heartbeat(self, job_id: str) -> None:
         """Renew the window's leases a few times per lease timeout; drop the window once the
@@ -229,7 +285,7 @@ class JobRunner:
         if item.data is not None:
             return item.data.decode("utf-8")  # the `image` string, as the online body has it
         if self.input_dir is None:
-            raise InvalidRequestError("file inputs are not enabled on this server")
+            raise FeatureDisabledError("file inputs are not enabled on this server")
         path = resolve_input_path(self.input_dir, item.path or "")
         try:
             return await asyncio.to_thread(path.read_bytes)

@@ -4,12 +4,16 @@ A job is its task, its parameters and its inputs (each input's bytes in a file, 
 a file under the configured input folder); results are written one row per input, keyed by
 (job, index), so a result is stored exactly once however often a crash makes work repeat. SQLite
 runs in WAL mode: readers (progress, result streams) never block the writer, and a killed process
-loses nothing that was committed. One process owns a SQLite store; the store that several
+loses nothing that was committed. A store that cannot be read or written now (disk full,
+read-only, I/O error, database away) raises `JobStoreUnavailableError`: each call is one
+transaction, so what was committed before stays, and the same call succeeds once the store
+recovers. One process owns a SQLite store; the store that several
 replicas share (`service.jobs.postgres`) implements the same interface with real leases.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import sqlite3
@@ -17,7 +21,8 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -72,8 +77,14 @@ class JobResult:
     body: str  # JSON: the task's response, or {"code", "message"} for a failed input
 
 
+class JobStoreUnavailableError(RuntimeError):
+    """The store cannot be read or written now (disk full, read-only, I/O error, database
+    away); nothing of the call was stored, what was stored before is kept. Retry later."""
+
+
 class JobStore(ABC):
-    """What the service needs from job storage; every method is blocking (call it in a thread).
+    """What the service needs from job storage; every method is blocking (call it in a thread)
+    and raises `JobStoreUnavailableError` when the storage cannot serve it now.
 
     Work is claimed in leases: `claim` hands this worker (one store object, i.e. one replica) a
     few inputs no other worker holds, `renew` keeps them while the work runs, `put_results`
@@ -182,37 +193,42 @@ class SqliteJobStore(JobStore):
     def create(self, task: str, params: dict, inputs: Sequence[JobInput]) -> JobRecord:
         job_id = uuid.uuid4().hex
         folder = self.root / "inputs" / job_id
-        folder.mkdir(parents=True)
-        rows = []
-        for index, item in enumerate(inputs):
-            name = None
-            if item.data is not None:
-                name = f"{index:07d}"
-                (folder / name).write_bytes(item.data)
-            rows.append((job_id, index, name, item.path))
-        now = self._clock()
-        with self._lock, self._transaction():
-            self._db.executemany("INSERT INTO inputs VALUES (?, ?, ?, ?)", rows)
-            self._db.execute(
-                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, NULL)",
-                (job_id, task, json.dumps(params), JobState.QUEUED.value, len(rows), now))
+        try:
+            with _files_available():
+                folder.mkdir(parents=True)
+                rows = []
+                for index, item in enumerate(inputs):
+                    name = None
+                    if item.data is not None:
+                        name = f"{index:07d}"
+                        (folder / name).write_bytes(item.data)
+                    rows.append((job_id, index, name, item.path))
+            now = self._clock()
+            with self._locked(), self._transaction():
+                self._db.executemany("INSERT INTO inputs VALUES (?, ?, ?, ?)", rows)
+                self._db.execute(
+                    "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, NULL)",
+                    (job_id, task, json.dumps(params), JobState.QUEUED.value, len(rows), now))
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # no job was stored: no files either
+            raise
         record = self.get(job_id)
         assert record is not None
         return record
 
     def get(self, job_id: str) -> JobRecord | None:
-        with self._lock:
+        with self._locked():
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return None if row is None else self._record(row)
 
     def recent(self, limit: int = 100) -> list[JobRecord]:
-        with self._lock:
+        with self._locked():
             rows = self._db.execute("SELECT * FROM jobs ORDER BY created_s DESC, id LIMIT ?",
                                     (limit,)).fetchall()
             return [self._record(row) for row in rows]
 
     def unfinished(self) -> list[JobRecord]:
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(
                 "SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY created_s, id",
                 (JobState.QUEUED.value, JobState.RUNNING.value)).fetchall()
@@ -222,7 +238,7 @@ class SqliteJobStore(JobStore):
         now = self._clock()
         started = now if state == JobState.RUNNING else None
         finished = now if state.finished else None
-        with self._lock:
+        with self._locked():
             cursor = self._db.execute(
                 "UPDATE jobs SET state = ?, error = COALESCE(?, error), "
                 "started_s = COALESCE(?, started_s), finished_s = ? "
@@ -232,7 +248,7 @@ class SqliteJobStore(JobStore):
             return cursor.rowcount == 1
 
     def claim(self, job_id: str, limit: int) -> list[int]:
-        with self._lock:
+        with self._locked():
             if not self._running(job_id):
                 return []
             rows = self._db.execute(
@@ -243,13 +259,13 @@ class SqliteJobStore(JobStore):
             return [row[0] for row in rows]
 
     def renew(self, job_id: str) -> bool:
-        with self._lock:
+        with self._locked():
             return self._running(job_id)
 
     def put_results(self, job_id: str, results: Sequence[JobResult]) -> list[JobResult]:
         now = self._clock()
         stored = []
-        with self._lock, self._transaction():
+        with self._locked(), self._transaction():
             if not self._running(job_id):
                 return []
             for result in results:
@@ -261,7 +277,7 @@ class SqliteJobStore(JobStore):
         return stored
 
     def finish(self, job_id: str) -> bool:
-        with self._lock:
+        with self._locked():
             cursor = self._db.execute(
                 "UPDATE jobs SET state = ?, finished_s = ? WHERE id = ? AND state = ? "
                 "AND NOT EXISTS (SELECT 1 FROM inputs i LEFT JOIN results r "
@@ -270,32 +286,33 @@ class SqliteJobStore(JobStore):
             return cursor.rowcount == 1
 
     def read_input(self, job_id: str, index: int) -> JobInput:
-        with self._lock:
+        with self._locked():
             row = self._db.execute("SELECT file, path FROM inputs WHERE job_id = ? AND idx = ?",
                                    (job_id, index)).fetchone()
         if row is None:
             raise KeyError(f"job {job_id} has no input {index}")
         name, path = row
         if name is not None:
-            return JobInput(data=(self.root / "inputs" / job_id / name).read_bytes())
+            with _files_available():
+                return JobInput(data=(self.root / "inputs" / job_id / name).read_bytes())
         return JobInput(path=path)
 
     def results(self, job_id: str, after: int = -1, limit: int = 100) -> list[JobResult]:
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(
                 "SELECT idx, ok, body FROM results WHERE job_id = ? AND idx > ? "
                 "ORDER BY idx LIMIT ?", (job_id, after, limit)).fetchall()
         return [JobResult(index=i, ok=bool(ok), body=body) for i, ok, body in rows]
 
     def counts(self) -> dict[JobState, int]:
-        with self._lock:
+        with self._locked():
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         counts = dict.fromkeys(JobState, 0)
         counts.update({JobState(state): n for state, n in rows})
         return counts
 
     def purge(self, finished_before_s: float) -> int:
-        with self._lock:
+        with self._locked():
             ids = [row[0] for row in self._db.execute(
                 "SELECT id FROM jobs WHERE finished_s IS NOT NULL AND finished_s < ?",
                 (finished_before_s,)).fetchall()]
@@ -309,10 +326,23 @@ class SqliteJobStore(JobStore):
         return len(ids)
 
     def close(self) -> None:
-        with self._lock:
+        with self._locked():
             self._db.close()
 
     # --- helpers ------------------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The connection, for this thread alone; SQLite's "cannot now" errors (disk full,
+        read-only, I/O, busy) raised as `JobStoreUnavailableError`."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.OperationalError as exc:
+                code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
+                if code in _SQLITE_UNAVAILABLE:
+                    raise JobStoreUnavailableError(f"job store: {exc}") from exc
+                raise
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
@@ -333,6 +363,27 @@ class SqliteJobStore(JobStore):
                          done_since_start=recent)
 
 
+# SQLite's primary result codes meaning "not now" (the storage), not "never" (the statement).
+_SQLITE_UNAVAILABLE = frozenset({
+    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL})
+# ... and the file errors of the input files meaning the same.
+_FILES_UNAVAILABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO,
+                                errno.EACCES, errno.EPERM})
+
+
+@contextmanager
+def _files_available() -> Iterator[None]:
+    """Input-file errors of a full, read-only or failing disk raised as
+    `JobStoreUnavailableError` (a missing file stays what it is)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _FILES_UNAVAILABLE:
+            raise JobStoreUnavailableError(f"job store: {exc}") from exc
+        raise
+
+
 class _Transaction:
     """BEGIN ... COMMIT (ROLLBACK on error) on an autocommit connection."""
 
@@ -343,4 +394,18 @@ class _Transaction:
         self.db.execute("BEGIN")
 
     def __exit__(self, kind, value, traceback) -> None:
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        if kind is None:
+            try:
+                self.db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        else:
+            self._rollback()
+
+    def _rollback(self) -> None:
+        """Roll back what is left: SQLite may have rolled back already (it does on a full disk
+        or an I/O error), and a failing ROLLBACK must not hide the error that caused it."""
+        if self.db.in_transaction:
+            with suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")

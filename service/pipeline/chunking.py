@@ -29,7 +29,7 @@ SEPARATOR_TOKENS = 1  # "." between names
 
 
 class ChunkingError(ValueError):
-    """A class name cannot fit any chunk (it alone is over the token budget), or is empty."""
+    """A class name cannot fit any chunk: it alone is over the token budget."""
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,11 @@ def pack_chunks(names: Sequence[str], token_counts: Sequence[int], max_tokens: i
                 chunk_size: int | None = None) -> list[PromptChunk]:
     """Greedy packing in order: a chunk closes when the next name would exceed a bound.
 
-    `token_counts[i]` is `names[i]`'s count from `name_token_counts`. Raises `ChunkingError`
-    naming the first class that fits no chunk.
+    `token_counts[i]` is `names[i]`'s count from `name_token_counts`. A name with no tokens
+    (nothing left once cleaned, e.g. "(x)", or only characters the tokenizer drops) has nothing
+    for a region to match: it is in no chunk, and so is never detected. No names with tokens,
+    no chunks. Raises `ChunkingError` naming the first class that fits no chunk.
     """
-    if not names:
-        raise ChunkingError("no class names to pack")
     if chunk_size is not None and chunk_size < 1:
         raise ChunkingError(f"chunk_size must be >= 1, got {chunk_size}")
     budget = max_tokens - SPECIAL_TOKENS
@@ -69,7 +69,7 @@ def pack_chunks(names: Sequence[str], token_counts: Sequence[int], max_tokens: i
     used = 0
     for index, count in enumerate(token_counts):
         if count == 0:
-            raise ChunkingError(f"class {index} ({names[index]!r}) is empty once cleaned")
+            continue
         if count > budget:
             raise ChunkingError(
                 f"class {index} ({names[index]!r}) is {count + SPECIAL_TOKENS} tokens long on "
@@ -87,4 +87,4 @@ def pack_chunks(names: Sequence[str], token_counts: Sequence[int], max_tokens: i
                                                       EVAL_SEPARATOR),
                         num_tokens=SPECIAL_TOKENS + sum(token_counts[i] for i in indices)
                         + SEPARATOR_TOKENS * (len(indices) - 1))
-            for indices in chunks]
+            for indices in chunks if indices]

@@ -10,7 +10,7 @@ from service.routers.common import (
     png_responses,
     read_task_input,
     rendered,
-    task_request_body,
+    request_body,
 )
 from service.schemas import (
     CaptionForm,
@@ -23,10 +23,10 @@ router = APIRouter(tags=["tasks"])
 
 
 @router.post(
-    "/v1/caption", response_model=CaptionResponse,
+    "/v1/caption", operation_id="caption", response_model=CaptionResponse,
     summary="Caption the image and ground the caption's phrases",
-    responses=png_responses(400, 401, 413, 415, 422, 429, 501, 503, 504),
-    openapi_extra=task_request_body(CaptionRequest, CaptionForm),
+    responses=png_responses(400, 401, 403, 413, 415, 422, 429, 500, 501, 503, 504),
+    openapi_extra=request_body(CaptionRequest, CaptionForm),
 )
 async def caption(request: Request, state: StateDep, serving: ServingDep,
                  render: RenderQuery = None) -> CaptionResponse | Response:

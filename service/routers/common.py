@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 from service.errors import InvalidJsonError, UnsupportedMediaTypeError
 
 ParamsT = TypeVar("ParamsT", bound=BaseModel)
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 MAX_FORM_FIELDS = 10_000  # room for a long class list, one field per name
 MAX_FORM_TEXT_BYTES = 64 * 1024  # one text field (a class name, a prompt)
@@ -55,15 +56,25 @@ async def read_task_input(request: Request, json_model: type[ParamsT],
         "multipart/form-data (image as a file)")
 
 
-async def _read_json(request: Request, model: type[ParamsT]) -> TaskInput[ParamsT]:
+async def read_json(request: Request, model: type[ModelT]) -> ModelT:
+    """The body as `model`, validated strictly: JSON types as the schema states them (no
+    `"0.5"` or `false` for a number), which a schema-driven client or fuzzer relies on.
+
+    Raises `InvalidJsonError` (400) for a body that is not JSON, `RequestValidationError` (422)
+    for invalid fields.
+    """
     body = await request.body()
     try:
-        parsed = model.model_validate_json(body)
+        return model.model_validate_json(body, strict=True)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         if any(error["type"] == "json_invalid" for error in errors):
             raise InvalidJsonError(f"body is not valid JSON: {errors[0]['msg']}") from None
         raise RequestValidationError(_in_body(errors)) from None
+
+
+async def _read_json(request: Request, model: type[ParamsT]) -> TaskInput[ParamsT]:
+    parsed = await read_json(request, model)
     # Every *Request is its *Params plus `image: str`, so it serves as the params itself.
     image: str = parsed.image  # type: ignore[attr-defined]  # typed as the base model
     return TaskInput(params=parsed, image=image)
@@ -110,17 +121,31 @@ def _in_body(errors: list[Any]) -> list[Any]:
     return [{**error, "loc": ("body", *error.get("loc", ()))} for error in errors]
 
 
-def task_request_body(json_model: type[BaseModel], form_model: type[BaseModel]
-                      ) -> dict[str, Any]:
-    """`openapi_extra` documenting both request bodies of a task route.
+def request_body(json_model: type[BaseModel], form_model: type[BaseModel] | None = None
+                 ) -> dict[str, Any]:
+    """`openapi_extra` documenting the request body of a route that reads it itself (one path,
+    two content types; strict JSON), which FastAPI cannot infer. The schemas go inline, their
+    nested models in `$defs` referring to `components/schemas`: `service.openapi` moves them
+    there."""
+    def schema(model: type[BaseModel]) -> dict[str, Any]:
+        return model.model_json_schema(ref_template="#/components/schemas/{model}")
 
-    The routes read the body themselves (one path, two content types), so FastAPI cannot infer
-    it; the schemas are inlined (they have no nested models).
-    """
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": json_model.model_json_schema()},
-        "multipart/form-data": {"schema": form_model.model_json_schema()},
-    }}}
+    content = {"application/json": {"schema": schema(json_model)}}
+    if form_model is not None:
+        content["multipart/form-data"] = {"schema": _without_null(schema(form_model))}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A form has no null: an optional field is left out. Each `anyOf: [X, null]` property of
+    the form's schema becomes X (its description and bounds kept)."""
+    for name, field in schema.get("properties", {}).items():
+        options = [option for option in field.get("anyOf", ()) if option != {"type": "null"}]
+        if "anyOf" in field and len(options) == 1:
+            rest = {key: value for key, value in field.items()
+                    if key not in ("anyOf", "default")}
+            schema["properties"][name] = {**options[0], **rest}
+    return schema
 
 
 RenderQuery = Annotated[

@@ -10,7 +10,7 @@ from service.routers.common import (
     png_responses,
     read_task_input,
     rendered,
-    task_request_body,
+    request_body,
 )
 from service.schemas import DetectForm, DetectParams, DetectRequest, DetectResponse
 
@@ -18,10 +18,11 @@ router = APIRouter(tags=["tasks"])
 
 
 @router.post(
-    "/v1/detect", response_model=DetectResponse, response_model_exclude_none=True,
+    "/v1/detect", operation_id="detect",
+    response_model=DetectResponse, response_model_exclude_none=True,
     summary="Detect classes, or ground the phrases of a prompt",
-    responses=png_responses(400, 401, 413, 415, 422, 429, 503, 504),
-    openapi_extra=task_request_body(DetectRequest, DetectForm),
+    responses=png_responses(400, 401, 403, 404, 413, 415, 422, 429, 500, 503, 504),
+    openapi_extra=request_body(DetectRequest, DetectForm),
 )
 async def detect(request: Request, state: StateDep, serving: ServingDep,
                 render: RenderQuery = None) -> DetectResponse | Response:

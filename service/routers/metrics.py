@@ -10,7 +10,8 @@ from service.dependencies import StateDep
 router = APIRouter(tags=["metrics"])
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+@router.get("/metrics", operation_id="metrics",
+            summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {}},
                              "description": "Prometheus text format"}})
 async def metrics(state: StateDep) -> Response:

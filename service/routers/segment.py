@@ -10,7 +10,7 @@ from service.routers.common import (
     png_responses,
     read_task_input,
     rendered,
-    task_request_body,
+    request_body,
 )
 from service.schemas import (
     SegmentForm,
@@ -23,10 +23,10 @@ router = APIRouter(tags=["tasks"])
 
 
 @router.post(
-    "/v1/segment", response_model=SegmentResponse,
+    "/v1/segment", operation_id="segment", response_model=SegmentResponse,
     summary="Segment what each referring expression names",
-    responses=png_responses(400, 401, 413, 415, 422, 429, 501, 503, 504),
-    openapi_extra=task_request_body(SegmentRequest, SegmentForm),
+    responses=png_responses(400, 401, 403, 413, 415, 422, 429, 500, 501, 503, 504),
+    openapi_extra=request_body(SegmentRequest, SegmentForm),
 )
 async def segment(request: Request, state: StateDep, serving: ServingDep,
                  render: RenderQuery = None) -> SegmentResponse | Response:

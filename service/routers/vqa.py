@@ -10,7 +10,7 @@ from service.routers.common import (
     png_responses,
     read_task_input,
     rendered,
-    task_request_body,
+    request_body,
 )
 from service.schemas import VqaForm, VqaParams, VqaRequest, VqaResponse
 
@@ -18,10 +18,10 @@ router = APIRouter(tags=["tasks"])
 
 
 @router.post(
-    "/v1/vqa", response_model=VqaResponse,
+    "/v1/vqa", operation_id="vqa", response_model=VqaResponse,
     summary="Answer a question about the image",
-    responses=png_responses(400, 401, 413, 415, 422, 429, 501, 503, 504),
-    openapi_extra=task_request_body(VqaRequest, VqaForm),
+    responses=png_responses(400, 401, 403, 413, 415, 422, 429, 500, 501, 503, 504),
+    openapi_extra=request_body(VqaRequest, VqaForm),
 )
 async def vqa(request: Request, state: StateDep, serving: ServingDep,
              render: RenderQuery = None) -> VqaResponse | Response:

@@ -20,10 +20,10 @@ from PIL import Image
 from model_export.checkpoints.tuned_prompts import TunedPrompt
 from model_export.processing.box_coding import rescale_boxes, to_exclusive
 from model_export.processing.postprocess import Detections, merge_detections
-from model_export.processing.prompt import build_detection_prompt, clean_name, positive_map
+from model_export.processing.prompt import positive_map
 from service.batching import PRIORITY_ONLINE
 from service.engine_client import EngineStages
-from service.errors import InvalidRequestError
+from service.errors import InvalidRequestError, NotFoundError
 from service.model_runner import FusionResult
 from service.pipeline.chunking import ChunkingError, name_token_counts, pack_chunks
 from service.pipeline.model_input import PreparedImage
@@ -71,31 +71,21 @@ class DetectTask:
     # --- prepare ------------------------------------------------------------------------------
 
     def prepare(self, params: DetectParams) -> DetectQuery:
-        """Raises `InvalidRequestError` (422) for what only the model can tell is invalid."""
+        """Raises `InvalidRequestError` (422) for what only the model can tell is invalid,
+        `NotFoundError` (404) for a prompt_id not registered here."""
         if params.prompt_id is not None:
             return self._tuned_query(params)
         spans: list[tuple[int, int]] | None = None
-        if params.prompt is not None:
-            prompt = params.prompt
-            spans = split_phrases(prompt)
-            if not spans:
-                raise InvalidRequestError("prompt has no phrases (only separators)")
-            names = [prompt[start:end] for start, end in spans]
-            for name in names:
-                if not clean_name(name).strip():
-                    raise InvalidRequestError(f"prompt phrase {name!r} is empty once cleaned "
-                                              "(parenthesised text and underscores are removed)")
-            caption = build_detection_prompt(names).caption
-            self.context.check_tokens("prompt", max(self.context.count_tokens(prompt),
-                                                    self.context.count_tokens(caption)))
-            chunks = self._chunk_plan(tuple(names), None)
+        if params.prompt is not None:  # its phrases are packed into chunks as classes are
+            spans = split_phrases(params.prompt)  # the schema guarantees one at least
+            names = [params.prompt[start:end] for start, end in spans]
         else:
             assert params.classes is not None  # the schema guarantees exactly one query
             names = list(params.classes)
-            try:
-                chunks = self._chunk_plan(tuple(names), params.chunk_size)
-            except ChunkingError as exc:
-                raise InvalidRequestError(str(exc)) from None
+        try:
+            chunks = self._chunk_plan(tuple(names), params.chunk_size)
+        except ChunkingError as exc:
+            raise InvalidRequestError(str(exc)) from None
         return DetectQuery(names=names, spans=spans, chunks=chunks, threshold=params.threshold,
                            max_detections=params.max_detections)
 
@@ -103,8 +93,8 @@ class DetectTask:
         tuned = self.prompts.get(params.prompt_id or "")
         if tuned is None:
             registered = ", ".join(sorted(self.prompts)) or "none"
-            raise InvalidRequestError(f"unknown prompt_id {params.prompt_id!r}; registered on "
-                                      f"this server: {registered} (see /v1/models)")
+            raise NotFoundError(f"unknown prompt_id {params.prompt_id!r}; registered on "
+                                f"this server: {registered} (see /v1/models)")
         chunks = self._chunk_plan(tuple(tuned.classes), None)
         # The offset is bound to the tuned caption's token positions: one chunk, that caption.
         if len(chunks) != 1 or chunks[0].caption != tuned.caption:
@@ -142,6 +132,8 @@ class DetectTask:
                              prepared: PreparedImage, visual: list[torch.Tensor]
                              ) -> Detections:
         """`detections` for an image whose vision features a request already has."""
+        if not query.chunks:  # no name has a token to match: nothing can be found
+            return Detections(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long))
         texts = await request.encode_texts([c.caption for c in query.chunks])
         if query.offset is not None:  # after the cache, which holds the plain encoder features
             texts = [PromptFeatures(t.input_ids, t.hidden + query.offset) for t in texts]
