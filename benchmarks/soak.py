@@ -5,16 +5,21 @@ in turn for `minutes`. Per minute: requests by status, p50 / p99 of the 200s, an
 resident memory (`process_resident_memory_bytes` from its `/metrics`). The summary checks the
 goals of a long-running service: no errors but 429 (load shedding), resident memory growing less
 than 10 % from the first to the last minute, and the last minute's p99 within 1.5x of the first.
+
+Then, for a server started here, SIGTERM under the same load (`Drain`): the requests it had taken
+must be answered (200, or 429), every request sent after it refused with 503 JSON until the
+listener closes, and the process must exit 0 within its shutdown timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import httpx
@@ -23,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.captions import MIXED_BODIES
 from benchmarks.load import world_pngs
-from benchmarks.local_server import local_server
+from benchmarks.local_server import spawn_server
 
 RSS_GROWTH_GOAL = 0.10
 P99_DRIFT_GOAL = 1.5
@@ -41,6 +46,18 @@ class Minute:
         return float(np.quantile(self.latencies_s, q) * 1000.0) if self.latencies_s else 0.0
 
 
+@dataclass
+class Drain:
+    """SIGTERM under load. in_flight: statuses of the requests sent before the signal;
+    after: of those sent after it ("503 shutting_down", "no connection", or anything else);
+    exit_code and exit_s: the process's, seconds from the signal."""
+
+    in_flight: Counter[str] = field(default_factory=Counter)
+    after: Counter[str] = field(default_factory=Counter)
+    exit_code: int | None = None
+    exit_s: float = 0.0
+
+
 def resident_memory(metrics_text: str) -> float | None:
     """The server's resident memory in bytes, from its Prometheus exposition."""
     for family in text_string_to_metric_families(metrics_text):
@@ -51,8 +68,7 @@ def resident_memory(metrics_text: str) -> float | None:
 
 async def _soak(url: str, images: list[bytes], minutes: float, concurrency: int
                 ) -> list[Minute]:
-    bodies = [(path, {"image": base64.b64encode(images[i % len(images)]).decode(), **extra})
-              for i in range(len(images)) for path, extra in MIXED_BODIES]
+    bodies = _bodies(images)
     started = time.monotonic()
     end = started + minutes * 60.0
     slots = max(1, round(minutes))
@@ -88,14 +104,66 @@ async def _soak(url: str, images: list[bytes], minutes: float, concurrency: int
     return per_minute
 
 
+async def _drain(url: str, images: list[bytes], concurrency: int,
+                 process: subprocess.Popen[str], load_s: float = 5.0) -> Drain:
+    """`load_s` of the soak's load, SIGTERM, and the load kept on until the server is gone."""
+    bodies = _bodies(images)
+    drain = Drain()
+    signalled: list[float] = []
+    counter = iter(range(1 << 62))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for index in counter:
+            path, body = bodies[index % len(bodies)]
+            sent = time.monotonic()
+            try:
+                response = await client.post(path, json=body)
+                code = response.json().get("error", {}).get("code", "") \
+                    if response.status_code >= 400 else ""
+                outcome = f"{response.status_code} {code}".strip()
+            except (httpx.TransportError, ValueError):
+                outcome = "no connection"
+            if not signalled or sent < signalled[0]:
+                drain.in_flight[outcome] += 1
+            else:
+                drain.after[outcome] += 1
+                if outcome == "no connection" and process.poll() is not None:
+                    return
+
+    async def terminate() -> None:
+        await asyncio.sleep(load_s)
+        signalled.append(time.monotonic())
+        process.send_signal(signal.SIGTERM)
+        drain.exit_code = await asyncio.to_thread(process.wait, 600)
+        drain.exit_s = time.monotonic() - signalled[0]
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await asyncio.gather(terminate(), *(worker(client) for _ in range(concurrency)))
+    return drain
+
+
+def _bodies(images: list[bytes]) -> list[tuple[str, dict[str, object]]]:
+    return [(path, {"image": base64.b64encode(images[i % len(images)]).decode(), **extra})
+            for i in range(len(images)) for path, extra in MIXED_BODIES]
+
+
 def bench_soak(minutes: float = 10.0, concurrency: int = 32, *, model_dir: str | None = None,
                serve_args: Sequence[str] = (), url: str | None = None,
-               distinct_images: int = 8) -> list[Minute]:
+               distinct_images: int = 8) -> tuple[list[Minute], Drain | None]:
+    """The soak against `url`, or against a server started here and then SIGTERMed under the
+    same load (its `Drain`; None for `url`)."""
     images = world_pngs(distinct_images)
-    with ExitStack() as stack:
-        if url is None:
-            url = stack.enter_context(local_server(model_dir, serve_args))
-        return asyncio.run(_soak(url, images, minutes, concurrency))
+    if url is not None:
+        return asyncio.run(_soak(url, images, minutes, concurrency)), None
+    args = [*serve_args, *(["--model", model_dir] if model_dir else [])]
+    process, started = spawn_server(args)
+    try:
+        minutes_ = asyncio.run(_soak(started, images, minutes, concurrency))
+        return minutes_, asyncio.run(_drain(started, images, concurrency, process))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def format_soak(minutes: list[Minute], concurrency: int) -> str:
@@ -123,3 +191,11 @@ def format_soak(minutes: list[Minute], concurrency: int) -> str:
     lines.append("errors other than 429: "
                  + (", ".join(f"{s}: {n}" for s, n in sorted(errors.items())) or "none"))
     return "\n".join(lines)
+
+
+def format_drain(drain: Drain) -> str:
+    def counts(counter: Counter[str]) -> str:
+        return ", ".join(f"{outcome}: {n}" for outcome, n in sorted(counter.items())) or "none"
+
+    return (f"SIGTERM under load: sent before it: {counts(drain.in_flight)}; sent after it: "
+            f"{counts(drain.after)}; exit code {drain.exit_code} after {drain.exit_s:.1f} s")

@@ -110,14 +110,16 @@ def _bench_captions(args: argparse.Namespace) -> int:
 
 
 def _bench_soak(args: argparse.Namespace) -> int:
-    from benchmarks.soak import bench_soak, format_soak
+    from benchmarks.soak import bench_soak, format_drain, format_soak
 
     serve_args = _started_server_args(args)
     if serve_args is None:
         return 2
-    minutes = bench_soak(args.minutes, args.concurrency, model_dir=args.model,
-                         serve_args=serve_args, url=args.url)
+    minutes, drain = bench_soak(args.minutes, args.concurrency, model_dir=args.model,
+                                serve_args=serve_args, url=args.url)
     print(format_soak(minutes, args.concurrency))
+    if drain is not None:
+        print(format_drain(drain))
     return 0
 
 

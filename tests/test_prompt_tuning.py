@@ -147,6 +147,6 @@ def test_prompt_id_detects_with_its_classes_and_its_offset(client: TestClient) -
 def test_unknown_prompt_id_names_the_registered_ones(client: TestClient) -> None:
     image = base64.b64encode(WORLD_PNG.read_bytes()).decode()
     response = client.post("/v1/detect", json={"image": image, "prompt_id": "lvis"})
-    assert response.status_code == 422
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     message = response.json()["error"]["message"]
     assert "unknown prompt_id 'lvis'" in message and "plain, tuned" in message
