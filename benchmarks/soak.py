@@ -41,6 +41,7 @@ class Minute:
     statuses: Counter[int] = field(default_factory=Counter)
     latencies_s: list[float] = field(default_factory=list)
     rss_bytes: float | None = None
+    errors: Counter[tuple[int, str]] = field(default_factory=Counter)  # (status, path)
 
     def quantile_ms(self, q: float) -> float:
         return float(np.quantile(self.latencies_s, q) * 1000.0) if self.latencies_s else 0.0
@@ -93,6 +94,8 @@ async def _soak(url: str, images: list[bytes], minutes: float, concurrency: int
             minute.statuses[status] += 1
             if status == 200:
                 minute.latencies_s.append(done - sent)
+            elif status != 429:
+                minute.errors[status, path] += 1
 
     async def memory(client: httpx.AsyncClient) -> None:
         for index in range(slots):
@@ -177,9 +180,9 @@ def format_soak(minutes: list[Minute], concurrency: int) -> str:
         lines.append(f"{index} | {total} | {minute.statuses[200]} | {minute.statuses[429]} | "
                      f"{other} | {minute.quantile_ms(0.5):.0f} | {minute.quantile_ms(0.99):.0f} | "
                      f"{rss}")
-    errors = Counter[int]()
+    errors = Counter[tuple[int, str]]()
     for minute in minutes:
-        errors.update({s: n for s, n in minute.statuses.items() if s not in (200, 429)})
+        errors.update(minute.errors)
     first, last = minutes[0], minutes[-1]
     if first.rss_bytes and last.rss_bytes:
         growth = last.rss_bytes / first.rss_bytes - 1.0
@@ -188,8 +191,8 @@ def format_soak(minutes: list[Minute], concurrency: int) -> str:
     if first.latencies_s and last.latencies_s:
         drift = last.quantile_ms(0.99) / first.quantile_ms(0.99)
         lines.append(f"p99 last / first minute: {drift:.2f}x (goal <= {P99_DRIFT_GOAL}x)")
-    lines.append("errors other than 429: "
-                 + (", ".join(f"{s}: {n}" for s, n in sorted(errors.items())) or "none"))
+    lines.append("errors other than 429: " + (", ".join(
+        f"{status} {path}: {n}" for (status, path), n in sorted(errors.items())) or "none"))
     return "\n".join(lines)
 
 

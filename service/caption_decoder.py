@@ -10,8 +10,10 @@ and their rows go to whoever waits. A caption that arrives while others decode w
 step, not for their whole captions (no head-of-line blocking).
 
 Load shedding: an online request whose expected completion (the captions ahead of it, at the
-recent caption time and the concurrency the row budget allows, then its own) is past its
-deadline gets `OverloadedError` (429 + Retry-After) at once, before any work is spent on it.
+recent caption time and the concurrency the row budget allows, then its own at that time plus
+twice its recent spread: captions differ in length, and one that joins busy rows is as slow as
+they are) is past its deadline gets `OverloadedError` (429 + Retry-After) at once, before any
+work is spent on it, instead of a 504 after it. An idle decoder takes every caption.
 """
 
 from __future__ import annotations
@@ -194,6 +196,7 @@ class CaptionDecoder(Generic[W, I, C, R]):
         self._accepting = False
         self._stopping = False
         self._caption_ema_s: float | None = None
+        self._caption_spread_s = 0.0  # moving mean of |caption time - its moving mean|
 
     # --- event-loop side ----------------------------------------------------------------------
 
@@ -300,14 +303,14 @@ class CaptionDecoder(Generic[W, I, C, R]):
         return max(0.001, self._rounds_ahead(depth, search) * per_caption)
 
     def _expected_s(self, depth: int, search: CaptionSearch) -> float | None:
-        """Expected seconds to a new arrival's answer: the rounds ahead, then its own. None
-        when it would join at the next step (nothing to wait for, so a slow spell cannot make
-        the decoder refuse everything) or before any caption finished (nothing to estimate
+        """Expected seconds to a new arrival's answer: the rounds ahead, then its own, with
+        room for a slower one than the mean. None when the decoder is idle (so a slow spell
+        cannot make it refuse everything) or before any caption finished (nothing to estimate
         from)."""
-        rounds = self._rounds_ahead(depth, search)
-        if self._caption_ema_s is None or rounds == 0:
+        if self._caption_ema_s is None or not (self._running or self._queue):
             return None
-        return (rounds + 1) * self._caption_ema_s
+        own_s = self._caption_ema_s + 2.0 * self._caption_spread_s
+        return self._rounds_ahead(depth, search) * self._caption_ema_s + own_s
 
     # --- the decoder's thread: expire, admit, step, finish ------------------------------------
 
@@ -424,8 +427,12 @@ class CaptionDecoder(Generic[W, I, C, R]):
         for caption, result in zip(finished, results, strict=True):
             caption.settle(result)
             took = now - caption.started_s
-            self._caption_ema_s = (took if self._caption_ema_s is None else
-                                   (1 - _EMA_WEIGHT) * self._caption_ema_s + _EMA_WEIGHT * took)
+            if self._caption_ema_s is None:
+                self._caption_ema_s = took
+                continue
+            self._caption_spread_s += _EMA_WEIGHT * (abs(took - self._caption_ema_s)
+                                                     - self._caption_spread_s)
+            self._caption_ema_s += _EMA_WEIGHT * (took - self._caption_ema_s)
 
 
 def _image(caption: _Caption[W, I, C, R]) -> I:

@@ -25,11 +25,11 @@ def test_a_short_soak_and_its_drain(tiny_model: Glipv2Model, tmp_path: Path) -> 
 
 def test_the_summary_checks_the_goals() -> None:
     first = Minute(Counter({200: 10}), [0.1] * 10, 100e6)
-    last = Minute(Counter({200: 9, 500: 1}), [0.2] * 9, 120e6)
+    last = Minute(Counter({200: 9, 500: 1}), [0.2] * 9, 120e6, Counter({(500, "/v1/vqa"): 1}))
     text = format_soak([first, last], 32)
     assert "RSS growth first -> last minute: +20.0 %" in text
     assert "p99 last / first minute: 2.00x" in text
-    assert "errors other than 429: 500: 1" in text
+    assert "errors other than 429: 500 /v1/vqa: 1" in text
     drain = Drain(Counter({"200": 5}), Counter({"503 shutting_down": 3}), 0, 2.5)
     assert format_drain(drain) == ("SIGTERM under load: sent before it: 200: 5; sent after it: "
                                    "503 shutting_down: 3; exit code 0 after 2.5 s")

@@ -193,6 +193,35 @@ def test_load_shedding_turns_away_what_would_finish_past_its_deadline() -> None:
     assert shed == [1]
 
 
+def test_a_caption_joining_busy_rows_is_shed_when_its_own_time_passes_its_deadline() -> None:
+    """Room in the rows is no promise: beside busy rows a caption takes the recent caption time
+    (4 s here), so with 3 s left it is refused at once (a 504 later otherwise); with 5 s it is
+    taken. An idle decoder takes any caption."""
+    model, clock = FakeModel(), FakeClock()
+
+    async def scenario() -> None:
+        decoder = CaptionDecoder(model, DecoderConfig(max_rows=2), clock=clock)  # type: ignore[arg-type]
+        await decoder.start()
+        first = asyncio.create_task(decoder.submit(2, GREEDY, (1,)))
+        await _steps(model, 1)
+        clock.now = 4.0  # the caption took 4 s
+        await _drive(model, first)
+        alone = asyncio.create_task(decoder.submit(2, GREEDY, (1,), deadline_ms=1000.0))
+        await _drive(model, alone)  # idle: taken, however short its deadline
+        busy = asyncio.create_task(decoder.submit(30, GREEDY, (1,)))  # one row of two
+        await _enter(model)
+        with pytest.raises(OverloadedError):
+            await decoder.submit(2, GREEDY, (1,), deadline_ms=3000.0)
+        taken = asyncio.create_task(decoder.submit(2, GREEDY, (1,), deadline_ms=5000.0))
+        await asyncio.sleep(0.05)
+        _release(model)
+        await _drive(model, busy, taken)
+        assert taken.result() == [WORD, WORD]
+        await decoder.stop()
+
+    asyncio.run(scenario())
+
+
 def test_an_engine_fault_fails_the_captions_of_that_step_and_decoding_goes_on() -> None:
     model, clock = FakeModel(fail_at_step=2), FakeClock()
 
