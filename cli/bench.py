@@ -70,6 +70,19 @@ def _bench_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_batch(args: argparse.Namespace) -> int:
+    from benchmarks.batch import bench_batch, format_batch
+    from cli.batch import actor_pool
+    from service.bulk.run import BulkOptions
+
+    min_actors, max_actors = actor_pool(args.actors)
+    options = BulkOptions(batch_size=args.batch_size, min_actors=min_actors,
+                          max_actors=max_actors, num_cpus=args.num_cpus, progress=False)
+    print(format_batch(bench_batch(args.images, args.model, args.runtime, args.engines,
+                                   args.threads, options)))
+    return 0
+
+
 def _bench_job_replicas(args: argparse.Namespace) -> int:
     from benchmarks.job_replicas import bench_job_replicas, format_replicas
 
@@ -182,6 +195,21 @@ def register(sub: Subcommands) -> None:
     jobs_bench.add_argument("--concurrency", type=int, default=4, help="online clients")
     jobs_bench.add_argument("--job-images", type=int, default=500, help="images in the batch job")
     jobs_bench.set_defaults(func=_bench_jobs)
+    batch_bench = bench_sub.add_parser(
+        "batch", help="images/s of glipv2 batch run (Ray Data) vs a /v1/jobs job, same images")
+    batch_bench.add_argument("--images", type=int, default=500, help="world images (500)")
+    batch_bench.add_argument("--model", help="model folder (both sides)")
+    batch_bench.add_argument("--runtime", choices=list(RuntimeKind),
+                             help="runtime of both sides (default: serve's)")
+    batch_bench.add_argument("--engines", help="engine folder for --runtime onnxruntime")
+    batch_bench.add_argument("--threads", type=int,
+                             help="compute threads of the server and of each actor (default: "
+                                  "the server one per core, an actor its --num-cpus)")
+    batch_bench.add_argument("--actors", default="1:",
+                             help="actor pool size, N, MIN:MAX or MIN: (as many as fit)")
+    batch_bench.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
+    batch_bench.add_argument("--batch-size", type=int, default=32, help="inputs per actor call")
+    batch_bench.set_defaults(func=_bench_batch)
     replicas = bench_sub.add_parser(
         "job-replicas", help="one batch job's inputs/s on 1 vs 2 replicas sharing PostgreSQL, "
                              "and the time to reclaim a killed replica's leases")

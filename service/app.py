@@ -20,7 +20,17 @@ from service.errors import install_error_handlers
 from service.limits import BodySizeLimitMiddleware
 from service.openapi import shape_contract
 from service.pipeline.images import configure_pillow
-from service.routers import caption, detect, health, jobs, metrics, models, segment, vqa
+from service.routers import (
+    caption,
+    detect,
+    health,
+    jobs,
+    metrics,
+    models,
+    playground,
+    segment,
+    vqa,
+)
 from service.serving import RemoteEngines
 from service.settings import ServiceSettings
 from service.state import RuntimeLoader, ServiceState
@@ -94,4 +104,6 @@ def create_app(settings: ServiceSettings | None = None,
         app.include_router(router, dependencies=authenticated)
     for router in (health.router, metrics.router):
         app.include_router(router)
+    if settings.playground:
+        app.include_router(playground.router)
     return app

@@ -198,6 +198,9 @@ class ServiceSettings(BaseSettings):
     access_log: bool = Field(
         True, description="One JSON line per HTTP request on stdout (request id, method, "
                           "route, status, latency, engine batch sizes, error code).")
+    playground: bool = Field(
+        True, description="Serve the web playground at /playground (/ redirects to it): a "
+                          "page to try every task on an image in a browser; off, both 404.")
     batcher: BatcherSettings = Field(default_factory=BatcherSettings)
 
     @field_validator("log_level", mode="before")

@@ -19,12 +19,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from PIL import Image
 
 from engines.runtimes import Runtime, open_runtime
-from model_export.checkpoints.tuned_prompts import load_tuned_prompts
+from model_export.checkpoints.tuned_prompts import TunedPrompt, load_tuned_prompts
+from model_export.modeling.config import Glipv2Config
 from service.errors import (
     FeatureDisabledError,
     NotReadyError,
@@ -34,7 +35,7 @@ from service.jobs.runner import JobRunner
 from service.jobs.store import JobStore, SqliteJobStore
 from service.pipeline.caption_search import CaptionSearch
 from service.pipeline.image_urls import ImageUrlFetcher
-from service.pipeline.images import decode_base64, decode_image_bytes
+from service.pipeline.images import decode_image_source
 from service.serving import Glipv2Serving, RemoteEngines, ServedModel
 from service.settings import ServiceSettings
 from service.telemetry import ServiceMetrics
@@ -124,30 +125,9 @@ class ServiceState:
     async def _start_serving(self, source: Runtime | ServedModel) -> None:
         """Serve `source`: a runtime here, or the model remote engines serve."""
         settings = self.settings
-        prompts = {}
-        if settings.prompts_dir is not None:
-            language = source.config.language
-            prompts = await asyncio.to_thread(
-                load_tuned_prompts, settings.prompts_dir, language.hidden_size,
-                language.max_query_len, language.tokenizer)
+        prompts = await asyncio.to_thread(tuned_prompts, settings, source.config)
         store = await asyncio.to_thread(open_job_store, settings)  # fails before the engines
-        search = CaptionSearch(settings.caption_max_tokens, settings.caption_beams,
-                               settings.caption_length_penalty)
-        if isinstance(source, ServedModel):
-            assert self._remote is not None
-            serving = Glipv2Serving.over(
-                source, self._remote, model_id=settings.model_id, metrics=self.metrics,
-                caption_search=search, caption_objects=settings.caption_objects,
-                max_segments=settings.max_segments, prompts=prompts)
-        else:
-            serving = Glipv2Serving(
-                source, model_id=settings.model_id,
-                batcher_config=settings.batcher.to_config(settings.request_timeout_ms),
-                metrics=self.metrics, caption_search=search,
-                caption_objects=settings.caption_objects,
-                caption_max_rows=settings.caption_max_rows,
-                text_cache_bytes=settings.text_cache_bytes, max_segments=settings.max_segments,
-                prompts=prompts)
+        serving = build_serving(settings, source, self.metrics, prompts, self._remote)
         runner = JobRunner(
             store, serving, self.decode_image,
             concurrency=settings.job_concurrency,
@@ -273,15 +253,11 @@ class ServiceState:
         if self._decode_gate is None:  # no lifespan (a bare TestClient): still bounded
             self._decode_gate = asyncio.Semaphore(settings.max_concurrent_decodes)
 
-        def decode() -> Image.Image:
-            data = (decode_base64(source, settings.max_body_bytes) if isinstance(source, str)
-                    else source)
-            return decode_image_bytes(data, settings.max_image_pixels, settings.max_body_bytes)
-
         if isinstance(source, str) and source.startswith(("http://", "https://")):
             source = await self._fetch_url(source)
         async with self._decode_gate:
-            return await asyncio.to_thread(decode)
+            return await asyncio.to_thread(decode_image_source, source,
+                                           settings.max_image_pixels, settings.max_body_bytes)
 
     async def _fetch_url(self, url: str) -> bytes:
         settings = self.settings
@@ -294,6 +270,38 @@ class ServiceState:
                 timeout_s=settings.image_url_timeout_s,
                 max_redirects=settings.image_url_max_redirects)
         return await self._url_fetcher.fetch(url)
+
+
+def tuned_prompts(settings: ServiceSettings, config: Glipv2Config) -> dict[str, TunedPrompt]:
+    """The tuned prompts of `settings.prompts_dir` by `prompt_id` (none without one)."""
+    if settings.prompts_dir is None:
+        return {}
+    language = config.language
+    return load_tuned_prompts(settings.prompts_dir, language.hidden_size,
+                              language.max_query_len, language.tokenizer)
+
+
+def build_serving(settings: ServiceSettings, source: Runtime | ServedModel,
+                  metrics: ServiceMetrics | None, prompts: Mapping[str, TunedPrompt],
+                  remote: RemoteEngines | None = None) -> Glipv2Serving:
+    """The serving layer `settings` describe, on `source`'s runtime in this process, or over
+    `remote` engines serving the model `source` describes. The app and bulk inference
+    (`service.bulk`) build theirs here, so both answer alike."""
+    search = CaptionSearch(settings.caption_max_tokens, settings.caption_beams,
+                           settings.caption_length_penalty)
+    if isinstance(source, ServedModel):
+        assert remote is not None
+        return Glipv2Serving.over(
+            source, remote, model_id=settings.model_id, metrics=metrics,
+            caption_search=search, caption_objects=settings.caption_objects,
+            max_segments=settings.max_segments, prompts=prompts)
+    return Glipv2Serving(
+        source, model_id=settings.model_id,
+        batcher_config=settings.batcher.to_config(settings.request_timeout_ms),
+        metrics=metrics, caption_search=search, caption_objects=settings.caption_objects,
+        caption_max_rows=settings.caption_max_rows,
+        text_cache_bytes=settings.text_cache_bytes, max_segments=settings.max_segments,
+        prompts=prompts)
 
 
 def open_job_store(settings: ServiceSettings) -> JobStore:

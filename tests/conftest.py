@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -80,6 +81,53 @@ def _isolated_job_store(tmp_path_factory: pytest.TempPathFactory,
                         monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process apps built from default settings keep their jobs in a temporary folder."""
     monkeypatch.setenv("GLIPV2_JOBS_DIR", str(tmp_path_factory.mktemp("jobs")))
+
+
+def assert_same_answer(job: Any, online: Any, path: str = "") -> None:
+    """Equal up to floating-point noise: batch composition (which images share a batch) moves
+    scores in the 6th decimal, as it does between two online calls. Detections compare as sets,
+    since near-tied scores may swap places."""
+    if isinstance(job, dict):
+        assert job.keys() == online.keys(), path
+        for key in job:
+            assert_same_answer(job[key], online[key], f"{path}.{key}")
+    elif isinstance(job, list):
+        assert len(job) == len(online), path
+        if path.endswith("detections"):
+            job, online = (sorted(x, key=lambda d: (d["label"], d["box"])) for x in (job, online))
+        for index, (a, b) in enumerate(zip(job, online, strict=True)):
+            assert_same_answer(a, b, f"{path}[{index}]")
+    elif isinstance(job, float):  # boxes are rounded to 0.01 px: noise can flip a digit
+        assert job == pytest.approx(online, abs=0.02 if ".box" in path else 1e-4), path
+    else:
+        assert job == online, path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[int]:
+    """A local Ray for the whole run, shared by the Ray Serve and Ray Data tests (a process
+    joins one Ray): logical CPUs and GPUs, so GPU placement is checked without a GPU. Yields its
+    metrics export port."""
+    ray = pytest.importorskip("ray", reason="the Ray tests need the `ray` extra: "
+                                            "pip install -e '.[ray]'")
+    metrics_port = free_port()
+    try:
+        ray.init(address="local",  # its own, even beside another Ray on this machine
+                 num_cpus=8, num_gpus=2, include_dashboard=False,
+                 _metrics_export_port=metrics_port, logging_level="warning",
+                 _system_config={"metrics_report_interval_ms": 1000})  # metrics within 1 s
+    except Exception as exc:
+        pytest.skip(f"Ray cannot start here: {type(exc).__name__}: {exc}")
+    try:
+        yield metrics_port
+    finally:
+        ray.shutdown()  # Serve's actors, if any are left, with it
 
 
 def tiny_serving_model() -> Glipv2Model:

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
+from model_export.processing.chunking import ChunkingError, name_token_counts, pack_chunks
 from model_export.processing.prompt import load_tokenizer
-from service.pipeline.chunking import ChunkingError, name_token_counts, pack_chunks
 
 
 @pytest.fixture(scope="module")

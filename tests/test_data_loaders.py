@@ -434,8 +434,8 @@ def broken_world(tmp_path: Path, edit: Any) -> Path:
         (lambda r: r["objects"][0].update(mask=r["objects"][1]["mask"]), "disagrees with box"),
         (lambda r: r["expressions"][0].update(targets=[9]), "unknown object id 9"),
         (lambda r: r["expressions"][0].update(text="big circle"), "not a referring expression"),
-        (lambda r: r["expressions"][0].update(text="star left of the blue star"),
-         "anchor of 'star left of the blue star' is not unique"),
+        (lambda r: r["objects"][3].update(color="purple"),  # a second purple triangle
+         "anchor of 'hexagon above the purple triangle' is not unique"),
         (lambda r: r["questions"][0].update(answer="maybe"), "answer 'maybe' not in"),
         (lambda r: r["caption_phrases"][0].update(span=[0, 500]), "outside the caption"),
         (lambda r: r["caption_phrases"][0].update(object=7), "unknown object id 7"),
@@ -446,6 +446,14 @@ def test_world_rejects_malformed(tmp_path: Path, edit: Any, message: str) -> Non
     with pytest.raises(DataFormatError, match=message) as info:
         load_world(path)
     assert str(path) in str(info.value)
+
+
+def test_world_relation_with_an_absent_anchor_names_nothing(tmp_path: Path) -> None:
+    """No blue star: "star left of the blue star" names nothing and grounds no anchor."""
+    path = broken_world(tmp_path, lambda r: r["expressions"][0].update(
+        text="star left of the blue star"))
+    (sample,) = [s for s in load_world(path) if s.caption == "star left of the blue star"]
+    assert sample.objects == [] and sample.spans == []
 
 
 def test_world_questions_with_generator_keys_are_grounded(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from service.app import create_app
 from service.jobs.store import JobInput, JobResult, JobState, SqliteJobStore
 from service.settings import ServiceSettings
 
-from conftest import start_server
+from conftest import assert_same_answer, start_server
 
 WORLD_PNG = Path(__file__).parent / "fixtures" / "world" / "000000.png"
 CLASSES = ["circle", "square", "star"]
@@ -40,26 +40,6 @@ def world_png(index: int, seed: int = 3) -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def assert_same_answer(job: Any, online: Any, path: str = "") -> None:
-    """Equal up to floating-point noise: batch composition (which images share a batch) moves
-    scores in the 6th decimal, as it does between two online calls. Detections compare as sets,
-    since near-tied scores may swap places."""
-    if isinstance(job, dict):
-        assert job.keys() == online.keys(), path
-        for key in job:
-            assert_same_answer(job[key], online[key], f"{path}.{key}")
-    elif isinstance(job, list):
-        assert len(job) == len(online), path
-        if path.endswith("detections"):
-            job, online = (sorted(x, key=lambda d: (d["label"], d["box"])) for x in (job, online))
-        for index, (a, b) in enumerate(zip(job, online, strict=True)):
-            assert_same_answer(a, b, f"{path}[{index}]")
-    elif isinstance(job, float):  # boxes are rounded to 0.01 px: noise can flip a digit
-        assert job == pytest.approx(online, abs=0.02 if ".box" in path else 1e-4), path
-    else:
-        assert job == online, path
 
 
 # --- the store ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Ray Serve mode against a real local Ray cluster: 2 ingress + 2 engine replicas on the tiny
 random model, next to the single-process server on the same model folder.
 
-One Ray is started for the whole run (`ray_cluster`) with logical resources, 8 CPUs and 2 GPUs,
+One Ray for the whole run (conftest's `ray_cluster`) with logical resources, 8 CPUs and 2 GPUs,
 so the engine replicas' `num_gpus: 0.5` is placed as on a GPU node. Checked: the task answers
 equal the single-process server's (every number), errors keep the JSON contract, the metrics
 reach Ray's export under the service's names, a request's stages stay with its image features,
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
-import socket
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ from model_export.checkpoints.weights import save_model
 from service.app import create_app
 from service.settings import ServiceSettings
 
-from conftest import start_server, tiny_serving_model
+from conftest import free_port, start_server, tiny_serving_model
 
 ray = pytest.importorskip("ray", reason="Ray Serve mode needs the `ray` extra: "
                                          "pip install -e '.[ray]'")
@@ -58,30 +57,6 @@ WORLD = sorted((Path(__file__).parent / "fixtures" / "world").glob("*.png"))
 CLASSES = ["circle", "square", "triangle", "diamond", "star", "hexagon"]
 ENGINE_GPUS = 0.5
 READY_TIMEOUT_S = 240.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[int]:
-    """A local Ray for the whole run (logical CPUs and GPUs); yields its metrics export port."""
-    metrics_port = free_port()
-    try:
-        ray.init(address="local",  # its own, even beside another Ray on this machine
-                 num_cpus=8, num_gpus=2, include_dashboard=False,
-                 _metrics_export_port=metrics_port, logging_level="warning",
-                 _system_config={"metrics_report_interval_ms": 1000})  # metrics within 1 s
-    except Exception as exc:
-        pytest.skip(f"Ray cannot start here: {type(exc).__name__}: {exc}")
-    try:
-        yield metrics_port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

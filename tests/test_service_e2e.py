@@ -31,8 +31,8 @@ from benchmarks.load import sweep
 from model_export.data.world import WorldObject, expression_targets
 from model_export.evaluation.metrics import box_iou
 from model_export.modeling.config import WORLD_ANSWERS
+from model_export.processing.chunking import name_token_counts, pack_chunks
 from model_export.processing.prompt import load_tokenizer
-from service.pipeline.chunking import name_token_counts, pack_chunks
 
 from conftest import start_server
 

@@ -18,15 +18,19 @@ from model_export.data.world import (
     COLOR_NAMES,
     HELD_OUT_PAIRS,
     SHAPES,
+    expression_targets,
     parse_pairs,
     render_index,
 )
 from model_export.modeling.config import WORLD_ANSWERS, WORLD_SHAPES, PreprocessConfig, get_preset
 from model_export.modeling.model import Glipv2Model
+from model_export.processing.chunking import name_token_counts
 from model_export.processing.prompt import load_tokenizer
+from model_export.processing.referring import referent_span
 from model_export.training.config import TrainConfig
 from model_export.training.examples import (
     Example,
+    PromptMix,
     build_example,
     collate,
     distractor_words,
@@ -113,8 +117,9 @@ def test_relation_questions_ground_their_answer_object_on_the_relation_words() -
     """"what shape is left of the red hexagon?" names the hexagon, but its answer is the shape
     of another object: the relation words ground that one, and they are what the steered
     glimpse reads (the anchor's words describe the wrong object)."""
-    scene = render_index(7, 6)
-    question = next(q for q in scene.questions if q["type"] == "relation_shape")
+    scene = render_index(7, 148)
+    question = next(q for q in scene.questions
+                    if q["question"] == "what shape is left of the red hexagon?")
     sample = next(s for s in world_samples(scene, random.Random(0), COLOR_NAMES, SHAPES)
                   if s.caption == question["question"])
     anchor, answer = (scene.objects[i] for i in (*question["objects"], question["answer_object"]))
@@ -192,6 +197,76 @@ def test_grounding_prompts_carry_hard_colour_negatives_and_never_held_out_pairs(
         (grounding,) = [s for s in world_samples(scene, rng, ["purple", "red"], ["star"],
                                                  exclude=held_out) if s.task == "grounding"]
         assert grounding.caption and "purple star" not in grounding.caption
+
+
+def test_relation_negatives_replace_referring_samples_and_join_grounding_prompts() -> None:
+    """`relation_negatives` 1: a scene's one referring sample is a relation naming nothing whose
+    shape is in the image (not on that side, or its anchor absent), and its grounding prompt
+    names such a relation too, with no object on its referent's words, beside one naming
+    something; 0 keeps the world's own expressions."""
+    tokenizer = load_tokenizer()
+    positives = 0
+    for index in range(12):
+        scene = render_index(7, index)
+        shapes = {o.shape for o in scene.objects}
+        samples = world_samples(scene, random.Random(index), COLOR_NAMES, SHAPES,
+                                mix=PromptMix(relation_negatives=1.0))
+        (referring,) = [s for s in samples if s.task == "referring"]
+        assert " the " in referring.caption and referring.caption.split()[0] in shapes
+        assert expression_targets(referring.caption, scene.objects) == []
+        assert all(s[0][1] > referring.caption.index(" the ") for s in referring.spans)
+        (grounding,) = [s for s in samples if s.task == "grounding"]
+        relations = [p for p in grounding.caption.split(". ") if " the " in p]
+        targets = [expression_targets(p, scene.objects) for p in relations]
+        assert [] in targets and not grounding.detection_prompt
+        positives += any(targets)
+        negative = relations[targets.index([])]
+        start = grounding.caption.index(negative)
+        words = (start, start + referent_span(negative)[1])  # "star left of", named by nobody
+        assert all(words not in spans for spans in grounding.spans)
+        example = build_example(grounding, scene.image, tokenizer, PRE, WORLD_ANSWERS, 256,
+                                random.Random(0))
+        assert example.positive_map.shape[0] == len(grounding.objects)
+        plain = world_samples(scene, random.Random(index), COLOR_NAMES, SHAPES)
+        assert [s.caption for s in plain if s.task == "referring"] == [
+            e["text"] for e in scene.expressions]
+    assert positives >= 6
+
+
+def test_full_vocabulary_prompts_are_service_chunks_of_every_pair_not_held_out() -> None:
+    """`full_vocabulary_share` 1: the grounding prompt is every colour-shape phrase but the
+    held-out ones, shuffled and packed as `/v1/detect` packs classes: one prompt of the 39 at the
+    model's 256 tokens, one chunk of several at a tighter limit; each object grounded on its own
+    colour-shape phrase only. The trainer's stream builds them from `TrainConfig`."""
+    tokenizer = load_tokenizer()
+    held_out = parse_pairs(HELD_OUT_PAIRS)
+    names = [f"{c} {s}" for c in COLOR_NAMES for s in SHAPES]
+    counts = dict(zip(names, name_token_counts(tokenizer.backend_tokenizer, names), strict=True))
+    allowed = {f"{c} {s}" for c in COLOR_NAMES for s in SHAPES if (c, s) not in held_out}
+    for max_tokens in (256, 40):
+        mix = PromptMix(full_vocabulary=1.0, name_tokens=counts, max_tokens=max_tokens)
+        orders = set()
+        for index in range(8):
+            scene = render_index(7, index, held_out)
+            (grounding,) = [s for s in world_samples(scene, random.Random(index), COLOR_NAMES,
+                                                     SHAPES, exclude=held_out, mix=mix)
+                            if s.task == "grounding"]
+            phrases = grounding.caption.split(". ")
+            orders.add(tuple(phrases))
+            assert set(phrases) <= allowed and len(set(phrases)) == len(phrases)
+            assert len(tokenizer(grounding.caption)["input_ids"]) <= max_tokens
+            assert (len(phrases) == len(allowed)) == (max_tokens == 256)
+            boxes = {tuple(o.box): f"{o.color} {o.shape}" for o in scene.objects}
+            for obj, spans in zip(grounding.objects, grounding.spans, strict=True):
+                assert [grounding.caption[slice(*span)] for span in spans] == [boxes[obj.box]]
+        assert len(orders) == 8  # shuffled: positions carry no meaning
+    config = TrainConfig(full_vocabulary_share=1.0, task_weights={"grounding": 1.0})
+    stream = iter(WorldStream(config, get_preset("small"), tokenizer))
+    example = next(stream)
+    caption = tokenizer.decode(example.input_ids, skip_special_tokens=True)
+    assert example.task == "grounding" and len(caption.split(". ")) == len(allowed)
+    with pytest.raises(ValueError, match="full_vocabulary_share is a chance"):
+        TrainConfig.load(None, ["full_vocabulary_share=1.5"])
 
 
 def test_detection_prompts_carry_distractor_names_no_object_matches() -> None:
@@ -314,22 +389,29 @@ def test_mask_loss_of_a_batch_is_the_mean_over_its_rows_pairs() -> None:
 
 def test_relation_expressions_ground_referent_and_anchor_on_their_own_words() -> None:
     """"square right of the yellow diamond": the squares on "square right of", the diamond on
-    "yellow diamond" (not the squares on every word), so its tokens also train where to look."""
-    scene = render_index(7, 6)
-    samples = {s.caption: s for s in world_samples(scene, random.Random(0), COLOR_NAMES, SHAPES)
-               if s.task == "referring"}
-    expressions = {e["text"]: e["targets"] for e in scene.expressions}
-    relations = [text for text in expressions if " the " in text]
-    assert relations
-    for text in relations:
-        sample = samples[text]
-        *targets, anchor = sample.objects
-        assert [o.box for o in targets] == [
-            tuple(scene.objects[i].box) for i in expressions[text]]
-        words = [text[slice(*spans[0])] for spans in sample.spans]
-        shape, relation = text.split(" the ")[0].split(" ", 1)
-        assert words == [f"{shape} {relation}"] * len(targets) + [text.split(" the ")[1]]
-        assert anchor.label == text.split()[-1]
+    "yellow diamond" (not the squares on every word), so its tokens also train where to look;
+    with no yellow diamond in the image, nothing is grounded at all."""
+    anchors_seen = set()
+    for index in range(12):
+        scene = render_index(7, index)
+        samples = {s.caption: s for s in world_samples(scene, random.Random(0), COLOR_NAMES,
+                                                       SHAPES) if s.task == "referring"}
+        for expression in scene.expressions:
+            text, ids = expression["text"], expression["targets"]
+            if " the " not in text:
+                continue
+            sample = samples[text]
+            referent, anchor_words = text.split(" the ")
+            anchored = any(f"{o.color} {o.shape}" == anchor_words for o in scene.objects)
+            anchors_seen.add(anchored)
+            assert [o.box for o in sample.objects[:len(ids)]] == [
+                tuple(scene.objects[i].box) for i in ids]
+            words = [text[slice(*spans[0])] for spans in sample.spans]
+            assert words == [referent] * len(ids) + [anchor_words] * anchored
+            assert len(sample.objects) == len(ids) + anchored
+            if anchored:
+                assert sample.objects[-1].label == text.split()[-1]
+    assert anchors_seen == {True, False}
     trainer, stream = _attend_trainer()
     referring = [e for e in (next(stream) for _ in range(200))
                  if e.task == "referring" and len(e.boxes)]

@@ -85,11 +85,12 @@ def _plain_targets(text: str, objects: list[WorldObject]) -> list[int]:
             shape, anchor_text = text.split(marker)
             a_color, a_shape = anchor_text.split()
             anchors = [o for o in objects if o.color == a_color and o.shape == a_shape]
-            assert len(anchors) == 1, f"anchor of {text!r} must be unique"
+            assert len(anchors) <= 1, f"anchor of {text!r} must be unique or absent"
             return sorted(
                 o.id
                 for o in objects
-                if o.shape == shape and _plain_relation(o.box, anchors[0].box, relation)
+                for anchor in anchors
+                if o.shape == shape and _plain_relation(o.box, anchor.box, relation)
             )
     if words[-1] == "shapes":
         return sorted(o.id for o in objects if o.color == words[0])
@@ -342,6 +343,11 @@ def test_expressions_on_hand_built_scene() -> None:
     assert expression_targets("circle left of the blue square", objects) == [0]
     assert expression_targets("star above the blue square", objects) == []
     assert expression_targets("green hexagon", objects) == []
+    assert expression_targets("circle left of the green star", objects) == []  # no anchor
+    assert world.referent_form("circle left of the green star", objects) == (
+        world.RELATION_ABSENT_ANCHOR)
+    assert world.referent_form("star above the blue square", objects) == "relation"
+    assert world.referent_form("green hexagon", objects) == "color_shape"
     with pytest.raises(ValueError):  # anchor not unique
         expression_targets("square left of the red circle", objects)
     with pytest.raises(ValueError):
@@ -512,6 +518,77 @@ def test_independent_samples_agree_with_our_reading_of_the_spec() -> None:
             assert _plain_targets(expr["text"], objects) == sorted(expr["targets"])
         for q in record["questions"]:
             assert answer_question(q["question"], objects)["answer"] == q["answer"]
+
+
+def _plain_nearness(text: str, objects: list[WorldObject]) -> int:
+    """How many parts of an expression naming nothing are present, counted by splitting words
+    (the nearest misses are what the world draws, `empty_expressions`)."""
+    def some(**attributes: str) -> int:
+        return int(any(all(getattr(o, k) == v for k, v in attributes.items()) for o in objects))
+
+    words = text.split()
+    if " the " in text:
+        referent, *_, a_color, a_shape = words
+        anchored = some(color=a_color, shape=a_shape)
+        return some(shape=referent) + (0 if anchored else some(shape=a_shape) + some(color=a_color))
+    if words[-1] == "shapes":
+        return 0
+    if len(words) == 3:
+        size, color, shape = words
+        return (some(color=color, shape=shape) + some(size=size, shape=shape)
+                + some(size=size, color=color))
+    first, shape = words
+    attribute = "size" if first in ("small", "large") else "color"
+    return some(shape=shape) + some(**{attribute: first})
+
+
+def test_empty_referents_of_every_form_are_drawn_evenly_and_nearly_name_something(
+        scenes: list[WorldImage]) -> None:
+    """Issue 38: each form of an expression naming nothing about as often as the others, and
+    each one of its form's nearest misses in its scene (most parts present: "red circle" with
+    a circle and something red there; "star below the red star" with the one star the red
+    star), not "green hexagon" in a scene with neither; relations with referents of every
+    relation word alike."""
+    empty: Counter[str] = Counter()
+    relations: Counter[str] = Counter()
+    for scene in scenes:
+        candidates = world.empty_expressions(scene.objects)
+        for expr in scene.expressions:
+            form = world.referent_form(expr["text"], scene.objects)
+            if expr["targets"]:
+                relations.update(r for r in RELATIONS if f" {r} the " in expr["text"])
+                continue
+            empty[form] += 1
+            nearest = max(_plain_nearness(t, scene.objects) for t in candidates[form])
+            assert _plain_nearness(expr["text"], scene.objects) == nearest, expr
+            assert _plain_targets(expr["text"], scene.objects) == []
+    assert set(empty) == set(world.EMPTY_FORMS)
+    assert min(empty.values()) >= 0.6 * max(empty.values()), empty
+    assert set(relations) == set(RELATIONS)
+    assert min(relations.values()) >= 0.6 * max(relations.values()), relations
+    # The nearest misses: the shape named is there in most relation negatives (not on that
+    # side of its anchor), and both parts of most colour-shape negatives are.
+    hard = Counter(world.referent_form(e["text"], s.objects) for s in scenes
+                   for e in s.expressions if not e["targets"]
+                   and _plain_nearness(e["text"], s.objects) >= 1)
+    assert hard["relation"] >= 0.9 * empty["relation"], (hard, empty)
+
+
+def test_the_samplers_draw_from_streams_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change to how expressions are drawn leaves every seed's pixels and questions as they
+    were (the expression sampler here draws ten times more)."""
+    before = render_index(9, 2)
+    sample = world.sampling.sample_expressions
+
+    def greedy(rng: np.random.Generator, *args: object) -> list[dict]:
+        rng.uniform(size=10)
+        return sample(rng, *args)
+
+    monkeypatch.setattr(world.render, "sample_expressions", greedy)
+    after = render_index(9, 2)
+    assert after.questions == before.questions
+    assert after.image.tobytes() == before.image.tobytes()
+    assert after.expressions != before.expressions
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,17 @@
 """`glipv2 eval`: the model's metrics on freshly rendered shapes-world images (a held-out seed).
 
 Tasks and metrics (issue 3's bars): detection box AP (mAP@0.5, mAP@[.5:.95]); attribute-phrase
-grounding AP50, separately for held-out colour-shape pairs (open-vocabulary composition);
-referring segmentation mIoU over expressions with referents and the share of no-referent
-expressions answered with no segment; VQA accuracy; caption exact match, BLEU-4 and phrase
-grounding accuracy (box IoU >= 0.5). Referring mIoU, grounding AP50 and VQA accuracy are also
-given per template (expression or phrase form, question type), which says where a model falls
-short. Means and rates carry the half-width of their 95 % interval (`HALF_WIDTH`): how far they
-may move with the images drawn, which decides whether two models' figures differ at all. AP50
-gets one from an image bootstrap; mAP@[.5:.95] and BLEU-4 get none.
+grounding AP50, separately for held-out colour-shape pairs (open-vocabulary composition), with a
+few phrases per image and, as users of `/v1/detect` send them, with all 42 colour-shape phrases
+in one request (`FULL_VOCABULARY`, chunked by the service); referring segmentation mIoU over
+expressions with referents and the share of no-referent expressions answered with no segment;
+VQA accuracy; caption exact match, BLEU-4 and phrase grounding accuracy (box IoU >= 0.5).
+Referring mIoU and empty-referent accuracy, grounding AP50 and VQA accuracy are also given per
+template (expression form, `referent_form`, with a relation whose anchor is absent apart; phrase
+form; question type), which says where a model falls short. Means and rates carry the
+half-width of their 95 % interval (`HALF_WIDTH`, per form too): how far they may move with the
+images drawn, which decides whether two models' figures differ at all. AP50 gets one from an
+image bootstrap; mAP@[.5:.95] and BLEU-4 get none.
 
 What is scored is whatever `Predictor` is given: the CLI passes the service's own path
 (`service.offline.ServingPredictor`) on the chosen runtime, so the metrics are those of the
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +40,7 @@ from model_export.data.world import (
     expression_form,
     expression_targets,
     parse_pairs,
+    referent_form,
     render_index,
 )
 from model_export.evaluation.metrics import (
@@ -55,6 +59,8 @@ from model_export.processing.postprocess import Detections
 
 TASKS = ("detection", "grounding", "referring", "vqa", "caption")
 HALF_WIDTH = "95% half-width"  # the key of a task's sampling errors (module docstring)
+# Every colour-shape phrase, held-out pairs included, in one fixed order: one detect request.
+FULL_VOCABULARY = tuple(f"{c} {s}" for c in COLOR_NAMES for s in SHAPES)
 
 
 @dataclass
@@ -137,6 +143,8 @@ def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TAS
     held_out_phrases = {f"{c} {s}" for c, s in pairs}
     rng = random.Random(seed)
     det_truth, det_pred, grd_truth, grd_pred, sizes = [], [], [], [], {}
+    full_truth: list[BoxTruth] = []
+    full_pred: list[BoxPrediction] = []
     referring, vqa_pred, vqa_gold, hyps, refs, grounding_pairs = [], [], [], [], [], []
     referring_by_form: dict[str, list] = {}
     vqa_by_type: dict[str, tuple[list[str], list[str]]] = {}
@@ -153,13 +161,17 @@ def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TAS
             grd_truth += [BoxTruth(index, p, scene.objects[i].box) for p in phrases
                           for i in expression_targets(p, scene.objects)]
             grd_pred += _predictions(index, run, phrases)
+            run = predictor.detect(scene.image, list(FULL_VOCABULARY))
+            full_truth += [BoxTruth(index, p, scene.objects[i].box) for p in FULL_VOCABULARY
+                           for i in expression_targets(p, scene.objects)]
+            full_pred += _predictions(index, run, list(FULL_VOCABULARY))
         if "referring" in tasks:
             for expression, (segments, truth) in zip(
                     scene.expressions, referring_answers(predictor, scene), strict=True):
                 answer = ([mask for _, mask in segments], truth)
                 referring.append(answer)
-                referring_by_form.setdefault(expression_form(expression["text"]), []).append(
-                    answer)
+                form = referent_form(expression["text"], scene.objects)
+                referring_by_form.setdefault(form, []).append(answer)
         if "vqa" in tasks:
             for question in scene.questions:
                 given = predictor.vqa(scene.image, question["question"]).answer
@@ -183,29 +195,43 @@ def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TAS
         metrics["detection"] = {"mAP@0.5": ap["map50"], "mAP@[.5:.95]": ap["map"],
                                 HALF_WIDTH: {"mAP@0.5": ap["map50_ci95"]}}
     if "grounding" in tasks:
-        seen = [t for t in grd_truth if t.category not in held_out_phrases]
-        ap = box_ap(seen, [p for p in grd_pred if p.category not in held_out_phrases], sizes)
+        def seen(phrase: str) -> bool:
+            return phrase not in held_out_phrases
+
+        def unseen(phrase: str) -> bool:
+            return phrase in held_out_phrases
+
+        ap = _phrase_ap(grd_truth, grd_pred, sizes, seen)
         grounding, widths = {"AP50": ap["map50"]}, {"AP50": ap["map50_ci95"]}
         by_phrase_form: dict[str, list[float]] = {}  # AP50 is a mean over phrases, so by form
         for phrase, value in ap["per_category_ap50"].items():
             by_phrase_form.setdefault(expression_form(phrase), []).append(value)
         grounding["AP50 by form"] = {form: float(np.mean(values))
                                      for form, values in sorted(by_phrase_form.items())}
-        unseen = [t for t in grd_truth if t.category in held_out_phrases]
-        if unseen:
-            ap = box_ap(unseen, [p for p in grd_pred if p.category in held_out_phrases], sizes)
-            grounding["AP50 held-out pairs"] = ap["map50"]
-            widths["AP50 held-out pairs"] = ap["map50_ci95"]
+        for name, truths, predictions, keep in (
+                ("AP50 held-out pairs", grd_truth, grd_pred, unseen),
+                ("AP50 full vocabulary", full_truth, full_pred, seen),
+                ("AP50 full vocabulary held-out pairs", full_truth, full_pred, unseen)):
+            if any(keep(t.category) for t in truths):
+                ap = _phrase_ap(truths, predictions, sizes, keep)
+                grounding[name], widths[name] = ap["map50"], ap["map50_ci95"]
         metrics["grounding"] = {**grounding, HALF_WIDTH: widths}
     if "referring" in tasks:
         ref = referring_metrics(referring)
-        by_form = {form: referring_metrics(answers)["miou"]
-                   for form, answers in sorted(referring_by_form.items())}
+        per_form = {form: referring_metrics(answers)
+                    for form, answers in sorted(referring_by_form.items())}
+        miou = {form: m["miou"] for form, m in per_form.items() if m["miou"] is not None}
+        empty = {form: m["empty_accuracy"] for form, m in per_form.items()
+                 if m["empty_accuracy"] is not None}
         metrics["referring"] = {
             "mIoU": ref["miou"], "empty-referent accuracy": ref["empty_accuracy"],
-            "gIoU": ref["giou"], "mIoU by form": by_form,
+            "gIoU": ref["giou"], "mIoU by form": miou,
+            "empty-referent accuracy by form": empty,
             HALF_WIDTH: {"mIoU": ref["miou_ci95"],
-                         "empty-referent accuracy": ref["empty_accuracy_ci95"]}}
+                         "empty-referent accuracy": ref["empty_accuracy_ci95"],
+                         "mIoU by form": {form: per_form[form]["miou_ci95"] for form in miou},
+                         "empty-referent accuracy by form": {
+                             form: per_form[form]["empty_accuracy_ci95"] for form in empty}}}
     if "vqa" in tasks:
         accuracy = vqa_exact_accuracy(vqa_pred, vqa_gold)
         by_type = {kind: vqa_exact_accuracy(*answers)
@@ -222,6 +248,13 @@ def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TAS
                          "phrase grounding accuracy":
                          proportion_ci95(grounded, len(grounding_pairs))}}
     return metrics
+
+
+def _phrase_ap(truths: Sequence[BoxTruth], predictions: Sequence[BoxPrediction],
+               sizes: Mapping[int, tuple[int, int]], keep: Callable[[str], bool]) -> dict:
+    """`box_ap` over the phrases `keep` accepts (at least one of which has a truth)."""
+    return box_ap([t for t in truths if keep(t.category)],
+                  [p for p in predictions if keep(p.category)], sizes)
 
 
 def _predictions(index: int, run: DetectionResult, names: list[str]) -> list[BoxPrediction]:
@@ -246,18 +279,23 @@ def _format_value(value: object) -> str:
 def format_table(metrics: Mapping[str, Mapping[str, object]]) -> str:
     """A Markdown table `| task | metric | value |` of `{task: {metric: value}}` for the README.
 
-    Floats print with 4 decimals, `None` as "n/a"; a nested dict (e.g. `per_category_ap50`) is
-    flattened to one row per key, named `metric[key]`, so no number is silently dropped. Rows
-    keep the mapping order. Ends with a newline.
+    Floats print with 4 decimals, `None` as "n/a"; a nested dict (e.g. `per_category_ap50`, or
+    the half-widths of figures by form) is flattened to one row per key, named `metric[key]`
+    (`metric[key][inner]` one level down), so no number is silently dropped. Rows keep the
+    mapping order. Ends with a newline.
     """
     lines = ["| task | metric | value |", "| --- | --- | --- |"]
+
+    def add(task: str, metric: str, value: object) -> None:
+        if isinstance(value, Mapping):
+            for key, inner in value.items():
+                add(task, f"{metric}[{key}]", inner)
+        else:
+            lines.append(f"| {task} | {metric} | {_format_value(value)} |")
+
     for task, values in metrics.items():
         for metric, value in values.items():
-            if isinstance(value, Mapping):
-                for key, inner in value.items():
-                    lines.append(f"| {task} | {metric}[{key}] | {_format_value(inner)} |")
-            else:
-                lines.append(f"| {task} | {metric} | {_format_value(value)} |")
+            add(task, metric, value)
     return "\n".join(lines) + "\n"
 
 
@@ -265,4 +303,5 @@ def write_report(metrics: dict[str, dict], out: str | Path) -> None:
     Path(out).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-__all__ = ["HALF_WIDTH", "TASKS", "evaluate", "format_table", "write_report"]
+__all__ = ["FULL_VOCABULARY", "HALF_WIDTH", "TASKS", "evaluate", "format_table",
+           "write_report"]

@@ -43,6 +43,13 @@ class TrainConfig:
     inter_regions_per_image: int = 48  # anchors sampled per image for L_inter (half positives)
     inter_temperature: float = 0.1  # softmax temperature of L_inter
     max_distractors: int = 0  # up to this many non-world class names in detection prompts
+    # chance per scene that its referring examples are one relation naming nothing (a nearest
+    # miss: the shape there but not on that side, or the anchor absent) and that its grounding
+    # prompt also names one such relation and one naming something (`examples.PromptMix`)
+    relation_negatives: float = 0.0
+    # chance that a grounding prompt is the whole colour-shape vocabulary (held-out pairs left
+    # out) in a shuffled order, one of the chunks the service packs it into: users send it all
+    full_vocabulary_share: float = 0.0
     held_out_pairs: str = HELD_OUT_PAIRS  # never rendered in training
     world_seed: int = 1  # seed of the training world (evaluation uses other seeds)
     seed: int = 0  # seed of sampling and initialisation
@@ -67,7 +74,14 @@ class TrainConfig:
         if "min_sizes" in values:
             values["min_sizes"] = tuple(values["min_sizes"])
         config = cls(**values)
-        if config.restart_at >= config.steps:
-            raise ValueError(f"restart_at ({config.restart_at}) must come before steps "
-                             f"({config.steps})")
+        config.validate()
         return config
+
+    def validate(self) -> None:
+        """Rules across fields and ranges; ValueError naming the setting."""
+        if self.restart_at >= self.steps:
+            raise ValueError(f"restart_at ({self.restart_at}) must come before steps "
+                             f"({self.steps})")
+        for name in ("relation_negatives", "full_vocabulary_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a chance, in [0, 1]: got {getattr(self, name)}")

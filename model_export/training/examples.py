@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -21,18 +21,29 @@ from torch import Tensor
 
 from model_export.data.types import GroundedObject, GroundingSample
 from model_export.data.world import (
+    RELATION_ABSENT_ANCHOR,
     Pairs,
     WorldImage,
-    WorldObject,
+    empty_expressions,
     expression_targets,
+    present_expressions,
+    relation_anchor,
     unique_anchor,
 )
 from model_export.data.world.records import is_attribute_phrase, referring_grounding
 from model_export.modeling.config import PreprocessConfig
 from model_export.modeling.vqa_head import vqa_target_scores
 from model_export.processing.box_coding import to_legacy
+from model_export.processing.chunking import pack_chunks
 from model_export.processing.preprocess import batch_images, preprocess_image
-from model_export.processing.prompt import build_detection_prompt, positive_map, tokenize
+from model_export.processing.prompt import (
+    DetectionPrompt,
+    Span,
+    build_detection_prompt,
+    positive_map,
+    tokenize,
+)
+from model_export.processing.referring import referent_span
 from model_export.training.losses import MLM_IGNORE_INDEX
 
 
@@ -256,6 +267,31 @@ def distractor_words(tokenizer: Any, exclude: Sequence[str]) -> list[str]:
                   if word.isalpha() and len(word) >= 3 and word not in banned)
 
 
+@dataclass(frozen=True)
+class PromptMix:
+    """Negatives `world_samples` adds to a scene's grounding and referring samples; the defaults
+    add none (`TrainConfig.relation_negatives`, `TrainConfig.full_vocabulary_share`).
+
+    relation_negatives: chance that the scene's referring samples are replaced by one relation
+        naming nothing (a nearest miss of `empty_expressions`: its shape there but not on that
+        side of the anchor, or its anchor absent), and, drawn apart, that its attribute
+        grounding prompt also names one such relation and one naming something. The world's own
+        expressions hold few of them, and a model that grounds the shape word alone gets
+        every one wrong.
+    full_vocabulary: chance that the grounding prompt is every colour-shape phrase (held-out
+        pairs left out) in a shuffled order, as one of the chunks `pack_chunks` makes of it for
+        a prompt of `max_tokens`: what a user of `/v1/detect` sends.
+    name_tokens: WordPiece tokens of each colour-shape phrase (`name_token_counts`), which the
+        packing needs; required with `full_vocabulary`.
+    max_tokens: the model's prompt limit (`language.max_query_len`).
+    """
+
+    relation_negatives: float = 0.0
+    full_vocabulary: float = 0.0
+    name_tokens: Mapping[str, int] = field(default_factory=dict)
+    max_tokens: int = 256
+
+
 def _grounding_phrases(scene: WorldImage, rng: random.Random, colors: Sequence[str],
                        shapes: Sequence[str], exclude: Pairs) -> list[str]:
     """Attribute phrases for one grounding prompt, never naming an `exclude` (held-out) pair.
@@ -285,10 +321,51 @@ def _grounding_phrases(scene: WorldImage, rng: random.Random, colors: Sequence[s
     return phrases
 
 
+def _full_vocabulary_prompt(rng: random.Random, colors: Sequence[str], shapes: Sequence[str],
+                            exclude: Pairs, mix: PromptMix) -> DetectionPrompt:
+    """One chunk of the whole colour-shape vocabulary in a shuffled order, packed as the service
+    packs a request's classes (the model must not learn positions, so no fixed order)."""
+    names = [f"{c} {s}" for c in colors for s in shapes if (c, s) not in exclude]
+    rng.shuffle(names)
+    chunks = pack_chunks(names, [mix.name_tokens[name] for name in names], mix.max_tokens)
+    return rng.choice(chunks).prompt
+
+
+def _relation_texts(scene: WorldImage, rng: random.Random, exclude: Pairs
+                    ) -> tuple[str | None, str | None]:
+    """(a relation naming nothing, a relation naming something) of the scene, None where it has
+    none: the empty one a nearest miss of a form drawn evenly (anchor there or absent), the
+    other of a relation word drawn evenly (`present_expressions`)."""
+    empty = empty_expressions(scene.objects, exclude)
+    forms = [form for form in ("relation", RELATION_ABSENT_ANCHOR) if form in empty]
+    negative = rng.choice(empty[rng.choice(forms)]) if forms else None
+    groups = present_expressions(scene.objects, exclude).get("relation")
+    positive = rng.choice(rng.choice(groups))[0] if groups else None
+    return negative, positive
+
+
+def _phrase_grounding(scene: WorldImage, prompt: DetectionPrompt, phrases: Sequence[str]
+                      ) -> list[tuple[Span, set[int]]]:
+    """Each phrase's grounded words in the prompt with the ids of the objects they name: the
+    referent's words (`referent_span`: the whole phrase, or "star left of") to its targets,
+    and a relation's anchor words to its anchor where present."""
+    grounding = []
+    for ((start, _),), phrase in zip(prompt.spans, phrases, strict=True):
+        first, last = referent_span(phrase)
+        grounding.append(((start + first, start + last),
+                          set(expression_targets(phrase, scene.objects))))
+        if relation := relation_anchor(phrase):
+            (a, b), colour, shape = relation
+            if (anchor := unique_anchor(scene.objects, colour, shape)) is not None:
+                grounding.append(((start + a, start + b), {anchor.id}))
+    return grounding
+
+
 def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
                   shapes: Sequence[str], distractors: Sequence[str] = (),
                   max_distractors: int = 0,
-                  exclude: Pairs = frozenset()) -> list[GroundingSample]:
+                  exclude: Pairs = frozenset(),
+                  mix: PromptMix = PromptMix()) -> list[GroundingSample]:
     """Every training sample one rendered scene offers (the trainer picks among them).
 
     The detection prompt names the shapes plus 0 to `max_distractors` names drawn from
@@ -296,7 +373,7 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
     record's own tasks, builds an attribute-grounding prompt (`_grounding_phrases`, joined by
     ". "), each object grounded to every phrase it matches. A referring expression grounds its
     targets on the referent's words (`referent_span`) and a relation's anchor on the anchor's
-    words.
+    words. `mix` adds relation negatives and full-vocabulary prompts (`PromptMix`).
     """
     objects = [grounded_object(o) for o in scene.objects]
     base: dict[str, Any] = {"image_path": None, "width": scene.width, "height": scene.height}
@@ -307,29 +384,43 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
     samples = [GroundingSample(task="detection", class_names=list(shapes) + negatives,
                                objects=objects, detection_prompt=True, **base)]
 
-    phrases = _grounding_phrases(scene, rng, colors, shapes, exclude)
-    # Spans as the prompt builder records them: "red hexagon" may also occur inside an earlier
-    # "small red hexagon", where a text search would find it.
-    prompt = build_detection_prompt(phrases, clean=False)
-    caption = prompt.caption
-    members = [set(expression_targets(p, scene.objects)) for p in phrases]
+    if mix.full_vocabulary and rng.random() < mix.full_vocabulary:
+        prompt = _full_vocabulary_prompt(rng, colors, shapes, exclude, mix)
+        phrases = [prompt.caption[start:end] for (start, end), in prompt.spans]
+    else:
+        phrases = _grounding_phrases(scene, rng, colors, shapes, exclude)
+        if mix.relation_negatives and rng.random() < mix.relation_negatives:
+            phrases += [text for text in _relation_texts(scene, rng, exclude) if text]
+            rng.shuffle(phrases)
+        # Spans as the prompt builder records them: "red hexagon" may also occur inside an
+        # earlier "small red hexagon", where a text search would find it.
+        prompt = build_detection_prompt(phrases, clean=False)
+    grounding = _phrase_grounding(scene, prompt, phrases)
     grounded, spans = [], []
     for obj, world_obj in zip(objects, scene.objects, strict=True):
-        own = [span for (span,), ids in zip(prompt.spans, members, strict=True)
-               if world_obj.id in ids]
+        own = [span for span, ids in grounding if world_obj.id in ids]
         if own:
             grounded.append(obj)
             spans.append(own)
-    samples.append(GroundingSample(task="grounding", caption=caption, objects=grounded,
-                                   spans=spans, detection_prompt=True, **base))
+    samples.append(GroundingSample(
+        task="grounding", caption=prompt.caption, objects=grounded, spans=spans,
+        detection_prompt=all(map(is_attribute_phrase, phrases)), **base))
 
-    for expression in scene.expressions:
+    expressions = scene.expressions
+    if mix.relation_negatives and rng.random() < mix.relation_negatives:
+        negative, _ = _relation_texts(scene, rng, exclude)
+        if negative is not None:
+            expressions = [{"text": negative, "targets": []}]
+
+    def anchor(colour: str, shape: str) -> GroundedObject | None:
+        # The world writes only relations whose anchor is unique in the scene, or absent.
+        found = unique_anchor(scene.objects, colour, shape)
+        return None if found is None else objects[found.id]
+
+    for expression in expressions:
         text = expression["text"]
         targets, spans = referring_grounding(
-            text, [objects[i] for i in expression["targets"]],
-            # The world writes only relations whose anchor is unique in the scene.
-            lambda colour, shape: objects[
-                cast(WorldObject, unique_anchor(scene.objects, colour, shape)).id])
+            text, [objects[i] for i in expression["targets"]], anchor)
         samples.append(GroundingSample(
             task="referring", caption=text, objects=targets, spans=spans,
             detection_prompt=is_attribute_phrase(text), **base))

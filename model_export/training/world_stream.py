@@ -15,9 +15,11 @@ from model_export.data.world import (
     parse_pairs,
     render_index,
 )
+from model_export.processing.chunking import name_token_counts
 from model_export.training.config import TrainConfig
 from model_export.training.examples import (
     Example,
+    PromptMix,
     build_example,
     distractor_words,
     world_samples,
@@ -41,6 +43,13 @@ class WorldStream:
         self.index = start_index
         self.stride = stride
         self.exclude = parse_pairs(config.held_out_pairs) if config.held_out_pairs else frozenset()
+        names = [f"{c} {s}" for c in COLOR_NAMES for s in SHAPES]
+        self.mix = PromptMix(
+            relation_negatives=config.relation_negatives,
+            full_vocabulary=config.full_vocabulary_share,
+            name_tokens=dict(zip(names, name_token_counts(tokenizer.backend_tokenizer, names),
+                                 strict=True)) if config.full_vocabulary_share else {},
+            max_tokens=model_config.language.max_query_len)
         self.tasks = list(config.task_weights)
         self.weights = [config.task_weights[t] for t in self.tasks]
 
@@ -49,7 +58,7 @@ class WorldStream:
             scene = render_index(self.config.world_seed, self.index, self.exclude)
             self.index += self.stride
             samples = world_samples(scene, self.rng, COLOR_NAMES, SHAPES, self.distractors,
-                                    self.config.max_distractors, self.exclude)
+                                    self.config.max_distractors, self.exclude, self.mix)
             task = self.rng.choices(self.tasks, self.weights)[0]
             candidates = [s for s in samples if s.task == task] or samples
             sample: GroundingSample = self.rng.choice(candidates)

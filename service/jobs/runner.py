@@ -40,6 +40,7 @@ from service.errors import (
     FeatureDisabledError,
     InvalidRequestError,
     ServiceError,
+    error_body,
     format_validation_errors,
 )
 from service.jobs.store import (
@@ -59,15 +60,22 @@ _QUEUE_FULL_BACKOFF_S = 0.05
 _PURGE_EVERY_S = 60.0
 
 
-def validate_params(task: str, params: dict[str, Any], serving: Glipv2Serving) -> Any:
-    """The task's parameters as the online endpoint checks them; raises InvalidRequestError."""
+def parse_params(task: str, params: dict[str, Any]) -> BaseModel:
+    """The task's parameters as the online endpoint's schema reads them (what needs no model);
+    raises InvalidRequestError."""
     try:
-        parsed = TASK_PARAMS[task].model_validate(params)
+        return TASK_PARAMS[task].model_validate(params)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         for error in errors:
             error["loc"] = ("params", *error["loc"])
         raise InvalidRequestError(format_validation_errors(errors)) from None
+
+
+def validate_params(task: str, params: dict[str, Any], serving: Glipv2Serving) -> Any:
+    """The task's parameters as the online endpoint checks them, the model's limits included
+    (prepared for `answer_input`); raises InvalidRequestError."""
+    parsed = parse_params(task, params)
     prepare: dict[str, Callable[[Any], Any]] = {
         "detect": serving.prepare_detect, "segment": serving.prepare_segment,
         "vqa": serving.prepare_vqa, "caption": lambda _: serving.prepare_caption()}
@@ -264,21 +272,13 @@ class JobRunner:
 
     async def _one(self, job: JobRecord, index: int, prepared: Any) -> JobResult | None:
         """One input through the online path; an error result for a bad input."""
-        try:
-            image = await self.decode(await self._source(job.id, index))
-            while True:
-                try:
-                    response = await self._infer(job.task, prepared, image)
-                    break
-                except QueueFullError:
-                    await asyncio.sleep(_QUEUE_FULL_BACKOFF_S)
-        except ServiceError as exc:
-            return _error_result(index, exc.code, exc.message)
-        except BatchExecutionError:
-            log.exception("job %s input %d: inference failed", job.id, index)
-            return _error_result(index, "inference_failed", "inference failed; see the log")
-        return JobResult(index=index, ok=True,
-                         body=response.model_dump_json(exclude_none=True))
+
+        async def image() -> Image.Image:
+            return await self.decode(await self._source(job.id, index))
+
+        ok, body = await answer_input(self.serving, job.task, prepared, image,
+                                      f"job {job.id} input {index}")
+        return JobResult(index=index, ok=ok, body=body)
 
     async def _source(self, job_id: str, index: int) -> bytes | str:
         item = await asyncio.to_thread(self.store.read_input, job_id, index)
@@ -291,16 +291,6 @@ class JobRunner:
             return await asyncio.to_thread(path.read_bytes)
         except OSError as exc:
             raise InvalidRequestError(f"cannot read {item.path!r}: {exc.strerror}") from None
-
-    async def _infer(self, task: str, prepared: Any, image: Image.Image) -> BaseModel:
-        serving, priority = self.serving, PRIORITY_BATCH
-        if task == "detect":
-            return await serving.detect(prepared, image, priority)
-        if task == "segment":
-            return await serving.segment(prepared, image, priority)
-        if task == "vqa":
-            return await serving.vqa(prepared, image, priority)
-        return await serving.caption(image, priority)
 
     async def _purge_if_due(self) -> None:
         now = time.time()
@@ -328,6 +318,41 @@ def resolve_input_path(input_dir: Path, relative: str) -> Path:
     return path
 
 
-def _error_result(index: int, code: str, message: str) -> JobResult:
-    return JobResult(index=index, ok=False,
-                     body=json.dumps({"code": code, "message": message}))
+async def answer_input(serving: Glipv2Serving, task: str, prepared: Any,
+                       image: Callable[[], Awaitable[Image.Image]], label: str
+                       ) -> tuple[bool, str]:
+    """One input of batch work through the online path at batch priority (no deadline, after
+    online requests): `(True, the response JSON as the online endpoint answers it)`, or `(False,
+    the error object {"code", "message"} JSON)` for a bad input, never raised. The job runner and
+    bulk inference (`service.bulk`) both answer each input here. `image` reads and decodes the
+    input (its `ServiceError`s are the input's error); `label` names it in the log."""
+    try:
+        decoded = await image()
+        while True:
+            try:
+                response = await _infer(serving, task, prepared, decoded)
+                break
+            except QueueFullError:
+                await asyncio.sleep(_QUEUE_FULL_BACKOFF_S)
+    except ServiceError as exc:
+        return False, error_json(exc.code, exc.message)
+    except BatchExecutionError:
+        log.exception("%s: inference failed", label)
+        return False, error_json("inference_failed", "inference failed; see the log")
+    return True, response.model_dump_json(exclude_none=True)
+
+
+async def _infer(serving: Glipv2Serving, task: str, prepared: Any, image: Image.Image
+                 ) -> BaseModel:
+    if task == "detect":
+        return await serving.detect(prepared, image, PRIORITY_BATCH)
+    if task == "segment":
+        return await serving.segment(prepared, image, PRIORITY_BATCH)
+    if task == "vqa":
+        return await serving.vqa(prepared, image, PRIORITY_BATCH)
+    return await serving.caption(image, PRIORITY_BATCH)
+
+
+def error_json(code: str, message: str) -> str:
+    """A bad input's result: the error object of the service's error bodies, as JSON."""
+    return json.dumps(error_body(code, message)["error"])

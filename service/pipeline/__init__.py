@@ -1,1 +1,2 @@
-"""Pipeline helpers of the tasks: images, URLs, prompt chunking, text cache, captions, rendering."""
+"""Pipeline helpers of the tasks: images, URLs, text cache, captions, rendering (prompt chunking
+is `model_export.processing.chunking`, shared with training)."""

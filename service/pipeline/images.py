@@ -122,3 +122,11 @@ def decode_image_bytes(data: bytes, max_image_pixels: int, max_bytes: int) -> Im
         except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
             raise BadImageError(f"the {fmt} image is corrupt or truncated: {exc}") from None
     return rgb
+
+
+def decode_image_source(source: bytes | str, max_image_pixels: int, max_bytes: int
+                        ) -> Image.Image:
+    """An image as a request carries it -> RGB: base64 text (a JSON body, a job's or a table's
+    `image`) or the encoded bytes (an upload, a file), `max_bytes` bounding either."""
+    data = decode_base64(source, max_bytes) if isinstance(source, str) else source
+    return decode_image_bytes(data, max_image_pixels, max_bytes)

@@ -19,13 +19,13 @@ from PIL import Image
 
 from model_export.checkpoints.tuned_prompts import TunedPrompt
 from model_export.processing.box_coding import rescale_boxes, to_exclusive
+from model_export.processing.chunking import ChunkingError, name_token_counts, pack_chunks
 from model_export.processing.postprocess import Detections, merge_detections
 from model_export.processing.prompt import positive_map
 from service.batching import PRIORITY_ONLINE
 from service.engine_client import EngineStages
 from service.errors import InvalidRequestError, NotFoundError
 from service.model_runner import FusionResult
-from service.pipeline.chunking import ChunkingError, name_token_counts, pack_chunks
 from service.pipeline.model_input import PreparedImage
 from service.pipeline.phrases import split_phrases
 from service.pipeline.text_cache import PromptFeatures

@@ -10,8 +10,11 @@ one module each:
 - `geometry`: `shape_extent`, `shape_vertices` (a shape's outline relative to its tight-box
   corner) and `rasterize` (5x5 supersampled coverage; mask = pixels at least half covered);
 - `render`: `render_scene` (background, objects, placement with margins and gaps), `render_index`;
-- `language`: `relation_holds`, `expression_targets`, `answer_question`, `caption_for`;
-- `sampling`: the samplers that turn a scene into referring expressions and VQA pairs;
+- `language`: `relation_holds`, `expression_targets`, `referent_form`, `answer_question`,
+  `caption_for`;
+- `sampling`: the samplers that turn a scene into referring expressions and VQA pairs, and
+  `present_expressions` / `empty_expressions` (every expression with referents; the nearest
+  misses of each form naming nothing);
 - `dataset`: `to_record`, `read_records`, `objects_from_record`, `generate_world`.
 
 `records` (not re-exported here) turns the written records into training samples.
@@ -28,13 +31,16 @@ from model_export.data.world.dataset import (
 )
 from model_export.data.world.geometry import rasterize, shape_extent, shape_vertices, tight_box
 from model_export.data.world.language import (
+    EMPTY_FORMS,
     EXPRESSION_FORMS,
     QUESTION_TYPES,
+    RELATION_ABSENT_ANCHOR,
     answer_question,
     caption_for,
     caption_phrase_spans,
     expression_form,
     expression_targets,
+    referent_form,
     related,
     relation_anchor,
     relation_holds,
@@ -42,7 +48,13 @@ from model_export.data.world.language import (
     unique_anchor,
 )
 from model_export.data.world.render import render_index, render_scene
-from model_export.data.world.sampling import sample_expressions, sample_questions
+from model_export.data.world.sampling import (
+    ExpressionGroup,
+    empty_expressions,
+    present_expressions,
+    sample_expressions,
+    sample_questions,
+)
 from model_export.data.world.scene import WorldImage, WorldObject
 from model_export.data.world.vocabulary import (
     ANSWER_INDEX,
@@ -65,27 +77,33 @@ __all__ = [
     "ANSWER_INDEX",
     "COLORS",
     "COLOR_NAMES",
+    "EMPTY_FORMS",
     "EXPRESSION_FORMS",
     "HELD_OUT_PAIRS",
     "MAX_COUNT",
     "QUESTION_TYPES",
     "RELATIONS",
+    "RELATION_ABSENT_ANCHOR",
     "SHAPES",
     "SIZES",
     "SIZE_RANGES",
+    "ExpressionGroup",
     "Pairs",
     "WorldImage",
     "WorldObject",
     "answer_question",
     "caption_for",
     "caption_phrase_spans",
+    "empty_expressions",
     "expression_form",
     "expression_targets",
     "generate_world",
     "objects_from_record",
     "parse_pairs",
+    "present_expressions",
     "rasterize",
     "read_records",
+    "referent_form",
     "related",
     "relation_anchor",
     "relation_holds",

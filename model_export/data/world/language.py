@@ -77,7 +77,8 @@ def expression_targets(text: str, objects: Sequence[WorldObject]) -> list[int]:
 
     Accepts the spec's forms, plus a bare `{shape}` (a detection prompt):
     `[{size}] [{colour}] {shape}`, `{colour} shapes`, `{shape} {relation} the {colour} {shape}`.
-    Raises ValueError for other text, or a relational anchor that is not unique in the image.
+    A relation whose anchor is absent denotes nothing (nothing can stand beside it); one whose
+    anchor is there twice or more is ambiguous. Raises ValueError for that, and for other text.
     """
     text = text.strip().lower()
     if m := _ATTRIBUTE_EXPR.match(text):
@@ -87,10 +88,10 @@ def expression_targets(text: str, objects: Sequence[WorldObject]) -> list[int]:
         found = select(objects, color=m.group(1))
     elif m := _RELATION_EXPR.match(text):
         shape, relation, anchor_color, anchor_shape = m.groups()
-        anchor = unique_anchor(objects, anchor_color, anchor_shape)
-        if anchor is None:
+        anchors = select(objects, color=anchor_color, shape=anchor_shape)
+        if len(anchors) > 1:
             raise ValueError(f"anchor of {text!r} is not unique in the image")
-        found = related(objects, anchor, relation, shape)
+        found = related(objects, anchors[0], relation, shape) if anchors else []
     else:
         raise ValueError(f"not a referring expression of the shapes world: {text!r}")
     return sorted(o.id for o in found)
@@ -107,6 +108,10 @@ def relation_anchor(text: str) -> tuple[tuple[int, int], str, str] | None:
 
 EXPRESSION_FORMS: tuple[str, ...] = (
     "color_shape", "size_shape", "size_color_shape", "color_shapes", "relation")
+# A relation expression whose anchor is not in the image: it names nothing, and a model must
+# say so from the anchor's words alone (with the anchor there, from where things stand).
+RELATION_ABSENT_ANCHOR = "relation_absent_anchor"
+EMPTY_FORMS: tuple[str, ...] = (*EXPRESSION_FORMS, RELATION_ABSENT_ANCHOR)
 
 
 def expression_form(text: str) -> str:
@@ -123,6 +128,15 @@ def expression_form(text: str) -> str:
     if _RELATION_EXPR.match(text):
         return "relation"
     raise ValueError(f"not a referring expression of the shapes world: {text!r}")
+
+
+def referent_form(text: str, objects: Sequence[WorldObject]) -> str:
+    """`expression_form`, except `relation_absent_anchor` for a relation whose anchor is not
+    among `objects`: what an expression naming nothing is drawn and scored by (`EMPTY_FORMS`)."""
+    anchor = relation_anchor(text.strip().lower())
+    if anchor is not None and not select(objects, color=anchor[1], shape=anchor[2]):
+        return RELATION_ABSENT_ANCHOR
+    return expression_form(text)
 
 
 _QUESTION_FORMS: tuple[tuple[str, re.Pattern[str]], ...] = (

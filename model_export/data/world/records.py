@@ -60,27 +60,30 @@ def is_attribute_phrase(text: str) -> bool:
 
 
 def referring_grounding(text: str, targets: list[GroundedObject],
-                        anchor: Callable[[str, str], GroundedObject]
+                        anchor: Callable[[str, str], GroundedObject | None]
                         ) -> tuple[list[GroundedObject], list[list[Span]]]:
     """The objects a referring expression trains and their spans: each target on the referent's
     words (`referent_span`) and, for a relation, its anchor (`anchor(colour, shape)`, the one
-    object of that colour and shape) on the anchor's own words, so "red square" keeps meaning
-    the red square."""
+    object of that colour and shape, None when there is none) on the anchor's own words, so
+    "red square" keeps meaning the red square."""
     objects = list(targets)
     spans = [[referent_span(text)] for _ in targets]
     if relation := relation_anchor(text):
         anchor_words, colour, shape = relation
-        objects.append(anchor(colour, shape))
-        spans.append([anchor_words])
+        if (found := anchor(colour, shape)) is not None:
+            objects.append(found)
+            spans.append([anchor_words])
     return objects, spans
 
 
 def _anchor(record: Mapping[str, Any], objects: Mapping[int, GroundedObject], colour: str,
-            shape: str, *, path: Path | str, where: str) -> GroundedObject:
+            shape: str, *, path: Path | str, where: str) -> GroundedObject | None:
+    """The relation's anchor; None when absent (the expression names nothing); an error when
+    there are several (the expression is ambiguous)."""
     found = [o["id"] for o in record["objects"] if o["color"] == colour and o["shape"] == shape]
-    if len(found) != 1:
+    if len(found) > 1:
         raise DataFormatError(path, f"{where} is not unique in the image ({len(found)} found)")
-    return objects[found[0]]
+    return objects[found[0]] if found else None
 
 
 def load_world(records_jsonl: Path | str, *, check_images: bool = True) -> list[GroundingSample]:
@@ -96,8 +99,9 @@ def load_world(records_jsonl: Path | str, *, check_images: bool = True) -> list[
     - one referring sample per expression: `caption` = the expression, `objects` = its targets
       (none for an expression naming nothing: a negative example), each spanning the referent's
       words (`referent_span`: the whole attribute phrase, "circle left of" of a relation), and
-      a relation's anchor spanning its own words ("red square"); detection_prompt True for
-      attribute phrases, False for relation expressions (`is_attribute_phrase`);
+      a relation's anchor, where present, spanning its own words ("red square");
+      detection_prompt True for attribute phrases, False for relation expressions
+      (`is_attribute_phrase`);
     - one VQA sample per question: `caption` = the question, `answer`/`answers` = its answer;
       grounded (`question_grounded`) where the question carries the generator's extra keys
       `objects` (ids it names) and `span` (where it names them);

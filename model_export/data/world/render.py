@@ -177,13 +177,15 @@ def render_scene(rng: np.random.Generator, exclude_pairs: Pairs = frozenset()) -
     pixels = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
     objects = [p.obj for p in placed]
     caption, phrases = caption_for(objects)
+    # Spawning consumes no draws: each sampler's stream depends on the pixels' draws only.
+    expression_rng, question_rng = rng.spawn(2)
     return WorldImage(
         width=width,
         height=height,
         image=Image.fromarray(pixels, mode="RGB"),
         objects=objects,
-        expressions=sample_expressions(rng, objects, exclude_pairs),
-        questions=sample_questions(rng, objects, exclude_pairs),
+        expressions=sample_expressions(expression_rng, objects, exclude_pairs),
+        questions=sample_questions(question_rng, objects, exclude_pairs),
         caption=caption,
         caption_phrases=phrases,
     )

@@ -1,20 +1,25 @@
 """Samplers: which referring expressions and VQA questions an image gets.
 
-They draw from the scene's random generator after its pixels, so their order of draws is part of
-what makes a seed reproduce a dataset byte for byte.
+Each draws from a generator of its own, spawned from the scene's after its pixels
+(`render_scene`): their order of draws is part of what makes a seed reproduce a dataset byte for
+byte, and a change to one sampler leaves the other's draws, and the pixels, as they were.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from model_export.data.world.language import (
+    EMPTY_FORMS,
     QUESTION_TYPES,
+    RELATION_ABSENT_ANCHOR,
     answer_question,
     expression_targets,
+    related,
     unique_anchor,
 )
 from model_export.data.world.scene import WorldObject
@@ -34,52 +39,130 @@ def _allowed_pairs(exclude_pairs: Pairs) -> list[tuple[str, str]]:
     return [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in exclude_pairs]
 
 
-def _expression_candidates(
-    objects: Sequence[WorldObject], exclude_pairs: Pairs
-) -> dict[str, list[str]]:
-    """Every expression text the image supports, per template (present and absent mixed)."""
+# Expressions to draw from evenly, each with its targets (`present_expressions`).
+ExpressionGroup = list[tuple[str, list[int]]]
+
+
+def present_expressions(objects: Sequence[WorldObject], exclude_pairs: Pairs = frozenset()
+                        ) -> dict[str, list[ExpressionGroup]]:
+    """Every expression with referents the image supports, per template, as groups to draw from
+    evenly: one per relation word for relations (so "below" is drawn as often as "left of",
+    however many objects each has), one for each other template. A template the scene cannot
+    fill is missing."""
     pairs = _allowed_pairs(exclude_pairs)
-    candidates: dict[str, list[str]] = {
+    attribute_texts = {
         "color_shape": [f"{c} {s}" for c, s in pairs],
         "size_shape": [f"{z} {s}" for z in SIZES for s in SHAPES],
         "size_color_shape": [f"{z} {c} {s}" for z in SIZES for c, s in pairs],
         "color_shapes": [f"{c} shapes" for c in COLOR_NAMES],
-        "relation": [],
     }
-    anchors = [o for o in objects if unique_anchor(objects, o.color, o.shape) is o]
-    for anchor in anchors:
+    pools: dict[str, list[ExpressionGroup]] = {}
+    for form, texts in attribute_texts.items():
+        group = [(text, targets) for text in texts
+                 if (targets := expression_targets(text, objects))]
+        if group:
+            pools[form] = [group]
+    by_relation: dict[str, ExpressionGroup] = {}
+    for anchor in _unique_anchors(objects):
         for relation in RELATIONS:
             for shape in SHAPES:
-                candidates["relation"].append(
-                    f"{shape} {relation} the {anchor.color} {anchor.shape}"
-                )
-    return candidates
+                if found := related(objects, anchor, relation, shape):
+                    by_relation.setdefault(relation, []).append(
+                        (f"{shape} {relation} the {anchor.color} {anchor.shape}",
+                         sorted(o.id for o in found)))
+    if by_relation:
+        pools["relation"] = [by_relation[r] for r in RELATIONS if r in by_relation]
+    return pools
+
+
+def _unique_anchors(objects: Sequence[WorldObject]) -> list[WorldObject]:
+    return [o for o in objects if unique_anchor(objects, o.color, o.shape) is o]
+
+
+def empty_expressions(objects: Sequence[WorldObject], exclude_pairs: Pairs = frozenset()
+                      ) -> dict[str, list[str]]:
+    """Per form of `EMPTY_FORMS`, the expressions naming nothing in the scene that come nearest
+    to naming something: the most of their parts present. A form the scene cannot fill (a
+    relation with no unique anchor) is missing.
+
+    Parts: "red circle" -> a circle, a red object; "small circle" -> a circle, a small object;
+    "small red circle" -> a red circle, a small circle, a small red object; a relation with its
+    anchor -> an object of its shape (not on that side: "star below the red star" with the one
+    star being the red star counts); a relation without its anchor -> an object of its shape,
+    one of the anchor's shape, one of the anchor's colour. `{colour} shapes` has no parts.
+    "Green hexagon" in a scene with neither says nothing a model could get wrong; these do.
+    """
+    # What is present, as (size, colour, shape) with None for "any": a part is present when
+    # its pattern is here (sets: the absent-anchor relations alone are some 800 candidates).
+    present = {pattern for o in objects
+               for pattern in itertools.product((o.size, None), (o.color, None), (o.shape, None))}
+
+    def some(size: str | None = None, color: str | None = None, shape: str | None = None) -> int:
+        return int((size, color, shape) in present)
+
+    pairs = _allowed_pairs(exclude_pairs)
+    scored: dict[str, list[tuple[str, int]]] = {form: [] for form in EMPTY_FORMS}
+    for color, shape in pairs:
+        if some(color=color, shape=shape):
+            continue
+        scored["color_shape"].append((f"{color} {shape}", some(shape=shape) + some(color=color)))
+        for relation in RELATIONS:
+            for referent in SHAPES:
+                scored[RELATION_ABSENT_ANCHOR].append(
+                    (f"{referent} {relation} the {color} {shape}",
+                     some(shape=referent) + some(shape=shape) + some(color=color)))
+    for size in SIZES:
+        for shape in SHAPES:
+            if not some(size, shape=shape):
+                scored["size_shape"].append((f"{size} {shape}", some(shape=shape) + some(size)))
+        for color, shape in pairs:
+            if not some(size, color, shape):
+                near = some(color=color, shape=shape) + some(size, shape=shape) + some(size, color)
+                scored["size_color_shape"].append((f"{size} {color} {shape}", near))
+    scored["color_shapes"] = [(f"{c} shapes", 0) for c in COLOR_NAMES if not some(color=c)]
+    for anchor in _unique_anchors(objects):
+        for relation in RELATIONS:
+            for shape in SHAPES:
+                if not related(objects, anchor, relation, shape):
+                    scored["relation"].append(
+                        (f"{shape} {relation} the {anchor.color} {anchor.shape}",
+                         some(shape=shape)))
+    out = {}
+    for form, candidates in scored.items():
+        if candidates:
+            nearest = max(near for _, near in candidates)
+            out[form] = [text for text, near in candidates if near == nearest]
+    return out
 
 
 def sample_expressions(
     rng: np.random.Generator, objects: Sequence[WorldObject], exclude_pairs: Pairs = frozenset()
 ) -> list[dict[str, Any]]:
-    """A handful of distinct referring expressions, about a quarter of them denoting nothing.
+    """A handful of distinct referring expressions, about a quarter of them naming nothing.
 
-    Each slot picks "absent" with probability ABSENT_EXPRESSION_FRACTION, then a template
-    uniformly among those that can fill it, then a text uniformly: this keeps all five templates
-    in play and the empty-target share steady whatever the scene.
+    Each slot picks "naming nothing" with probability ABSENT_EXPRESSION_FRACTION, then a form
+    uniformly among those the scene can fill (`EMPTY_FORMS` for those, the five templates for the
+    others), then a group (a relation word, for relations with referents), then a text. So every
+    form of empty referent, and every relation, is drawn as often as the others, and the
+    empty-target share stays steady whatever the scene. Empty referents are their form's nearest
+    misses (`empty_expressions`).
     """
     count = EXPRESSIONS_PER_IMAGE[0] if len(objects) <= 1 else EXPRESSIONS_PER_IMAGE[1]
-    pools: dict[bool, dict[str, list[tuple[str, list[int]]]]] = {True: {}, False: {}}
-    for template, texts in _expression_candidates(objects, exclude_pairs).items():
-        for text in texts:
-            targets = expression_targets(text, objects)
-            pools[bool(targets)].setdefault(template, []).append((text, targets))
+    pools: dict[bool, dict[str, list[ExpressionGroup]]] = {
+        True: present_expressions(objects, exclude_pairs),
+        False: {form: [[(text, []) for text in texts]]
+                for form, texts in empty_expressions(objects, exclude_pairs).items()},
+    }
     chosen: dict[str, list[int]] = {}
     for _ in range(count * 4):  # bounded: a tiny scene may not have `count` distinct texts
         if len(chosen) == count:
             break
         present = rng.uniform() >= ABSENT_EXPRESSION_FRACTION
         pool = pools[present] or pools[not present]
-        templates = sorted(pool)
-        options = pool[templates[rng.integers(len(templates))]]
-        text, targets = options[rng.integers(len(options))]
+        forms = [form for form in EMPTY_FORMS if form in pool]
+        groups = pool[forms[rng.integers(len(forms))]]
+        group = groups[rng.integers(len(groups))]
+        text, targets = group[rng.integers(len(group))]
         chosen.setdefault(text, targets)
     return [{"text": text, "targets": targets} for text, targets in chosen.items()]
 

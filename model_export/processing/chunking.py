@@ -1,5 +1,8 @@
 """Prompt chunking: any number of class names packed into prompts that fit the text encoder.
 
+The service packs every detection request with it, and training packs its full-vocabulary
+grounding prompts the same way, so the model is trained on the prompts it is served.
+
 GLIP's text encoder takes at most 256 tokens, LVIS has 1,203 classes. The names are packed greedily,
 in the client's order, into chunks whose caption ("name. name. name", as the reference builds it)
 stays within the token budget ([CLS] and [SEP] included) and holds at most `chunk_size` names. The
