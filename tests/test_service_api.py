@@ -1040,11 +1040,18 @@ def test_serve_end_to_end(tiny_model: Glipv2Model, tmp_path: Path, png_b64: str)
     assert len(after_signal) >= 4 and len(set(after_signal)) >= 2, after_signal  # drained
     # The drain runs until the last answer, and at least `grace_s` from the signal (less a
     # margin for the probe's own connect): new work got 503 `shutting_down` meanwhile.
+    # The client notes an answer a moment after the server sent it, and the listener may close
+    # then: a probe sent within `skew_s` before that note may meet the closed listener.
+    skew_s = 0.5
+    closed = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
     drain_end = max(max(at for _, at, _ in load), signalled + grace_s - 0.2)
     assert draining_seen < drain_end, "the drain window was not observed"
-    during = [(what, answer) for what, at, answer in probes if at < drain_end]
-    assert {what for what, _ in during} >= {*targets, "kept /v1/segment"}, during
-    for what, answer in during:
+    during = [(what, at, answer) for what, at, answer in probes if at < drain_end]
+    assert {what for what, _, _ in during} >= {*targets, "kept /v1/segment"}, during
+    for what, at, answer in during:
+        if at >= drain_end - skew_s and not isinstance(answer, httpx.Response):
+            assert isinstance(answer, closed), (what, repr(answer))
+            continue
         assert isinstance(answer, httpx.Response), (what, answer, output)
         if what == "/healthz":
             assert answer.status_code == 200, answer.text
@@ -1052,7 +1059,6 @@ def test_serve_end_to_end(tiny_model: Glipv2Model, tmp_path: Path, png_b64: str)
             _drain_checks(answer)
     # Afterwards: still 503 (or /healthz 200) while the listener is open, else the closed
     # listener or connection (never a hang, never another answer).
-    closed = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
     for what, answer in ((what, answer) for what, at, answer in probes if at >= drain_end):
         if isinstance(answer, httpx.Response):
             if what == "/healthz" and answer.status_code == 200:
