@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from functools import cache
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Query, Request, Response
@@ -70,7 +71,7 @@ async def read_json(request: Request, model: type[ModelT]) -> ModelT:
         errors = exc.errors(include_url=False, include_input=False)
         if any(error["type"] == "json_invalid" for error in errors):
             raise InvalidJsonError(f"body is not valid JSON: {errors[0]['msg']}") from None
-        raise RequestValidationError(_in_body(errors)) from None
+        raise RequestValidationError(_in_body(_without_union_tag(errors, model))) from None
 
 
 async def _read_json(request: Request, model: type[ParamsT]) -> TaskInput[ParamsT]:
@@ -115,6 +116,20 @@ async def _read_multipart(request: Request, model: type[ParamsT]) -> TaskInput[P
         return TaskInput(params=params, image=image)
     finally:
         await form.close()
+
+
+def _without_union_tag(errors: list[Any], model: type[BaseModel]) -> list[Any]:
+    """Errors of a tagged union (`JobRequest` by `task`) as the client wrote the body: pydantic
+    puts the chosen tag first in each location (`detect.params.classes`), which is no field."""
+    tags = _union_tags(model)
+    return [{**error, "loc": error["loc"][1:]}
+            if error.get("loc") and error["loc"][0] in tags else error for error in errors]
+
+
+@cache
+def _union_tags(model: type[BaseModel]) -> frozenset[str]:
+    mapping = model.model_json_schema().get("discriminator", {}).get("mapping", {})
+    return frozenset(mapping)
 
 
 def _in_body(errors: list[Any]) -> list[Any]:
