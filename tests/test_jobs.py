@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -23,8 +24,16 @@ from model_export.checkpoints.weights import save_model
 from model_export.data.world import render_index
 from model_export.modeling.model import Glipv2Model
 from service.app import create_app
-from service.jobs.store import JobInput, JobResult, JobState, SqliteJobStore
+from service.jobs.store import (
+    SQLITE_SCHEMA_VERSION,
+    JobInput,
+    JobResult,
+    JobSchemaError,
+    JobState,
+    SqliteJobStore,
+)
 from service.settings import ServiceSettings
+from service.state import open_job_store
 
 from conftest import assert_same_answer, start_server
 
@@ -93,6 +102,29 @@ def test_store_marks_a_job_done_once_every_input_has_a_result(tmp_path: Path) ->
     record = store.get(job.id)
     assert record is not None and record.state == JobState.DONE and record.finished_s
     store.close()
+
+
+
+def test_store_schema_is_versioned(tmp_path: Path) -> None:
+    """A file from before versioning (its tables, version 0) is taken as it is, jobs kept; a
+    file a newer service migrated is refused, by the store and by the service at start."""
+    store = SqliteJobStore(tmp_path)
+    job = store.create("caption", {}, [JobInput(data=b"a")])
+    store.close()
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SQLITE_SCHEMA_VERSION
+        db.execute("PRAGMA user_version = 0")
+    reopened = SqliteJobStore(tmp_path)
+    assert reopened.get(job.id) is not None
+    reopened.close()
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SQLITE_SCHEMA_VERSION
+        db.execute(f"PRAGMA user_version = {SQLITE_SCHEMA_VERSION + 1}")
+    with pytest.raises(JobSchemaError, match=rf"schema version {SQLITE_SCHEMA_VERSION + 1}, "
+                                             rf"newer than this service's {SQLITE_SCHEMA_VERSION}"):
+        SqliteJobStore(tmp_path)
+    with pytest.raises(JobSchemaError):
+        open_job_store(ServiceSettings(jobs_dir=tmp_path))
 
 
 # --- the REST resource --------------------------------------------------------------------------

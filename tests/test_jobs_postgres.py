@@ -24,18 +24,14 @@ from model_export.checkpoints.weights import save_model
 from model_export.data.world import render_index
 from model_export.modeling.model import Glipv2Model
 from service.app import create_app
-from service.jobs.store import JobInput, JobResult, JobState
+from service.jobs.store import JobInput, JobResult, JobSchemaError, JobState
 from service.settings import ServiceSettings
 from service.state import open_job_store
 
 from conftest import start_server
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg is missing: pip install -e '.[postgres]'")
-from service.jobs.postgres import (  # noqa: E402  (needs psycopg)
-    SCHEMA_VERSION,
-    JobSchemaError,
-    PostgresJobStore,
-)
+from service.jobs.postgres import SCHEMA_VERSION, PostgresJobStore  # noqa: E402  (needs psycopg)
 
 CLASSES = ["circle", "square", "star"]
 

@@ -39,6 +39,7 @@ from service.jobs.store import (
     JobInput,
     JobRecord,
     JobResult,
+    JobSchemaError,
     JobState,
     JobStore,
     JobStoreUnavailableError,
@@ -83,10 +84,6 @@ _LEASE = "clock_timestamp() + %(lease_s)s * interval '1 second'"
 _UNFINISHED = (JobState.QUEUED.value, JobState.RUNNING.value)
 # Connections per replica: the runner and its heartbeat, plus routes reading progress and results.
 _MAX_CONNECTIONS = 8
-
-
-class JobSchemaError(RuntimeError):
-    """The job database's schema is newer than this service knows (a newer service migrated it)."""
 
 
 class PostgresJobStore(JobStore):

@@ -82,6 +82,10 @@ class JobStoreUnavailableError(RuntimeError):
     away); nothing of the call was stored, what was stored before is kept. Retry later."""
 
 
+class JobSchemaError(RuntimeError):
+    """The job database's schema is newer than this service knows (a newer service migrated it)."""
+
+
 class JobStore(ABC):
     """What the service needs from job storage; every method is blocking (call it in a thread)
     and raises `JobStoreUnavailableError` when the storage cannot serve it now.
@@ -155,7 +159,10 @@ class JobStore(ABC):
         """Release this worker's leases (others take the inputs at once) and disconnect."""
 
 
-_SCHEMA = """
+# Migration N (1-based) brings the file from schema version N-1 (`PRAGMA user_version`) to N.
+# Append; never edit one shipped. Files made before versioning hold version 0 and the tables of
+# migration 1, which it creates only if they do not exist.
+_SQLITE_MIGRATIONS = ("""
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, task TEXT NOT NULL, params TEXT NOT NULL, state TEXT NOT NULL,
     total INTEGER NOT NULL, created_s REAL NOT NULL, started_s REAL, finished_s REAL, error TEXT
@@ -169,7 +176,8 @@ CREATE TABLE IF NOT EXISTS results (
     created_s REAL NOT NULL, PRIMARY KEY (job_id, idx)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_s);
-"""
+""",)
+SQLITE_SCHEMA_VERSION = len(_SQLITE_MIGRATIONS)
 
 
 class SqliteJobStore(JobStore):
@@ -188,7 +196,19 @@ class SqliteJobStore(JobStore):
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: safe against a crash
-        self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring the file up to `SQLITE_SCHEMA_VERSION`; refuse one a newer service migrated."""
+        found = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if found > SQLITE_SCHEMA_VERSION:
+            raise JobSchemaError(
+                f"the job database {self.root / 'jobs.sqlite3'} is at schema version {found}, "
+                f"newer than this service's {SQLITE_SCHEMA_VERSION}: run a service at least as "
+                "new as the one that migrated it, or point GLIPV2_JOBS_DIR at another folder")
+        for version, migration in enumerate(_SQLITE_MIGRATIONS[found:], start=found + 1):
+            # executescript commits first; the version moves in the migration's own transaction.
+            self._db.executescript(f"BEGIN; {migration} PRAGMA user_version = {version}; COMMIT;")
 
     def create(self, task: str, params: dict, inputs: Sequence[JobInput]) -> JobRecord:
         job_id = uuid.uuid4().hex
