@@ -19,7 +19,7 @@ import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -49,6 +49,7 @@ from service.distributed.app import (  # noqa: E402
     application,
     read_config,
 )
+from service.distributed.engine import HEALTH_TEXT, Glipv2Engine  # noqa: E402
 from service.distributed.messages import EngineInfo  # noqa: E402
 from service.distributed.remote import CALL_GRACE_S, RemoteEngineClient  # noqa: E402
 
@@ -372,6 +373,28 @@ def test_a_lost_engine_replica_is_a_json_error_never_a_hang(
 
 
 # --- the deployment files -----------------------------------------------------------------
+
+
+
+def test_a_stalled_engine_fails_the_replicas_health_check() -> None:
+    """Any engine's stalled batch fails `check_health` (Serve then replaces the replica), even
+    while the language batcher that the tiny forward goes through still answers."""
+    submitted: list[object] = []
+
+    class Request:
+        async def submit(self, engine: object, payload: object, **_: object) -> None:
+            submitted.append(payload)
+
+    stalled: dict[str, float] = {}
+    # The method on a stand-in replica: a real one needs a Serve replica context to start.
+    replica = cast(Glipv2Engine, SimpleNamespace(engines=SimpleNamespace(
+        stalled=lambda: stalled, resume=lambda *_: Request())))
+    asyncio.run(Glipv2Engine.check_health(replica))
+    assert submitted == [HEALTH_TEXT]
+    stalled["vision"] = 42.0
+    with pytest.raises(RuntimeError, match=r"stalled: vision .* for 42 s"):
+        asyncio.run(Glipv2Engine.check_health(replica))
+    assert submitted == [HEALTH_TEXT]
 
 
 def test_serve_config_parses_as_serve_reads_it() -> None:

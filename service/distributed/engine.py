@@ -13,8 +13,8 @@ features, and the fused levels the mask engine reads, then stay in this node's o
 arrays both ways (`wire.py`).
 
 Serve routes to a replica once `__init__` has returned, that is once the model is loaded;
-`check_health` runs a tiny forward through the language batcher, so a wedged runtime or batcher
-gets the replica replaced.
+`check_health` runs a tiny forward through the language batcher and fails while any engine's
+batch is stalled, so a wedged runtime or batcher gets the replica replaced.
 """
 
 from __future__ import annotations
@@ -110,7 +110,15 @@ class Glipv2Engine:
         """A tiny forward: one short text through the language batcher, behind what is queued
         at online priority. Serve replaces the replica when this raises or outlasts
         `health_check_timeout_s`; a full queue is a busy replica, not a broken one (replacing
-        it would only push its load onto the others)."""
+        it would only push its load onto the others). An engine whose batch in flight has
+        outlived every deadline in it (stalled: a hung runtime cannot be interrupted) makes
+        the replica unhealthy too, whichever engine it is: its online requests are refused
+        at once meanwhile, and a new replica serves them sooner than the hang may end."""
+        stalled = self.engines.stalled()
+        if stalled:
+            raise RuntimeError("stalled: " + ", ".join(
+                f"{engine} (batch in flight past its deadlines for {seconds:.0f} s)"
+                for engine, seconds in sorted(stalled.items())))
         request = self.engines.resume(TEXT_BUCKET, PRIORITY_ONLINE, None)
         with contextlib.suppress(QueueFullError):
             await request.submit(Engine.LANGUAGE, HEALTH_TEXT)
