@@ -313,6 +313,25 @@ def test_an_image_can_be_dropped_or_taken_from_the_examples(page: Page) -> None:
     assert page.is_enabled("#run")
 
 
+
+def test_a_photo_is_drawn_in_its_stored_pixels_whatever_its_exif_orientation(
+        page: Page, tmp_path: Path) -> None:
+    """The service answers in the stored pixel grid (EXIF orientation not applied), so the
+    canvas is that grid too: a JPEG saved 48x24 with "rotate 90" in its EXIF (a browser shows
+    it 24x48) is drawn 48x24, its left half red, as stored."""
+    stored = Image.new("RGB", (48, 24), (220, 30, 30))
+    stored.paste((30, 30, 220), (24, 0, 48, 24))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    photo = tmp_path / "sideways.jpg"
+    stored.save(photo, "JPEG", quality=95, exif=exif)
+    page.set_input_files("#image", str(photo))
+    page.wait_for_selector(f'#canvas[data-source="{photo.name}"]')
+    drawn = canvas_rgb(page).astype(int)
+    assert drawn.shape == (24, 48, 3)
+    assert np.abs(drawn - np.asarray(Image.open(photo).convert("RGB"), dtype=int)).max() <= 8
+
+
 def test_the_rle_decoder_reads_long_and_shrinking_runs(page: Page) -> None:
     """Runs of several characters and negative differences (pycocotools' delta coding), which
     the tiny model's few masks may not contain."""

@@ -147,9 +147,9 @@ function textColourOn(hex) {
 // The image at its own size (boxes are in its pixels; CSS scales the canvas), then the masks,
 // the boxes, and the labels over every box.
 function draw(view) {
-  canvas.width = image.element.naturalWidth;
-  canvas.height = image.element.naturalHeight;
-  context.drawImage(image.element, 0, 0);
+  canvas.width = image.pixels.width;
+  canvas.height = image.pixels.height;
+  context.drawImage(image.pixels, 0, 0);
   if (!view) return;
   const masked = view.items.filter(item => item.mask);
   if (masked.length) paintMasks(masked);
@@ -326,17 +326,48 @@ function readAsDataUrl(blob) {
   });
 }
 
+// A JPEG's bytes with its EXIF orientation set to 1 (as stored), where it has one; browsers
+// rotate by that tag whatever a page asks, and no decoding option turns it off.
+function withoutOrientation(bytes) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  if (bytes.length < 4 || view.getUint16(0) !== 0xffd8) return bytes;
+  let at = 2;
+  while (at + 4 <= bytes.length && bytes[at] === 0xff) {
+    const marker = bytes[at + 1];
+    const length = view.getUint16(at + 2);
+    if (marker === 0xda || marker === 0xd9) break;  // the scan starts: no more headers
+    const tiff = at + 10;  // after "Exif\0\0"
+    if (marker === 0xe1 && length >= 16 && view.getUint32(at + 4) === 0x45786966) {
+      const little = view.getUint16(tiff) === 0x4949;
+      const ifd = tiff + view.getUint32(tiff + 4, little);
+      const entries = ifd + 2 <= bytes.length ? view.getUint16(ifd, little) : 0;
+      for (let i = 0; i < entries && ifd + 14 + 12 * i <= bytes.length; i++) {
+        const entry = ifd + 2 + 12 * i;
+        if (view.getUint16(entry, little) === 0x0112) {
+          const copy = bytes.slice();
+          new DataView(copy.buffer).setUint16(entry + 8, 1, little);
+          return copy;
+        }
+      }
+    }
+    at += 2 + length;
+  }
+  return bytes;
+}
+
+// The stored pixel grid, EXIF orientation not applied: the service answers in that grid (a
+// photo a phone saved sideways is drawn sideways, with its boxes where they belong).
 async function useImage(blob, name) {
   const dataUrl = await readAsDataUrl(blob);
-  const element = new Image();
-  element.src = dataUrl;
+  let pixels;
   try {
-    await element.decode();
+    const bytes = withoutOrientation(new Uint8Array(await blob.arrayBuffer()));
+    pixels = await createImageBitmap(new Blob([bytes], {type: blob.type}));
   } catch {
     fail(`${name}: this browser cannot read the image`);
     return;
   }
-  image = {base64: dataUrl.slice(dataUrl.indexOf(",") + 1), element};
+  image = {base64: dataUrl.slice(dataUrl.indexOf(",") + 1), pixels};
   canvas.dataset.source = name;
   $("source-name").textContent = `showing ${name}`;
   clearResults();
