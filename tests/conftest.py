@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import importlib.util
 import json
@@ -11,16 +12,21 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import httpx
 import pytest
 import torch
+from fastapi import FastAPI
 
 from benchmarks.local_server import spawn_server
+from engines.runtimes.torch_eager import TorchRuntime
 from model_export.checkpoints.weights import load_pretrained_language
 from model_export.modeling.config import PreprocessConfig, get_preset
 from model_export.modeling.model import Glipv2Model
@@ -101,6 +107,38 @@ def assert_same_answer(job: Any, online: Any, path: str = "") -> None:
         assert job == pytest.approx(online, abs=0.02 if ".box" in path else 1e-4), path
     else:
         assert job == online, path
+
+
+class GatedRuntime(TorchRuntime):
+    """The vision engine waits for `gate`, to hold a request in flight."""
+
+    def __init__(self, model: Glipv2Model) -> None:
+        super().__init__(model)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def run(self, graph: str, inputs: Any) -> dict[str, torch.Tensor]:
+        if graph == "vision":
+            self.entered.set()
+            self.gate.wait(20)
+        return super().run(graph, inputs)
+
+
+async def until(condition: Any, timeout_s: float = 10.0) -> None:
+    """Wait, on the event loop, until `condition()` holds (a few seconds at most)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def with_app(app: FastAPI, scenario: Any) -> Any:
+    """Run `scenario(client)` against `app` on one event loop, lifespan included."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     timeout=60) as http:
+            return await scenario(http)
 
 
 def free_port() -> int:

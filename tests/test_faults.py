@@ -25,7 +25,6 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from engines.runtimes.torch_eager import TorchRuntime
@@ -41,6 +40,8 @@ from service.batching import (
     FailureKind,
 )
 from service.settings import ServiceSettings
+
+from conftest import until, with_app
 
 WORLD_PNG = Path(__file__).parent / "fixtures" / "world" / "000000.png"
 IMAGE = base64.b64encode(WORLD_PNG.read_bytes()).decode()
@@ -103,20 +104,6 @@ def make_settings(tmp_path: Path, **overrides: Any) -> ServiceSettings:
     return ServiceSettings(**(values | overrides))
 
 
-async def with_app(app: FastAPI, scenario: Any) -> Any:
-    """Run `scenario(client)` against `app` on one event loop, lifespan included."""
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test",
-                                     timeout=60) as http:
-            return await scenario(http)
-
-
-async def until(condition: Any, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 def assert_error(response: httpx.Response, status: int, code: str, *fragments: str) -> None:

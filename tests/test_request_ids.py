@@ -14,7 +14,6 @@ import base64
 import json
 import logging
 import re
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,6 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -31,6 +29,8 @@ from model_export.modeling.model import Glipv2Model
 from service.access_log import ACCESS_LOGGER, SERVICE_LOGGERS, configure_logging
 from service.app import create_app
 from service.settings import ServiceSettings
+
+from conftest import GatedRuntime, until, with_app
 
 WORLD_PNG = Path(__file__).parent / "fixtures" / "world" / "000000.png"
 CLASSES = ["circle", "square", "triangle"]
@@ -198,35 +198,7 @@ def test_an_unhandled_error_is_a_500_with_the_id(runtime: TorchRuntime, logs: No
         "r-500", 500, "internal_error")
 
 
-class GatedRuntime(TorchRuntime):
-    """The vision engine waits for `gate`, to hold a request in flight."""
 
-    def __init__(self, model: Glipv2Model) -> None:
-        super().__init__(model)
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def run(self, graph: str, inputs: Any) -> dict[str, torch.Tensor]:
-        if graph == "vision":
-            self.entered.set()
-            self.gate.wait(20)
-        return super().run(graph, inputs)
-
-
-async def until(condition: Any, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
-
-
-async def with_app(app: FastAPI, scenario: Any) -> Any:
-    """Run `scenario(client)` against `app` on one event loop, lifespan included."""
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test",
-                                     timeout=60) as http:
-            return await scenario(http)
 
 
 def test_429_queue_full_carries_the_id_and_rode_in_no_batch(

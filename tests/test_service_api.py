@@ -52,7 +52,7 @@ from service.serving import Glipv2Serving
 from service.settings import ServiceSettings
 from service.tasks.common import TaskContext
 
-from conftest import start_server
+from conftest import GatedRuntime, start_server, until
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD_PNG = Path(__file__).parent / "fixtures" / "world" / "000000.png"
@@ -703,26 +703,6 @@ def test_bad_requests_among_good_ones(runtime: TorchRuntime, png_bytes: bytes,
     assert [r.status_code for r in responses[1::2]] == [status for _, status in bad]
 
 
-class GatedRuntime(TorchRuntime):
-    """The vision engine waits for `gate`, to hold a request in flight."""
-
-    def __init__(self, model: Glipv2Model) -> None:
-        super().__init__(model)
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def run(self, graph: str, inputs: Any) -> dict[str, torch.Tensor]:
-        if graph == "vision":
-            self.entered.set()
-            self.gate.wait(20)
-        return super().run(graph, inputs)
-
-
-async def _until(condition: Any, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 def test_queue_full_is_429_with_retry_after(tiny_model: Glipv2Model, png_b64: str) -> None:
@@ -733,10 +713,10 @@ def test_queue_full_is_429_with_retry_after(tiny_model: Glipv2Model, png_b64: st
 
     async def scenario(http: httpx.AsyncClient) -> None:
         first = asyncio.create_task(http.post("/v1/detect", json=body))
-        await _until(gated.entered.is_set)
+        await until(gated.entered.is_set)
         second = asyncio.create_task(http.post("/v1/detect", json=body))
         batcher = app.state.service.serving.engines.batchers["vision"]
-        await _until(lambda: batcher.queue_depth == 1)
+        await until(lambda: batcher.queue_depth == 1)
         rejected = await http.post("/v1/detect", json=body)
         assert_error(rejected, 429, "queue_full", "queue is full")
         assert int(rejected.headers["retry-after"]) >= 1
@@ -759,22 +739,22 @@ def test_load_shedding_is_429_overloaded_before_any_work(tiny_model: Glipv2Model
 
     async def scenario(http: httpx.AsyncClient) -> None:
         slow = asyncio.create_task(http.post("/v1/detect", json=body))
-        await _until(gated.entered.is_set)
+        await until(gated.entered.is_set)
         await asyncio.sleep(1.2)
         gated.gate.set()
         assert_error(await slow, 504, "deadline_exceeded")
         vision = app.state.service.serving.engines.batchers["vision"]
-        await _until(lambda: vision._in_flight is None)
+        await until(lambda: vision._in_flight is None)
         gated.gate.clear()
         gated.entered.clear()
         held = asyncio.create_task(http.post("/v1/detect", json=body))
-        await _until(gated.entered.is_set)
+        await until(gated.entered.is_set)
         refused = await http.post("/v1/detect", json=body)
         assert_error(refused, 429, "overloaded", "past this request's deadline")
         assert int(refused.headers["retry-after"]) >= 1
         gated.gate.set()
         await held
-        await _until(lambda: vision._in_flight is None)
+        await until(lambda: vision._in_flight is None)
         assert (await http.post("/v1/detect", json=body)).status_code == 200
         metrics = (await http.get("/metrics")).text
         assert 'glipv2_load_shed_total{engine="vision"} 1.0' in metrics
@@ -793,7 +773,7 @@ def test_deadline_is_504_and_the_service_recovers(tiny_model: Glipv2Model,
                      "deadline passed")
         gated.gate.set()
         vision = app.state.service.serving.engines.batchers["vision"]
-        await _until(lambda: vision._in_flight is None)
+        await until(lambda: vision._in_flight is None)
         assert (await http.post("/v1/detect", json=body)).status_code == 200
 
     asyncio.run(_with_app(app, scenario))
@@ -833,10 +813,10 @@ def test_drain_refuses_new_work_and_waits_for_the_work_in_flight(
 
     async def scenario(http: httpx.AsyncClient) -> None:
         held = asyncio.create_task(http.post("/v1/detect", json=body))
-        await _until(gated.entered.is_set)
+        await until(gated.entered.is_set)
         assert state.requests_in_flight == 1
         drain = asyncio.create_task(state.drain())
-        await _until(lambda: state.draining)
+        await until(lambda: state.draining)
         for refused in (await http.post("/v1/vqa", json={"image": png_b64, "question": "what?"}),
                         await http.post("/v1/detect", json=body),
                         await http.post("/v1/jobs", json={"task": "caption",
@@ -871,7 +851,7 @@ def test_drain_timeout_answers_the_work_left_503_and_ends(tiny_model: Glipv2Mode
     async def scenario(http: httpx.AsyncClient) -> None:
         held = asyncio.create_task(http.post("/v1/detect", json={"image": png_b64,
                                                                  "classes": ["circle"]}))
-        await _until(gated.entered.is_set)
+        await until(gated.entered.is_set)
         started = time.monotonic()
         try:
             await asyncio.wait_for(state.drain(), 5)
