@@ -13,7 +13,8 @@ Load shedding: an online request whose expected completion (the captions ahead o
 recent caption time and the concurrency the row budget allows, then its own at that time plus
 twice its recent spread: captions differ in length, and one that joins busy rows is as slow as
 they are) is past its deadline gets `OverloadedError` (429 + Retry-After) at once, before any
-work is spent on it, instead of a 504 after it. An idle decoder takes every caption.
+work is spent on it, instead of a 504 after it; requests ask (`admit`) before their image's
+vision work too. An idle decoder takes every caption.
 """
 
 from __future__ import annotations
@@ -246,21 +247,7 @@ class CaptionDecoder(Generic[W, I, C, R]):
         loop = asyncio.get_running_loop()
         now = self._clock()
         with self._lock:
-            if not self._accepting:
-                raise BatcherStoppedError(f"{self.name} is not accepting requests")
-            depth = sum(c.priority == priority for c in self._queue)
-            if depth >= self.config.max_queue_size:
-                raise QueueFullError(f"{self.name} queue is full ({depth} captions waiting)",
-                                     retry_after_s=self._wait_s(depth, search))
-            if deadline_ms is not None and priority == PRIORITY_ONLINE:
-                expected_s = self._expected_s(depth, search)
-                if expected_s is not None and expected_s * 1000.0 > deadline_ms:
-                    _call(self._callbacks.on_shed)
-                    raise OverloadedError(
-                        f"{self.name}: {len(self._queue)} captions waiting and "
-                        f"{len(self._running)} decoding are expected to take "
-                        f"{expected_s * 1000.0:.0f} ms with this one, past its deadline "
-                        f"({deadline_ms:.0f} ms left)", retry_after_s=self._wait_s(depth, search))
+            self._admit(search, deadline_ms, priority)
             caption: _Caption[W, I, C, R] = _Caption(
                 work=work, search=search, shape=shape, future=loop.create_future(), loop=loop,
                 submitted_s=now,
@@ -275,6 +262,36 @@ class CaptionDecoder(Generic[W, I, C, R]):
                 if caption in self._queue:
                     self._queue.remove(caption)
             raise
+
+    def admit(self, search: CaptionSearch, *, deadline_ms: float | None = None,
+              priority: int = PRIORITY_ONLINE) -> None:
+        """Raise what `submit` would raise for this caption now, as if its image side took no
+        time (`BatcherStoppedError`, `QueueFullError`, `OverloadedError`): a request asks before
+        its image's vision work, so a caption turned away costs none. What it is then told
+        holds at `submit` a fortiori unless the captions ahead finish first."""
+        if deadline_ms is None and priority == PRIORITY_ONLINE:
+            deadline_ms = self.config.default_deadline_ms
+        with self._lock:
+            self._admit(search, deadline_ms, priority)
+
+    def _admit(self, search: CaptionSearch, deadline_ms: float | None, priority: int) -> None:
+        """Under the lock: refuse a caption when stopping, when its queue is full, or (online,
+        with a deadline) when it is expected to finish past its deadline."""
+        if not self._accepting:
+            raise BatcherStoppedError(f"{self.name} is not accepting requests")
+        depth = sum(c.priority == priority for c in self._queue)
+        if depth >= self.config.max_queue_size:
+            raise QueueFullError(f"{self.name} queue is full ({depth} captions waiting)",
+                                 retry_after_s=self._wait_s(depth, search))
+        if deadline_ms is not None and priority == PRIORITY_ONLINE:
+            expected_s = self._expected_s(depth, search)
+            if expected_s is not None and expected_s * 1000.0 > deadline_ms:
+                _call(self._callbacks.on_shed)
+                raise OverloadedError(
+                    f"{self.name}: {len(self._queue)} captions waiting and "
+                    f"{len(self._running)} decoding are expected to take "
+                    f"{expected_s * 1000.0:.0f} ms with this one, past its deadline "
+                    f"({deadline_ms:.0f} ms left)", retry_after_s=self._wait_s(depth, search))
 
     async def _answer(self, caption: _Caption[W, I, C, R]) -> R:
         """The caption's answer. Its deadline is also kept here, on the event loop: a decoding

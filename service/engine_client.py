@@ -40,6 +40,7 @@ from service.caption_runner import (
     KVCache,
 )
 from service.model_runner import FusionResult, FusionWork, ModelRunner, VisionFeatures
+from service.pipeline.caption_search import CaptionSearch
 from service.pipeline.model_input import PreparedImage, image_bucket, prepare_image
 from service.pipeline.text_cache import PromptFeatures, TextFeatureCache
 from service.request_context import current_request
@@ -117,6 +118,11 @@ class EngineStages(ABC):
     @abstractmethod
     async def submit(self, engine: Engine, payload: object, bucket: object = None) -> Any:
         """One item of a head's engine (`mask`, `vqa`)."""
+
+    @abstractmethod
+    def admit_caption(self, search: CaptionSearch) -> None:
+        """Raise now what the caption decoder would refuse this caption with (429 `overloaded`,
+        `queue_full`), before any work is spent on its image (`CaptionDecoder.admit`)."""
 
     @abstractmethod
     async def decode_caption(self, work: CaptionWork) -> list[CaptionDecoded]:
@@ -246,12 +252,20 @@ class EngineRequest(EngineStages):
                                     deadline_ms=self.remaining_ms(), priority=self.priority,
                                     on_batched=on_batched)
 
+    def admit_caption(self, search: CaptionSearch) -> None:
+        self._decoder().admit(search, deadline_ms=self.remaining_ms(), priority=self.priority)
+
     async def decode_caption(self, work: CaptionWork) -> list[CaptionDecoded]:
+        return await self._decoder().submit(work, work.search, work.shape,
+                                            deadline_ms=self.remaining_ms(),
+                                            priority=self.priority)
+
+    def _decoder(self) -> CaptionDecoder[CaptionWork, CaptionImage, KVCache,
+                                         list[CaptionDecoded]]:
         decoder = self.client.decoder
         if decoder is None:
             raise RuntimeError("this engine client serves no caption engine")
-        return await decoder.submit(work, work.search, work.shape,
-                                    deadline_ms=self.remaining_ms(), priority=self.priority)
+        return decoder
 
     async def encode_image(self) -> tuple[PreparedImage, VisionFeatures]:
         if self.image is None:

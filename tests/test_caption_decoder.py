@@ -16,7 +16,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from service.batching import BatcherStoppedError, DeadlineExceededError, OverloadedError
+from service.batching import (
+    PRIORITY_BATCH,
+    BatcherStoppedError,
+    DeadlineExceededError,
+    OverloadedError,
+)
 from service.caption_decoder import CaptionDecoder, DecoderCallbacks, DecoderConfig
 from service.pipeline.caption_search import CaptionSearch
 
@@ -182,6 +187,10 @@ def test_load_shedding_turns_away_what_would_finish_past_its_deadline() -> None:
         with pytest.raises(OverloadedError) as refused:
             await decoder.submit(2, GREEDY, (1,), deadline_ms=5000.0)  # 2 rounds x 4 s > 5 s
         assert refused.value.retry_after_s == pytest.approx(4.0)
+        with pytest.raises(OverloadedError):  # asked before any work: the same answer
+            decoder.admit(GREEDY, deadline_ms=5000.0)
+        decoder.admit(GREEDY, deadline_ms=9000.0)
+        decoder.admit(GREEDY, priority=PRIORITY_BATCH)  # job work is never shed
         taken = asyncio.create_task(decoder.submit(2, GREEDY, (1,), deadline_ms=9000.0))
         await asyncio.sleep(0.05)
         _release(model)
@@ -190,7 +199,7 @@ def test_load_shedding_turns_away_what_would_finish_past_its_deadline() -> None:
         await decoder.stop()
 
     asyncio.run(scenario())
-    assert shed == [1]
+    assert shed == [1, 1]
 
 
 def test_a_caption_joining_busy_rows_is_shed_when_its_own_time_passes_its_deadline() -> None:

@@ -26,7 +26,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -52,7 +51,7 @@ from service.serving import Glipv2Serving
 from service.settings import ServiceSettings
 from service.tasks.common import TaskContext
 
-from conftest import GatedRuntime, start_server, until
+from conftest import GatedRuntime, start_server, until, with_app
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD_PNG = Path(__file__).parent / "fixtures" / "world" / "000000.png"
@@ -672,14 +671,6 @@ def test_caption_metrics_follow_the_decoder(client: TestClient, png_b64: str) ->
 # --- concurrency and the batcher's errors -----------------------------------------------------
 
 
-async def _with_app(app: FastAPI, scenario: Any) -> Any:
-    """Run `scenario(client)` against `app` on one event loop, lifespan included."""
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test",
-                                     timeout=60) as http:
-            return await scenario(http)
-
 
 def test_bad_requests_among_good_ones(runtime: TorchRuntime, png_bytes: bytes,
                                       png_b64: str) -> None:
@@ -696,7 +687,7 @@ def test_bad_requests_among_good_ones(runtime: TorchRuntime, png_bytes: bytes,
         bodies = [good, bad[0][0], good, bad[1][0], good, bad[2][0], good, bad[3][0], good]
         return list(await asyncio.gather(*(http.post("/v1/detect", json=b) for b in bodies)))
 
-    responses = asyncio.run(_with_app(app, scenario))
+    responses = asyncio.run(with_app(app, scenario))
     goods = responses[0::2]
     assert all(r.status_code == 200 for r in goods), [r.text for r in goods]
     assert all(r.json() == goods[0].json() for r in goods) and goods[0].json()["detections"]
@@ -724,7 +715,7 @@ def test_queue_full_is_429_with_retry_after(tiny_model: Glipv2Model, png_b64: st
         assert (await first).status_code == 200 and (await second).status_code == 200
         assert (await http.get("/readyz")).status_code == 200
 
-    asyncio.run(_with_app(app, scenario))
+    asyncio.run(with_app(app, scenario))
 
 
 def test_load_shedding_is_429_overloaded_before_any_work(tiny_model: Glipv2Model,
@@ -759,7 +750,61 @@ def test_load_shedding_is_429_overloaded_before_any_work(tiny_model: Glipv2Model
         metrics = (await http.get("/metrics")).text
         assert 'glipv2_load_shed_total{engine="vision"} 1.0' in metrics
 
-    asyncio.run(_with_app(app, scenario))
+    asyncio.run(with_app(app, scenario))
+
+
+
+class SlowCaptionRuntime(TorchRuntime):
+    """Each caption decoding step takes 0.4 s more (a caption of 4 tokens about 1.5 s); the
+    graphs it ran are in `calls`."""
+
+    def __init__(self, model: Glipv2Model) -> None:
+        super().__init__(model)
+        self.calls: list[str] = []
+
+    def run(self, graph: str, inputs: Any) -> dict[str, torch.Tensor]:
+        self.calls.append(graph)
+        if graph == "caption_step":
+            time.sleep(0.4)
+        return super().run(graph, inputs)
+
+
+def test_a_caption_the_decoder_would_refuse_is_refused_before_its_vision_work(
+        tiny_model: Glipv2Model, png_b64: str) -> None:
+    """Once a caption took ~1.5 s (a job's: no deadline), an online caption with a 1 s deadline
+    beside a caption decoding is 429 `overloaded` at once, and its image never reached the
+    vision engine (the decoder is asked first); with the decoder idle it is taken."""
+    slow = SlowCaptionRuntime(tiny_model)
+    app = create_app(make_settings(request_timeout_ms=1000, caption_objects=False), slow)
+    job_body = {"task": "caption", "inputs": [{"image": png_b64}]}
+
+    async def job_done(http: httpx.AsyncClient, job_id: str) -> bool:
+        return bool((await http.get(f"/v1/jobs/{job_id}")).json()["state"] == "done")
+
+    async def scenario(http: httpx.AsyncClient) -> None:
+        decoder = app.state.service.serving.engines.decoder
+        first = (await http.post("/v1/jobs", json=job_body)).json()["id"]
+        deadline = time.monotonic() + 30
+        while not await job_done(http, first):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        busy = (await http.post("/v1/jobs", json=job_body)).json()["id"]
+        await until(lambda: decoder.live == 1)
+        vision_before = slow.calls.count("vision")
+        refused = await http.post("/v1/caption", json={"image": png_b64})
+        assert_error(refused, 429, "overloaded", "past its deadline")
+        assert slow.calls.count("vision") == vision_before
+        while not await job_done(http, busy):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await until(lambda: decoder.live == 0)
+        taken = await http.post("/v1/caption", json={"image": png_b64})
+        assert taken.status_code in (200, 504), taken.text  # taken: 1 s may not be enough
+        assert slow.calls.count("vision") == vision_before + 1
+        metrics = (await http.get("/metrics")).text
+        assert 'glipv2_load_shed_total{engine="caption"} 1.0' in metrics
+
+    asyncio.run(with_app(app, scenario))
 
 
 def test_deadline_is_504_and_the_service_recovers(tiny_model: Glipv2Model,
@@ -776,7 +821,7 @@ def test_deadline_is_504_and_the_service_recovers(tiny_model: Glipv2Model,
         await until(lambda: vision._in_flight is None)
         assert (await http.post("/v1/detect", json=body)).status_code == 200
 
-    asyncio.run(_with_app(app, scenario))
+    asyncio.run(with_app(app, scenario))
 
 
 def test_stopped_engine_is_503(runtime: TorchRuntime, png_b64: str) -> None:
@@ -788,7 +833,7 @@ def test_stopped_engine_is_503(runtime: TorchRuntime, png_b64: str) -> None:
         assert_error(response, 503, "unavailable")
         assert response.headers["retry-after"] == "1"
 
-    asyncio.run(_with_app(app, scenario))
+    asyncio.run(with_app(app, scenario))
 
 
 def _drain_checks(response: httpx.Response, code: str = "shutting_down") -> None:
@@ -837,7 +882,7 @@ def test_drain_refuses_new_work_and_waits_for_the_work_in_flight(
         assert state.requests_in_flight == 0
         _drain_checks(await http.post("/v1/detect", json=body))  # draining stays on
 
-    asyncio.run(_with_app(app, scenario))
+    asyncio.run(with_app(app, scenario))
 
 
 def test_drain_timeout_answers_the_work_left_503_and_ends(tiny_model: Glipv2Model,
@@ -861,7 +906,7 @@ def test_drain_timeout_answers_the_work_left_503_and_ends(tiny_model: Glipv2Mode
             gated.gate.set()  # the vision call blocked in its thread returns, unseen
         assert state.requests_in_flight == 0
 
-    asyncio.run(_with_app(app, scenario))
+    asyncio.run(with_app(app, scenario))
 
 
 # --- settings, OpenAPI, CLI -------------------------------------------------------------------

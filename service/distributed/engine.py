@@ -101,6 +101,7 @@ class Glipv2Engine:
         `CaptionDecoded` candidates."""
         request = self._resume(stage)
         caption: CaptionWork = from_wire(work)
+        request.admit_caption(caption.search)  # before the vision work it may need
         visual, kept = await self._image(request, cast(Pixels | RemoteFeatures, caption.visual))
         decoded: list[CaptionDecoded] = await request.decode_caption(
             dataclasses.replace(caption, visual=visual))

@@ -44,6 +44,7 @@ from service.distributed.wire import from_wire, to_wire
 from service.engine_client import TEXT_BUCKET, Engine, EngineStages
 from service.errors import EngineUnavailableError
 from service.model_runner import FusionResult, VisionFeatures
+from service.pipeline.caption_search import CaptionSearch
 from service.pipeline.model_input import PreparedImage, image_bucket, prepare_image
 from service.pipeline.text_cache import PromptFeatures, TextFeatureCache
 from service.serving import ServedModel
@@ -144,6 +145,10 @@ class RemoteEngineRequest(EngineStages):
 
     async def submit(self, engine: Engine, payload: object, bucket: object = None) -> Any:
         return await self._call("head", engine, payload, bucket=bucket)
+
+    def admit_caption(self, search: CaptionSearch) -> None:
+        """Asked on the engine replica instead, by `Glipv2Engine.decode_caption` before the
+        vision work that call runs (asking from here would cost one more call per caption)."""
 
     async def decode_caption(self, work: CaptionWork) -> list[CaptionDecoded]:
         decoded: list[CaptionDecoded] = await self._image_stage(

@@ -61,6 +61,7 @@ class CaptionTask:
 
     async def run(self, image: Image.Image, priority: int = PRIORITY_ONLINE) -> CaptionResponse:
         request = self.context.engines.request(image, priority)
+        request.admit_caption(self.search)  # a caption the decoder would refuse costs no vision
         prepared, visual = await request.encode_image()
         work = CaptionWork(visual, self.search)
         objects = None
