@@ -378,7 +378,8 @@ def test_a_lost_engine_replica_is_a_json_error_never_a_hang(
 
 def test_a_stalled_engine_fails_the_replicas_health_check() -> None:
     """Any engine's stalled batch fails `check_health` (Serve then replaces the replica), even
-    while the language batcher that the tiny forward goes through still answers."""
+    while the language batcher that the tiny forward goes through still answers; a check that
+    passes re-states `glipv2_model_ready`."""
     submitted: list[object] = []
 
     class Request:
@@ -387,14 +388,16 @@ def test_a_stalled_engine_fails_the_replicas_health_check() -> None:
 
     stalled: dict[str, float] = {}
     # The method on a stand-in replica: a real one needs a Serve replica context to start.
-    replica = cast(Glipv2Engine, SimpleNamespace(engines=SimpleNamespace(
-        stalled=lambda: stalled, resume=lambda *_: Request())))
+    ready: list[float] = []
+    replica = cast(Glipv2Engine, SimpleNamespace(
+        engines=SimpleNamespace(stalled=lambda: stalled, resume=lambda *_: Request()),
+        metrics=SimpleNamespace(model_ready=SimpleNamespace(set=ready.append))))
     asyncio.run(Glipv2Engine.check_health(replica))
-    assert submitted == [HEALTH_TEXT]
+    assert submitted == [HEALTH_TEXT] and ready == [1]
     stalled["vision"] = 42.0
     with pytest.raises(RuntimeError, match=r"stalled: vision .* for 42 s"):
         asyncio.run(Glipv2Engine.check_health(replica))
-    assert submitted == [HEALTH_TEXT]
+    assert submitted == [HEALTH_TEXT] and ready == [1]
 
 
 def test_serve_config_parses_as_serve_reads_it() -> None:

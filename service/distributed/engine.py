@@ -123,6 +123,9 @@ class Glipv2Engine:
         request = self.engines.resume(TEXT_BUCKET, PRIORITY_ONLINE, None)
         with contextlib.suppress(QueueFullError):
             await request.submit(Engine.LANGUAGE, HEALTH_TEXT)
+        # Re-stated at every check: a gauge set once, at start, was once missing from Ray's
+        # export for over a minute on a loaded machine (its first point lost on the way).
+        self.metrics.model_ready.set(1)
 
     async def __del__(self) -> None:
         """Serve's graceful shutdown: queued and in-flight work finishes first."""
