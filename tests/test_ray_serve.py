@@ -400,6 +400,21 @@ def test_a_stalled_engine_fails_the_replicas_health_check() -> None:
     assert submitted == [HEALTH_TEXT] and ready == [1]
 
 
+
+def test_a_replica_stopped_while_loading_shuts_down_cleanly() -> None:
+    """Serve calls the destructor of a replica whose constructor has not returned (the model
+    still loading) too: it has no engines to drain, and says nothing went wrong."""
+    stopped: list[bool] = []
+
+    async def stop(drain: bool) -> None:
+        stopped.append(drain)
+
+    asyncio.run(Glipv2Engine.__del__(cast(Glipv2Engine, SimpleNamespace())))
+    asyncio.run(Glipv2Engine.__del__(cast(Glipv2Engine, SimpleNamespace(
+        engines=SimpleNamespace(stop=stop)))))
+    assert stopped == [True]
+
+
 def test_serve_config_parses_as_serve_reads_it() -> None:
     config = read_config(REPO / "docker" / "ray" / "serve.yaml")
     assert set(config.deployments) == {INGRESS, ENGINE}

@@ -128,8 +128,11 @@ class Glipv2Engine:
         self.metrics.model_ready.set(1)
 
     async def __del__(self) -> None:
-        """Serve's graceful shutdown: queued and in-flight work finishes first."""
-        await self.engines.stop(drain=True)
+        """Serve's graceful shutdown: queued and in-flight work finishes first. A replica
+        stopped while its constructor still loads the model has no engines to stop."""
+        engines: EngineClient | None = getattr(self, "engines", None)
+        if engines is not None:
+            await engines.stop(drain=True)
 
     def _resume(self, stage: Stage) -> EngineRequest:
         return self.engines.resume(stage.bucket, stage.priority, stage.deadline_ms)
