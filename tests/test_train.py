@@ -200,21 +200,27 @@ def test_grounding_prompts_carry_hard_colour_negatives_and_never_held_out_pairs(
 
 
 def test_relation_negatives_replace_referring_samples_and_join_grounding_prompts() -> None:
-    """`relation_negatives` 1: a scene's one referring sample is a relation naming nothing whose
-    shape is in the image (not on that side, or its anchor absent), and its grounding prompt
-    names such a relation too, with no object on its referent's words, beside one naming
-    something; 0 keeps the world's own expressions."""
+    """`relation_negatives` 1: a scene's referring samples are a relation naming nothing whose
+    shape is in the image (not on that side, or its anchor absent) and, where the scene has one,
+    a relation naming something, grounded on its targets; its grounding prompt names such a
+    relation too, with no object on its referent's words, beside one naming something; 0 keeps
+    the world's own expressions."""
     tokenizer = load_tokenizer()
-    positives = 0
+    positives = paired = 0
     for index in range(12):
         scene = render_index(7, index)
         shapes = {o.shape for o in scene.objects}
         samples = world_samples(scene, random.Random(index), COLOR_NAMES, SHAPES,
                                 mix=PromptMix(relation_negatives=1.0))
-        (referring,) = [s for s in samples if s.task == "referring"]
+        referring, *named = [s for s in samples if s.task == "referring"]
         assert " the " in referring.caption and referring.caption.split()[0] in shapes
         assert expression_targets(referring.caption, scene.objects) == []
         assert all(s[0][1] > referring.caption.index(" the ") for s in referring.spans)
+        for other in named:  # at most one, naming what it grounds
+            assert len(named) == 1 and " the " in other.caption
+            targets = expression_targets(other.caption, scene.objects)
+            assert targets and len(other.objects) >= len(targets)
+            paired += 1
         (grounding,) = [s for s in samples if s.task == "grounding"]
         relations = [p for p in grounding.caption.split(". ") if " the " in p]
         targets = [expression_targets(p, scene.objects) for p in relations]
@@ -230,7 +236,7 @@ def test_relation_negatives_replace_referring_samples_and_join_grounding_prompts
         plain = world_samples(scene, random.Random(index), COLOR_NAMES, SHAPES)
         assert [s.caption for s in plain if s.task == "referring"] == [
             e["text"] for e in scene.expressions]
-    assert positives >= 6
+    assert positives >= 6 and paired >= 6
 
 
 def test_full_vocabulary_prompts_are_service_chunks_of_every_pair_not_held_out() -> None:

@@ -274,7 +274,9 @@ class PromptMix:
 
     relation_negatives: chance that the scene's referring samples are replaced by one relation
         naming nothing (a nearest miss of `empty_expressions`: its shape there but not on that
-        side of the anchor, or its anchor absent), and, drawn apart, that its attribute
+        side of the anchor, or its anchor absent) and one of the scene naming something (where
+        it has one: the pair differs only in what the relation says), and, drawn apart, that
+        its attribute
         grounding prompt also names one such relation and one naming something. The world's own
         expressions hold few of them, and a model that grounds the shape word alone gets
         every one wrong.
@@ -408,9 +410,14 @@ def world_samples(scene: WorldImage, rng: random.Random, colors: Sequence[str],
 
     expressions = scene.expressions
     if mix.relation_negatives and rng.random() < mix.relation_negatives:
-        negative, _ = _relation_texts(scene, rng, exclude)
+        negative, positive = _relation_texts(scene, rng, exclude)
         if negative is not None:
+            # Beside a relation of the same scene that names something: negatives alone taught
+            # a model to answer every relation with nothing (relation mIoU 0.68 -> 0.04).
             expressions = [{"text": negative, "targets": []}]
+            if positive is not None:
+                expressions.append({"text": positive,
+                                    "targets": expression_targets(positive, scene.objects)})
 
     def anchor(colour: str, shape: str) -> GroundedObject | None:
         # The world writes only relations whose anchor is unique in the scene, or absent.
