@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import math
 import sqlite3
 import threading
@@ -41,7 +42,7 @@ from service.batching import (
 )
 from service.settings import ServiceSettings
 
-from conftest import until, with_app
+from conftest import free_port, until, with_app
 
 WORLD_PNG = Path(__file__).parent / "fixtures" / "world" / "000000.png"
 IMAGE = base64.b64encode(WORLD_PNG.read_bytes()).decode()
@@ -321,11 +322,15 @@ def test_a_hung_caption_step_is_504_at_the_deadline(tiny_model: Glipv2Model,
 # --- the job store's disk is full, or read-only -----------------------------------------------
 
 
+RESULT_PAGE_READ = "SELECT idx, ok, body FROM results"  # SqliteJobStore.results' query
+
+
 class FailingDisk:
     """Stands in for the SQLite connection of a `SqliteJobStore`: while `full`, every write
     fails as SQLite fails it on a full disk (SQLITE_FULL); while `away`, every statement fails
     with an I/O error. `fill_after_results`: become full by itself (once) when that many results
-    have been inserted (the transaction they are in still commits)."""
+    have been inserted (the transaction they are in still commits). `result_reads_left`: so
+    many pages of results are read (`results`), then each read fails with an I/O error."""
 
     WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 
@@ -335,10 +340,15 @@ class FailingDisk:
         self.away = False
         self.fill_after_results = fill_after_results
         self.results_inserted = 0
+        self.result_reads_left: int | None = None
         self.refused = 0
 
     def _refuse(self, sql: str) -> None:
         verb = sql.lstrip().split(None, 1)[0].upper()
+        if self.result_reads_left is not None and RESULT_PAGE_READ in sql:
+            if self.result_reads_left == 0:
+                raise _sqlite_error("disk I/O error", sqlite3.SQLITE_IOERR)
+            self.result_reads_left -= 1
         if self.away:
             self.refused += 1
             raise _sqlite_error("disk I/O error", sqlite3.SQLITE_IOERR)
@@ -472,3 +482,51 @@ def test_a_read_only_job_store_is_503_until_it_is_writable(jobs_app: tuple[TestC
     job_id = submitted.json()["id"]
     wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "done")
     assert len(client.get(f"/v1/jobs/{job_id}/results").text.splitlines()) == 2
+
+
+def test_results_are_503_when_the_store_fails_before_the_stream_and_cut_when_after(
+        tiny_model: Glipv2Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over real HTTP (uvicorn): a results table that cannot be read before the first line is
+    a 503 like every jobs route's; one that fails mid-stream ends the chunked body without its
+    closing chunk, so the client sees an incomplete body, not a shorter list."""
+    import uvicorn
+
+    from service.routers import jobs as jobs_router
+
+    monkeypatch.setattr(jobs_router, "_RESULTS_PAGE", 2)
+    app = create_app(make_settings(tmp_path, job_concurrency=4), TorchRuntime(tiny_model))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started)
+        base = f"http://127.0.0.1:{server.config.port}"
+        with httpx.Client(base_url=base, timeout=60) as client:
+            submitted = client.post("/v1/jobs", json={
+                "task": "detect", "params": {"classes": ["circle"]},
+                "inputs": [{"image": IMAGE}] * 4})
+            assert submitted.status_code == 202, submitted.text
+            job_id = submitted.json()["id"]
+            wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "done")
+            store = app.state.service.jobs.store
+            disk = FailingDisk(store._db)
+            store._db = disk
+
+            disk.result_reads_left = 0
+            assert_error(client.get(f"/v1/jobs/{job_id}/results"), 503, "jobs_unavailable",
+                         "I/O error")
+            disk.result_reads_left = 1  # the first page (2 lines) is read, the second fails
+            received: list[bytes] = []
+            with pytest.raises(httpx.RemoteProtocolError), \
+                    client.stream("GET", f"/v1/jobs/{job_id}/results") as response:
+                assert response.status_code == 200
+                received.extend(response.iter_lines())  # type: ignore[arg-type]
+            assert len(received) == 2
+            disk.result_reads_left = None
+            lines = client.get(f"/v1/jobs/{job_id}/results").text.splitlines()
+            assert [json.loads(line)["index"] for line in lines] == [0, 1, 2, 3]
+            assert client.post("/v1/detect", json=DETECT).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)

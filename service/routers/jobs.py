@@ -137,19 +137,22 @@ async def get_job(job_id: str, jobs: JobsDep) -> JobStatus:
 )
 async def job_results(job_id: str, jobs: JobsDep) -> StreamingResponse:
     await _job(jobs, job_id)
+    # The first page is read before the status line goes out: a store that fails now is a 503
+    # like every jobs route's. One that fails later, mid-stream, can no longer change the
+    # status: the stream then ends without its closing chunk, which HTTP clients report as an
+    # incomplete body, never as a shorter list of results.
+    first = await asyncio.to_thread(jobs.store.results, job_id, -1, _RESULTS_PAGE)
 
     async def lines() -> AsyncIterator[bytes]:
-        after = -1
-        while True:
-            page = await asyncio.to_thread(jobs.store.results, job_id, after, _RESULTS_PAGE)
-            if not page:
-                return
+        page = first
+        while page:
             chunk = []
             for result in page:
                 key = "result" if result.ok else "error"
                 chunk.append(f'{{"index": {result.index}, "{key}": {result.body}}}\n')
             yield "".join(chunk).encode()
-            after = page[-1].index
+            page = await asyncio.to_thread(jobs.store.results, job_id, page[-1].index,
+                                           _RESULTS_PAGE)
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
