@@ -93,6 +93,7 @@ def _serve_ray(args: argparse.Namespace, overrides: dict[str, object]) -> int:
 
     try:
         from service.distributed.app import APP_NAME, DEFAULT_CONFIG, application, read_config
+        from service.distributed.serve_env import apply_serve_env
     except ImportError:  # the optional extra is not installed
         print("--ray needs Ray Serve: pip install -e '.[ray]'", file=sys.stderr)
         return 2
@@ -121,6 +122,8 @@ def _serve_ray(args: argparse.Namespace, overrides: dict[str, object]) -> int:
     import ray
     from ray import serve
 
+    if address is None:  # a Ray started here: its processes inherit Serve's request path setup
+        apply_serve_env()
     ray.init(address=address or "local")  # "local": a new one, never another's cluster
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

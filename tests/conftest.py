@@ -30,6 +30,7 @@ from engines.runtimes.torch_eager import TorchRuntime
 from model_export.checkpoints.weights import load_pretrained_language
 from model_export.modeling.config import PreprocessConfig, get_preset
 from model_export.modeling.model import Glipv2Model
+from service.distributed.serve_env import apply_serve_env
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -155,6 +156,10 @@ def ray_cluster() -> Iterator[int]:
     ray = pytest.importorskip("ray", reason="the Ray tests need the `ray` extra: "
                                             "pip install -e '.[ray]'")
     metrics_port = free_port()
+    apply_serve_env()  # Serve's request path as deployed (its processes inherit this)
+    # An ingress replica stopping waits this long for load balancers to see it go (30 s by
+    # default): the HAProxy of this one node sees it at once.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     try:
         ray.init(address="local",  # its own, even beside another Ray on this machine
                  num_cpus=8, num_gpus=2, include_dashboard=False,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import re
 import time
 from collections.abc import Generator, Iterator
@@ -52,6 +53,7 @@ from service.distributed.app import (  # noqa: E402
 from service.distributed.engine import HEALTH_TEXT, Glipv2Engine  # noqa: E402
 from service.distributed.messages import EngineInfo  # noqa: E402
 from service.distributed.remote import CALL_GRACE_S, RemoteEngineClient  # noqa: E402
+from service.distributed.serve_env import SERVE_ENV  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD = sorted((Path(__file__).parent / "fixtures" / "world").glob("*.png"))
@@ -181,6 +183,31 @@ def test_engine_replicas_hold_half_a_gpu_each(ray_url: str) -> None:
     assert status.deployments[INGRESS].replica_states.get("RUNNING") == 2
     # 2 engine replicas x 0.5 of the 2 logical GPUs; the ingress replicas hold none.
     assert ray.available_resources().get("GPU") == pytest.approx(2 - 2 * ENGINE_GPUS)
+
+
+def test_http_reaches_the_ingress_replicas_through_haproxy(ray_url: str) -> None:
+    """`SERVE_ENV` is in effect: the HTTP port is HAProxy's (no Serve proxy actor hop), and
+    what it balances onto are the ingress replicas' own HTTP servers."""
+    haproxy = [pid for pid in os.listdir("/proc") if pid.isdigit()
+               and b"haproxy" in _cmdline(pid).split(b"\0", 1)[0]]
+    assert haproxy, "no HAProxy process: Serve runs its Python proxy instead"
+    listening = f"bind {ray_url.removeprefix('http://')}\n".encode()
+    assert any(listening in _haproxy_config(pid) for pid in haproxy)
+    assert httpx.get(f"{ray_url}/v1/models", timeout=10).status_code == 200
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
+
+
+def _haproxy_config(pid: str) -> bytes:
+    """The configuration file HAProxy was started with (`-f PATH`)."""
+    arguments = _cmdline(pid).split(b"\0")
+    path = arguments[arguments.index(b"-f") + 1] if b"-f" in arguments else b""
+    return Path(path.decode()).read_bytes() if path else b""
 
 
 def test_metrics_reach_ray_under_the_service_names(ray_url: str, ray_cluster: int) -> None:
@@ -441,6 +468,11 @@ def test_rayservice_manifest_embeds_a_valid_serve_config() -> None:
                      if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]
                      .get("limits", {}))
     assert gpu_group["minReplicas"] <= gpu_group["maxReplicas"]
+    # Serve's request path set up on every pod, as `glipv2 serve --ray` sets it up locally.
+    pods = [head] + [group["template"]["spec"]["containers"][0]
+                     for group in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        assert {e["name"]: e["value"] for e in pod["env"]} == SERVE_ENV, pod["name"]
 
 
 def test_prometheus_config_gives_the_service_its_names_back() -> None:

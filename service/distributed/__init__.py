@@ -10,6 +10,7 @@ Two deployments wrap the single-process code; nothing here re-implements it:
 
 `app.py` builds the application (`glipv2 serve --ray`, and `serve deploy` of
 `docker/ray/serve.yaml` through `build`); `routing.py` keeps a request's stages on the replica
-holding its image features; `metrics.py` exports the service's metrics through Ray's.
+holding its image features; `metrics.py` exports the service's metrics through Ray's;
+`serve_env.py` is how Serve's own request path is set up (HAProxy, no thread hops).
 Importing this package needs the `ray` extra (`pip install -e '.[ray]'`).
 """
