@@ -43,8 +43,9 @@ class Glipv2Ingress:
         self.state: ServiceState | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        # Serve's proxy gives each request its X-Request-ID (the client's, else a new one),
-        # forwards it here and puts it on the response: the app adds no second header.
+        # Serve gives each request its X-Request-ID (the client's, else a new one; its proxy,
+        # or with HAProxy in front this replica's own HTTP server), passes it here and puts it
+        # on the response: the app adds no second header.
         app = create_app(self.settings, remote=self.engines, service_metrics=self.metrics,
                          proxy_request_id=True)
         self.state = app.state.service
