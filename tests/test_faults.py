@@ -517,11 +517,11 @@ def test_results_are_503_when_the_store_fails_before_the_stream_and_cut_when_aft
             assert_error(client.get(f"/v1/jobs/{job_id}/results"), 503, "jobs_unavailable",
                          "I/O error")
             disk.result_reads_left = 1  # the first page (2 lines) is read, the second fails
-            received: list[bytes] = []
+            received: list[str] = []
             with pytest.raises(httpx.RemoteProtocolError), \
                     client.stream("GET", f"/v1/jobs/{job_id}/results") as response:
                 assert response.status_code == 200
-                received.extend(response.iter_lines())  # type: ignore[arg-type]
+                received.extend(response.iter_lines())
             assert len(received) == 2
             disk.result_reads_left = None
             lines = client.get(f"/v1/jobs/{job_id}/results").text.splitlines()
