@@ -574,6 +574,34 @@ def test_empty_referents_of_every_form_are_drawn_evenly_and_nearly_name_somethin
     assert hard["relation"] >= 0.9 * empty["relation"], (hard, empty)
 
 
+def test_relation_contrasts_name_nothing_and_differ_from_their_relation_in_one_word(
+        scenes: list[WorldImage]) -> None:
+    """Each contrast of a relation naming something names nothing and differs from it in one
+    word: the relation word (same shape, same anchor, there) or the anchor's colour (an anchor
+    absent from the image, never a held-out pair); both forms occur; other text has none."""
+    forms: Counter[str] = Counter()
+    for scene in scenes[:60]:
+        for group in world.present_expressions(scene.objects, HELD_OUT).get("relation", []):
+            for text, _ in group:
+                words = text.split()
+                for form, contrasts in world.relation_contrasts(
+                        scene.objects, text, HELD_OUT).items():
+                    for contrast in contrasts:
+                        other = contrast.split()
+                        assert _plain_targets(contrast, scene.objects) == [], contrast
+                        assert world.referent_form(contrast, scene.objects) == form
+                        if form == "relation":  # "{shape} {relation} the {colour} {shape}"
+                            assert other[0] == words[0] and other[-3:] == words[-3:]
+                            assert contrast != text
+                        else:
+                            assert other[:-2] == words[:-2] and other[-1] == words[-1]
+                            assert other[-2] != words[-2]
+                            assert (other[-2], other[-1]) not in HELD_OUT
+                        forms[form] += 1
+    assert set(forms) == {"relation", world.RELATION_ABSENT_ANCHOR}, forms
+    assert world.relation_contrasts(scenes[0].objects, "red circle") == {}
+
+
 def test_the_samplers_draw_from_streams_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
     """A change to how expressions are drawn leaves every seed's pixels and questions as they
     were (the expression sampler here draws ten times more)."""

@@ -43,9 +43,9 @@ class TrainConfig:
     inter_regions_per_image: int = 48  # anchors sampled per image for L_inter (half positives)
     inter_temperature: float = 0.1  # softmax temperature of L_inter
     max_distractors: int = 0  # up to this many non-world class names in detection prompts
-    # chance per scene that its referring examples are one relation naming nothing (a nearest
-    # miss: the shape there but not on that side, or the anchor absent) and that its grounding
-    # prompt also names one such relation and one naming something (`examples.PromptMix`)
+    # chance per scene that its referring examples are a relation naming something and one
+    # naming nothing that differs from it in one word (another relation word, or the anchor in
+    # a colour not there), and that its grounding prompt also names such a pair (`PromptMix`)
     relation_negatives: float = 0.0
     # chance that a grounding prompt is the whole colour-shape vocabulary (held-out pairs left
     # out) in a shuffled order, one of the chunks the service packs it into: users send it all

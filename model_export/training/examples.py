@@ -28,6 +28,7 @@ from model_export.data.world import (
     expression_targets,
     present_expressions,
     relation_anchor,
+    relation_contrasts,
     unique_anchor,
 )
 from model_export.data.world.records import is_attribute_phrase, referring_grounding
@@ -272,13 +273,11 @@ class PromptMix:
     """Negatives `world_samples` adds to a scene's grounding and referring samples; the defaults
     add none (`TrainConfig.relation_negatives`, `TrainConfig.full_vocabulary_share`).
 
-    relation_negatives: chance that the scene's referring samples are replaced by one relation
-        naming nothing (a nearest miss of `empty_expressions`: its shape there but not on that
-        side of the anchor, or its anchor absent) and one of the scene naming something (where
-        it has one: the pair differs only in what the relation says), and, drawn apart, that
-        its attribute
-        grounding prompt also names one such relation and one naming something. The world's own
-        expressions hold few of them, and a model that grounds the shape word alone gets
+    relation_negatives: chance that the scene's referring samples are replaced by a relation of
+        the scene naming something and one naming nothing that differs from it in one word
+        (`_relation_texts`: another relation word, or the anchor in a colour not there), and,
+        drawn apart, that its attribute grounding prompt also names such a pair. The world's
+        own expressions hold few of them, and a model that grounds the shape word alone gets
         every one wrong.
     full_vocabulary: chance that the grounding prompt is every colour-shape phrase (held-out
         pairs left out) in a shuffled order, as one of the chunks `pack_chunks` makes of it for
@@ -336,13 +335,18 @@ def _full_vocabulary_prompt(rng: random.Random, colors: Sequence[str], shapes: S
 def _relation_texts(scene: WorldImage, rng: random.Random, exclude: Pairs
                     ) -> tuple[str | None, str | None]:
     """(a relation naming nothing, a relation naming something) of the scene, None where it has
-    none: the empty one a nearest miss of a form drawn evenly (anchor there or absent), the
-    other of a relation word drawn evenly (`present_expressions`)."""
+    none: the named one of a relation word drawn evenly (`present_expressions`), the empty one
+    differing from it in one word, of a form drawn evenly (`relation_contrasts`: another
+    relation word, or the anchor in an absent colour), else a nearest miss (anchor there or
+    absent, `empty_expressions`)."""
+    groups = present_expressions(scene.objects, exclude).get("relation")
+    positive = rng.choice(rng.choice(groups))[0] if groups else None
+    contrasts = relation_contrasts(scene.objects, positive, exclude) if positive else {}
+    if contrasts:
+        return rng.choice(contrasts[rng.choice(sorted(contrasts))]), positive
     empty = empty_expressions(scene.objects, exclude)
     forms = [form for form in ("relation", RELATION_ABSENT_ANCHOR) if form in empty]
     negative = rng.choice(empty[rng.choice(forms)]) if forms else None
-    groups = present_expressions(scene.objects, exclude).get("relation")
-    positive = rng.choice(rng.choice(groups))[0] if groups else None
     return negative, positive
 
 

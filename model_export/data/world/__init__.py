@@ -44,6 +44,7 @@ from model_export.data.world.language import (
     related,
     relation_anchor,
     relation_holds,
+    relation_parts,
     select,
     unique_anchor,
 )
@@ -52,6 +53,7 @@ from model_export.data.world.sampling import (
     ExpressionGroup,
     empty_expressions,
     present_expressions,
+    relation_contrasts,
     sample_expressions,
     sample_questions,
 )
@@ -106,7 +108,9 @@ __all__ = [
     "referent_form",
     "related",
     "relation_anchor",
+    "relation_contrasts",
     "relation_holds",
+    "relation_parts",
     "render_index",
     "render_scene",
     "sample_expressions",

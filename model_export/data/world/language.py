@@ -97,6 +97,13 @@ def expression_targets(text: str, objects: Sequence[WorldObject]) -> list[int]:
     return sorted(o.id for o in found)
 
 
+def relation_parts(text: str) -> tuple[str, str, str, str] | None:
+    """For `{shape} {relation} the {colour} {shape}`: (shape, relation, anchor colour, anchor
+    shape); None for the other forms."""
+    m = _RELATION_EXPR.match(text)
+    return None if m is None else (m.group(1), m.group(2), m.group(3), m.group(4))
+
+
 def relation_anchor(text: str) -> tuple[tuple[int, int], str, str] | None:
     """For `{shape} {relation} the {colour} {shape}`: where the anchor is named ([start, end) of
     "red square"), its colour and its shape; None for the other forms."""

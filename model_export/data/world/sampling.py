@@ -20,6 +20,8 @@ from model_export.data.world.language import (
     answer_question,
     expression_targets,
     related,
+    relation_parts,
+    select,
     unique_anchor,
 )
 from model_export.data.world.scene import WorldObject
@@ -132,6 +134,34 @@ def empty_expressions(objects: Sequence[WorldObject], exclude_pairs: Pairs = fro
         if candidates:
             nearest = max(near for _, near in candidates)
             out[form] = [text for text, near in candidates if near == nearest]
+    return out
+
+
+def relation_contrasts(objects: Sequence[WorldObject], text: str,
+                       exclude_pairs: Pairs = frozenset()) -> dict[str, list[str]]:
+    """The relations naming nothing that differ from `text`, a relation naming something, in
+    one word, per empty form: `relation` (another relation word: nothing of its shape on that
+    side of the same anchor) and `relation_absent_anchor` (the anchor in a colour no object of
+    its shape has). A form the scene cannot fill is missing; {} for other text.
+
+    Why: a negative that differs in its shape or anchor too can be told from the positive by
+    those words alone; one that differs only in its relation or anchor colour makes the model
+    read where things stand, or whether the anchor is there.
+    """
+    parts = relation_parts(text)
+    if parts is None:
+        return {}
+    shape, relation, color, anchor_shape = parts
+    anchor = unique_anchor(objects, color, anchor_shape)
+    out: dict[str, list[str]] = {}
+    if anchor is not None and (sides := [
+            f"{shape} {other} the {color} {anchor_shape}" for other in RELATIONS
+            if other != relation and not related(objects, anchor, other, shape)]):
+        out["relation"] = sides
+    if absent := [f"{shape} {relation} the {other} {anchor_shape}"
+                  for other, named in _allowed_pairs(exclude_pairs)
+                  if named == anchor_shape and not select(objects, color=other, shape=named)]:
+        out[RELATION_ABSENT_ANCHOR] = absent
     return out
 
 
