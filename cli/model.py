@@ -120,7 +120,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     )
     from service.offline import ServingPredictor
 
-    predictor = ServingPredictor(TorchRuntime.from_dir(args.model))
+    runtime = TorchRuntime.from_dir(args.model)
+    if args.score_agg is not None:
+        runtime.config.postprocess.score_agg = args.score_agg
+    predictor = ServingPredictor(runtime)
     try:
         seed = CALIBRATION_SEED if args.seed is None else args.seed
         scores = segment_threshold_sweep(predictor, args.n, seed)
@@ -137,8 +140,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     current = config.postprocess.segment_threshold
     if args.write:
         config.postprocess.segment_threshold = best.threshold
+        config.postprocess.score_agg = runtime.config.postprocess.score_agg
         print(f"{save_config(config, args.model)}: segment_threshold {current} -> "
-              f"{best.threshold} (engines exported before this need re-exporting)")
+              f"{best.threshold}, score_agg {config.postprocess.score_agg} (engines exported "
+              "before this need re-exporting)")
     else:
         print(f"best {best.threshold} (the model has {current}; --write stores it)")
     return 0
@@ -235,6 +240,9 @@ def register(sub: Subcommands) -> None:
     calibrate.add_argument("--seed", type=int,
                            help="validation world seed (default: calibrate.CALIBRATION_SEED, "
                                 "neither training's nor eval's)")
+    calibrate.add_argument("--score-agg", choices=("mean", "min"),
+                           help="how a phrase's score comes from its tokens' (default: the "
+                                "model's postprocess.score_agg); stored with --write")
     calibrate.add_argument("--write", action="store_true",
                            help="store the best threshold in the model's config.json")
     calibrate.set_defaults(func=_calibrate)

@@ -79,3 +79,16 @@ def test_calibrate_cli_writes_the_threshold_into_the_model_config(
     assert chosen in THRESHOLDS
     assert f"-> {chosen}" in capsys.readouterr().out
     assert json.loads((model_dir / "config.json").read_text())["preset"] == "small"
+
+
+def test_calibrate_cli_sweeps_and_writes_the_chosen_score_aggregation(
+        tiny_model: Glipv2Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--score-agg min` sweeps with every phrase scored by its weakest token and, with
+    `--write`, stores it beside the threshold; without --write the model is untouched."""
+    model_dir = save_model(tiny_model, tmp_path / "model", external_language=True)
+    assert main(["calibrate", "--model", str(model_dir), "--n", "2", "--score-agg", "min"]) == 0
+    assert load_config(model_dir).postprocess.score_agg == "mean"
+    assert main(["calibrate", "--model", str(model_dir), "--n", "2", "--score-agg", "min",
+                 "--write"]) == 0
+    assert "score_agg min" in capsys.readouterr().out
+    assert load_config(model_dir).postprocess.score_agg == "min"

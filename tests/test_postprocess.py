@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from model_export.modeling.config import PostprocessConfig
+from model_export.modeling.config import PostprocessConfig, get_preset
 from model_export.processing import postprocess as postprocess_module
 from model_export.processing.anchors import AnchorGenerator
 from model_export.processing.box_coding import BoxCoder
@@ -33,6 +33,36 @@ def test_class_score_is_mean_over_tokens() -> None:
     # A row-normalised map selects the same tokens.
     normalised = positive_map / positive_map.sum(-1, keepdim=True).clamp(min=1)
     torch.testing.assert_close(class_scores_from_token_logits(token_probs, normalised), expected)
+
+
+def test_class_score_min_is_the_weakest_token() -> None:
+    """score_agg "min": a class scores its weakest token (no token: 0), whatever other classes'
+    lengths; an unknown aggregation is refused."""
+    token_probs = torch.tensor([[[0.2, 0.4, 0.9, 0.1], [1.0, 0.0, 0.5, 0.3]]])  # (1, 2, 4)
+    positive_map = torch.tensor([[1.0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 1, 1]])
+    scores = class_scores_from_token_logits(token_probs, positive_map, "min")
+    expected = torch.tensor([[[0.2, 0.4, 0.0, 0.1], [1.0, 0.0, 0.0, 0.3]]])
+    torch.testing.assert_close(scores, expected)
+    with pytest.raises(ValueError, match="score_agg"):
+        class_scores_from_token_logits(token_probs, positive_map, "max")
+
+
+def test_a_model_config_with_an_unknown_score_aggregation_is_refused() -> None:
+    config = get_preset("small")
+    config.postprocess.score_agg = "max"
+    with pytest.raises(ValueError, match="score_agg"):
+        config.validate()
+
+
+def test_class_score_min_sees_the_colour_word_the_mean_dilutes() -> None:
+    """"blue circle" at a red circle: the mean of a low "blue" and a high "circle" still passes a
+    0.5 threshold, the weakest word does not; at a blue circle both agree."""
+    token_probs = torch.tensor([[[0.1, 0.95], [0.9, 0.95]]])  # red circle, blue circle regions
+    blue_circle = torch.tensor([[1.0, 1.0]])
+    mean = class_scores_from_token_logits(token_probs, blue_circle, "mean")[0, :, 0]
+    weakest = class_scores_from_token_logits(token_probs, blue_circle, "min")[0, :, 0]
+    assert mean[0] > 0.5 > weakest[0]
+    assert weakest[1] == pytest.approx(0.9)
 
 
 def test_class_score_token_count_mismatch_raises() -> None:
@@ -188,7 +218,7 @@ def _tiny_inputs() -> dict:
     }
 
 
-def _config(**overrides: float) -> PostprocessConfig:
+def _config(**overrides: float | str) -> PostprocessConfig:
     return dataclasses.replace(
         PostprocessConfig(pre_nms_thresh=0.5, pre_nms_top_n=1000, nms_thresh=0.6,
                           detections_per_img=100, min_size=0.0),
@@ -208,6 +238,21 @@ def test_postprocess_hand_computed() -> None:
     (found,) = postprocess_detections(**_tiny_inputs(), config=_config())
     _check(found, [BOX_0, BOX_1, BOX_2, BOX_3], [SCORE_0C0, SCORE_1C1, SCORE_2C1, SCORE_3C0],
            [0, 1, 1, 0])
+
+
+def test_postprocess_scores_classes_by_the_configured_aggregation() -> None:
+    """postprocess_detections aggregates tokens as `config.score_agg` says: class 1 spans two
+    tokens, so "min" can only lower its candidates' scores, never class 0's one-token ones."""
+    (mean,) = postprocess_detections(**_tiny_inputs(), config=_config())
+    (weakest,) = postprocess_detections(**_tiny_inputs(), config=_config(score_agg="min"))
+    for found in (mean, weakest):
+        assert set(found.labels.tolist()) <= {0, 1}
+    one_token = {round(float(s), 6) for s, label in zip(mean.scores, mean.labels, strict=True)
+                 if label == 0}
+    assert one_token == {round(float(s), 6) for s, label in
+                         zip(weakest.scores, weakest.labels, strict=True) if label == 0}
+    assert float(weakest.scores[weakest.labels == 1].sum()) < float(
+        mean.scores[mean.labels == 1].sum())
 
 
 def test_postprocess_pre_nms_top_n_drops_smallest_product() -> None:

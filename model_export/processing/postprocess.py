@@ -5,7 +5,8 @@ the model. The path is the reference evaluation path (microsoft/GLIP
 `modeling/rpn/inference.py`, `ATSSPostProcessor` with dot-product logits and score_agg MEAN):
 
 per level and image
-  1. class probability = mean over the class's tokens of sigmoid(dot-product logit);
+  1. class probability = mean over the class's tokens of sigmoid(dot-product logit) (or, with
+     `score_agg` "min", not in the reference, their minimum);
   2. candidates = (location, class) pairs with class probability > pre_nms_thresh (strict; the
      threshold applies to the class probability, before centerness);
   3. product = class probability * sigmoid(centerness); keep the pre_nms_top_n largest;
@@ -62,13 +63,25 @@ class Detections:
         return int(self.scores.shape[0])
 
 
-def class_scores_from_token_logits(token_probs: Tensor, positive_map: Tensor) -> Tensor:
-    """Class probabilities from token probabilities: the mean over each class's tokens.
+# How a class's token probabilities become its probability (`PostprocessConfig.score_agg`).
+SCORE_AGGREGATIONS = ("mean", "min")
+
+
+def class_scores_from_token_logits(token_probs: Tensor, positive_map: Tensor,
+                                   score_agg: str = "mean") -> Tensor:
+    """Class probabilities from token probabilities, over each class's tokens.
+
+    "mean" is the reference's (score_agg MEAN). "min" scores a class by its weakest token, so
+    every word must match: with the mean, "circle" alone gives a red circle half of "blue
+    circle"'s score, and with a whole vocabulary in one prompt such near misses outrank true
+    objects in other images (on the shapes world, all 42 colour-shape phrases in one prompt:
+    AP50 0.79 mean, 0.87 min; docs/default_model.md).
 
     Args:
         token_probs: (N, HW, T) sigmoid of the region-token dot-product logits, in [0, 1].
         positive_map: (C, T) token map of the prompt; a class's tokens are its nonzero entries
             (0/1 maps and row-normalised maps give the same result).
+        score_agg: one of `SCORE_AGGREGATIONS`.
 
     Returns:
         (N, HW, C) class probabilities in [0, 1]. A class with no token scores 0.
@@ -78,10 +91,31 @@ def class_scores_from_token_logits(token_probs: Tensor, positive_map: Tensor) ->
             f"positive_map has {positive_map.shape[-1]} token columns, "
             f"token_probs has {token_probs.shape[-1]}"
         )
-    mask = (positive_map > 0).to(token_probs.dtype)  # (C, T)
-    num_tokens = mask.sum(dim=-1).clamp(min=1)  # (C,)
-    # (N, HW, T) @ (T, C) -> (N, HW, C): per-class token sums, then the mean.
-    return torch.matmul(token_probs, mask.t()) / num_tokens
+    mask = positive_map > 0  # (C, T)
+    if score_agg == "mean":
+        weights = mask.to(token_probs.dtype)
+        num_tokens = weights.sum(dim=-1).clamp(min=1)  # (C,)
+        # (N, HW, T) @ (T, C) -> (N, HW, C): per-class token sums, then the mean.
+        return torch.matmul(token_probs, weights.t()) / num_tokens
+    if score_agg == "min":
+        return _weakest_token(token_probs, mask)
+    raise ValueError(f"score_agg must be one of {SCORE_AGGREGATIONS}, got {score_agg!r}")
+
+
+def _weakest_token(token_probs: Tensor, mask: Tensor) -> Tensor:
+    """(N, HW, T), (C, T) bool -> (N, HW, C): each class's smallest token probability.
+
+    Each class's token columns, padded to the longest class with a column of ones, are gathered
+    at once: N * HW * C * (tokens of the longest class) values, not N * HW * C * T.
+    """
+    tokens = mask.shape[-1]
+    columns = torch.arange(tokens, device=mask.device).expand_as(mask)
+    padded = torch.where(mask, columns, tokens).sort(dim=-1).values  # class tokens first
+    longest = max(1, int(mask.sum(dim=-1).max()))
+    index = padded[:, :longest]  # (C, K), `tokens` where a class has fewer
+    ones = token_probs.new_ones(*token_probs.shape[:-1], 1)
+    gathered = torch.cat([token_probs, ones], dim=-1)[..., index]  # (N, HW, C, K)
+    return gathered.amin(dim=-1) * mask.any(dim=-1).to(token_probs.dtype)
 
 
 # Rows of a label's (K, K) IoU matrix computed at once: bounds each float intermediate to
@@ -228,7 +262,7 @@ def postprocess_detections(
         # (N, 1, H, W) -> (N, H, W, 1) -> (N, HW)
         center_probs = centerness_per_level.permute(0, 2, 3, 1).reshape(n, h * w).sigmoid()
         class_probs = class_scores_from_token_logits(
-            logits_per_level.sigmoid(), positive_map
+            logits_per_level.sigmoid(), positive_map, config.score_agg
         )  # (N, HW, C)
         is_candidate = class_probs > config.pre_nms_thresh  # (N, HW, C)
         # The threshold applied to the class probability; top-k and scores use the product.
@@ -284,12 +318,14 @@ def ground_phrases(
     positive_map: Tensor,
     image_size: tuple[int, int],
     box_coder: BoxCoder,
+    score_agg: str = "mean",
 ) -> Detections:
     """Each phrase's one best region, for grounded captions and VQA (GLIPv2's grounding of
     generated tokens: the region with the highest token-region score).
 
     Inputs as `postprocess_detections`, for ONE image (N = 1); `positive_map` (P, T) has a row
-    per phrase. A phrase's probability at a region is the mean of its tokens' sigmoid logits;
+    per phrase. A phrase's probability at a region aggregates its tokens' sigmoid logits as
+    detections do (`score_agg`, `class_scores_from_token_logits`);
     the region maximising it wins, and its score is sqrt(probability * sigmoid(centerness)), as
     a detection's. Returns one row per phrase, in phrase order (label p = phrase p); boxes in the
     model-input frame, clipped.
@@ -298,7 +334,8 @@ def ground_phrases(
     deltas = torch.cat([b[0].flatten(1).T for b in box_regression])
     center_probs = torch.cat([c[0].flatten() for c in centerness]).sigmoid()
     token_probs = torch.cat([t[0] for t in token_logits]).sigmoid()
-    phrase_probs = class_scores_from_token_logits(token_probs[None], positive_map)[0]  # (A, P)
+    phrase_probs = class_scores_from_token_logits(token_probs[None], positive_map,
+                                                  score_agg)[0]  # (A, P)
     best = phrase_probs.argmax(dim=0)  # (P,)
     boxes = box_coder.decode(deltas[best], torch.cat(list(anchors))[best])
     boxes = clip_boxes_to_image(boxes, float(image_size[0]), float(image_size[1]))

@@ -114,7 +114,7 @@ class CaptionTask:
                             head.token_logits[0].shape[2])
         found = ground_phrases(head.box_regression, head.centerness, head.token_logits,
                                self.context.anchors(head), pmap, image.resized_hw,
-                               self.context.box_coder)
+                               self.context.box_coder, self.context.config.postprocess.score_agg)
         boxes = image.to_original(found.boxes)
         return [GroundedPhrase(phrase=caption[start:end], span=[start, end],
                                box=rounded_box(box), score=rounded_score(float(score)))
