@@ -1,10 +1,11 @@
-"""Where a referring expression names its referent (training spans and segmentation scores)."""
+"""Where a referring expression names its referent and its anchor (training spans and segmentation
+scores)."""
 
 from __future__ import annotations
 
 import pytest
 
-from model_export.processing.referring import referent_span
+from model_export.processing.referring import anchor_span, referent_span
 
 
 @pytest.mark.parametrize(
@@ -25,3 +26,23 @@ from model_export.processing.referring import referent_span
 def test_referent_span(expression: str, referent: str) -> None:
     start, end = referent_span(expression)
     assert start == 0 and expression[start:end] == referent
+
+
+@pytest.mark.parametrize(
+    ("expression", "anchor"),
+    [
+        ("circle left of the red square", "red square"),
+        ("star above the purple star", "purple star"),
+        ("the man to the left of the car", "car"),
+        ("the cup on top of the table near the door", "table near the door"),  # after the first
+        ("Dog Next To A bench ", "bench"),
+        ("circle left of theater", "theater"),  # an article only as a whole word
+        ("small red circle", None),  # no relation: no anchor
+        ("the leftmost cover", None),
+        ("man to the left of", None),  # nothing follows the relation
+        ("man to the left of the", None),
+    ],
+)
+def test_anchor_span(expression: str, anchor: str | None) -> None:
+    span = anchor_span(expression)
+    assert (None if span is None else expression[span[0]:span[1]]) == anchor

@@ -7,7 +7,9 @@ inference would rank the anchor highest. So referring training grounds the refer
 words up to the end of the first spatial relation ("circle left of"), and segmentation scores
 those same words: the relation words are what tell the referent from the other circles. This
 is MDETR's `tokens_positive` for referring expressions (the referent's phrase, not the whole
-sentence), with the relation kept because only it singles the referent out.
+sentence), with the relation kept because only it singles the referent out. The anchor's own
+words (`anchor_span`) are grounded on the anchor in training, and at inference they must find
+it: an expression whose anchor is nowhere names nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +25,27 @@ _RELATION = re.compile(
     r"below|under|beneath|beside|behind|near)\b",
     re.IGNORECASE,
 )
+
+
+# What comes between a relation and its anchor's words: spaces and an article, which the span
+# leaves out ("the red square" -> "red square"), as training grounds the anchor's words only.
+_BEFORE_ANCHOR = re.compile(r"\s*(?:(?:the|a|an)(?:\s+|$))?", re.IGNORECASE)
+
+
+def anchor_span(expression: str) -> Span | None:
+    """[start, end) of the words naming a relation's anchor: what follows the first spatial
+    relation, less a leading article ("circle left of the red square" -> "red square"); None
+    when the expression names no relation or nothing follows it.
+
+    The expression presupposes its anchor: where no red square is found, "circle left of the
+    red square" names nothing, however well some circle matches "circle left of"."""
+    match = _RELATION.search(expression)
+    if match is None:
+        return None
+    gap = _BEFORE_ANCHOR.match(expression, match.end())
+    start = gap.end() if gap else match.end()
+    end = len(expression.rstrip())
+    return (start, end) if end > start else None
 
 
 def referent_span(expression: str) -> Span:

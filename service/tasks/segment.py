@@ -17,7 +17,7 @@ from PIL import Image
 
 from model_export.modeling.mask_head import masks_for_image
 from model_export.processing.box_coding import to_exclusive
-from model_export.processing.referring import referent_span
+from model_export.processing.referring import anchor_span, referent_span
 from model_export.processing.rle import encode_mask
 from service.batching import PRIORITY_ONLINE
 from service.engine_client import Engine
@@ -86,23 +86,34 @@ class SegmentTask:
                     image: PreparedImage, threshold: float) -> list[SegmentCandidates | None]:
         """Per expression, its boxes over `threshold` (the best `max_segments`) with the
         mask-head work for them, or None when it names nothing. Scored on the words naming the
-        referent (`referent_span`: "circle left of" of "circle left of the red square")."""
+        referent (`referent_span`: "circle left of" of "circle left of the red square") and,
+        for a relation, capped by its anchor's best score (`anchor_span`: "red square"), so that
+        where the anchor is not found the expression names nothing."""
         anchors = self.context.anchors(rows[0].head)
         out: list[SegmentCandidates | None] = []
         for expression, row in zip(expressions, rows, strict=True):
-            pmap, found = self.context.phrase_detections(
-                expression, [referent_span(expression)], row, image, anchors)
-            keep = (found.scores >= threshold).nonzero().flatten()[: self.max_segments]
+            spans = [referent_span(expression)]
+            if (anchor := anchor_span(expression)) is not None:
+                spans.append(anchor)
+            pmap, found = self.context.phrase_detections(expression, spans, row, image, anchors)
+            referent = found.labels == 0
+            scores, boxes = found.scores[referent], found.boxes[referent]
+            if anchor is not None:
+                anchor_scores = found.scores[found.labels == 1]
+                scores = scores.clamp(max=float(anchor_scores.max()) if len(anchor_scores)
+                                      else 0.0)
+            keep = (scores >= threshold).nonzero().flatten()[: self.max_segments]
             if not len(keep):
                 out.append(None)
                 continue
-            boxes = found.boxes[keep]
+            boxes = boxes[keep]
+            phrase = pmap[:1]  # (1, T): the referent's words
             work = MaskWork(
                 fused_visual=row.fused_visual, fused_text=row.fused_text,
-                phrase_map=pmap / pmap.sum(dim=1, keepdim=True).clamp(min=1.0),  # (1, T)
+                phrase_map=phrase / phrase.sum(dim=1, keepdim=True).clamp(min=1.0),
                 boxes=to_exclusive(boxes)[None],  # (1, K, 4)
                 box_valid=torch.ones(1, len(keep), dtype=torch.bool))
-            out.append(SegmentCandidates(work, boxes, found.scores[keep]))
+            out.append(SegmentCandidates(work, boxes, scores[keep]))
         return out
 
     def _encode(self, candidates: Sequence[SegmentCandidates | None],
