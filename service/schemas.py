@@ -235,7 +235,9 @@ class SegmentParams(_Body):
             "type": "string", "maxLength": MAX_TEXT_CHARS, "pattern": NOT_BLANK}},
         description="Referring expressions; each gets its own list of segments, scored on the "
                     "words naming its referent: up to the end of its first spatial relation "
-                    "(\"circle left of\" of \"circle left of the red square\").")
+                    "(\"circle left of\" of \"circle left of the red square\"), a score capped "
+                    "by the best of its anchor's words (\"red square\"): where the anchor is "
+                    "not found, the expression names nothing.")
     threshold: float | None = Field(
         None, json_schema_extra={"minimum": 0, "maximum": 1},
         description="Minimum score of a returned segment, 0..1; omitted: the model's "

@@ -225,7 +225,8 @@ def test_segment_returns_rle_masks_of_the_image_size(client: TestClient, png_b64
 def test_segment_scores_the_words_naming_the_referent(
         client: TestClient, png_b64: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """"circle left of the red square" is scored on "circle left of", not on the anchor's
-    words (which name another object); an expression without a relation on all its words."""
+    words (which name another object), beside those words ("red square", which cap it); an
+    expression without a relation on all its words."""
     scored: list[tuple[str, list[tuple[int, int]]]] = []
     phrase_detections = TaskContext.phrase_detections
 
@@ -237,8 +238,40 @@ def test_segment_scores_the_words_naming_the_referent(
     response = client.post("/v1/segment", json={
         "image": png_b64, "expressions": ["circle left of the red square", "small red circle"]})
     assert response.status_code == 200, response.text
-    assert scored == [("circle left of the red square", [(0, 14)]),
+    assert scored == [("circle left of the red square", [(0, 14), (19, 29)]),
                       ("small red circle", [(0, 16)])]
+
+
+def test_a_relation_scores_no_higher_than_its_anchor_is_found(
+        client: TestClient, png_b64: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The best score of the anchor's words caps every segment of the relation: with the anchor
+    found at 1.0 the segments keep their own scores; at half of the best of them, none is
+    above it; found nowhere (no detection of its words), the relation names nothing."""
+    phrase_detections = TaskContext.phrase_detections
+    body = {"image": png_b64, "expressions": ["circle left of the red square"],
+            "threshold": 0.001}
+
+    def segments_with_anchor(score: float | None) -> list[float]:
+        def fake(self, text, spans, *args, **kwargs):
+            pmap, found = phrase_detections(self, text, spans, *args, **kwargs)
+            anchor = found.labels == 1
+            if score is None:  # the anchor's words detect nothing
+                return pmap, Detections(found.boxes[~anchor], found.scores[~anchor],
+                                        found.labels[~anchor])
+            return pmap, Detections(found.boxes, torch.where(anchor, score, found.scores),
+                                    found.labels)
+
+        monkeypatch.setattr(TaskContext, "phrase_detections", fake)
+        response = client.post("/v1/segment", json=body)
+        assert response.status_code == 200, response.text
+        return [s["score"] for s in response.json()["results"][0]["segments"]]
+
+    found = segments_with_anchor(1.0)
+    assert found
+    half = max(found) / 2
+    capped = segments_with_anchor(half)
+    assert capped and max(capped) <= half + 1e-4 and len(capped) == len(found)
+    assert segments_with_anchor(None) == []
 
 
 def test_segment_without_a_threshold_takes_the_models_calibrated_one(
