@@ -75,7 +75,7 @@ def class_scores_from_token_logits(token_probs: Tensor, positive_map: Tensor,
     every word must match: with the mean, "circle" alone gives a red circle half of "blue
     circle"'s score, and with a whole vocabulary in one prompt such near misses outrank true
     objects in other images (on the shapes world, all 42 colour-shape phrases in one prompt:
-    AP50 0.79 mean, 0.87 min; docs/default_model.md).
+    AP50 0.76 mean, 0.82 min over 500 images; docs/default_model.md).
 
     Args:
         token_probs: (N, HW, T) sigmoid of the region-token dot-product logits, in [0, 1].
