@@ -32,6 +32,9 @@ _RELATION = re.compile(
 _BEFORE_ANCHOR = re.compile(r"\s*(?:(?:the|a|an)(?:\s+|$))?", re.IGNORECASE)
 
 
+_LEADING_ARTICLE = re.compile(r"\s*(?:the|a|an)\s+(?=\S)", re.IGNORECASE)
+
+
 def anchor_span(expression: str) -> Span | None:
     """[start, end) of the words naming a relation's anchor: what follows the first spatial
     relation, less a leading article ("circle left of the red square" -> "red square"); None
@@ -51,6 +54,10 @@ def anchor_span(expression: str) -> Span | None:
 def referent_span(expression: str) -> Span:
     """[start, end) of the words naming the referent: up to the end of the expression's first
     spatial relation ("circle left of the red square" -> "circle left of"), the whole
-    expression when it names none ("small red circle")."""
-    match = _RELATION.search(expression)
-    return (0, match.end()) if match else (0, len(expression))
+    expression when it names none ("small red circle"), less a leading article ("the red
+    hexagon" -> "red hexagon"): an article names nothing in the image, and a phrase scored by
+    its weakest token (`score_agg` "min") must not be vetoed by it."""
+    lead = _LEADING_ARTICLE.match(expression)
+    start = lead.end() if lead else 0
+    match = _RELATION.search(expression, start)
+    return (start, match.end()) if match else (start, len(expression))
