@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cli.common import Subcommands
 from engines.kinds import OrtProvider, Precision, RuntimeKind
+from model_export.modeling.config import SCORE_AGGREGATIONS
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -240,7 +241,7 @@ def register(sub: Subcommands) -> None:
     calibrate.add_argument("--seed", type=int,
                            help="validation world seed (default: calibrate.CALIBRATION_SEED, "
                                 "neither training's nor eval's)")
-    calibrate.add_argument("--score-agg", choices=("mean", "min"),
+    calibrate.add_argument("--score-agg", choices=SCORE_AGGREGATIONS,
                            help="how a phrase's score comes from its tokens' (default: the "
                                 "model's postprocess.score_agg); stored with --write")
     calibrate.add_argument("--write", action="store_true",

@@ -151,6 +151,10 @@ class PreprocessConfig:
     pixel_std: tuple[float, float, float] = (57.375, 57.12, 58.395)  # BGR, 0-255 scale
 
 
+# How a class's token probabilities become its probability (`PostprocessConfig.score_agg`).
+SCORE_AGGREGATIONS: tuple[str, ...] = ("mean", "min")
+
+
 @dataclass
 class PostprocessConfig:
     """ATSS post-processing: thresholds and counts of the reference evaluation path."""
@@ -165,8 +169,9 @@ class PostprocessConfig:
     segment_threshold: float = 0.3
     # Score a detection of `tasks.caption_classes` needs to be an object a caption names.
     caption_object_threshold: float = 0.5
-    # A class's probability from its tokens': "mean" (the reference) or "min" (every word must
-    # match; `postprocess.class_scores_from_token_logits`), chosen by measurement per model.
+    # A class's probability from its tokens', one of `SCORE_AGGREGATIONS`: "mean" (the
+    # reference) or "min" (every word must match; `postprocess.class_scores_from_token_logits`),
+    # chosen by measurement per model.
     score_agg: str = "mean"
 
 
@@ -226,8 +231,8 @@ class Glipv2Config:
             raise ValueError("postprocess.segment_threshold must be between 0 and 1")
         if not 0.0 <= self.postprocess.caption_object_threshold <= 1.0:
             raise ValueError("postprocess.caption_object_threshold must be between 0 and 1")
-        if self.postprocess.score_agg not in ("mean", "min"):
-            raise ValueError("postprocess.score_agg must be \"mean\" or \"min\"")
+        if self.postprocess.score_agg not in SCORE_AGGREGATIONS:
+            raise ValueError(f"postprocess.score_agg must be one of {SCORE_AGGREGATIONS}")
         p = self.preprocess
         if p.min_size > p.max_size or p.size_divisibility <= 0:
             raise ValueError("preprocess needs min_size <= max_size and size_divisibility > 0")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model_export.modeling.config import PostprocessConfig
+from model_export.modeling.config import SCORE_AGGREGATIONS, PostprocessConfig
 from model_export.processing.box_coding import (
     BoxCoder,
     box_iou_legacy,
@@ -61,10 +61,6 @@ class Detections:
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
-
-
-# How a class's token probabilities become its probability (`PostprocessConfig.score_agg`).
-SCORE_AGGREGATIONS = ("mean", "min")
 
 
 def class_scores_from_token_logits(token_probs: Tensor, positive_map: Tensor,

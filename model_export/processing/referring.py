@@ -30,8 +30,7 @@ _RELATION = re.compile(
 # What comes between a relation and its anchor's words: spaces and an article, which the span
 # leaves out ("the red square" -> "red square"), as training grounds the anchor's words only.
 _BEFORE_ANCHOR = re.compile(r"\s*(?:(?:the|a|an)(?:\s+|$))?", re.IGNORECASE)
-
-
+# An article opening an expression, followed by a word: left out of the referent's words.
 _LEADING_ARTICLE = re.compile(r"\s*(?:the|a|an)\s+(?=\S)", re.IGNORECASE)
 
 
