@@ -7,11 +7,16 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cli.common import Subcommands
 from engines.kinds import OrtProvider, Precision, RuntimeKind
-from model_export.modeling.config import SCORE_AGGREGATIONS
+from model_export.modeling.config import RELATION_MODES, SCORE_AGGREGATIONS
+
+if TYPE_CHECKING:
+    from model_export.evaluation.calibrate import ThresholdScore
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -117,37 +122,56 @@ def _calibrate(args: argparse.Namespace) -> int:
     from model_export.evaluation.calibrate import (
         CALIBRATION_SEED,
         best_threshold,
+        relation_threshold_sweep,
         segment_threshold_sweep,
     )
     from service.offline import ServingPredictor
 
     runtime = TorchRuntime.from_dir(args.model)
+    post = runtime.config.postprocess
     if args.score_agg is not None:
-        runtime.config.postprocess.score_agg = args.score_agg
+        post.score_agg = args.score_agg
+    if args.relations is not None:
+        post.relations = args.relations
+    geometry = post.relations == "geometry"
     predictor = ServingPredictor(runtime)
+    seed = CALIBRATION_SEED if args.seed is None else args.seed
     try:
-        seed = CALIBRATION_SEED if args.seed is None else args.seed
-        scores = segment_threshold_sweep(predictor, args.n, seed)
+        scores = segment_threshold_sweep(predictor, args.n, seed, geometry=geometry)
+        best = best_threshold(scores)
+        _print_sweep("threshold", scores, best)
+        if geometry:
+            relation_scores = relation_threshold_sweep(predictor, args.n, best.threshold, seed)
+            best_relation = best_threshold(relation_scores)
+            _print_sweep("relation threshold", relation_scores, best_relation)
     finally:
         predictor.close()
-    best = best_threshold(scores)
-    print("threshold  mIoU   empty acc  gIoU")
+    config = load_config(args.model)
+    before = (config.postprocess.segment_threshold, config.postprocess.relation_threshold)
+    if not args.write:
+        print(f"best {best.threshold}" + (f", relation {best_relation.threshold}" if geometry
+                                           else "")
+              + f" (the model has {before[0]}, relation {before[1]}; --write stores it)")
+        return 0
+    config.postprocess.segment_threshold = best.threshold
+    config.postprocess.score_agg = post.score_agg
+    config.postprocess.relations = post.relations
+    if geometry:
+        config.postprocess.relation_threshold = best_relation.threshold
+    print(f"{save_config(config, args.model)}: segment_threshold {before[0]} -> "
+          f"{best.threshold}, relation_threshold {before[1]} -> "
+          f"{config.postprocess.relation_threshold}, score_agg {post.score_agg}, relations "
+          f"{post.relations} (engines exported before this need re-exporting)")
+    return 0
+
+
+def _print_sweep(name: str, scores: Sequence[ThresholdScore], best: ThresholdScore) -> None:
+    print(f"{name}  mIoU   empty acc  gIoU")
     for s in scores:
         cells = [f"{v:.3f}" if v is not None else "-"
                  for v in (s.miou, s.empty_accuracy, s.giou)]
-        print(f"{s.threshold:9.3f}  {cells[0]:5s}  {cells[1]:9s}  {cells[2]}"
+        print(f"{s.threshold:{len(name)}.3f}  {cells[0]:5s}  {cells[1]:9s}  {cells[2]}"
               + ("  <- best" if s is best else ""))
-    config = load_config(args.model)
-    current = config.postprocess.segment_threshold
-    if args.write:
-        config.postprocess.segment_threshold = best.threshold
-        config.postprocess.score_agg = runtime.config.postprocess.score_agg
-        print(f"{save_config(config, args.model)}: segment_threshold {current} -> "
-              f"{best.threshold}, score_agg {config.postprocess.score_agg} (engines exported "
-              "before this need re-exporting)")
-    else:
-        print(f"best {best.threshold} (the model has {current}; --write stores it)")
-    return 0
 
 
 def register(sub: Subcommands) -> None:
@@ -244,6 +268,9 @@ def register(sub: Subcommands) -> None:
     calibrate.add_argument("--score-agg", choices=SCORE_AGGREGATIONS,
                            help="how a phrase's score comes from its tokens' (default: the "
                                 "model's postprocess.score_agg); stored with --write")
+    calibrate.add_argument("--relations", choices=RELATION_MODES,
+                           help="how directional relations are resolved (default: the model's "
+                                "postprocess.relations); stored with --write")
     calibrate.add_argument("--write", action="store_true",
-                           help="store the best threshold in the model's config.json")
+                           help="store the best thresholds in the model's config.json")
     calibrate.set_defaults(func=_calibrate)

@@ -69,10 +69,12 @@ class ServingPredictor:
         return OfflineDetection(self._call(self.serving.detections(query, image)))
 
     def segment(self, image: Image.Image, expressions: Sequence[str],
-                threshold: float | None = None) -> list[list[PredictedSegment]]:
-        """Segments per expression over `threshold` (None: the model's calibrated one)."""
+                threshold: float | None = None, relation_threshold: float | None = None
+                ) -> list[list[PredictedSegment]]:
+        """Segments per expression over the thresholds (None: the model's calibrated ones)."""
         response = self._call(self.serving.segment(
-            SegmentParams(expressions=list(expressions), threshold=threshold), image))
+            SegmentParams(expressions=list(expressions), threshold=threshold,
+                          relation_threshold=relation_threshold), image))
         return [[PredictedSegment(box=s.box, score=s.score, mask=torch.from_numpy(decode_mask(
                     {"size": s.mask.size, "counts": s.mask.counts})))
                  for s in result.segments]

@@ -237,11 +237,21 @@ class SegmentParams(_Body):
                     "words naming its referent: up to the end of its first spatial relation "
                     "(\"circle left of\" of \"circle left of the red square\"), a score capped "
                     "by the best of its anchor's words (\"red square\"): where the anchor is "
-                    "not found, the expression names nothing.")
+                    "not found, the expression names nothing. A model whose `relations` is "
+                    "\"geometry\" (GET /v1/models) resolves left of, right of, above and below "
+                    "on boxes instead: the referent's noun (\"circle\") scored, kept where it "
+                    "lies wholly on that side of the anchor's best box, which must reach "
+                    "`threshold`.")
     threshold: float | None = Field(
         None, json_schema_extra={"minimum": 0, "maximum": 1},
-        description="Minimum score of a returned segment, 0..1; omitted: the model's "
-                    "calibrated `segment_threshold` (GET /v1/models).")
+        description="Minimum score of a returned segment, and of a geometric relation's "
+                    "anchor, 0..1; omitted: the model's calibrated `segment_threshold` (GET "
+                    "/v1/models).")
+    relation_threshold: float | None = Field(
+        None, json_schema_extra={"minimum": 0, "maximum": 1},
+        description="Minimum score of a referent resolved by geometry (its noun's score), "
+                    "0..1; omitted: the model's calibrated `relation_threshold` (GET "
+                    "/v1/models).")
 
     @field_validator("expressions")
     @classmethod
@@ -255,7 +265,7 @@ class SegmentParams(_Body):
             _check_text(text, f"expressions[{index}]", MAX_TEXT_CHARS)
         return value
 
-    @field_validator("threshold")
+    @field_validator("threshold", "relation_threshold")
     @classmethod
     def _threshold(cls, value: float | None) -> float | None:
         return None if value is None else _check_threshold(value)
@@ -471,6 +481,11 @@ class ModelInfo(BaseModel):
     vqa_answers: list[str] = Field(description="The closed VQA answer vocabulary.")
     segment_threshold: float = Field(description="Score a segment needs when a segment request "
                                                  "names no threshold (calibrated per model).")
+    relations: str = Field(description="How segment resolves left of, right of, above and "
+                                       "below: \"words\" (scored by the model) or "
+                                       "\"geometry\" (on boxes).")
+    relation_threshold: float = Field(description="Score a referent resolved by geometry needs "
+                                                  "when a request names none (calibrated).")
     prompt_ids: list[str] = Field(description="Registered tuned prompts for `prompt_id`.")
 
 

@@ -199,6 +199,8 @@ class Glipv2Serving:
             image_min_size=pre.min_size, image_max_size=pre.max_size,
             vqa_answers=list(self.config.tasks.vqa_answers),
             segment_threshold=self.config.postprocess.segment_threshold,
+            relations=self.config.postprocess.relations,
+            relation_threshold=self.config.postprocess.relation_threshold,
             prompt_ids=sorted(self.detect_task.prompts))
 
     # --- checks before the image is decoded (422 for what only the model can tell) ----------

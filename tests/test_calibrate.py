@@ -13,7 +13,13 @@ from PIL import Image
 from cli.main import main
 from model_export.checkpoints.weights import load_config, save_model
 from model_export.data.world import render_index
-from model_export.evaluation.calibrate import THRESHOLDS, best_threshold, segment_threshold_sweep
+from model_export.evaluation.calibrate import (
+    THRESHOLDS,
+    best_threshold,
+    geometric,
+    relation_threshold_sweep,
+    segment_threshold_sweep,
+)
 from model_export.evaluation.evaluate import PredictedSegment
 from model_export.modeling.model import Glipv2Model
 
@@ -32,15 +38,23 @@ class ScriptedPredictor:
             key = scene.image.tobytes()
             self.truth[key] = [e["targets"] for e in scene.expressions]
             self.objects[key] = scene.objects
-        self.thresholds: list[float | None] = []
+        self.texts: dict[bytes, list[str]] = {}
+        for index in range(n):
+            scene = render_index(SEED, index)
+            self.texts[scene.image.tobytes()] = [e["text"] for e in scene.expressions]
+        self.thresholds: list[tuple[float | None, float | None]] = []
+        self.asked: list[str] = []
 
     def segment(self, image: Image.Image, expressions: Sequence[str],
-                threshold: float | None = None) -> list[list[PredictedSegment]]:
-        self.thresholds.append(threshold)
+                threshold: float | None = None, relation_threshold: float | None = None
+                ) -> list[list[PredictedSegment]]:
+        self.thresholds.append((threshold, relation_threshold))
+        self.asked += expressions
         key = image.tobytes()
         objects = self.objects[key]
+        truth = dict(zip(self.texts[key], self.truth[key], strict=True))
         out = []
-        for targets in self.truth[key]:
+        for targets in (truth[e] for e in expressions):
             if targets:
                 out.append([PredictedSegment([0, 0, 1, 1], 0.8, torch.from_numpy(objects[i].mask))
                             for i in targets])
@@ -52,7 +66,7 @@ class ScriptedPredictor:
 def test_sweep_scores_each_threshold_and_the_best_separates_the_scores() -> None:
     predictor = ScriptedPredictor(4)
     scores = segment_threshold_sweep(predictor, 4, SEED)  # type: ignore[arg-type]
-    assert predictor.thresholds == [0.0] * 4  # segmented once, unthresholded
+    assert predictor.thresholds == [(0.0, 0.0)] * 4  # segmented once, unthresholded
     assert [s.threshold for s in scores] == list(THRESHOLDS)
     by_threshold = {s.threshold: s for s in scores}
     low, high = by_threshold[0.3], by_threshold[0.5]
@@ -61,6 +75,21 @@ def test_sweep_scores_each_threshold_and_the_best_separates_the_scores() -> None
     assert high.giou == 1.0 > low.giou
     assert by_threshold[0.9].miou == 0.0 and by_threshold[0.9].empty_accuracy == 1.0
     assert best_threshold(scores).threshold == 0.425  # the lowest above the wrong answers
+
+
+def test_a_geometry_model_calibrates_its_relations_apart() -> None:
+    """With `geometry`, the phrase sweep leaves out the relations resolved on boxes; the
+    relation sweep segments only those, their anchors held to the chosen phrase threshold."""
+    n = 12
+    predictor = ScriptedPredictor(n)
+    segment_threshold_sweep(predictor, n, SEED, geometry=True)  # type: ignore[arg-type]
+    relations = [e for e in predictor.asked if geometric(e)]
+    assert not relations and predictor.asked
+    predictor.asked.clear()
+    scores = relation_threshold_sweep(predictor, n, 0.45, SEED)  # type: ignore[arg-type]
+    assert predictor.asked and all(geometric(e) for e in predictor.asked)
+    assert set(predictor.thresholds[n:]) == {(0.45, 0.0)}
+    assert best_threshold(scores).threshold == 0.425
 
 
 def test_best_threshold_needs_scored_expressions() -> None:
@@ -92,3 +121,14 @@ def test_calibrate_cli_sweeps_and_writes_the_chosen_score_aggregation(
                  "--write"]) == 0
     assert "score_agg min" in capsys.readouterr().out
     assert load_config(model_dir).postprocess.score_agg == "min"
+
+
+def test_calibrate_cli_writes_geometric_relations_and_their_threshold(
+        tiny_model: Glipv2Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir = save_model(tiny_model, tmp_path / "model", external_language=True)
+    assert main(["calibrate", "--model", str(model_dir), "--n", "2", "--relations", "geometry",
+                 "--write"]) == 0
+    out = capsys.readouterr().out
+    assert "relation threshold" in out and "relations geometry" in out
+    post = load_config(model_dir).postprocess
+    assert post.relations == "geometry" and post.relation_threshold in THRESHOLDS

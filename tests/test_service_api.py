@@ -274,6 +274,43 @@ def test_a_relation_scores_no_higher_than_its_anchor_is_found(
     assert segments_with_anchor(None) == []
 
 
+def test_a_geometric_relation_keeps_the_nouns_boxes_on_the_anchors_side(
+        client: TestClient, runtime: TorchRuntime, png_b64: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `relations` "geometry", "circle left of the red square" is scored on "circle"
+    beside "red square"; of the circle's boxes, those wholly left of the anchor's best box are
+    kept (over `relation_threshold`), none when the anchor misses `threshold`."""
+    monkeypatch.setattr(runtime.config.postprocess, "relations", "geometry")
+    scored: list[list[tuple[int, int]]] = []
+    referent_boxes = torch.tensor([[0.0, 0.0, 9.0, 9.0], [20.0, 0.0, 29.0, 9.0],
+                                   [60.0, 0.0, 69.0, 9.0]])  # legacy: x1 the last pixel
+
+    def segments(expression: str, anchor_score: float, **thresholds: float) -> int:
+        def fake(self, text, spans, *args, **kwargs):
+            scored.append(list(spans))
+            pmap, _ = phrase_detections(self, text, spans, *args, **kwargs)
+            boxes = torch.cat([referent_boxes, torch.tensor([[40.0, 0.0, 49.0, 9.0]])])
+            return pmap, Detections(boxes, torch.tensor([0.5, 0.4, 0.5, anchor_score]),
+                                    torch.tensor([0, 0, 0, 1]))
+
+        monkeypatch.setattr(TaskContext, "phrase_detections", fake)
+        response = client.post("/v1/segment", json={
+            "image": png_b64, "expressions": [expression], "threshold": 0.6,
+            "relation_threshold": 0.3} | thresholds)
+        assert response.status_code == 200, response.text
+        return len(response.json()["results"][0]["segments"])
+
+    phrase_detections = TaskContext.phrase_detections
+    assert segments("circle left of the red square", 0.7) == 2
+    assert scored[-1] == [(0, 6), (19, 29)]
+    assert segments("circle right of the red square", 0.7) == 1
+    assert segments("circle left of the red square", 0.7, relation_threshold=0.45) == 1
+    assert segments("circle left of the red square", 0.5) == 0  # the anchor is not found
+    models = client.get("/v1/models").json()["models"][0]
+    assert models["relations"] == "geometry"
+    assert models["relation_threshold"] == runtime.config.postprocess.relation_threshold
+
+
 def test_segment_without_a_threshold_takes_the_models_calibrated_one(
         client: TestClient, runtime: TorchRuntime, png_b64: str,
         monkeypatch: pytest.MonkeyPatch) -> None:

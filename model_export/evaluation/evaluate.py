@@ -105,7 +105,8 @@ class Predictor(Protocol):
     def detect(self, image: Image.Image, class_names: Sequence[str]) -> DetectionResult: ...
 
     def segment(self, image: Image.Image, expressions: Sequence[str],
-                threshold: float | None = None) -> list[list[PredictedSegment]]: ...
+                threshold: float | None = None, relation_threshold: float | None = None
+                ) -> list[list[PredictedSegment]]: ...
 
     def vqa(self, image: Image.Image, question: str) -> VqaAnswer: ...
 
@@ -122,17 +123,21 @@ def _grounding_phrases(scene, rng: random.Random, held_out: Sequence[tuple[str, 
     return sorted(phrases)
 
 
-def referring_answers(predictor: Predictor, scene: WorldImage, threshold: float | None = None
+def referring_answers(predictor: Predictor, scene: WorldImage, threshold: float | None = None,
+                      relation_threshold: float | None = None,
+                      select: Callable[[str], bool] | None = None
                       ) -> list[tuple[list[tuple[float, np.ndarray]], list[np.ndarray]]]:
-    """Per referring expression of a scene: its (score, mask) segments over `threshold` (None:
-    the model's own) and its target masks (empty when it names nothing)."""
-    if not scene.expressions:
+    """Per referring expression of a scene (those `select` keeps, default all): its (score,
+    mask) segments over the thresholds (None: the model's own) and its target masks (empty
+    when it names nothing)."""
+    expressions = [e for e in scene.expressions if select is None or select(e["text"])]
+    if not expressions:
         return []
-    texts = [e["text"] for e in scene.expressions]
-    answers = predictor.segment(scene.image, texts, threshold=threshold)
+    answers = predictor.segment(scene.image, [e["text"] for e in expressions],
+                                threshold=threshold, relation_threshold=relation_threshold)
     return [([(s.score, s.mask.numpy()) for s in segments],
              [scene.objects[i].mask for i in expression["targets"]])
-            for expression, segments in zip(scene.expressions, answers, strict=True)]
+            for expression, segments in zip(expressions, answers, strict=True)]
 
 
 def evaluate(predictor: Predictor, n: int, seed: int, tasks: Sequence[str] = TASKS,

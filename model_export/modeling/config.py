@@ -153,6 +153,8 @@ class PreprocessConfig:
 
 # How a class's token probabilities become its probability (`PostprocessConfig.score_agg`).
 SCORE_AGGREGATIONS: tuple[str, ...] = ("mean", "min")
+# How a referring expression's spatial relation is resolved (`PostprocessConfig.relations`).
+RELATION_MODES: tuple[str, ...] = ("words", "geometry")
 
 
 @dataclass
@@ -167,12 +169,21 @@ class PostprocessConfig:
     # Score a referring segment needs when a request names no threshold: a property of the
     # model's score calibration, set by `glipv2 calibrate` (best gIoU on a validation world).
     segment_threshold: float = 0.3
+    # Score a referent's noun needs in a relation resolved by `relations` "geometry" ("circle"
+    # of "circle left of the red square"; its anchor needs `segment_threshold`): a word the
+    # relation's training made selective sits in its own score range. Set by `glipv2 calibrate`.
+    relation_threshold: float = 0.3
     # Score a detection of `tasks.caption_classes` needs to be an object a caption names.
     caption_object_threshold: float = 0.5
     # A class's probability from its tokens', one of `SCORE_AGGREGATIONS`: "mean" (the
     # reference) or "min" (every word must match; `postprocess.class_scores_from_token_logits`),
     # chosen by measurement per model.
     score_agg: str = "mean"
+    # A directional relation ("circle left of the red square"), one of `RELATION_MODES`:
+    # "words" scores the referent on its words up to the relation ("circle left of"); "geometry"
+    # scores it on its noun ("circle") and keeps the boxes wholly on that side of the anchor's
+    # best box (`processing.spatial`), chosen by measurement per model.
+    relations: str = "words"
 
 
 @dataclass
@@ -229,10 +240,14 @@ class Glipv2Config:
             raise ValueError("tasks.vqa_glimpses must be at least 1")
         if not 0.0 <= self.postprocess.segment_threshold <= 1.0:
             raise ValueError("postprocess.segment_threshold must be between 0 and 1")
+        if not 0.0 <= self.postprocess.relation_threshold <= 1.0:
+            raise ValueError("postprocess.relation_threshold must be between 0 and 1")
         if not 0.0 <= self.postprocess.caption_object_threshold <= 1.0:
             raise ValueError("postprocess.caption_object_threshold must be between 0 and 1")
         if self.postprocess.score_agg not in SCORE_AGGREGATIONS:
             raise ValueError(f"postprocess.score_agg must be one of {SCORE_AGGREGATIONS}")
+        if self.postprocess.relations not in RELATION_MODES:
+            raise ValueError(f"postprocess.relations must be one of {RELATION_MODES}")
         p = self.preprocess
         if p.min_size > p.max_size or p.size_divisibility <= 0:
             raise ValueError("preprocess needs min_size <= max_size and size_divisibility > 0")

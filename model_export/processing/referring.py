@@ -34,6 +34,13 @@ _BEFORE_ANCHOR = re.compile(r"\s*(?:(?:the|a|an)(?:\s+|$))?", re.IGNORECASE)
 _LEADING_ARTICLE = re.compile(r"\s*(?:the|a|an)\s+(?=\S)", re.IGNORECASE)
 
 
+def first_relation(expression: str) -> tuple[Span, str] | None:
+    """[start, end) of the expression's first spatial relation and its words, lower-cased
+    ("circle to the left of the square" -> ((7, 22), "to the left of")); None when it has none."""
+    match = _RELATION.search(expression)
+    return None if match is None else ((match.start(), match.end()), match.group(0).lower())
+
+
 def anchor_span(expression: str) -> Span | None:
     """[start, end) of the words naming a relation's anchor: what follows the first spatial
     relation, less a leading article ("circle left of the red square" -> "red square"); None

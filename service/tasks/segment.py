@@ -17,8 +17,8 @@ from PIL import Image
 
 from model_export.modeling.mask_head import masks_for_image
 from model_export.processing.box_coding import to_exclusive
-from model_export.processing.referring import anchor_span, referent_span
 from model_export.processing.rle import encode_mask
+from model_export.processing.spatial import ReferringQuery, on_side, referring_query
 from service.batching import PRIORITY_ONLINE
 from service.engine_client import Engine
 from service.model_runner import FusionResult, MaskWork
@@ -31,6 +31,15 @@ from service.schemas import (
     SegmentResult,
 )
 from service.tasks.common import TaskContext, image_info, rounded_box, rounded_score
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Scores a segment needs: `phrase` (an expression's words, a geometric relation's anchor)
+    and `relation` (the noun of a referent resolved by geometry)."""
+
+    phrase: float
+    relation: float
 
 
 @dataclass
@@ -71,38 +80,53 @@ class SegmentTask:
         request = self.context.engines.request(image, priority)
         prepared, visual = await request.encode_image()
         expressions = list(params.expressions)
-        rows = await request.fuse(visual, await request.encode_texts(expressions),
-                                  for_masks=True)
-        threshold = (self.context.config.postprocess.segment_threshold
-                     if params.threshold is None else params.threshold)
-        candidates = await asyncio.to_thread(self._candidates, expressions, rows, prepared,
-                                             threshold)
+        geometry = self.context.config.postprocess.relations == "geometry"
+        queries = [referring_query(expression, geometry) for expression in expressions]
+        rows = await request.fuse(
+            visual, await request.encode_texts([q.text for q in queries]), for_masks=True)
+        post = self.context.config.postprocess
+        thresholds = Thresholds(
+            post.segment_threshold if params.threshold is None else params.threshold,
+            post.relation_threshold if params.relation_threshold is None
+            else params.relation_threshold)
+        candidates = await asyncio.to_thread(self._candidates, queries, rows, prepared,
+                                             thresholds)
         logits = await request.all(request.submit(Engine.MASK, c.work)
                                    for c in candidates if c is not None)
         encoded = await asyncio.to_thread(self._encode, candidates, logits, prepared)
         return self.respond(expressions, encoded, image)
 
-    def _candidates(self, expressions: list[str], rows: Sequence[FusionResult],
-                    image: PreparedImage, threshold: float) -> list[SegmentCandidates | None]:
-        """Per expression, its boxes over `threshold` (the best `max_segments`) with the
+    def _candidates(self, queries: list[ReferringQuery], rows: Sequence[FusionResult],
+                    image: PreparedImage, thresholds: Thresholds
+                    ) -> list[SegmentCandidates | None]:
+        """Per expression, its boxes over the threshold (the best `max_segments`) with the
         mask-head work for them, or None when it names nothing. Scored on the words naming the
-        referent (`referent_span`: "circle left of" of "circle left of the red square") and,
-        for a relation, capped by its anchor's best score (`anchor_span`: "red square"), so that
-        where the anchor is not found the expression names nothing."""
+        referent ("circle left of" of "circle left of the red square") and, for a relation,
+        capped by its anchor's best score ("red square"), so that where the anchor is not found
+        the expression names nothing. Where the query names a side (`relations` "geometry"),
+        the referent's noun ("circle") needs `thresholds.relation` and only boxes wholly on
+        that side of the anchor's best box count, the anchor needing `thresholds.phrase`."""
         anchors = self.context.anchors(rows[0].head)
         out: list[SegmentCandidates | None] = []
-        for expression, row in zip(expressions, rows, strict=True):
-            spans = [referent_span(expression)]
-            if (anchor := anchor_span(expression)) is not None:
-                spans.append(anchor)
-            pmap, found = self.context.phrase_detections(expression, spans, row, image, anchors)
+        for query, row in zip(queries, rows, strict=True):
+            spans = [query.referent] if query.anchor is None else [query.referent, query.anchor]
+            pmap, found = self.context.phrase_detections(query.text, spans, row, image, anchors)
             referent = found.labels == 0
             scores, boxes = found.scores[referent], found.boxes[referent]
-            if anchor is not None:
-                anchor_scores = found.scores[found.labels == 1]
-                scores = scores.clamp(max=float(anchor_scores.max()) if len(anchor_scores)
-                                      else 0.0)
-            keep = (scores >= threshold).nonzero().flatten()[: self.max_segments]
+            anchor_scores = found.scores[found.labels == 1]
+            best = int(anchor_scores.argmax()) if len(anchor_scores) else None
+            if query.side is not None:
+                passed = scores >= thresholds.relation
+                if best is None or float(anchor_scores[best]) < thresholds.phrase:
+                    passed = torch.zeros_like(passed)
+                else:
+                    anchor_box = found.boxes[found.labels == 1][best]
+                    passed &= on_side(to_exclusive(boxes), to_exclusive(anchor_box), query.side)
+            else:
+                if query.anchor is not None:
+                    scores = scores.clamp(max=0.0 if best is None else float(anchor_scores[best]))
+                passed = scores >= thresholds.phrase
+            keep = passed.nonzero().flatten()[: self.max_segments]
             if not len(keep):
                 out.append(None)
                 continue
