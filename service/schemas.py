@@ -134,7 +134,9 @@ class DetectParams(_Body):
         description="Most detections returned, best first.")
     chunk_size: JsonInt | None = Field(
         None, json_schema_extra={"minimum": 1},
-        description="Most classes per prompt chunk (chunks are also bounded by 256 tokens).")
+        description="Most classes per prompt chunk (chunks are also bounded by 256 tokens); "
+                    "omitted: the model's `max_prompt_phrases` (GET /v1/models), the prompt "
+                    "length it grounds best at.")
 
     @field_validator("classes")
     @classmethod
@@ -476,6 +478,9 @@ class ModelInfo(BaseModel):
     tasks: list[TaskName]
     max_prompt_tokens: int = Field(description="Token limit of one prompt, special tokens "
                                                "included.")
+    max_prompt_phrases: int | None = Field(description="Classes per prompt chunk when a detect "
+                                                       "request names no chunk_size (null: "
+                                                       "bounded by tokens alone).")
     image_min_size: int = Field(description="Shorter side the model resizes images to.")
     image_max_size: int = Field(description="Cap of the longer side after resizing.")
     vqa_answers: list[str] = Field(description="The closed VQA answer vocabulary.")

@@ -196,6 +196,7 @@ class Glipv2Serving:
         return ModelInfo(
             id=self.model_id, preset=self.config.preset, runtime=self.model.runtime_name,
             tasks=self.tasks, max_prompt_tokens=self.config.language.max_query_len,
+            max_prompt_phrases=self.config.language.max_prompt_phrases,
             image_min_size=pre.min_size, image_max_size=pre.max_size,
             vqa_answers=list(self.config.tasks.vqa_answers),
             segment_threshold=self.config.postprocess.segment_threshold,

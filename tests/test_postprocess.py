@@ -54,6 +54,19 @@ def test_a_model_config_with_an_unknown_score_aggregation_is_refused() -> None:
         config.validate()
 
 
+@pytest.mark.parametrize(("section", "field", "value", "message"), [
+    ("postprocess", "relations", "boxes", "relations"),
+    ("postprocess", "relation_threshold", 1.5, "relation_threshold"),
+    ("language", "max_prompt_phrases", 0, "max_prompt_phrases"),
+])
+def test_a_model_config_out_of_range_is_refused(section: str, field: str, value: object,
+                                                message: str) -> None:
+    config = get_preset("small")
+    setattr(getattr(config, section), field, value)
+    with pytest.raises(ValueError, match=message):
+        config.validate()
+
+
 def test_class_score_min_sees_the_colour_word_the_mean_dilutes() -> None:
     """"blue circle" at a red circle: the mean of a low "blue" and a high "circle" still passes a
     0.5 threshold, the weakest word does not; at a blue circle both agree."""

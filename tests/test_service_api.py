@@ -31,10 +31,12 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pycocotools import mask as mask_utils
 
+import service.tasks.detect as detect_module
 from engines.runtimes.torch_eager import TorchRuntime
 from model_export.checkpoints.weights import save_model
 from model_export.modeling.model import Glipv2Model
 from model_export.processing.box_coding import rescale_boxes, to_exclusive
+from model_export.processing.chunking import pack_chunks
 from model_export.processing.postprocess import Detections
 from model_export.processing.preprocess import resized_size
 from model_export.processing.prompt import load_tokenizer
@@ -181,6 +183,32 @@ def test_a_prompt_over_the_token_limit_is_chunked_by_phrases(client: TestClient,
     for detection in detections:
         start, end = detection["span"]
         assert prompt[start:end] == detection["label"]
+
+
+def test_without_a_chunk_size_the_models_prompt_length_packs_the_classes(
+        client: TestClient, runtime: TorchRuntime, png_b64: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`language.max_prompt_phrases` packs a request that names no chunk_size (5 classes, 2
+    per prompt: 3 prompts), as an explicit chunk_size of 2 does; a request's own wins; and
+    /v1/models says it."""
+    packed: list[int] = []
+
+    def spy(names, counts, max_tokens, chunk_size=None):
+        chunks = pack_chunks(names, counts, max_tokens, chunk_size)
+        packed.append(len(chunks))
+        return chunks
+
+    monkeypatch.setattr(detect_module, "pack_chunks", spy)
+    monkeypatch.setattr(runtime.config.language, "max_prompt_phrases", 2)
+    classes = ["red circle", "blue star", "green square", "gray hexagon", "purple diamond"]
+    body = {"image": png_b64, "classes": classes, "threshold": 0.0}
+    default = client.post("/v1/detect", json=body)
+    assert default.status_code == 200, default.text
+    assert packed == [3]
+    assert client.post("/v1/detect", json=body | {"chunk_size": 2}).json() == default.json()
+    assert client.post("/v1/detect", json=body | {"chunk_size": 5}).status_code == 200
+    assert packed == [3, 1]  # chunk_size 2 was planned (and cached) by the default's request
+    assert client.get("/v1/models").json()["models"][0]["max_prompt_phrases"] == 2
 
 
 def test_names_with_nothing_to_match_are_never_detected(client: TestClient,

@@ -266,6 +266,13 @@ def test_full_vocabulary_prompts_are_service_chunks_of_every_pair_not_held_out()
             for obj, spans in zip(grounding.objects, grounding.spans, strict=True):
                 assert [grounding.caption[slice(*span)] for span in spans] == [boxes[obj.box]]
         assert len(orders) == 8  # shuffled: positions carry no meaning
+    mix = PromptMix(full_vocabulary=1.0, name_tokens=counts, chunk_size=6)
+    for index in range(4):  # the model's `max_prompt_phrases`, as the service packs
+        (grounding,) = [s for s in world_samples(render_index(7, index, held_out),
+                                                 random.Random(index), COLOR_NAMES, SHAPES,
+                                                 exclude=held_out, mix=mix)
+                        if s.task == "grounding"]
+        assert 1 <= len(grounding.caption.split(". ")) <= 6
     config = TrainConfig(full_vocabulary_share=1.0, task_weights={"grounding": 1.0})
     stream = iter(WorldStream(config, get_preset("small"), tokenizer))
     example = next(stream)

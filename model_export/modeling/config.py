@@ -70,6 +70,11 @@ class LanguageConfig:
     layer_norm_eps: float = 1e-12  # LayerNorm epsilon (BERT's)
     hidden_act: str = "gelu"  # MLP activation
     max_query_len: int = 256  # most tokens in one prompt, special tokens included
+    # Most names the service packs into one detection prompt when a request names no
+    # chunk_size: a model grounds best in prompts as long as it was trained on (the default
+    # model's held up to 12 phrases; all 42 colour-shapes in one prompt lost 0.08 AP50,
+    # docs/default_model.md). None: bounded by max_query_len alone (the reference's packing).
+    max_prompt_phrases: int | None = None
     tokenizer: str = "bert-base-uncased"  # WordPiece vocabulary the ids refer to
     prompt_offset_len: int = 0  # rows of the tuned prompt offset (GLIP's tunable_linear); 0: none
     pretrained: str | None = None  # packaged weights to start from ("minilm-l6"), or None
@@ -244,6 +249,9 @@ class Glipv2Config:
             raise ValueError("postprocess.relation_threshold must be between 0 and 1")
         if not 0.0 <= self.postprocess.caption_object_threshold <= 1.0:
             raise ValueError("postprocess.caption_object_threshold must be between 0 and 1")
+        phrases = self.language.max_prompt_phrases
+        if phrases is not None and phrases < 1:
+            raise ValueError("language.max_prompt_phrases must be at least 1 (or null)")
         if self.postprocess.score_agg not in SCORE_AGGREGATIONS:
             raise ValueError(f"postprocess.score_agg must be one of {SCORE_AGGREGATIONS}")
         if self.postprocess.relations not in RELATION_MODES:

@@ -285,12 +285,14 @@ class PromptMix:
     name_tokens: WordPiece tokens of each colour-shape phrase (`name_token_counts`), which the
         packing needs; required with `full_vocabulary`.
     max_tokens: the model's prompt limit (`language.max_query_len`).
+    chunk_size: most names per chunk (`language.max_prompt_phrases`), as the service packs.
     """
 
     relation_negatives: float = 0.0
     full_vocabulary: float = 0.0
     name_tokens: Mapping[str, int] = field(default_factory=dict)
     max_tokens: int = 256
+    chunk_size: int | None = None
 
 
 def _grounding_phrases(scene: WorldImage, rng: random.Random, colors: Sequence[str],
@@ -328,7 +330,8 @@ def _full_vocabulary_prompt(rng: random.Random, colors: Sequence[str], shapes: S
     packs a request's classes (the model must not learn positions, so no fixed order)."""
     names = [f"{c} {s}" for c in colors for s in shapes if (c, s) not in exclude]
     rng.shuffle(names)
-    chunks = pack_chunks(names, [mix.name_tokens[name] for name in names], mix.max_tokens)
+    chunks = pack_chunks(names, [mix.name_tokens[name] for name in names], mix.max_tokens,
+                         mix.chunk_size)
     return rng.choice(chunks).prompt
 
 

@@ -49,7 +49,8 @@ class WorldStream:
             full_vocabulary=config.full_vocabulary_share,
             name_tokens=dict(zip(names, name_token_counts(tokenizer.backend_tokenizer, names),
                                  strict=True)) if config.full_vocabulary_share else {},
-            max_tokens=model_config.language.max_query_len)
+            max_tokens=model_config.language.max_query_len,
+            chunk_size=model_config.language.max_prompt_phrases)
         self.tasks = list(config.task_weights)
         self.weights = [config.task_weights[t] for t in self.tasks]
 

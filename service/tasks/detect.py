@@ -83,7 +83,8 @@ class DetectTask:
             assert params.classes is not None  # the schema guarantees exactly one query
             names = list(params.classes)
         try:
-            chunks = self._chunk_plan(tuple(names), params.chunk_size)
+            chunks = self._chunk_plan(tuple(names), params.chunk_size
+                                      or self.context.config.language.max_prompt_phrases)
         except ChunkingError as exc:
             raise InvalidRequestError(str(exc)) from None
         return DetectQuery(names=names, spans=spans, chunks=chunks, threshold=params.threshold,
