@@ -33,25 +33,24 @@ SIDES = ("left", "right", "above", "below")
 
 @dataclass(frozen=True)
 class ReferringQuery:
-    """How a referring expression is grounded: the `text` the model reads, the words in it
-    naming the referent (`referent`) and the relation's anchor (`anchor`, None without one),
-    and the side of the anchor the referent must lie on (`side`, None: the words decide)."""
+    """How a referring expression is scored: the words naming the referent (`referent`) and
+    the relation's anchor (`anchor`, None without one), and the side of the anchor the referent
+    must lie on (`side`, None: the words decide)."""
 
-    text: str
     referent: Span
     anchor: Span | None = None
     side: str | None = None
 
 
 def referring_query(expression: str, geometry: bool) -> ReferringQuery:
-    """How the model reads the expression. By default, scored on the referent's words
-    (`referent_span`, "circle left of") and capped by its anchor's (`anchor_span`, "red
-    square"). With `geometry` and a directional relation before an anchor, scored on the
-    referent's noun ("circle") and the relation left to `on_side`. (Grounding the two noun
-    phrases as their own prompt, "circle. red square", scored true referents lower: measured in
+    """Which words of the expression are scored. By default, the referent's words
+    (`referent_span`, "circle left of"), capped by its anchor's (`anchor_span`, "red square").
+    With `geometry` and a directional relation before an anchor, the referent's noun ("circle")
+    beside the anchor's words, the relation left to `on_side`. (Grounding the two noun phrases
+    as their own prompt, "circle. red square", scored true referents lower: measured in
     docs/default_model.md.)"""
     anchor = anchor_span(expression)
-    plain = ReferringQuery(expression, referent_span(expression), anchor)
+    plain = ReferringQuery(referent_span(expression), anchor)
     found = first_relation(expression)
     if not geometry or anchor is None or found is None or found[1] not in SIDE_OF_RELATION:
         return plain
@@ -59,7 +58,7 @@ def referring_query(expression: str, geometry: bool) -> ReferringQuery:
     end = start + len(expression[start:found[0][0]].rstrip())
     if end <= start:
         return plain
-    return ReferringQuery(expression, (start, end), anchor, SIDE_OF_RELATION[found[1]])
+    return ReferringQuery((start, end), anchor, SIDE_OF_RELATION[found[1]])
 
 
 def on_side(boxes: torch.Tensor, anchor: torch.Tensor, side: str) -> torch.Tensor:

@@ -80,11 +80,11 @@ class SegmentTask:
         request = self.context.engines.request(image, priority)
         prepared, visual = await request.encode_image()
         expressions = list(params.expressions)
-        geometry = self.context.config.postprocess.relations == "geometry"
-        queries = [referring_query(expression, geometry) for expression in expressions]
-        rows = await request.fuse(
-            visual, await request.encode_texts([q.text for q in queries]), for_masks=True)
+        rows = await request.fuse(visual, await request.encode_texts(expressions),
+                                  for_masks=True)
         post = self.context.config.postprocess
+        queries = [(expression, referring_query(expression, post.relations == "geometry"))
+                   for expression in expressions]
         thresholds = Thresholds(
             post.segment_threshold if params.threshold is None else params.threshold,
             post.relation_threshold if params.relation_threshold is None
@@ -96,7 +96,8 @@ class SegmentTask:
         encoded = await asyncio.to_thread(self._encode, candidates, logits, prepared)
         return self.respond(expressions, encoded, image)
 
-    def _candidates(self, queries: list[ReferringQuery], rows: Sequence[FusionResult],
+    def _candidates(self, queries: list[tuple[str, ReferringQuery]],
+                    rows: Sequence[FusionResult],
                     image: PreparedImage, thresholds: Thresholds
                     ) -> list[SegmentCandidates | None]:
         """Per expression, its boxes over the threshold (the best `max_segments`) with the
@@ -108,9 +109,9 @@ class SegmentTask:
         that side of the anchor's best box count, the anchor needing `thresholds.phrase`."""
         anchors = self.context.anchors(rows[0].head)
         out: list[SegmentCandidates | None] = []
-        for query, row in zip(queries, rows, strict=True):
+        for (expression, query), row in zip(queries, rows, strict=True):
             spans = [query.referent] if query.anchor is None else [query.referent, query.anchor]
-            pmap, found = self.context.phrase_detections(query.text, spans, row, image, anchors)
+            pmap, found = self.context.phrase_detections(expression, spans, row, image, anchors)
             referent = found.labels == 0
             scores, boxes = found.scores[referent], found.boxes[referent]
             anchor_scores = found.scores[found.labels == 1]
