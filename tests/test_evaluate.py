@@ -93,7 +93,8 @@ class _Oracle:
             torch.tensor([label for label, _ in found], dtype=torch.long)))
 
     def segment(self, image: Image.Image, expressions: Sequence[str],
-                threshold: float | None = None) -> list[list[PredictedSegment]]:
+                threshold: float | None = None, relation_threshold: float | None = None
+                ) -> list[list[PredictedSegment]]:
         objects = self.scenes[image.tobytes()].objects
         answers = []
         for text in expressions:
