@@ -254,8 +254,9 @@ def test_1203_classes_find_the_shapes_with_one_vision_run(server: str) -> None:
                    "vehicle", "plant", "tool", "fruit"] * 200, strict=False)]
     classes = distractors[:600] + SHAPES + distractors[600:]
     assert len(classes) == 1203
+    per_prompt = httpx.get(f"{server}/v1/models").json()["models"][0]["max_prompt_phrases"]
     expected_chunks = len(pack_chunks(classes, name_token_counts(
-        load_tokenizer().backend_tokenizer, classes), 256))
+        load_tokenizer().backend_tokenizer, classes), 256, per_prompt))
     record = records()[1]
     vision_before = metric(server, "glipv2_engine_batch_size_sum", 'engine="vision"')
     chunks_before = metric(server, "glipv2_prompt_chunks_sum")
