@@ -31,17 +31,13 @@ class ScriptedPredictor:
     0.8, and an expression that names nothing with a wrong object at score 0.4."""
 
     def __init__(self, n: int) -> None:
-        self.truth: dict[bytes, list[list[int]]] = {}
+        self.truth: dict[bytes, dict[str, list[int]]] = {}
         self.objects: dict[bytes, list] = {}
         for index in range(n):
             scene = render_index(SEED, index)
             key = scene.image.tobytes()
-            self.truth[key] = [e["targets"] for e in scene.expressions]
+            self.truth[key] = {e["text"]: e["targets"] for e in scene.expressions}
             self.objects[key] = scene.objects
-        self.texts: dict[bytes, list[str]] = {}
-        for index in range(n):
-            scene = render_index(SEED, index)
-            self.texts[scene.image.tobytes()] = [e["text"] for e in scene.expressions]
         self.thresholds: list[tuple[float | None, float | None]] = []
         self.asked: list[str] = []
 
@@ -52,9 +48,8 @@ class ScriptedPredictor:
         self.asked += expressions
         key = image.tobytes()
         objects = self.objects[key]
-        truth = dict(zip(self.texts[key], self.truth[key], strict=True))
         out = []
-        for targets in (truth[e] for e in expressions):
+        for targets in (self.truth[key][e] for e in expressions):
             if targets:
                 out.append([PredictedSegment([0, 0, 1, 1], 0.8, torch.from_numpy(objects[i].mask))
                             for i in targets])

@@ -28,7 +28,7 @@ SIDE_OF_RELATION: dict[str, str] = {
     "above": "above", "on top of": "above",
     "below": "below", "under": "below", "beneath": "below",
 }
-SIDES = ("left", "right", "above", "below")
+SIDES = tuple(dict.fromkeys(SIDE_OF_RELATION.values()))  # left, right, above, below
 
 
 @dataclass(frozen=True)

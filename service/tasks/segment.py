@@ -114,15 +114,16 @@ class SegmentTask:
             pmap, found = self.context.phrase_detections(expression, spans, row, image, anchors)
             referent = found.labels == 0
             scores, boxes = found.scores[referent], found.boxes[referent]
-            anchor_scores = found.scores[found.labels == 1]
+            anchor = found.labels == 1
+            anchor_scores, anchor_boxes = found.scores[anchor], found.boxes[anchor]
             best = int(anchor_scores.argmax()) if len(anchor_scores) else None
             if query.side is not None:
                 passed = scores >= thresholds.relation
                 if best is None or float(anchor_scores[best]) < thresholds.phrase:
                     passed = torch.zeros_like(passed)
                 else:
-                    anchor_box = found.boxes[found.labels == 1][best]
-                    passed &= on_side(to_exclusive(boxes), to_exclusive(anchor_box), query.side)
+                    passed &= on_side(to_exclusive(boxes), to_exclusive(anchor_boxes[best]),
+                                      query.side)
             else:
                 if query.anchor is not None:
                     scores = scores.clamp(max=0.0 if best is None else float(anchor_scores[best]))
